@@ -1,0 +1,232 @@
+//! `clip-build`: index an OCI image, and inspect or read an index.
+
+use clap::{Parser, Subcommand};
+use clip::build::{build, BuildOptions, CheckpointPolicy};
+use clip::format::{IndexFile, Kind};
+use clip::oci::Platform;
+use clip::read::FileReader;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "clip-build",
+    version,
+    about = "Index an unmodified OCI image once, so clip-serve can mount it without pulling",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    /// Image to index: an OCI layout directory (DIR, DIR:TAG or oci:DIR:TAG).
+    #[arg(required = true)]
+    image: Option<String>,
+    /// Where to write the index.
+    #[arg(short, long, required = true)]
+    output: Option<PathBuf>,
+    /// Platform to pick from a multi-platform image (os/arch[/variant]); default: this host.
+    #[arg(long)]
+    platform: Option<String>,
+    /// Uncompressed bytes between checkpoints (e.g. 2M, 512K).
+    #[arg(long, default_value = "2M", value_parser = parse_size)]
+    checkpoint_interval: u64,
+    /// Files at least this large get a checkpoint right before their data.
+    #[arg(long, default_value = "512K", value_parser = parse_size)]
+    large_file_threshold: u64,
+    /// Never show progress bars.
+    #[arg(short, long)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Summarize an index: image, layers, entries by type, checkpoints, size.
+    Inspect {
+        /// Index file.
+        index: PathBuf,
+        /// Machine-readable JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List entries under PATH (default /).
+    Ls {
+        /// Index file.
+        index: PathBuf,
+        /// Path inside the image.
+        #[arg(default_value = "/")]
+        path: String,
+        /// List everything below PATH.
+        #[arg(short = 'R', long)]
+        recursive: bool,
+    },
+    /// Print every recorded field of one entry.
+    Stat {
+        /// Index file.
+        index: PathBuf,
+        /// Path inside the image.
+        path: String,
+    },
+    /// Write a file's content to stdout, resuming inflation at the nearest checkpoint.
+    Cat {
+        /// Index file.
+        index: PathBuf,
+        /// Path inside the image.
+        path: String,
+        /// OCI layout holding the blobs (default: the one recorded in the index).
+        #[arg(long)]
+        layout: Option<PathBuf>,
+    },
+    /// Fully validate an index (structure and tree); with --content also read every file
+    /// from the layout and check its sha256.
+    Verify {
+        /// Index file.
+        index: PathBuf,
+        /// Also read and hash every file's content.
+        #[arg(long)]
+        content: bool,
+        /// OCI layout holding the blobs (default: the one recorded in the index).
+        #[arg(long)]
+        layout: Option<PathBuf>,
+    },
+    /// Write the embedded demo image as an OCI layout (tag "demo").
+    Demo {
+        /// Directory to create.
+        dir: PathBuf,
+    },
+}
+
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let s = s.trim();
+    let (num, mul) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size like 2M or 512K"))?;
+    n.checked_mul(mul).filter(|&v| v > 0).ok_or_else(|| format!("{s:?} is out of range"))
+}
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    clip::logging::init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("clip-build: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn open(path: &PathBuf) -> Result<IndexFile> {
+    Ok(IndexFile::open(path)?)
+}
+
+fn resolve(idx: &IndexFile, path: &str) -> Result<u32> {
+    idx.resolve(path.as_bytes())?
+        .ok_or_else(|| format!("{path}: no such file or directory in the image").into())
+}
+
+fn layout_source(idx: &IndexFile, layout: Option<PathBuf>) -> Result<clip::source::layout::LayoutSource> {
+    let dir = layout.unwrap_or_else(|| PathBuf::from(String::from_utf8_lossy(idx.index().image.source.as_slice()).into_owned()));
+    Ok(clip::source::layout::LayoutSource::open(&dir)?)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    match cli.command {
+        None => {
+            let image = cli.image.expect("required by clap");
+            let output = cli.output.expect("required by clap");
+            let platform = match &cli.platform {
+                Some(p) => Some(Platform::parse(p).ok_or_else(|| format!("--platform {p:?} is not os/arch[/variant]"))?),
+                None => None,
+            };
+            let (source, reference) = clip::source::open(&image)?;
+            let opts = BuildOptions {
+                platform,
+                policy: CheckpointPolicy { interval: cli.checkpoint_interval, large_file: cli.large_file_threshold },
+                progress: !cli.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let t = std::time::Instant::now();
+            let index = build(source.as_ref(), &reference, &opts)?;
+            let size = clip::format::write::write_file(&index, &output)?;
+            let bytes: u64 = index.layers.iter().map(|l| l.uncompressed_size).sum();
+            let secs = t.elapsed().as_secs_f64();
+            eprintln!(
+                "indexed {} ({} layers, {} entries, {:.1} MB uncompressed) in {:.2} s ({:.0} MB/s) -> {} ({} bytes)",
+                image,
+                index.layers.len(),
+                index.entries.len(),
+                bytes as f64 / 1e6,
+                secs,
+                bytes as f64 / 1e6 / secs,
+                output.display(),
+                size
+            );
+        }
+        Some(Cmd::Inspect { index, json }) => {
+            let idx = open(&index)?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&clip::report::inspect_json(&idx)?)?)?;
+            } else {
+                write!(out, "{}", clip::report::inspect_text(&idx)?)?;
+            }
+        }
+        Some(Cmd::Ls { index, path, recursive }) => {
+            let idx = open(&index)?;
+            let i = resolve(&idx, &path)?;
+            for line in clip::report::ls(&idx, i, recursive)? {
+                writeln!(out, "{line}")?;
+            }
+        }
+        Some(Cmd::Stat { index, path }) => {
+            let idx = open(&index)?;
+            write!(out, "{}", clip::report::stat(&idx, resolve(&idx, &path)?)?)?;
+        }
+        Some(Cmd::Cat { index, path, layout }) => {
+            let idx = open(&index)?;
+            let i = resolve(&idx, &path)?;
+            let src = layout_source(&idx, layout)?;
+            let mut r = FileReader::new(&idx, i)?;
+            for k in 0..r.pieces().len() {
+                let (bytes, _) = r.piece(&idx, &src, &[], k)?;
+                out.write_all(&bytes)?;
+            }
+        }
+        Some(Cmd::Verify { index, content, layout }) => {
+            let idx = open(&index)?;
+            let t = std::time::Instant::now();
+            idx.verify()?;
+            eprintln!("structure OK ({} entries, {:.1} ms)", idx.entry_count(), t.elapsed().as_secs_f64() * 1e3);
+            if content {
+                let src = layout_source(&idx, layout)?;
+                let mut files = 0u64;
+                let mut bytes = 0u64;
+                for i in 0..idx.entry_count() {
+                    if idx.entry(i)?.kind != Kind::File as u8 {
+                        continue;
+                    }
+                    let mut r = FileReader::new(&idx, i)?;
+                    for k in 0..r.pieces().len() {
+                        bytes += r.piece(&idx, &src, &[], k)?.0.len() as u64;
+                    }
+                    files += 1;
+                }
+                eprintln!("content OK ({files} files, {bytes} bytes)");
+            }
+        }
+        Some(Cmd::Demo { dir }) => {
+            clip::demo::write_demo(&dir)?;
+            eprintln!("wrote the demo image to {} (tag {})", dir.display(), clip::demo::DEMO_TAG);
+        }
+    }
+    out.flush()?;
+    Ok(())
+}

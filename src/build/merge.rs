@@ -1,0 +1,303 @@
+//! Merging layers into one tree with OCI semantics (whiteouts, opaque directories,
+//! replacement, hardlinks), then flattening it into the index's entry table.
+
+use super::layer::{LayerResult, RawEntry, RawKind};
+use super::BuildError;
+use crate::format::{Entry, Kind, Xattr, CHUNK_SIZE, NONE};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+#[derive(Clone, Debug)]
+struct Content {
+    layer: u32,
+    offset: u64,
+    size: u64,
+    sha256: [u8; 32],
+    chunks: Vec<[u8; 32]>,
+}
+
+#[derive(Clone, Debug)]
+struct Node {
+    kind: Kind,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: i64,
+    mtime_nsec: u32,
+    rdev: (u32, u32),
+    link_target: Vec<u8>,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    content: Option<Content>,
+    inode: u64,
+    children: BTreeMap<Vec<u8>, usize>,
+}
+
+/// The merged tree under construction.
+pub struct Tree {
+    nodes: Vec<Node>,
+    next_inode: u64,
+    created: i64,
+}
+
+fn components(path: &[u8]) -> impl Iterator<Item = &[u8]> {
+    path.split(|&b| b == b'/').filter(|c| !c.is_empty())
+}
+
+fn show(path: &[u8]) -> String {
+    format!("/{}", String::from_utf8_lossy(path))
+}
+
+impl Tree {
+    /// An empty tree whose synthesized directories get time `created`.
+    pub fn new(created: i64) -> Tree {
+        let mut t = Tree { nodes: Vec::new(), next_inode: 0, created };
+        let root = t.synthetic_dir();
+        t.nodes.push(root);
+        t
+    }
+
+    fn synthetic_dir(&mut self) -> Node {
+        self.next_inode += 1;
+        Node {
+            kind: Kind::Dir,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: self.created,
+            mtime_nsec: 0,
+            rdev: (0, 0),
+            link_target: Vec::new(),
+            xattrs: Vec::new(),
+            content: None,
+            inode: self.next_inode,
+            children: BTreeMap::new(),
+        }
+    }
+
+    fn find(&self, path: &[u8]) -> Option<usize> {
+        let mut cur = 0;
+        for c in components(path) {
+            cur = *self.nodes[cur].children.get(c)?;
+        }
+        Some(cur)
+    }
+
+    /// The directory at `path`, creating missing (or replacing non-directory) components.
+    fn ensure_dir(&mut self, path: &[u8]) -> usize {
+        let mut cur = 0;
+        for c in components(path) {
+            cur = match self.nodes[cur].children.get(c) {
+                Some(&id) if self.nodes[id].kind == Kind::Dir => id,
+                _ => {
+                    let d = self.synthetic_dir();
+                    self.nodes.push(d);
+                    let id = self.nodes.len() - 1;
+                    self.nodes[cur].children.insert(c.to_vec(), id);
+                    id
+                }
+            };
+        }
+        cur
+    }
+
+    fn remove(&mut self, path: &[u8]) {
+        let (dir, name) = match path.iter().rposition(|&b| b == b'/') {
+            Some(i) => (&path[..i], &path[i + 1..]),
+            None => (&path[..0], path),
+        };
+        if let Some(d) = self.find(dir) {
+            self.nodes[d].children.remove(name);
+        }
+    }
+
+    /// Apply one layer (index `layer`) on top of the tree.
+    pub fn apply(&mut self, layer: u32, result: LayerResult) -> Result<(), BuildError> {
+        // Whiteouts and opaque markers hide lower layers only, so apply them first.
+        for e in &result.entries {
+            match e.kind {
+                RawKind::Whiteout => self.remove(&e.path),
+                RawKind::Opaque => {
+                    if let Some(d) = self.find(&e.path) {
+                        if self.nodes[d].kind == Kind::Dir {
+                            self.nodes[d].children.clear();
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        for e in result.entries {
+            if matches!(e.kind, RawKind::Whiteout | RawKind::Opaque) {
+                continue;
+            }
+            self.add(layer, e)?;
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, layer: u32, e: RawEntry) -> Result<(), BuildError> {
+        let mut node = match &e.kind {
+            RawKind::Hardlink(target) => {
+                let t = self.find(target).ok_or_else(|| {
+                    BuildError::Merge(format!("hardlink {} points at {}, which does not exist", show(&e.path), show(target)))
+                })?;
+                let tn = &self.nodes[t];
+                if tn.kind == Kind::Dir {
+                    return Err(BuildError::Merge(format!("hardlink {} points at directory {}", show(&e.path), show(target))));
+                }
+                tn.clone()
+            }
+            _ => {
+                self.next_inode += 1;
+                Node {
+                    kind: match &e.kind {
+                        RawKind::File => Kind::File,
+                        RawKind::Dir => Kind::Dir,
+                        RawKind::Symlink(_) => Kind::Symlink,
+                        RawKind::CharDevice => Kind::CharDevice,
+                        RawKind::BlockDevice => Kind::BlockDevice,
+                        _ => Kind::Fifo,
+                    },
+                    mode: e.mode,
+                    uid: e.uid,
+                    gid: e.gid,
+                    mtime: e.mtime,
+                    mtime_nsec: e.mtime_nsec,
+                    rdev: e.rdev,
+                    link_target: match &e.kind {
+                        RawKind::Symlink(t) => t.clone(),
+                        _ => Vec::new(),
+                    },
+                    xattrs: e.xattrs,
+                    content: (e.kind == RawKind::File).then(|| Content {
+                        layer,
+                        offset: e.data_offset,
+                        size: e.size,
+                        sha256: e.sha256,
+                        chunks: e.chunks,
+                    }),
+                    inode: self.next_inode,
+                    children: BTreeMap::new(),
+                }
+            }
+        };
+        if e.path.is_empty() {
+            // The root itself: take its attributes, keep its children.
+            let root = &mut self.nodes[0];
+            root.mode = node.mode;
+            root.uid = node.uid;
+            root.gid = node.gid;
+            root.mtime = node.mtime;
+            root.mtime_nsec = node.mtime_nsec;
+            root.xattrs = node.xattrs;
+            return Ok(());
+        }
+        let (dir, name) = match e.path.iter().rposition(|&b| b == b'/') {
+            Some(i) => (&e.path[..i], &e.path[i + 1..]),
+            None => (&e.path[..0], &e.path[..]),
+        };
+        let parent = self.ensure_dir(dir);
+        match self.nodes[parent].children.get(name) {
+            Some(&old) if self.nodes[old].kind == Kind::Dir && node.kind == Kind::Dir => {
+                // Directory over directory: new attributes, same children.
+                node.children = std::mem::take(&mut self.nodes[old].children);
+                node.inode = self.nodes[old].inode;
+                self.nodes[old] = node;
+            }
+            _ => {
+                self.nodes.push(node);
+                let id = self.nodes.len() - 1;
+                self.nodes[parent].children.insert(name.to_vec(), id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Flatten into (entries, xattrs, chunk hashes): breadth-first, so that the children of
+    /// every directory are contiguous and sorted by name.
+    pub fn flatten(self) -> Result<(Vec<Entry>, Vec<Xattr>, Vec<[u8; 32]>), BuildError> {
+        let mut order: Vec<(usize, u32, Vec<u8>)> = vec![(0, 0, Vec::new())];
+        let mut first_child = vec![NONE; 1];
+        let mut queue = VecDeque::from([0usize]);
+        while let Some(pos) = queue.pop_front() {
+            let id = order[pos].0;
+            let kids = &self.nodes[id].children;
+            if !kids.is_empty() {
+                first_child[pos] = order.len() as u32;
+            }
+            for (name, &child) in kids {
+                queue.push_back(order.len());
+                order.push((child, pos as u32, name.clone()));
+                first_child.push(NONE);
+            }
+            if order.len() > (u32::MAX - 1) as usize {
+                return Err(BuildError::Merge("more than 4 billion entries".into()));
+            }
+        }
+        // Hardlink groups: surviving names per inode.
+        let mut groups: HashMap<u64, Vec<u32>> = HashMap::new();
+        for (i, (id, _, _)) in order.iter().enumerate() {
+            if self.nodes[*id].kind == Kind::File {
+                groups.entry(self.nodes[*id].inode).or_default().push(i as u32);
+            }
+        }
+        let mut entries = Vec::with_capacity(order.len());
+        let mut xattrs = Vec::new();
+        let mut chunks = Vec::new();
+        for (i, (id, parent, name)) in order.iter().enumerate() {
+            let n = &self.nodes[*id];
+            let mut e = Entry {
+                name: name.clone(),
+                parent: *parent,
+                kind: n.kind as u8,
+                mode: n.mode,
+                uid: n.uid,
+                gid: n.gid,
+                mtime: n.mtime,
+                mtime_nsec: n.mtime_nsec,
+                rdev_major: n.rdev.0,
+                rdev_minor: n.rdev.1,
+                link_target: n.link_target.clone(),
+                first_child: first_child[i],
+                child_count: n.children.len() as u32,
+                hardlink_to: NONE,
+                nlink: 1,
+                layer: NONE,
+                first_chunk: NONE,
+                first_xattr: xattrs.len() as u32,
+                xattr_count: n.xattrs.len() as u32,
+                ..Default::default()
+            };
+            if e.child_count == 0 {
+                e.first_child = NONE;
+            }
+            xattrs.extend(n.xattrs.iter().map(|(k, v)| Xattr { name: k.clone(), value: v.clone() }));
+            match n.kind {
+                Kind::Dir => {
+                    let subdirs = n.children.values().filter(|&&c| self.nodes[c].kind == Kind::Dir).count();
+                    e.nlink = 2 + subdirs as u32;
+                }
+                Kind::Symlink => e.size = n.link_target.len() as u64,
+                Kind::File => {
+                    let c = n.content.as_ref().expect("files have content");
+                    e.size = c.size;
+                    e.data_offset = c.offset;
+                    e.sha256 = c.sha256;
+                    e.layer = if c.size > 0 { c.layer } else { NONE };
+                    if c.size > CHUNK_SIZE {
+                        e.first_chunk = chunks.len() as u32;
+                        chunks.extend_from_slice(&c.chunks);
+                    }
+                    let group = &groups[&n.inode];
+                    e.nlink = group.len() as u32;
+                    if group.len() > 1 && group[0] != i as u32 {
+                        e.kind = Kind::Hardlink as u8;
+                        e.hardlink_to = group[0];
+                    }
+                }
+                _ => {}
+            }
+            entries.push(e);
+        }
+        Ok((entries, xattrs, chunks))
+    }
+}

@@ -1,0 +1,349 @@
+//! The uncompressed stream of one layer as a `Read` for the tar parser, fed by a producer
+//! thread that reads the blob (hashing it) and inflates it. As the tar side consumes bytes,
+//! deflate block boundaries pass by and the checkpoint policy picks some of them.
+
+use super::BuildError;
+use crate::format::{Checkpoint, Compression};
+use crate::zran::scan::GzipScanner;
+use crate::zran::{encode_window, Boundary, WINDOW_SIZE};
+use sha2::{Digest, Sha256};
+use std::collections::VecDeque;
+use std::io::{self, Read};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::thread::JoinHandle;
+
+const CHUNK: usize = 1024 * 1024;
+const CHANNEL_DEPTH: usize = 4;
+
+/// When to take checkpoints.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckpointPolicy {
+    /// Take one at the first block boundary this far past the previous checkpoint.
+    pub interval: u64,
+    /// Files at least this large get one at the last block boundary before their data,
+    /// if the previous checkpoint is at least this far back.
+    pub large_file: u64,
+}
+
+impl Default for CheckpointPolicy {
+    fn default() -> Self {
+        CheckpointPolicy { interval: 2 << 20, large_file: 512 << 10 }
+    }
+}
+
+struct Chunk {
+    data: Vec<u8>,
+    boundaries: Vec<Boundary>,
+}
+
+/// What the producer learned about the blob once it ended.
+struct ProducerEnd {
+    compressed_size: u64,
+    digest: String,
+}
+
+/// The consumer side: a `Read` over the layer's tar bytes.
+pub struct LayerStream {
+    rx: Option<Receiver<Result<Chunk, BuildError>>>,
+    producer: Option<JoinHandle<Result<ProducerEnd, BuildError>>>,
+    cur: Vec<u8>,
+    cur_start: u64,
+    cur_pos: usize,
+    prev: Vec<u8>,
+    prev_start: u64,
+    pending: VecDeque<Boundary>,
+    policy: CheckpointPolicy,
+    checkpoints: Vec<Checkpoint>,
+    candidate: Option<(Boundary, Vec<u8>)>,
+    diff_hasher: Sha256,
+    error: Option<BuildError>,
+    progress: indicatif::ProgressBar,
+}
+
+impl LayerStream {
+    /// Start the producer thread over `blob` (the whole compressed layer).
+    pub fn start(
+        blob: Box<dyn Read + Send>,
+        compression: Compression,
+        policy: CheckpointPolicy,
+        progress: indicatif::ProgressBar,
+    ) -> LayerStream {
+        let (tx, rx) = sync_channel::<Result<Chunk, BuildError>>(CHANNEL_DEPTH);
+        let pb = progress.clone();
+        let producer = std::thread::Builder::new()
+            .name("clip-inflate".into())
+            .spawn(move || -> Result<ProducerEnd, BuildError> {
+                let mut hashing = HashingReader { inner: blob, hasher: Sha256::new(), count: 0, progress: pb };
+                let result: Result<(), BuildError> = (|| {
+                    match compression {
+                        Compression::Gzip => {
+                            let mut scanner = GzipScanner::new(&mut hashing)?;
+                            loop {
+                                let mut data = vec![0u8; CHUNK];
+                                let mut boundaries = Vec::new();
+                                let n = scanner.fill(&mut data, &mut boundaries)?;
+                                data.truncate(n);
+                                if n == 0 && boundaries.is_empty() {
+                                    break;
+                                }
+                                if tx.send(Ok(Chunk { data, boundaries })).is_err() {
+                                    return Ok(()); // consumer gave up
+                                }
+                            }
+                        }
+                        Compression::None => loop {
+                            let mut data = vec![0u8; CHUNK];
+                            let n = read_full(&mut hashing, &mut data)?;
+                            data.truncate(n);
+                            if n == 0 {
+                                break;
+                            }
+                            if tx.send(Ok(Chunk { data, boundaries: Vec::new() })).is_err() {
+                                return Ok(());
+                            }
+                        },
+                    }
+                    // Whatever follows the end of the compressed stream still counts for the digest.
+                    io::copy(&mut hashing, &mut io::sink())?;
+                    Ok(())
+                })();
+                if let Err(e) = result {
+                    let msg = e.to_string();
+                    let _ = tx.send(Err(e));
+                    return Err(BuildError::Layer(msg));
+                }
+                Ok(ProducerEnd {
+                    compressed_size: hashing.count,
+                    digest: format!("sha256:{}", hex::encode(hashing.hasher.finalize())),
+                })
+            })
+            .expect("spawning a thread");
+        LayerStream {
+            rx: Some(rx),
+            producer: Some(producer),
+            cur: Vec::new(),
+            cur_start: 0,
+            cur_pos: 0,
+            prev: Vec::new(),
+            prev_start: 0,
+            pending: VecDeque::new(),
+            policy,
+            checkpoints: Vec::new(),
+            candidate: None,
+            diff_hasher: Sha256::new(),
+            error: None,
+            progress,
+        }
+    }
+
+    /// Uncompressed bytes consumed so far.
+    pub fn position(&self) -> u64 {
+        self.cur_start + self.cur_pos as u64
+    }
+
+    /// The producer's error, if reading or inflating failed (takes precedence over the
+    /// tar parser's view of the same failure).
+    pub fn take_error(&mut self) -> Option<BuildError> {
+        self.error.take()
+    }
+
+    fn last_checkpoint_out(&self) -> Option<u64> {
+        self.checkpoints.last().map(|c| c.out_offset)
+    }
+
+    /// The window before `out`, if the retained output still holds it.
+    fn window_before(&self, out: u64) -> Option<Vec<u8>> {
+        let from = out.saturating_sub(WINDOW_SIZE as u64);
+        let cur_end = self.cur_start + self.cur.len() as u64;
+        if from < self.prev_start || out > cur_end {
+            return None;
+        }
+        let mut w = Vec::with_capacity((out - from) as usize);
+        for (start, buf) in [(self.prev_start, &self.prev), (self.cur_start, &self.cur)] {
+            let end = start + buf.len() as u64;
+            let (a, b) = (from.max(start), out.min(end));
+            if a < b {
+                w.extend_from_slice(&buf[(a - start) as usize..(b - start) as usize]);
+            }
+        }
+        (w.len() as u64 == out - from).then_some(w)
+    }
+
+    fn commit(&mut self, b: Boundary, window: Vec<u8>) {
+        let window_len = window.len() as u32;
+        let (window, window_encoding) = encode_window(&window);
+        self.checkpoints.push(Checkpoint {
+            in_offset: b.in_offset,
+            out_offset: b.out_offset,
+            window,
+            window_len,
+            bits: b.bits,
+            window_encoding,
+            reserved: [0; 2],
+        });
+        self.candidate = None;
+    }
+
+    /// Apply the interval policy to boundaries the consumer has now passed.
+    fn pass_boundaries(&mut self) {
+        let pos = self.position();
+        while let Some(&b) = self.pending.front() {
+            if b.out_offset > pos {
+                break;
+            }
+            self.pending.pop_front();
+            let since = self.last_checkpoint_out().map(|l| b.out_offset.saturating_sub(l));
+            let due = match since {
+                None => true,
+                Some(0) => false,
+                Some(s) => s >= self.policy.interval,
+            };
+            if due {
+                if let Some(w) = self.window_before(b.out_offset) {
+                    self.commit(b, w);
+                }
+            } else if since.is_some_and(|s| s >= self.policy.large_file) {
+                if let Some(w) = self.window_before(b.out_offset) {
+                    self.candidate = Some((b, w));
+                }
+            }
+        }
+    }
+
+    /// The tar side found a file of `size` bytes whose data starts at the current position:
+    /// take a checkpoint right before it if it is large and the last one is far back.
+    pub fn file_starts(&mut self, size: u64) {
+        if size < self.policy.large_file {
+            return;
+        }
+        let pos = self.position();
+        let far = self.last_checkpoint_out().is_none_or(|l| pos - l >= self.policy.large_file);
+        if far {
+            if let Some((b, w)) = self.candidate.take() {
+                self.commit(b, w);
+            }
+        }
+    }
+
+    fn next_chunk(&mut self) -> io::Result<bool> {
+        let Some(rx) = &self.rx else { return Ok(false) };
+        match rx.recv() {
+            Ok(Ok(chunk)) => {
+                self.diff_hasher.update(&chunk.data);
+                let old = std::mem::replace(&mut self.cur, chunk.data);
+                self.prev_start = self.cur_start;
+                self.cur_start += old.len() as u64;
+                self.prev = old;
+                self.cur_pos = 0;
+                self.pending.extend(chunk.boundaries);
+                // A boundary at the very start of the chunk is already "passed".
+                self.pass_boundaries();
+                Ok(true)
+            }
+            Ok(Err(e)) => {
+                let msg = e.to_string();
+                self.error = Some(e);
+                self.rx = None;
+                Err(io::Error::other(msg))
+            }
+            Err(_) => {
+                self.rx = None;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Read to the end of the stream (past the tar end-of-archive marker), wait for the
+    /// producer and return the layer's sizes, digests and checkpoints.
+    pub fn finish(mut self) -> Result<StreamEnd, BuildError> {
+        let mut sink = vec![0u8; 64 * 1024];
+        loop {
+            match self.read(&mut sink) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => return Err(self.error.take().unwrap_or(BuildError::Layer(e.to_string()))),
+            }
+        }
+        let producer = self.producer.take().expect("finish is called once");
+        let end = producer
+            .join()
+            .map_err(|_| BuildError::Layer("the inflate thread panicked".into()))??;
+        self.progress.finish();
+        Ok(StreamEnd {
+            compressed_size: end.compressed_size,
+            digest: end.digest,
+            uncompressed_size: self.position(),
+            diff_id: format!("sha256:{}", hex::encode(std::mem::take(&mut self.diff_hasher).finalize())),
+            checkpoints: std::mem::take(&mut self.checkpoints),
+        })
+    }
+}
+
+/// A finished layer stream.
+pub struct StreamEnd {
+    /// Bytes of the blob.
+    pub compressed_size: u64,
+    /// `sha256:` of the blob.
+    pub digest: String,
+    /// Bytes of the tar stream.
+    pub uncompressed_size: u64,
+    /// `sha256:` of the tar stream.
+    pub diff_id: String,
+    /// Checkpoints taken.
+    pub checkpoints: Vec<Checkpoint>,
+}
+
+impl Read for LayerStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.cur_pos == self.cur.len() {
+            if !self.next_chunk()? {
+                return Ok(0);
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.cur_pos);
+        buf[..n].copy_from_slice(&self.cur[self.cur_pos..self.cur_pos + n]);
+        self.cur_pos += n;
+        self.pass_boundaries();
+        Ok(n)
+    }
+}
+
+impl Drop for LayerStream {
+    fn drop(&mut self) {
+        // Unblock the producer if the consumer stops early; it exits on the closed channel.
+        self.rx = None;
+        if let Some(p) = self.producer.take() {
+            let _ = p.join();
+        }
+    }
+}
+
+struct HashingReader {
+    inner: Box<dyn Read + Send>,
+    hasher: Sha256,
+    count: u64,
+    progress: indicatif::ProgressBar,
+}
+
+impl Read for HashingReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        self.progress.inc(n as u64);
+        Ok(n)
+    }
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}

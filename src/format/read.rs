@@ -1,0 +1,279 @@
+//! Opening an index: header check and checksum (cheap), optional full validation, and the
+//! accessors the rest of clip uses (lookup, children, path resolution, attributes).
+
+use super::error::FormatError;
+use super::header::{Header, HEADER_SIZE};
+use super::types::{ArchivedCheckpoint, ArchivedEntry, ArchivedIndex, ArchivedLayer, ArchivedXattr, Kind, CHUNK_SIZE, NONE};
+use crate::raw::mmap::{archived_index_unchecked, MappedFile};
+use std::path::Path;
+
+enum Backing {
+    Mapped(MappedFile),
+    Owned(rkyv::util::AlignedVec<16>),
+}
+
+impl Backing {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Backing::Mapped(m) => m.bytes(),
+            Backing::Owned(v) => v.as_slice(),
+        }
+    }
+}
+
+/// An opened index file.
+pub struct IndexFile {
+    backing: Backing,
+    header: Header,
+}
+
+impl IndexFile {
+    /// Map and open an index: checks the header and the payload checksum, nothing else.
+    /// Cost is independent of the entry count except for the checksum, which runs at memory
+    /// speed. Use [`IndexFile::verify`] for full structural validation.
+    pub fn open(path: &Path) -> Result<IndexFile, FormatError> {
+        let io = |source| FormatError::Io { path: path.display().to_string(), source };
+        let map = MappedFile::open(path).map_err(io)?;
+        IndexFile::from_backing(Backing::Mapped(map))
+    }
+
+    /// Open an index held in memory (copied once into aligned storage).
+    pub fn from_bytes(bytes: &[u8]) -> Result<IndexFile, FormatError> {
+        let mut v = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
+        v.extend_from_slice(bytes);
+        IndexFile::from_backing(Backing::Owned(v))
+    }
+
+    fn from_backing(backing: Backing) -> Result<IndexFile, FormatError> {
+        let header = Header::parse(backing.bytes())?;
+        let f = IndexFile { backing, header };
+        let found = xxhash_rust::xxh3::xxh3_64(f.payload());
+        if found != header.payload_xxh3 {
+            return Err(FormatError::Checksum { expected: header.payload_xxh3, found });
+        }
+        let idx = f.try_index()?;
+        if idx.entries.len() as u64 != header.entry_count as u64 {
+            return Err(FormatError::Invalid(format!(
+                "header says {} entries, table has {}",
+                header.entry_count,
+                idx.entries.len()
+            )));
+        }
+        if idx.layers.len() as u64 != header.layer_count as u64 {
+            return Err(FormatError::Invalid(format!(
+                "header says {} layers, table has {}",
+                header.layer_count,
+                idx.layers.len()
+            )));
+        }
+        if idx.entries.is_empty() {
+            return Err(FormatError::Invalid("entry table is empty (no root)".into()));
+        }
+        Ok(f)
+    }
+
+    fn payload(&self) -> &[u8] {
+        let start = HEADER_SIZE;
+        &self.backing.bytes()[start..start + self.header.payload_len as usize]
+    }
+
+    fn try_index(&self) -> Result<&ArchivedIndex, FormatError> {
+        archived_index_unchecked(self.payload())
+            .ok_or_else(|| FormatError::Invalid("payload is too small or misaligned for the root object".into()))
+    }
+
+    /// The header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Total file size in bytes.
+    pub fn file_size(&self) -> u64 {
+        self.backing.bytes().len() as u64
+    }
+
+    /// The archived root object.
+    pub fn index(&self) -> &ArchivedIndex {
+        self.try_index().expect("checked in from_backing")
+    }
+
+    /// Full validation: rkyv's structural check of every pointer and length, then the
+    /// tree's invariants (parents, child ranges, sort order, references into every table).
+    pub fn verify(&self) -> Result<(), FormatError> {
+        rkyv::access::<ArchivedIndex, rkyv::rancor::Error>(self.payload())
+            .map_err(|e| FormatError::Invalid(format!("structure check failed: {e}")))?;
+        super::verify::check_tree(self.index())
+    }
+
+    /// Entry `i` (0 is the root).
+    pub fn entry(&self, i: u32) -> Result<&ArchivedEntry, FormatError> {
+        self.index()
+            .entries
+            .get(i as usize)
+            .ok_or_else(|| FormatError::Invalid(format!("entry {i} is out of range")))
+    }
+
+    /// Number of entries.
+    pub fn entry_count(&self) -> u32 {
+        self.index().entries.len() as u32
+    }
+
+    /// Layer `i`.
+    pub fn layer(&self, i: u32) -> Result<&ArchivedLayer, FormatError> {
+        self.index()
+            .layers
+            .get(i as usize)
+            .ok_or_else(|| FormatError::Invalid(format!("layer {i} is out of range")))
+    }
+
+    /// The child index range of directory `dir` (empty for non-directories).
+    pub fn children(&self, dir: u32) -> Result<std::ops::Range<u32>, FormatError> {
+        let e = self.entry(dir)?;
+        if e.kind != Kind::Dir as u8 || e.child_count == 0 {
+            return Ok(0..0);
+        }
+        let first = e.first_child.to_native();
+        let end = first
+            .checked_add(e.child_count.to_native())
+            .filter(|&end| end <= self.entry_count())
+            .ok_or_else(|| FormatError::Invalid(format!("children of entry {dir} are out of range")))?;
+        Ok(first..end)
+    }
+
+    /// Find `name` in directory `dir` by binary search over its sorted children.
+    pub fn lookup(&self, dir: u32, name: &[u8]) -> Result<Option<u32>, FormatError> {
+        let range = self.children(dir)?;
+        let entries = &self.index().entries;
+        let (mut lo, mut hi) = (range.start, range.end);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match entries[mid as usize].name.as_slice().cmp(name) {
+                std::cmp::Ordering::Equal => return Ok(Some(mid)),
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+            }
+        }
+        Ok(None)
+    }
+
+    /// Resolve a path (`/`-separated, relative to the root; symlinks are not followed).
+    pub fn resolve(&self, path: &[u8]) -> Result<Option<u32>, FormatError> {
+        let mut cur = 0u32;
+        for comp in path.split(|&b| b == b'/').filter(|c| !c.is_empty() && *c != b".") {
+            match self.lookup(cur, comp)? {
+                Some(i) => cur = i,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(cur))
+    }
+
+    /// Full path of entry `i`, starting with `/`.
+    pub fn path_of(&self, i: u32) -> Result<Vec<u8>, FormatError> {
+        let mut parts = Vec::new();
+        let mut cur = i;
+        let mut guard = 0u32;
+        while cur != 0 {
+            let e = self.entry(cur)?;
+            parts.push(e.name.as_slice());
+            cur = e.parent.to_native();
+            guard += 1;
+            if guard > self.entry_count() {
+                return Err(FormatError::Invalid(format!("parent chain of entry {i} loops")));
+            }
+        }
+        let mut out = Vec::new();
+        for p in parts.iter().rev() {
+            out.push(b'/');
+            out.extend_from_slice(p);
+        }
+        if out.is_empty() {
+            out.push(b'/');
+        }
+        Ok(out)
+    }
+
+    /// The entry holding the inode of `i`: the hardlink target for hardlinks, else `i`.
+    pub fn inode_of(&self, i: u32) -> Result<u32, FormatError> {
+        let e = self.entry(i)?;
+        if e.kind == Kind::Hardlink as u8 {
+            let t = e.hardlink_to.to_native();
+            let te = self.entry(t)?;
+            if te.kind != Kind::File as u8 {
+                return Err(FormatError::Invalid(format!("hardlink {i} points at non-file {t}")));
+            }
+            return Ok(t);
+        }
+        Ok(i)
+    }
+
+    /// Extended attributes of entry `i`.
+    pub fn xattrs(&self, i: u32) -> Result<&[ArchivedXattr], FormatError> {
+        let e = self.entry(i)?;
+        let first = e.first_xattr.to_native() as usize;
+        let n = e.xattr_count.to_native() as usize;
+        if n == 0 {
+            return Ok(&[]);
+        }
+        self.index()
+            .xattrs
+            .get(first..first.saturating_add(n))
+            .ok_or_else(|| FormatError::Invalid(format!("xattrs of entry {i} are out of range")))
+    }
+
+    /// The content pieces of regular file `i`: (uncompressed offset within the file,
+    /// length, sha256). Files of at most `CHUNK_SIZE` are one piece hashed as a whole.
+    pub fn pieces(&self, i: u32) -> Result<Vec<Piece>, FormatError> {
+        let e = self.entry(i)?;
+        let size = e.size.to_native();
+        if e.kind != Kind::File as u8 || size == 0 {
+            return Ok(Vec::new());
+        }
+        if size <= CHUNK_SIZE {
+            return Ok(vec![Piece { offset: 0, len: size, sha256: e.sha256 }]);
+        }
+        let n = size.div_ceil(CHUNK_SIZE) as usize;
+        let first = e.first_chunk.to_native();
+        if first == NONE {
+            return Err(FormatError::Invalid(format!("entry {i} has no chunk hashes")));
+        }
+        let hashes = self
+            .index()
+            .chunk_hashes
+            .get(first as usize..first as usize + n)
+            .ok_or_else(|| FormatError::Invalid(format!("chunk hashes of entry {i} are out of range")))?;
+        Ok(hashes
+            .iter()
+            .enumerate()
+            .map(|(k, h)| {
+                let off = k as u64 * CHUNK_SIZE;
+                Piece { offset: off, len: (size - off).min(CHUNK_SIZE), sha256: *h }
+            })
+            .collect())
+    }
+
+    /// The last checkpoint of `layer` at or before uncompressed offset `out`.
+    pub fn checkpoint_before(&self, layer: u32, out: u64) -> Result<Option<&ArchivedCheckpoint>, FormatError> {
+        let cps = &self.layer(layer)?.checkpoints;
+        let n = cps.partition_point(|c| c.out_offset.to_native() <= out);
+        Ok(if n == 0 { None } else { Some(&cps[n - 1]) })
+    }
+}
+
+/// A content-addressed piece of a regular file: the unit of caching.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    /// Offset within the file.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// sha256 of the piece's bytes; its lowercase hex is the cache key.
+    pub sha256: [u8; 32],
+}
+
+impl Piece {
+    /// The cache key: 64 lowercase hex characters.
+    pub fn key(&self) -> String {
+        hex::encode(self.sha256)
+    }
+}

@@ -1,0 +1,52 @@
+//! Serializing an [`Index`] into index file bytes, and writing them atomically.
+
+use super::error::FormatError;
+use super::header::{Header, HEADER_SIZE, MAGIC, VERSION_MAJOR, VERSION_MINOR};
+use super::types::Index;
+use std::io::Write;
+use std::path::Path;
+
+/// The complete file bytes for `index`: header followed by the rkyv payload.
+pub fn to_bytes(index: &Index) -> Result<Vec<u8>, FormatError> {
+    let payload = rkyv::to_bytes::<rkyv::rancor::Error>(index)
+        .map_err(|e| FormatError::Invalid(format!("serialization failed: {e}")))?;
+    if payload.len() as u64 > i32::MAX as u64 {
+        return Err(FormatError::TooLarge(payload.len() as u64));
+    }
+    let header = Header {
+        magic: MAGIC,
+        version_major: VERSION_MAJOR,
+        version_minor: VERSION_MINOR,
+        flags: 0,
+        payload_offset: HEADER_SIZE as u64,
+        payload_len: payload.len() as u64,
+        payload_xxh3: xxhash_rust::xxh3::xxh3_64(&payload),
+        entry_count: index.entries.len() as u32,
+        layer_count: index.layers.len() as u32,
+        reserved: [0; 16],
+    };
+    let mut out = Vec::with_capacity(HEADER_SIZE + payload.len());
+    out.extend_from_slice(&header.to_bytes());
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+/// Write `index` to `path` atomically (temporary file in the same directory, then rename).
+pub fn write_file(index: &Index, path: &Path) -> Result<u64, FormatError> {
+    let bytes = to_bytes(index)?;
+    let io = |source| FormatError::Io { path: path.display().to_string(), source };
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io)?;
+    Ok(bytes.len() as u64)
+}

@@ -1,0 +1,15 @@
+//! clip: index an unmodified OCI image once, mount it anywhere, read only the bytes a
+//! process touches. See `ARCHITECTURE.md` for the map of the code.
+#![deny(unsafe_code)]
+
+pub mod build;
+pub mod demo;
+pub mod format;
+pub mod logging;
+pub mod oci;
+pub mod read;
+pub mod report;
+pub mod source;
+pub mod zran;
+#[allow(unsafe_code)]
+mod raw;

@@ -1,0 +1,44 @@
+//! Memory-mapping an index file and viewing its payload as archived data without copying.
+
+use crate::format::types::ArchivedIndex;
+use std::fs::File;
+use std::path::Path;
+
+/// A read-only memory map of a whole file.
+pub struct MappedFile {
+    map: memmap2::Mmap,
+}
+
+impl MappedFile {
+    /// Map `path` read-only.
+    pub fn open(path: &Path) -> std::io::Result<MappedFile> {
+        let file = File::open(path)?;
+        // SAFETY: the map is read-only and private to this process. Index files are written
+        // atomically (temp file + rename) and never modified in place, so the mapped bytes do
+        // not change under us; a file truncated by someone else would raise SIGBUS, which is
+        // the documented limit of memory-mapped readers.
+        let map = unsafe { memmap2::Mmap::map(&file)? };
+        Ok(MappedFile { map })
+    }
+
+    /// The mapped bytes (page aligned).
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+/// View `payload` as an archived index without validating it.
+///
+/// The caller must have checked the payload checksum (so the bytes are exactly what the
+/// writer produced) or have run [`crate::format::IndexFile::verify`]. `payload` must be
+/// 8-byte aligned and at least as large as the root object; both are checked here.
+pub(crate) fn archived_index_unchecked(payload: &[u8]) -> Option<&ArchivedIndex> {
+    let root = std::mem::size_of::<ArchivedIndex>();
+    if payload.len() < root || payload.as_ptr() as usize % 8 != 0 || payload.len() % 8 != 0 {
+        return None;
+    }
+    // SAFETY: the root lies inside `payload` and is aligned (checked above). The bytes were
+    // produced by `rkyv::to_bytes` for `Index` (the checksum over them matched, see the
+    // caller contract), so every relative pointer in them points inside `payload`.
+    Some(unsafe { rkyv::access_unchecked::<ArchivedIndex>(payload) })
+}

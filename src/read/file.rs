@@ -1,0 +1,184 @@
+//! Serving verified pieces of regular files through cache tiers.
+
+use super::span::SpanReader;
+use crate::format::{FormatError, IndexFile, Kind, Piece};
+use crate::source::{Source, SourceError};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+
+/// Errors of the read path.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The index is inconsistent.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// The source failed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// Reading or inflating origin data failed.
+    #[error("reading image data: {0}")]
+    Origin(String),
+    /// The origin produced bytes that do not match the index.
+    #[error("content of {path} at offset {offset} does not match its sha256 {expected}: the source is corrupt or does not hold the image this index was built from")]
+    Mismatch {
+        /// File path.
+        path: String,
+        /// Piece offset.
+        offset: u64,
+        /// Expected hex sha256.
+        expected: String,
+    },
+    /// Not a regular file.
+    #[error("entry {0} is not a regular file")]
+    NotAFile(u32),
+}
+
+/// A content-addressed cache tier (disk, Redis, …). Keys are raw sha256 digests; a tier
+/// may return wrong bytes (the caller verifies), never panics on bad data.
+pub trait Tier: Send + Sync {
+    /// Short name for statistics.
+    fn name(&self) -> &str;
+    /// The bytes stored under `key`, if any.
+    fn get(&self, key: &[u8; 32]) -> Option<Vec<u8>>;
+    /// Store `bytes` under `key` (best effort).
+    fn put(&self, key: &[u8; 32], bytes: &[u8]);
+    /// Forget `key` (its bytes failed verification).
+    fn remove(&self, key: &[u8; 32]);
+}
+
+/// Where a piece came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The per-handle memory of the last piece.
+    Memory,
+    /// Cache tier `i`.
+    Tier(usize),
+    /// The image source.
+    Source,
+}
+
+/// Whether `bytes` hash to `sha256`.
+pub fn verify(bytes: &[u8], sha256: &[u8; 32]) -> bool {
+    Sha256::digest(bytes).as_slice() == sha256
+}
+
+/// Reads one regular file piece by piece: tiers first, then the origin through a span
+/// reader whose inflate cursor is kept between calls (sequential reads continue).
+pub struct FileReader {
+    entry: u32,
+    layer: u32,
+    data_offset: u64,
+    size: u64,
+    pieces: Vec<Piece>,
+    span: Option<SpanReader>,
+    last: Option<(usize, Arc<Vec<u8>>)>,
+}
+
+impl FileReader {
+    /// A reader for entry `entry` (hardlinks are followed).
+    pub fn new(index: &IndexFile, entry: u32) -> Result<FileReader, ReadError> {
+        let ino = index.inode_of(entry)?;
+        let e = index.entry(ino)?;
+        if e.kind != Kind::File as u8 {
+            return Err(ReadError::NotAFile(entry));
+        }
+        Ok(FileReader {
+            entry: ino,
+            layer: e.layer.to_native(),
+            data_offset: e.data_offset.to_native(),
+            size: e.size.to_native(),
+            pieces: index.pieces(ino)?,
+            span: None,
+            last: None,
+        })
+    }
+
+    /// File size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The file's pieces.
+    pub fn pieces(&self) -> &[Piece] {
+        &self.pieces
+    }
+
+    /// Bytes inflated and compressed bytes fetched by this reader's origin reads.
+    pub fn origin_stats(&self) -> (u64, u64) {
+        self.span.as_ref().map(|s| (s.inflated, s.fetched)).unwrap_or((0, 0))
+    }
+
+    /// Piece number `k`, verified, and where it came from.
+    pub fn piece(
+        &mut self,
+        index: &IndexFile,
+        source: &dyn Source,
+        tiers: &[Arc<dyn Tier>],
+        k: usize,
+    ) -> Result<(Arc<Vec<u8>>, Origin), ReadError> {
+        if let Some((lk, bytes)) = &self.last {
+            if *lk == k {
+                return Ok((bytes.clone(), Origin::Memory));
+            }
+        }
+        let p = self.pieces[k];
+        for (i, t) in tiers.iter().enumerate() {
+            if let Some(b) = t.get(&p.sha256) {
+                if b.len() as u64 == p.len && verify(&b, &p.sha256) {
+                    let b = Arc::new(b);
+                    for lower in &tiers[..i] {
+                        lower.put(&p.sha256, &b);
+                    }
+                    self.last = Some((k, b.clone()));
+                    return Ok((b, Origin::Tier(i)));
+                }
+                tracing::warn!(tier = t.name(), key = %p.key(), "cached piece failed verification; dropping it");
+                t.remove(&p.sha256);
+            }
+        }
+        let mut buf = vec![0u8; p.len as usize];
+        let span = self.span.get_or_insert_with(|| SpanReader::new(self.layer));
+        let file_end = self.data_offset + self.size;
+        span.read_at(index, source, self.data_offset + p.offset, &mut buf, file_end)?;
+        if !verify(&buf, &p.sha256) {
+            self.span = None;
+            return Err(ReadError::Mismatch {
+                path: String::from_utf8_lossy(&index.path_of(self.entry)?).into_owned(),
+                offset: p.offset,
+                expected: p.key(),
+            });
+        }
+        for t in tiers {
+            t.put(&p.sha256, &buf);
+        }
+        let b = Arc::new(buf);
+        self.last = Some((k, b.clone()));
+        Ok((b, Origin::Source))
+    }
+
+    /// Read up to `out.len()` bytes at `offset` (short only at end of file).
+    pub fn read_at(
+        &mut self,
+        index: &IndexFile,
+        source: &dyn Source,
+        tiers: &[Arc<dyn Tier>],
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<usize, ReadError> {
+        let mut done = 0usize;
+        while done < out.len() {
+            let pos = offset + done as u64;
+            if pos >= self.size {
+                break;
+            }
+            let k = self.pieces.partition_point(|p| p.offset + p.len <= pos);
+            let p = self.pieces[k];
+            let (bytes, _) = self.piece(index, source, tiers, k)?;
+            let from = (pos - p.offset) as usize;
+            let n = (bytes.len() - from).min(out.len() - done);
+            out[done..done + n].copy_from_slice(&bytes[from..from + n]);
+            done += n;
+        }
+        Ok(done)
+    }
+}

@@ -1,0 +1,129 @@
+//! Reading a span of a layer's uncompressed tar stream from a [`Source`].
+
+use super::ReadError;
+use crate::format::{Compression, IndexFile};
+use crate::source::Source;
+use crate::zran::resume::{ResumeCursor, ResumePoint};
+use crate::zran::decode_window;
+use std::io::Read;
+
+/// Reads uncompressed spans of one layer, resuming at checkpoints. Sequential reads reuse
+/// the same inflate cursor; a read behind it or far ahead starts again at a checkpoint.
+pub struct SpanReader {
+    layer: u32,
+    cursor: Option<Cursor>,
+    /// Uncompressed bytes inflated (including skipped ones), for statistics.
+    pub inflated: u64,
+    /// Compressed bytes requested from the source.
+    pub fetched: u64,
+}
+
+enum Cursor {
+    Gzip { inner: ResumeCursor<Box<dyn Read + Send>>, end: u64 },
+    Plain { inner: Box<dyn Read + Send>, pos: u64, end: u64 },
+}
+
+impl Cursor {
+    fn position(&self) -> u64 {
+        match self {
+            Cursor::Gzip { inner, .. } => inner.position(),
+            Cursor::Plain { pos, .. } => *pos,
+        }
+    }
+    fn end(&self) -> u64 {
+        match self {
+            Cursor::Gzip { end, .. } | Cursor::Plain { end, .. } => *end,
+        }
+    }
+}
+
+/// How far ahead of the cursor a read may be and still continue it rather than jump to a
+/// checkpoint (inflating up to this much is cheaper than a new request).
+const CONTINUE_WITHIN: u64 = 1 << 20;
+
+impl SpanReader {
+    /// A reader for `layer`.
+    pub fn new(layer: u32) -> SpanReader {
+        SpanReader { layer, cursor: None, inflated: 0, fetched: 0 }
+    }
+
+    /// Read exactly `out.len()` bytes at uncompressed offset `start`. `hint_end` is how far
+    /// the caller expects to read sequentially (used to size the compressed request).
+    pub fn read_at(
+        &mut self,
+        index: &IndexFile,
+        source: &dyn Source,
+        start: u64,
+        out: &mut [u8],
+        hint_end: u64,
+    ) -> Result<(), ReadError> {
+        let end = start + out.len() as u64;
+        let reuse = self
+            .cursor
+            .as_ref()
+            .is_some_and(|c| c.position() <= start && start - c.position() <= CONTINUE_WITHIN && end <= c.end());
+        if !reuse {
+            self.cursor = Some(self.open(index, source, start, hint_end.max(end))?);
+        }
+        let cursor = self.cursor.as_mut().expect("set above");
+        let bad = |e: std::io::Error| ReadError::Origin(format!("layer {}: {e}", 0));
+        match cursor {
+            Cursor::Gzip { inner, .. } => {
+                let before = inner.position();
+                inner.skip_to(start).map_err(|e| ReadError::Origin(e.to_string()))?;
+                let mut got = 0;
+                while got < out.len() {
+                    let n = inner.fill(&mut out[got..]).map_err(|e| ReadError::Origin(e.to_string()))?;
+                    if n == 0 {
+                        return Err(ReadError::Origin(format!("layer {} ends before offset {end}", self.layer)));
+                    }
+                    got += n;
+                }
+                self.inflated += inner.position() - before;
+            }
+            Cursor::Plain { inner, pos, .. } => {
+                if *pos < start {
+                    std::io::copy(&mut inner.by_ref().take(start - *pos), &mut std::io::sink()).map_err(bad)?;
+                    *pos = start;
+                }
+                inner.read_exact(out).map_err(bad)?;
+                *pos = end;
+            }
+        }
+        Ok(())
+    }
+
+    fn open(&mut self, index: &IndexFile, source: &dyn Source, start: u64, end: u64) -> Result<Cursor, ReadError> {
+        let layer = index.layer(self.layer)?;
+        let digest = std::str::from_utf8(layer.digest.as_slice())
+            .map_err(|_| ReadError::Origin("layer digest is not UTF-8".into()))?;
+        let size = layer.compressed_size.to_native();
+        if layer.compression == Compression::None as u8 {
+            let inner = source.blob(digest, start, Some(end))?;
+            self.fetched += end - start;
+            return Ok(Cursor::Plain { inner, pos: start, end });
+        }
+        let cp = index
+            .checkpoint_before(self.layer, start)?
+            .ok_or_else(|| ReadError::Origin(format!("layer {} has no checkpoint before offset {start}", self.layer)))?;
+        let window = decode_window(cp.window.as_slice(), cp.window_encoding, cp.window_len.to_native() as usize)
+            .map_err(|e| ReadError::Origin(e.to_string()))?;
+        let point = ResumePoint {
+            in_offset: cp.in_offset.to_native(),
+            bits: cp.bits,
+            out_offset: cp.out_offset.to_native(),
+            window,
+        };
+        // Compressed end: just past the first checkpoint at or after `end`, or the blob end.
+        let cps = &layer.checkpoints;
+        let next = cps.partition_point(|c| c.out_offset.to_native() < end);
+        let c_end = cps
+            .get(next)
+            .map(|c| (c.in_offset.to_native() + 64).min(size))
+            .unwrap_or(size);
+        let src = source.blob(digest, point.read_from(), Some(c_end))?;
+        self.fetched += c_end - point.read_from();
+        let inner = ResumeCursor::new(src, &point).map_err(|e| ReadError::Origin(e.to_string()))?;
+        Ok(Cursor::Gzip { inner, end })
+    }
+}

@@ -1,0 +1,213 @@
+//! A local OCI image layout directory (`oci-layout`, `index.json`, `blobs/sha256/…`).
+
+use super::{Source, SourceError};
+use crate::oci::{self, ImageIndex};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+/// An OCI image layout on disk.
+pub struct LayoutSource {
+    dir: PathBuf,
+}
+
+impl LayoutSource {
+    /// Open the layout at `dir`, checking its `oci-layout` marker.
+    pub fn open(dir: &Path) -> Result<LayoutSource, SourceError> {
+        let marker = dir.join("oci-layout");
+        if !marker.is_file() {
+            return Err(SourceError::NotFound(format!(
+                "{} is not an OCI image layout (no oci-layout file); give a layout directory such as one written by `skopeo copy docker://IMAGE oci:DIR:TAG`",
+                dir.display()
+            )));
+        }
+        Ok(LayoutSource { dir: dir.to_path_buf() })
+    }
+
+    /// The layout directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of the blob with `digest` (validated so it cannot escape the layout).
+    pub fn blob_path(&self, digest: &str) -> Result<PathBuf, SourceError> {
+        let (alg, hex) = digest
+            .split_once(':')
+            .ok_or_else(|| SourceError::BadImage(format!("malformed digest {digest:?}")))?;
+        let ok = !alg.is_empty()
+            && alg.bytes().all(|b| b.is_ascii_alphanumeric())
+            && !hex.is_empty()
+            && hex.bytes().all(|b| b.is_ascii_hexdigit());
+        if !ok {
+            return Err(SourceError::BadImage(format!("malformed digest {digest:?}")));
+        }
+        Ok(self.dir.join("blobs").join(alg).join(hex))
+    }
+
+    fn root_index(&self) -> Result<(Vec<u8>, ImageIndex), SourceError> {
+        let p = self.dir.join("index.json");
+        let bytes = std::fs::read(&p).map_err(|source| SourceError::Io { context: format!("reading {}", p.display()), source })?;
+        let idx = serde_json::from_slice(&bytes)
+            .map_err(|e| SourceError::BadImage(format!("{} is not a valid image index: {e}", p.display())))?;
+        Ok((bytes, idx))
+    }
+
+    fn read_manifest_blob(&self, d: &oci::Descriptor) -> Result<(String, Vec<u8>, String), SourceError> {
+        let bytes = self.read_small_blob(&d.digest, d.size)?;
+        Ok((d.media_type.clone(), bytes, d.digest.clone()))
+    }
+}
+
+impl Source for LayoutSource {
+    fn describe(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    /// `reference` is a tag (`org.opencontainers.image.ref.name`), a digest, or empty: the
+    /// only manifest, or `index.json` itself as an image index when it lists several.
+    fn manifest(&self, reference: &str) -> Result<(String, Vec<u8>, String), SourceError> {
+        let (bytes, idx) = self.root_index()?;
+        if reference.starts_with("sha256:") {
+            if let Some(d) = idx.manifests.iter().find(|d| d.digest == reference) {
+                return self.read_manifest_blob(d);
+            }
+            // A manifest nested in an index: read it by digest, verified.
+            let b = self.read_small_blob(reference, std::fs::metadata(self.blob_path(reference)?).map(|m| m.len()).unwrap_or(0))?;
+            return Ok((String::new(), b, reference.to_string()));
+        }
+        if !reference.is_empty() {
+            let d = idx
+                .manifests
+                .iter()
+                .find(|d| d.annotations.get(oci::ANNOTATION_REF_NAME).map(String::as_str) == Some(reference))
+                .ok_or_else(|| {
+                    let tags: Vec<&str> = idx
+                        .manifests
+                        .iter()
+                        .filter_map(|d| d.annotations.get(oci::ANNOTATION_REF_NAME).map(String::as_str))
+                        .collect();
+                    SourceError::NotFound(format!(
+                        "tag {reference:?} is not in the layout {} (tags: {})",
+                        self.dir.display(),
+                        tags.join(", ")
+                    ))
+                })?;
+            return self.read_manifest_blob(d);
+        }
+        match idx.manifests.len() {
+            0 => Err(SourceError::NotFound(format!("the layout {} holds no images", self.dir.display()))),
+            1 => self.read_manifest_blob(&idx.manifests[0]),
+            _ if idx.manifests.iter().all(|d| d.platform.is_some()) => {
+                Ok((oci::MT_OCI_INDEX.into(), bytes.clone(), oci::digest_of(&bytes)))
+            }
+            _ => Err(SourceError::NotFound(format!(
+                "the layout {} holds several images; name one as DIR:TAG",
+                self.dir.display()
+            ))),
+        }
+    }
+
+    fn blob(&self, digest: &str, start: u64, end: Option<u64>) -> Result<Box<dyn Read + Send>, SourceError> {
+        let p = self.blob_path(digest)?;
+        let io = |source| SourceError::Io { context: format!("reading blob {}", p.display()), source };
+        let mut f = File::open(&p).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                SourceError::NotFound(format!("blob {digest} is missing from the layout {}", self.dir.display()))
+            } else {
+                io(e)
+            }
+        })?;
+        if start > 0 {
+            f.seek(SeekFrom::Start(start)).map_err(io)?;
+        }
+        Ok(match end {
+            Some(end) => Box::new(f.take(end.saturating_sub(start))),
+            None => Box::new(f),
+        })
+    }
+}
+
+/// Writes OCI image layouts: used for the demo image and by tests that build their own.
+pub struct LayoutWriter {
+    dir: PathBuf,
+    index: Vec<oci::Descriptor>,
+}
+
+/// A layer to write: its tar bytes and whether to gzip them.
+pub struct LayerInput {
+    /// The uncompressed tar stream.
+    pub tar: Vec<u8>,
+    /// Store gzip-compressed (true) or as plain tar.
+    pub gzip: bool,
+}
+
+impl LayoutWriter {
+    /// Create (or reuse) a layout at `dir`.
+    pub fn create(dir: &Path) -> std::io::Result<LayoutWriter> {
+        std::fs::create_dir_all(dir.join("blobs/sha256"))?;
+        std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        Ok(LayoutWriter { dir: dir.to_path_buf(), index: Vec::new() })
+    }
+
+    /// Store a blob; returns its descriptor.
+    pub fn blob(&self, media_type: &str, bytes: &[u8]) -> std::io::Result<oci::Descriptor> {
+        let digest = oci::digest_of(bytes);
+        let hex = digest.trim_start_matches("sha256:");
+        std::fs::write(self.dir.join("blobs/sha256").join(hex), bytes)?;
+        Ok(oci::Descriptor { media_type: media_type.into(), digest, size: bytes.len() as u64, ..Default::default() })
+    }
+
+    /// Write an image (layers, config, manifest) and return the manifest's descriptor.
+    pub fn image(&self, layers: &[LayerInput], platform: &oci::Platform, created: &str) -> std::io::Result<oci::Descriptor> {
+        use sha2::Digest;
+        let mut descs = Vec::new();
+        let mut diff_ids = Vec::new();
+        for l in layers {
+            diff_ids.push(format!("sha256:{}", hex::encode(sha2::Sha256::digest(&l.tar))));
+            if l.gzip {
+                use std::io::Write;
+                let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+                enc.write_all(&l.tar)?;
+                descs.push(self.blob(oci::MT_OCI_LAYER_GZIP, &enc.finish()?)?);
+            } else {
+                descs.push(self.blob(oci::MT_OCI_LAYER_TAR, &l.tar)?);
+            }
+        }
+        let config = serde_json::json!({
+            "created": created,
+            "architecture": platform.architecture,
+            "os": platform.os,
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        });
+        let config = self.blob(oci::MT_OCI_CONFIG, &serde_json::to_vec(&config).map_err(std::io::Error::other)?)?;
+        let manifest = oci::Manifest {
+            schema_version: 2,
+            media_type: Some(oci::MT_OCI_MANIFEST.into()),
+            config,
+            layers: descs,
+        };
+        let mut d = self.blob(oci::MT_OCI_MANIFEST, &serde_json::to_vec(&manifest).map_err(std::io::Error::other)?)?;
+        d.platform = Some(platform.clone());
+        Ok(d)
+    }
+
+    /// Write an image index over `manifests` and return its descriptor.
+    pub fn image_index(&self, manifests: Vec<oci::Descriptor>) -> std::io::Result<oci::Descriptor> {
+        let idx = oci::ImageIndex { schema_version: 2, media_type: Some(oci::MT_OCI_INDEX.into()), manifests };
+        self.blob(oci::MT_OCI_INDEX, &serde_json::to_vec(&idx).map_err(std::io::Error::other)?)
+    }
+
+    /// List `desc` in `index.json` under tag `tag`.
+    pub fn tag(&mut self, mut desc: oci::Descriptor, tag: &str) {
+        desc.annotations.insert(oci::ANNOTATION_REF_NAME.into(), tag.into());
+        self.index.retain(|d| d.annotations.get(oci::ANNOTATION_REF_NAME).map(String::as_str) != Some(tag));
+        self.index.push(desc);
+    }
+
+    /// Write `index.json`.
+    pub fn finish(self) -> std::io::Result<()> {
+        let idx = oci::ImageIndex { schema_version: 2, media_type: Some(oci::MT_OCI_INDEX.into()), manifests: self.index };
+        std::fs::write(self.dir.join("index.json"), serde_json::to_vec_pretty(&idx).map_err(std::io::Error::other)?)
+    }
+}
