@@ -125,7 +125,7 @@ pub fn write_demo(dir: &Path) -> std::io::Result<()> {
     let mut w = LayoutWriter::create(dir)?;
     let platform = Platform::host();
     let m = w.image(
-        &[LayerInput { tar: l1.finish(), gzip: true }, LayerInput { tar: l2.finish(), gzip: true }],
+        &[LayerInput::gzip(l1.finish()), LayerInput::gzip(l2.finish())],
         &platform,
         "2025-05-20T00:00:00Z",
     )?;

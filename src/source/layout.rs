@@ -139,6 +139,21 @@ pub struct LayerInput {
     pub tar: Vec<u8>,
     /// Store gzip-compressed (true) or as plain tar.
     pub gzip: bool,
+    /// A ready gzip blob of `tar` to store instead of compressing it here (e.g. one with
+    /// several members or optional header fields).
+    pub blob: Option<Vec<u8>>,
+}
+
+impl LayerInput {
+    /// A layer gzip-compressed at level 6.
+    pub fn gzip(tar: Vec<u8>) -> LayerInput {
+        LayerInput { tar, gzip: true, blob: None }
+    }
+
+    /// An uncompressed layer.
+    pub fn plain(tar: Vec<u8>) -> LayerInput {
+        LayerInput { tar, gzip: false, blob: None }
+    }
 }
 
 impl LayoutWriter {
@@ -164,7 +179,9 @@ impl LayoutWriter {
         let mut diff_ids = Vec::new();
         for l in layers {
             diff_ids.push(format!("sha256:{}", hex::encode(sha2::Sha256::digest(&l.tar))));
-            if l.gzip {
+            if let Some(blob) = &l.blob {
+                descs.push(self.blob(oci::MT_OCI_LAYER_GZIP, blob)?);
+            } else if l.gzip {
                 use std::io::Write;
                 let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
                 enc.write_all(&l.tar)?;

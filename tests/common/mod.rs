@@ -1,0 +1,236 @@
+//! Shared test fixtures: an OCI layout with every edge case the indexer must handle, built
+//! with the `tar` crate and flate2, and helpers to run the binaries and external tools.
+#![allow(dead_code)]
+
+use clip::demo::{noise, TarBuilder};
+use clip::oci::Platform;
+use clip::source::layout::{LayerInput, LayoutWriter};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Tag of the edge-case image.
+pub const EDGE_TAG: &str = "edge";
+
+/// Path of a binary built by cargo for this test run.
+pub fn bin(name: &str) -> PathBuf {
+    match name {
+        "clip-build" => PathBuf::from(env!("CARGO_BIN_EXE_clip-build")),
+        "clip-serve" => PathBuf::from(env!("CARGO_BIN_EXE_clip-serve")),
+        other => panic!("unknown binary {other}"),
+    }
+}
+
+/// Run a command, panic with its stderr if it fails; return stdout.
+pub fn run(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Fail loudly when an external tool the test needs is missing (never skip).
+pub fn require_tool(tool: &str) {
+    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success());
+    assert!(
+        found.unwrap_or(false),
+        "required tool `{tool}` is not installed; run .ci/run (it apt-get installs the test dependencies)"
+    );
+}
+
+/// A gzip blob of `data` made of two members, the first with FNAME, FEXTRA and FCOMMENT.
+pub fn two_member_gzip(data: &[u8]) -> Vec<u8> {
+    let cut = data.len() / 3;
+    let mut out = Vec::new();
+    let mut a = flate2::GzBuilder::new()
+        .filename("layer.tar")
+        .comment("first member")
+        .extra(b"xx".to_vec())
+        .write(Vec::new(), flate2::Compression::new(6));
+    a.write_all(&data[..cut]).unwrap();
+    out.extend(a.finish().unwrap());
+    let mut b = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(9));
+    b.write_all(&data[cut..]).unwrap();
+    out.extend(b.finish().unwrap());
+    out
+}
+
+fn pax_file(t: &mut TarBuilder, path: &str, mode: u32, data: &[u8], pax: &[(&str, &[u8])]) {
+    let mut b = std::mem::take(t);
+    let mut inner = tar::Builder::new(Vec::new());
+    inner.append_pax_extensions(pax.iter().copied()).unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(mode);
+    h.set_size(data.len() as u64);
+    h.set_mtime(b.mtime);
+    inner.append_data(&mut h, path, data).unwrap();
+    let bytes = inner.into_inner().unwrap();
+    // Splice the inner archive (minus its end marker) into the outer one.
+    let body = &bytes[..bytes.len() - 1024];
+    let mut hdr_and_data = body.to_vec();
+    let mut pos = 0;
+    while pos < hdr_and_data.len() {
+        let mut hh = tar::Header::new_old();
+        hh.as_mut_bytes().copy_from_slice(&hdr_and_data[pos..pos + 512]);
+        let size = hh.entry_size().unwrap();
+        let padded = size.div_ceil(512) * 512;
+        let content = hdr_and_data[pos + 512..pos + 512 + size as usize].to_vec();
+        let name = String::from_utf8_lossy(&hh.path_bytes()).into_owned();
+        b.raw(&mut hh, &name, &content);
+        pos += 512 + padded as usize;
+    }
+    hdr_and_data.clear();
+    *t = b;
+}
+
+fn dev(t: &mut TarBuilder, path: &str, kind: tar::EntryType, major: u32, minor: u32) {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(0o660);
+    h.set_size(0);
+    h.set_mtime(t.mtime);
+    h.set_device_major(major).unwrap();
+    h.set_device_minor(minor).unwrap();
+    t.raw(&mut h, path, b"");
+}
+
+fn owned_file(t: &mut TarBuilder, path: &str, uid: u64, gid: u64, data: &[u8]) {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o640);
+    h.set_size(data.len() as u64);
+    h.set_mtime(t.mtime);
+    h.set_uid(uid);
+    h.set_gid(gid);
+    t.raw(&mut h, path, data);
+}
+
+/// The three layers of the edge-case image, as tar bytes.
+pub fn edge_layers() -> Vec<Vec<u8>> {
+    let mut l1 = TarBuilder::new();
+    l1.dir("./", 0o755)
+        .dir("tmp/", 0o1777)
+        .dir("srv/", 0o2775)
+        .dir("etc/", 0o755)
+        .file("etc/hostname", 0o644, b"edge\n")
+        .file("etc/empty", 0o644, b"")
+        .dir("usr/", 0o755)
+        .dir("usr/bin/", 0o755)
+        .file("usr/bin/su", 0o4755, b"setuid binary stand-in\n")
+        .link(tar::EntryType::Symlink, "usr/bin/abs-link", "/etc/hostname")
+        .link(tar::EntryType::Symlink, "usr/bin/rel-link", "../../etc/hostname")
+        .file("usr/bin/orig", 0o755, b"hardlinked content\n")
+        .link(tar::EntryType::Link, "usr/bin/second-name", "usr/bin/orig")
+        .file("usr/bin/tool", 0o755, b"tool v1\n")
+        .link(tar::EntryType::Link, "usr/bin/tool-link", "usr/bin/tool")
+        .file("usr/share-file", 0o644, b"layer one\n")
+        .dir("var/", 0o755)
+        .dir("var/lib/", 0o755)
+        .dir("var/lib/gone/", 0o755)
+        .file("var/lib/gone/a", 0o644, b"a\n")
+        .file("var/lib/gone/b", 0o644, b"b\n")
+        .file("var/lib/delete-me", 0o644, b"x\n")
+        .dir("var/opaque/", 0o755)
+        .file("var/opaque/lower", 0o644, b"lower\n")
+        .dir("var/becomes-file/", 0o755)
+        .file("var/becomes-file/child", 0o644, b"child\n")
+        .file("var/becomes-dir", 0o644, b"file first\n")
+        .link(tar::EntryType::Symlink, "var/link-becomes-file", "/nowhere")
+        .file("var/chmod-me", 0o644, b"same bytes\n")
+        .dir("data/", 0o755)
+        .file("data/random.bin", 0o644, &noise(1, 5 << 20))
+        .file("data/text.txt", 0o644, &"lorem ipsum dolor sit amet\n".repeat(120_000).into_bytes())
+        .file("implicit/parent/dirs/file", 0o644, b"no parent entries\n")
+        .file("unicode/h\u{e9}llo-w\u{f6}rld-\u{65e5}\u{672c}", 0o644, b"utf-8 name\n");
+    let long = format!("long/{}/{}", "d".repeat(90), "f".repeat(120));
+    l1.file(&long, 0o644, b"long name\n");
+    for i in 0..60 {
+        l1.file(&format!("many/file{i:03}"), 0o644, format!("small file {i}\n").as_bytes());
+    }
+    pax_file(
+        &mut l1,
+        "usr/bin/ping",
+        0o755,
+        b"ping with a capability\n",
+        &[
+            ("SCHILY.xattr.security.capability", &[1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            ("SCHILY.xattr.user.note", b"hello"),
+        ],
+    );
+    pax_file(&mut l1, "etc/precise", 0o600, b"nanoseconds\n", &[("mtime", b"1700000000.123456789"), ("uid", b"3000000"), ("gid", b"3000001")]);
+    dev(&mut l1, "dev/null", tar::EntryType::Char, 1, 3);
+    dev(&mut l1, "dev/sda", tar::EntryType::Block, 8, 0);
+    dev(&mut l1, "dev/fifo", tar::EntryType::Fifo, 0, 0);
+    owned_file(&mut l1, "home/user/file", 1000, 1000, b"owned by 1000\n");
+
+    let mut l2 = TarBuilder::new();
+    l2.mtime = 1_747_785_600;
+    l2.file("var/lib/.wh.delete-me", 0o644, b"")
+        .file("var/lib/.wh.gone", 0o644, b"")
+        .file("var/opaque/.wh..wh..opq", 0o644, b"")
+        .file("var/opaque/upper", 0o644, b"upper\n")
+        .dir("var/new-opaque/", 0o755)
+        .file("var/new-opaque/.wh..wh..opq", 0o644, b"")
+        .file("var/new-opaque/item", 0o644, b"new\n")
+        .file("var/becomes-file", 0o644, b"now a file\n")
+        .dir("var/becomes-dir/", 0o750)
+        .file("var/becomes-dir/inside", 0o644, b"inside\n")
+        .file("var/link-becomes-file", 0o644, b"was a symlink\n")
+        .file("var/chmod-me", 0o600, b"same bytes\n")
+        .file("usr/share-file", 0o644, b"layer two rewrote this\n")
+        .file("usr/bin/.wh.orig", 0o644, b"")
+        .file("usr/bin/tool", 0o755, b"tool v2 copied up\n")
+        .link(tar::EntryType::Link, "usr/bin/tool-link", "usr/bin/tool");
+    let mut l3 = TarBuilder::new();
+    l3.mtime = 1_747_872_000;
+    l3.dir("etc/", 0o755)
+        .file("etc/from-plain-tar", 0o644, b"uncompressed layer\n")
+        .file("data/.wh.text.txt", 0o644, b"");
+    vec![l1.finish(), l2.finish(), l3.finish()]
+}
+
+/// Write the edge-case image to an OCI layout at `dir` (tag [`EDGE_TAG`]): layer 1 gzip
+/// (level 6), layer 2 gzip in two members with optional header fields, layer 3 plain tar.
+pub fn edge_layout(dir: &Path) -> PathBuf {
+    let layers = edge_layers();
+    let mut w = LayoutWriter::create(dir).unwrap();
+    let l2blob = two_member_gzip(&layers[1]);
+    let inputs = vec![
+        LayerInput::gzip(layers[0].clone()),
+        LayerInput { tar: layers[1].clone(), gzip: true, blob: Some(l2blob) },
+        LayerInput::plain(layers[2].clone()),
+    ];
+    let m = w.image(&inputs, &Platform::host(), "2025-05-20T00:00:00Z").unwrap();
+    w.tag(m, EDGE_TAG);
+    w.finish().unwrap();
+    dir.to_path_buf()
+}
+
+/// Build the edge-case layout in `tmp` and index it; returns (layout dir, index path).
+pub fn edge_index(tmp: &Path) -> (PathBuf, PathBuf) {
+    let layout = edge_layout(&tmp.join("layout"));
+    let index = tmp.join("edge.clip");
+    run(Command::new(bin("clip-build"))
+        .arg(format!("{}:{EDGE_TAG}", layout.display()))
+        .arg("-o")
+        .arg(&index)
+        .arg("--quiet"));
+    (layout, index)
+}
+
+/// Unpack the layout with umoci into `dest` (its rootfs is `dest/rootfs`).
+pub fn umoci_unpack(layout: &Path, tag: &str, dest: &Path) -> PathBuf {
+    require_tool("umoci");
+    run(Command::new("umoci")
+        .arg("raw")
+        .arg("unpack")
+        .arg("--image")
+        .arg(format!("{}:{tag}", layout.display()))
+        .arg(dest.join("rootfs")));
+    dest.join("rootfs")
+}
