@@ -78,9 +78,13 @@ impl TarBuilder {
     /// Add a file with PAX extended attributes.
     pub fn file_with_xattrs(&mut self, path: &str, mode: u32, data: &[u8], xattrs: &[(&str, &[u8])]) -> &mut Self {
         let pax: Vec<(String, &[u8])> = xattrs.iter().map(|(k, v)| (format!("SCHILY.xattr.{k}"), *v)).collect();
-        self.b
-            .append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), *v)))
-            .expect("writing to memory");
+        let pax: Vec<(&str, &[u8])> = pax.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        self.pax_file(path, mode, data, &pax)
+    }
+
+    /// Add a file preceded by a PAX header with the given records (`mtime`, `uid`, …).
+    pub fn pax_file(&mut self, path: &str, mode: u32, data: &[u8], records: &[(&str, &[u8])]) -> &mut Self {
+        self.b.append_pax_extensions(records.iter().copied()).expect("writing to memory");
         self.file(path, mode, data)
     }
 

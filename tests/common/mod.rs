@@ -59,35 +59,6 @@ pub fn two_member_gzip(data: &[u8]) -> Vec<u8> {
     out
 }
 
-fn pax_file(t: &mut TarBuilder, path: &str, mode: u32, data: &[u8], pax: &[(&str, &[u8])]) {
-    let mut b = std::mem::take(t);
-    let mut inner = tar::Builder::new(Vec::new());
-    inner.append_pax_extensions(pax.iter().copied()).unwrap();
-    let mut h = tar::Header::new_ustar();
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_mode(mode);
-    h.set_size(data.len() as u64);
-    h.set_mtime(b.mtime);
-    inner.append_data(&mut h, path, data).unwrap();
-    let bytes = inner.into_inner().unwrap();
-    // Splice the inner archive (minus its end marker) into the outer one.
-    let body = &bytes[..bytes.len() - 1024];
-    let mut hdr_and_data = body.to_vec();
-    let mut pos = 0;
-    while pos < hdr_and_data.len() {
-        let mut hh = tar::Header::new_old();
-        hh.as_mut_bytes().copy_from_slice(&hdr_and_data[pos..pos + 512]);
-        let size = hh.entry_size().unwrap();
-        let padded = size.div_ceil(512) * 512;
-        let content = hdr_and_data[pos + 512..pos + 512 + size as usize].to_vec();
-        let name = String::from_utf8_lossy(&hh.path_bytes()).into_owned();
-        b.raw(&mut hh, &name, &content);
-        pos += 512 + padded as usize;
-    }
-    hdr_and_data.clear();
-    *t = b;
-}
-
 fn dev(t: &mut TarBuilder, path: &str, kind: tar::EntryType, major: u32, minor: u32) {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(kind);
@@ -152,8 +123,7 @@ pub fn edge_layers() -> Vec<Vec<u8>> {
     for i in 0..60 {
         l1.file(&format!("many/file{i:03}"), 0o644, format!("small file {i}\n").as_bytes());
     }
-    pax_file(
-        &mut l1,
+    l1.pax_file(
         "usr/bin/ping",
         0o755,
         b"ping with a capability\n",
@@ -162,7 +132,7 @@ pub fn edge_layers() -> Vec<Vec<u8>> {
             ("SCHILY.xattr.user.note", b"hello"),
         ],
     );
-    pax_file(&mut l1, "etc/precise", 0o600, b"nanoseconds\n", &[("mtime", b"1700000000.123456789"), ("uid", b"3000000"), ("gid", b"3000001")]);
+    l1.pax_file("etc/precise", 0o600, b"nanoseconds\n", &[("mtime", b"1700000000.123456789"), ("uid", b"3000000"), ("gid", b"3000001")]);
     dev(&mut l1, "dev/null", tar::EntryType::Char, 1, 3);
     dev(&mut l1, "dev/sda", tar::EntryType::Block, 8, 0);
     dev(&mut l1, "dev/fifo", tar::EntryType::Fifo, 0, 0);
