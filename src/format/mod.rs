@@ -14,6 +14,7 @@ pub mod header;
 pub mod read;
 pub mod types;
 mod verify;
+#[cfg(test)] mod layout_test;
 pub mod write;
 
 pub use error::FormatError;
