@@ -1,0 +1,622 @@
+//! Redis as a shared, content-addressed cache tier between the local disk cache and the
+//! origin (registry or OCI layout).
+//!
+//! * **Keys** are exactly the 64-character lowercase hex sha256 of a piece (a whole file of at
+//!   most 1 MiB, or one 1 MiB chunk of a larger file), optionally behind a user-chosen prefix
+//!   (`--redis-key-prefix`, default empty). Identical content from any image, layer or
+//!   worker therefore shares one key.
+//! * **Values** are the raw piece bytes. Pieces are at most 1 MiB, a value size Redis handles
+//!   well (one `GET`/`SET` round trip, no big-key latency spikes), so no further splitting is
+//!   done. Values above [`RedisConfig::max_value`] are never written, and reads fetch at most
+//!   `max_value + 1` bytes (`GETRANGE`), so a huge foreign value cannot blow up memory.
+//! * **Nothing is trusted**: [`crate::read::FileReader`] verifies every value against its
+//!   key and calls [`Tier::remove`] for a wrong one; this tier counts it as a verify failure
+//!   and deletes the key.
+//! * **Writes** after an origin fill go through a bounded queue drained by one background
+//!   thread that pipelines `SET`s (with an optional TTL). A full queue drops the write; a
+//!   read never waits for a write.
+//! * **Failures**: connects and commands have short timeouts. The first failure opens a
+//!   circuit breaker: reads and writes skip Redis at once (reads go to the origin), a warning
+//!   is logged once per outage, and one probe retries the connection after an exponential
+//!   backoff. A FUSE read waits for Redis at most one timeout.
+//! * **Not supported**: `rediss://` (TLS) — building it would need a rustls crypto provider
+//!   dependency; put a TLS tunnel (stunnel, spiped, a service mesh sidecar) on loopback
+//!   instead. Redis Cluster URLs — point clip at one node or a proxy.
+
+use crate::read::Tier;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Environment variable read when `--redis` is not given (keeps a password out of `ps`).
+pub const REDIS_URL_ENV: &str = "CLIP_REDIS_URL";
+
+/// Errors setting up the Redis tier (runtime failures never surface: they fall through to
+/// the origin).
+#[derive(Debug, thiserror::Error)]
+pub enum RedisTierError {
+    /// The URL could not be parsed.
+    #[error("invalid Redis URL {url}: {reason}; use redis://[:PASSWORD@]HOST:PORT/DB")]
+    BadUrl {
+        /// The URL with its password masked.
+        url: String,
+        /// What the parser said.
+        reason: String,
+    },
+    /// A scheme this build does not speak.
+    #[error("Redis URL {url}: {what} is not supported by this build; {hint}")]
+    Unsupported {
+        /// The URL with its password masked.
+        url: String,
+        /// The unsupported feature.
+        what: &'static str,
+        /// What to do instead.
+        hint: &'static str,
+    },
+    /// A setting is out of range.
+    #[error("{0}")]
+    BadSetting(String),
+    /// The writer thread could not be started.
+    #[error("starting the Redis writer thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Command-line options of the Redis tier, to be flattened into a binary's arguments.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct RedisArgs {
+    /// Shared Redis cache between the disk cache and the origin:
+    /// redis://[:PASSWORD@]HOST:PORT/DB (or set CLIP_REDIS_URL). A Redis that is down only
+    /// costs a warning.
+    #[arg(long = "redis", value_name = "URL")]
+    pub url: Option<String>,
+    /// Prefix for Redis keys, for a Redis shared with other applications (default: none,
+    /// keys are the bare hex sha256).
+    #[arg(long = "redis-key-prefix", value_name = "PREFIX", default_value = "")]
+    pub key_prefix: String,
+    /// Expire pieces written to Redis after this many seconds (default: never).
+    #[arg(long = "redis-ttl", value_name = "SECONDS")]
+    pub ttl: Option<u64>,
+    /// Largest value written to or read from Redis, in bytes.
+    #[arg(long = "redis-max-value", value_name = "BYTES", default_value_t = DEFAULT_MAX_VALUE)]
+    pub max_value: usize,
+}
+
+impl RedisArgs {
+    /// The configuration these options ask for, or `None` when no Redis URL was given
+    /// (neither `--redis` nor `CLIP_REDIS_URL`).
+    pub fn config(&self) -> Result<Option<RedisConfig>, RedisTierError> {
+        let url = match &self.url {
+            Some(u) => u.clone(),
+            None => match std::env::var(REDIS_URL_ENV) {
+                Ok(u) if !u.trim().is_empty() => u,
+                _ => return Ok(None),
+            },
+        };
+        let mut cfg = RedisConfig::new(url);
+        cfg.key_prefix = self.key_prefix.clone();
+        cfg.ttl = match self.ttl {
+            Some(0) => return Err(RedisTierError::BadSetting("--redis-ttl must be at least 1 second (leave it out for no expiry)".into())),
+            Some(s) => Some(Duration::from_secs(s)),
+            None => None,
+        };
+        cfg.max_value = self.max_value;
+        Ok(Some(cfg))
+    }
+}
+
+/// Default [`RedisConfig::max_value`]: one piece (1 MiB).
+pub const DEFAULT_MAX_VALUE: usize = 1 << 20;
+
+/// Settings of a [`RedisTier`].
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    /// `redis://[:PASSWORD@]HOST:PORT/DB` (or `redis+unix:///path.sock`).
+    pub url: String,
+    /// Prepended to every key (default empty).
+    pub key_prefix: String,
+    /// Expiry of written values (default none).
+    pub ttl: Option<Duration>,
+    /// Largest value written or read (default 1 MiB).
+    pub max_value: usize,
+    /// TCP connect (and handshake) timeout.
+    pub connect_timeout: Duration,
+    /// Read/write timeout of one command.
+    pub io_timeout: Duration,
+    /// Writes waiting for the background writer; more are dropped.
+    pub queue_capacity: usize,
+    /// Idle connections kept for reuse.
+    pub pool_size: usize,
+    /// First retry delay after a failure (doubles per failure).
+    pub retry_min: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+}
+
+impl RedisConfig {
+    /// Defaults for `url`: 100 ms connect, 200 ms command timeout, 64 queued writes (at most
+    /// 64 MiB), retries from 250 ms up to 10 s.
+    pub fn new(url: impl Into<String>) -> RedisConfig {
+        RedisConfig {
+            url: url.into(),
+            key_prefix: String::new(),
+            ttl: None,
+            max_value: DEFAULT_MAX_VALUE,
+            connect_timeout: Duration::from_millis(100),
+            io_timeout: Duration::from_millis(200),
+            queue_capacity: 64,
+            pool_size: 8,
+            retry_min: Duration::from_millis(250),
+            retry_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Counters of a [`RedisTier`] since it was created.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedisStats {
+    /// Reads that returned a value (verified later by the caller).
+    pub hits: u64,
+    /// Reads of a key Redis does not hold.
+    pub misses: u64,
+    /// Reads skipped because Redis was marked down (circuit breaker open).
+    pub bypassed: u64,
+    /// Failed commands or connects (timeouts, refusals, server errors).
+    pub errors: u64,
+    /// Values that failed verification by the caller (each was deleted).
+    pub verify_failures: u64,
+    /// Writes accepted into the background queue.
+    pub writes_queued: u64,
+    /// Writes stored in Redis.
+    pub writes_done: u64,
+    /// Writes dropped: queue full, Redis down, or the write failed.
+    pub writes_dropped: u64,
+    /// Writes not attempted because the value exceeds the maximum size.
+    pub writes_too_large: u64,
+    /// Bytes returned by hits.
+    pub bytes_read: u64,
+    /// Bytes stored by writes.
+    pub bytes_written: u64,
+}
+
+impl std::fmt::Display for RedisStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "redis: {} hits ({} bytes), {} misses, {} bypassed while down, {} errors, {} verify failures; writes: {} queued, {} stored ({} bytes), {} dropped, {} too large",
+            self.hits,
+            self.bytes_read,
+            self.misses,
+            self.bypassed,
+            self.errors,
+            self.verify_failures,
+            self.writes_queued,
+            self.writes_done,
+            self.bytes_written,
+            self.writes_dropped,
+            self.writes_too_large
+        )
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    bypassed: AtomicU64,
+    errors: AtomicU64,
+    verify_failures: AtomicU64,
+    writes_queued: AtomicU64,
+    writes_done: AtomicU64,
+    writes_dropped: AtomicU64,
+    writes_too_large: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    /// Writes queued but not yet stored or dropped by the writer.
+    pending: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Circuit breaker state: `retry_at` set means Redis is considered down until then.
+#[derive(Default)]
+struct Breaker {
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+struct Inner {
+    client: redis::Client,
+    cfg: RedisConfig,
+    shown_url: String,
+    pool: Mutex<Vec<redis::Connection>>,
+    breaker: Mutex<Breaker>,
+    counters: Counters,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Inner {
+    fn key(&self, key: &[u8; 32]) -> String {
+        let mut s = String::with_capacity(self.cfg.key_prefix.len() + 64);
+        s.push_str(&self.cfg.key_prefix);
+        s.push_str(&hex::encode(key));
+        s
+    }
+
+    fn backoff(&self, failures: u32) -> Duration {
+        let shift = failures.saturating_sub(1).min(16);
+        self.cfg.retry_min.saturating_mul(1 << shift).min(self.cfg.retry_max)
+    }
+
+    /// Whether Redis is currently marked down (no state change).
+    fn is_down(&self) -> bool {
+        lock(&self.breaker).retry_at.is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Whether to try Redis now. While down, the first caller after the retry time becomes
+    /// the probe; everyone else keeps skipping until the probe reports.
+    fn allow(&self) -> bool {
+        let mut b = lock(&self.breaker);
+        match b.retry_at {
+            None => true,
+            Some(t) => {
+                let now = Instant::now();
+                if now < t {
+                    return false;
+                }
+                b.retry_at = Some(now + self.backoff(b.failures));
+                true
+            }
+        }
+    }
+
+    fn succeeded(&self) {
+        let mut b = lock(&self.breaker);
+        if b.retry_at.is_some() {
+            tracing::info!(redis = %self.shown_url, "Redis is reachable again; using it as a cache tier");
+        }
+        *b = Breaker::default();
+    }
+
+    fn failed(&self, what: &str, err: &redis::RedisError) {
+        bump(&self.counters.errors, 1);
+        let server_side = !err.is_io_error() && !err.is_timeout() && !err.is_connection_refusal() && !err.is_connection_dropped();
+        if server_side {
+            tracing::debug!(redis = %self.shown_url, error = %err, "Redis {what} failed");
+            return;
+        }
+        lock(&self.pool).clear();
+        let mut b = lock(&self.breaker);
+        b.failures = b.failures.saturating_add(1);
+        let delay = self.backoff(b.failures);
+        if b.failures == 1 {
+            tracing::warn!(
+                redis = %self.shown_url,
+                error = %err,
+                "Redis {what} failed; reading from the origin instead and retrying Redis in the background (check that redis-server is running and reachable)"
+            );
+        } else {
+            tracing::debug!(redis = %self.shown_url, error = %err, retry_in = ?delay, "Redis still unavailable");
+        }
+        b.retry_at = Some(Instant::now() + delay);
+    }
+
+    fn connection(&self) -> redis::RedisResult<redis::Connection> {
+        if let Some(c) = lock(&self.pool).pop() {
+            return Ok(c);
+        }
+        let c = self.client.get_connection_with_timeout(self.cfg.connect_timeout)?;
+        c.set_read_timeout(Some(self.cfg.io_timeout))?;
+        c.set_write_timeout(Some(self.cfg.io_timeout))?;
+        Ok(c)
+    }
+
+    fn give_back(&self, c: redis::Connection) {
+        let mut pool = lock(&self.pool);
+        if pool.len() < self.cfg.pool_size {
+            pool.push(c);
+        }
+    }
+
+    /// Run `f` on a pooled connection; `None` when Redis is skipped or failed.
+    fn with_connection<T>(&self, what: &str, f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>) -> Option<T> {
+        if !self.allow() {
+            return None;
+        }
+        let mut c = match self.connection() {
+            Ok(c) => c,
+            Err(e) => {
+                self.failed("connect", &e);
+                return None;
+            }
+        };
+        match f(&mut c) {
+            Ok(v) => {
+                self.give_back(c);
+                self.succeeded();
+                Some(v)
+            }
+            Err(e) => {
+                self.failed(what, &e);
+                None
+            }
+        }
+    }
+
+    fn write_batch(&self, batch: &[([u8; 32], Vec<u8>)]) {
+        let n = batch.len() as u64;
+        let mut pipe = redis::pipe();
+        for (k, v) in batch {
+            let cmd = pipe.cmd("SET").arg(self.key(k)).arg(v.as_slice());
+            if let Some(ttl) = self.cfg.ttl {
+                cmd.arg("PX").arg(ttl.as_millis().max(1) as u64);
+            }
+            cmd.ignore();
+        }
+        let stored = self.with_connection("write", |c| pipe.query::<()>(c)).is_some();
+        if stored {
+            bump(&self.counters.writes_done, n);
+            bump(&self.counters.bytes_written, batch.iter().map(|(_, v)| v.len() as u64).sum());
+        } else {
+            bump(&self.counters.writes_dropped, n);
+        }
+        self.counters.pending.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// Drain the write queue, pipelining what is already waiting (up to 16 values, 8 MiB).
+fn writer(inner: Arc<Inner>, rx: Receiver<([u8; 32], Vec<u8>)>) {
+    while let Ok(first) = rx.recv() {
+        let mut bytes = first.1.len();
+        let mut batch = vec![first];
+        while batch.len() < 16 && bytes < 8 << 20 {
+            match rx.try_recv() {
+                Ok(item) => {
+                    bytes += item.1.len();
+                    batch.push(item);
+                }
+                Err(_) => break,
+            }
+        }
+        inner.write_batch(&batch);
+    }
+}
+
+/// Mask the password of a Redis URL for logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map(|(u, _)| u).unwrap_or("");
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        None => url.to_string(),
+    }
+}
+
+/// The Redis cache tier. Cheap to share behind an `Arc`; dropping it flushes queued writes
+/// (bounded by the command timeout) and stops the writer thread.
+pub struct RedisTier {
+    inner: Arc<Inner>,
+    tx: Mutex<Option<SyncSender<([u8; 32], Vec<u8>)>>>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl RedisTier {
+    /// Set up the tier and try one connection. A Redis that cannot be reached is a warning,
+    /// not an error: the tier starts marked down and retries later. Errors are only for a
+    /// bad URL or settings.
+    pub fn connect(cfg: RedisConfig) -> Result<RedisTier, RedisTierError> {
+        let shown_url = redact_url(&cfg.url);
+        let scheme = cfg.url.split_once("://").map(|(s, _)| s.to_ascii_lowercase()).unwrap_or_default();
+        match scheme.as_str() {
+            "redis" | "redis+unix" | "unix" => {}
+            "rediss" => {
+                return Err(RedisTierError::Unsupported {
+                    url: shown_url,
+                    what: "TLS (rediss://)",
+                    hint: "reach Redis through a local TLS tunnel (stunnel, spiped, a sidecar) and give its redis:// address",
+                })
+            }
+            s if s.contains("cluster") => {
+                return Err(RedisTierError::Unsupported {
+                    url: shown_url,
+                    what: "Redis Cluster",
+                    hint: "give the redis:// URL of a single node or of a cluster proxy",
+                })
+            }
+            _ => {
+                return Err(RedisTierError::BadUrl { url: shown_url, reason: "the scheme must be redis://".into() });
+            }
+        }
+        if cfg.max_value == 0 || cfg.queue_capacity == 0 {
+            return Err(RedisTierError::BadSetting("the Redis max value size and queue capacity must be at least 1".into()));
+        }
+        let client = redis::Client::open(cfg.url.as_str())
+            .map_err(|e| RedisTierError::BadUrl { url: shown_url.clone(), reason: e.to_string() })?;
+        let (tx, rx) = mpsc::sync_channel(cfg.queue_capacity);
+        let inner = Arc::new(Inner {
+            client,
+            cfg,
+            shown_url,
+            pool: Mutex::new(Vec::new()),
+            breaker: Mutex::new(Breaker::default()),
+            counters: Counters::default(),
+        });
+        let w = inner.clone();
+        let worker = std::thread::Builder::new()
+            .name("clip-redis-writer".into())
+            .spawn(move || writer(w, rx))
+            .map_err(RedisTierError::Thread)?;
+        let tier = RedisTier { inner, tx: Mutex::new(Some(tx)), worker: Mutex::new(Some(worker)) };
+        match tier.inner.with_connection("PING", |c| redis::cmd("PING").query::<String>(c)) {
+            Some(_) => tracing::info!(redis = %tier.inner.shown_url, "using Redis as a shared cache tier"),
+            None => tracing::warn!(redis = %tier.inner.shown_url, "Redis is not reachable at start; continuing without it until it comes up"),
+        }
+        Ok(tier)
+    }
+
+    /// The URL in use, password masked.
+    pub fn url(&self) -> &str {
+        &self.inner.shown_url
+    }
+
+    /// Whether the tier currently considers Redis reachable (the circuit breaker is closed
+    /// or due for a retry).
+    pub fn is_up(&self) -> bool {
+        !self.inner.is_down()
+    }
+
+    /// Counters since creation.
+    pub fn stats(&self) -> RedisStats {
+        let c = &self.inner.counters;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        RedisStats {
+            hits: g(&c.hits),
+            misses: g(&c.misses),
+            bypassed: g(&c.bypassed),
+            errors: g(&c.errors),
+            verify_failures: g(&c.verify_failures),
+            writes_queued: g(&c.writes_queued),
+            writes_done: g(&c.writes_done),
+            writes_dropped: g(&c.writes_dropped),
+            writes_too_large: g(&c.writes_too_large),
+            bytes_read: g(&c.bytes_read),
+            bytes_written: g(&c.bytes_written),
+        }
+    }
+
+    /// Wait until every queued write is stored or dropped, at most `timeout`; returns
+    /// whether the queue drained.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.inner.counters.pending.load(Ordering::Relaxed) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
+    }
+}
+
+impl Tier for RedisTier {
+    fn name(&self) -> &str {
+        "redis"
+    }
+
+    fn get(&self, key: &[u8; 32]) -> Option<Vec<u8>> {
+        let c = &self.inner.counters;
+        let k = self.inner.key(key);
+        let end = self.inner.cfg.max_value as u64;
+        // GETRANGE bounds the reply to max_value + 1 bytes; an oversized value comes back
+        // truncated, fails verification and is deleted by the caller's `remove`.
+        let got = self
+            .inner
+            .with_connection("read", |con| redis::cmd("GETRANGE").arg(&k).arg(0).arg(end).query::<Vec<u8>>(con));
+        match got {
+            None => {
+                if self.inner.is_down() {
+                    bump(&c.bypassed, 1);
+                }
+                None
+            }
+            Some(v) if v.is_empty() => {
+                bump(&c.misses, 1);
+                None
+            }
+            Some(v) => {
+                bump(&c.hits, 1);
+                bump(&c.bytes_read, v.len() as u64);
+                Some(v)
+            }
+        }
+    }
+
+    fn put(&self, key: &[u8; 32], bytes: &[u8]) {
+        let c = &self.inner.counters;
+        if bytes.is_empty() {
+            return;
+        }
+        if bytes.len() > self.inner.cfg.max_value {
+            bump(&c.writes_too_large, 1);
+            return;
+        }
+        if self.inner.is_down() {
+            bump(&c.writes_dropped, 1);
+            return;
+        }
+        let tx = lock(&self.tx);
+        let Some(tx) = tx.as_ref() else {
+            bump(&c.writes_dropped, 1);
+            return;
+        };
+        c.pending.fetch_add(1, Ordering::Relaxed);
+        match tx.try_send((*key, bytes.to_vec())) {
+            Ok(()) => bump(&c.writes_queued, 1),
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                c.pending.fetch_sub(1, Ordering::Relaxed);
+                bump(&c.writes_dropped, 1);
+            }
+        }
+    }
+
+    fn remove(&self, key: &[u8; 32]) {
+        bump(&self.inner.counters.verify_failures, 1);
+        let k = self.inner.key(key);
+        tracing::warn!(redis = %self.inner.shown_url, key = %k, "Redis held wrong bytes for this key; deleting it");
+        self.inner.with_connection("delete", |c| redis::cmd("DEL").arg(&k).query::<i64>(c));
+    }
+}
+
+impl Drop for RedisTier {
+    fn drop(&mut self) {
+        lock(&self.tx).take();
+        if let Some(w) = lock(&self.worker).take() {
+            let _ = w.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact_url("redis://:secret@host:6379/2"), "redis://:***@host:6379/2");
+        assert_eq!(redact_url("redis://user:secret@host/0"), "redis://user:***@host/0");
+        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+    }
+
+    #[test]
+    fn rejects_tls_and_cluster_with_advice() {
+        let e = RedisTier::connect(RedisConfig::new("rediss://:pw@h:1/0")).err().unwrap().to_string();
+        assert!(e.contains("TLS") && e.contains("tunnel") && !e.contains("pw"), "{e}");
+        let e = RedisTier::connect(RedisConfig::new("redis+cluster://h:1")).err().unwrap().to_string();
+        assert!(e.contains("Cluster"), "{e}");
+        let e = RedisTier::connect(RedisConfig::new("http://h:1")).err().unwrap().to_string();
+        assert!(e.contains("redis://"), "{e}");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let mut cfg = RedisConfig::new("redis://127.0.0.1:1/0");
+        cfg.connect_timeout = Duration::from_millis(20);
+        let t = RedisTier::connect(cfg).unwrap();
+        assert_eq!(t.inner.backoff(1), Duration::from_millis(250));
+        assert_eq!(t.inner.backoff(3), Duration::from_secs(1));
+        assert_eq!(t.inner.backoff(40), Duration::from_secs(10));
+        assert!(!t.is_up(), "port 1 refuses connections, the tier must start down");
+    }
+}
