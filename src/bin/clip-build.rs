@@ -18,7 +18,8 @@ use std::process::ExitCode;
     subcommand_negates_reqs = true
 )]
 struct Cli {
-    /// Image to index: an OCI layout directory (DIR, DIR:TAG or oci:DIR:TAG).
+    /// Image to index: an OCI layout directory (DIR, DIR:TAG or oci:DIR:TAG) or a registry
+    /// reference (HOST/REPO:TAG, REPO@sha256:…, docker://REF).
     #[arg(required = true)]
     image: Option<String>,
     /// Where to write the index.
@@ -132,9 +133,11 @@ fn resolve(idx: &IndexFile, path: &str) -> Result<u32> {
         .ok_or_else(|| format!("{path}: no such file or directory in the image").into())
 }
 
-fn layout_source(idx: &IndexFile, layout: Option<PathBuf>) -> Result<clip::source::layout::LayoutSource> {
-    let dir = layout.unwrap_or_else(|| PathBuf::from(String::from_utf8_lossy(idx.index().image.source.as_slice()).into_owned()));
-    Ok(clip::source::layout::LayoutSource::open(&dir)?)
+fn layout_source(idx: &IndexFile, layout: Option<PathBuf>) -> Result<Box<dyn clip::source::Source>> {
+    Ok(match layout {
+        Some(dir) => Box::new(clip::source::layout::LayoutSource::open(&dir)?),
+        None => clip::source::open_recorded(&String::from_utf8_lossy(idx.index().image.source.as_slice()))?,
+    })
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -196,7 +199,7 @@ fn run(cli: Cli) -> Result<()> {
             let src = layout_source(&idx, layout)?;
             let mut r = FileReader::new(&idx, i)?;
             for k in 0..r.pieces().len() {
-                let (bytes, _) = r.piece(&idx, &src, &[], k)?;
+                let (bytes, _) = r.piece(&idx, src.as_ref(), &[], k)?;
                 out.write_all(&bytes)?;
             }
         }
@@ -215,7 +218,7 @@ fn run(cli: Cli) -> Result<()> {
                     }
                     let mut r = FileReader::new(&idx, i)?;
                     for k in 0..r.pieces().len() {
-                        bytes += r.piece(&idx, &src, &[], k)?.0.len() as u64;
+                        bytes += r.piece(&idx, src.as_ref(), &[], k)?.0.len() as u64;
                     }
                     files += 1;
                 }

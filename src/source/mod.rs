@@ -2,7 +2,10 @@
 //! builder streams whole layers through it and the read path fetches compressed spans
 //! starting at checkpoints. The OCI layout directory is one implementation.
 
+pub mod auth;
 pub mod layout;
+pub mod reference;
+pub mod registry;
 
 use std::io::Read;
 
@@ -36,6 +39,26 @@ pub enum SourceError {
     /// The reference could not be understood.
     #[error("invalid image reference {0:?}")]
     BadReference(String),
+    /// A registry reference that does not parse.
+    #[error("invalid image reference {reference:?}: {why}")]
+    Reference {
+        /// The reference as given.
+        reference: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The registry refused access (missing or rejected login, or a repository it hides).
+    #[error("{0}")]
+    Denied(String),
+    /// The registry kept answering 429 Too Many Requests.
+    #[error("{0}")]
+    RateLimited(String),
+    /// The registry cannot be reached (connection refused, DNS, TLS, network down).
+    #[error("{0}")]
+    Unreachable(String),
+    /// Another registry failure (unexpected status, bad token service, bad configuration).
+    #[error("{0}")]
+    Registry(String),
     /// I/O failure.
     #[error("{context}: {source}")]
     Io {
@@ -90,10 +113,49 @@ pub fn split_layout_ref(s: &str) -> (String, Option<String>) {
     }
 }
 
-/// Open the source named by a command-line image argument: an OCI layout directory
-/// (`DIR`, `DIR:TAG`, `oci:DIR:TAG`). Returns the source and the reference within it.
+/// Whether `spec` reads as a registry reference rather than a filesystem path.
+fn looks_like_registry(spec: &str) -> bool {
+    !(spec.starts_with('/') || spec.starts_with("./") || spec.starts_with("../") || spec.starts_with('~') || spec == ".")
+        && reference::Reference::parse(spec).is_ok()
+}
+
+/// Open the source named by a command-line image argument. Returns the source and the
+/// reference within it.
+///
+/// * `oci:DIR[:TAG]`, an existing directory `DIR`, or `DIR:TAG` with `DIR` existing: an OCI
+///   layout directory.
+/// * `docker://REF`, or anything else that parses as a docker reference
+///   (`python:3.11`, `localhost:5000/team/app@sha256:…`): a registry, with options from the
+///   environment ([`registry::RegistryOptions::from_env`]).
 pub fn open(spec: &str) -> Result<(Box<dyn Source>, String), SourceError> {
+    if let Some(r) = spec.strip_prefix("docker://") {
+        return open_registry(r);
+    }
+    if !spec.starts_with("oci:") {
+        let (dir, _) = split_layout_ref(spec);
+        if !std::path::Path::new(&dir).is_dir() && looks_like_registry(spec) {
+            return open_registry(spec);
+        }
+    }
     let (dir, tag) = split_layout_ref(spec);
     let src = layout::LayoutSource::open(std::path::Path::new(&dir))?;
     Ok((Box::new(src), tag.unwrap_or_default()))
+}
+
+fn open_registry(spec: &str) -> Result<(Box<dyn Source>, String), SourceError> {
+    let r = reference::Reference::parse(spec)?;
+    let src = registry::RegistrySource::open(&r, &registry::RegistryOptions::from_env()?)?;
+    let full = reference::Reference { tag: r.tag.clone().or_else(|| r.digest.is_none().then(|| "latest".into())), ..r };
+    Ok((Box::new(src), full.to_string()))
+}
+
+/// Reopen the source recorded in an index (`image.source`, from [`Source::describe`]): a
+/// registry repository (`registry://HOST/REPO`, `registry+http://HOST/REPO`) or an OCI
+/// layout directory path. Registry options other than the scheme come from the environment.
+pub fn open_recorded(source: &str) -> Result<Box<dyn Source>, SourceError> {
+    if source.starts_with(registry::RECORDED_HTTPS) || source.starts_with(registry::RECORDED_HTTP) {
+        let opts = registry::RegistryOptions::from_env()?;
+        return Ok(Box::new(registry::RegistrySource::open_recorded(source, &opts)?));
+    }
+    Ok(Box::new(layout::LayoutSource::open(std::path::Path::new(source))?))
 }

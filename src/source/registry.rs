@@ -1,0 +1,736 @@
+//! An OCI distribution registry as a [`Source`], over HTTP(S) with `ureq` (rustls, no
+//! system OpenSSL).
+//!
+//! * Scheme: HTTPS, except plain HTTP for loopback registries (`localhost`, `127.0.0.0/8`,
+//!   `::1`) as docker treats them as insecure. `CLIP_REGISTRY_PLAIN_HTTP=1` forces plain
+//!   HTTP, `=0` forces HTTPS; `CLIP_REGISTRY_CA_FILE=ca.pem` trusts a private CA instead of
+//!   the built-in roots; `CLIP_REGISTRY_INSECURE=1` skips certificate verification.
+//! * Authentication: anonymous first; on a 401 the `WWW-Authenticate` challenge decides:
+//!   `Bearer` fetches a token from the realm (with the login if there is one), cached until
+//!   it expires or a request gets 401 again; `Basic` sends the login. Logins come from
+//!   [`auth::lookup_credentials`] (environment, docker config, credential helpers) and are
+//!   looked up only when a registry asks for them.
+//! * Blobs: `Range` requests, redirects followed (the `Authorization` header is dropped when a
+//!   redirect leaves the host), bounded retries with backoff on 5xx, 429 and connection
+//!   failures, an interrupted body resumed from where it stopped, and a server that ignores
+//!   `Range` (200 instead of 206) handled by skipping and truncating.
+
+use super::auth::{self, Challenge, Credentials, Secret};
+use super::reference::{self, Reference};
+use super::{Source, SourceError};
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use ureq::http::Response;
+use ureq::Body;
+
+/// `1`/`true` forces plain HTTP for every registry, `0`/`false` forces HTTPS.
+pub const ENV_PLAIN_HTTP: &str = "CLIP_REGISTRY_PLAIN_HTTP";
+/// `1`/`true` skips TLS certificate verification.
+pub const ENV_INSECURE: &str = "CLIP_REGISTRY_INSECURE";
+/// A PEM file of CA certificates to trust instead of the built-in roots.
+pub const ENV_CA_FILE: &str = "CLIP_REGISTRY_CA_FILE";
+
+/// Prefix of [`Source::describe`] for a registry reached over HTTPS.
+pub const RECORDED_HTTPS: &str = "registry://";
+/// Prefix of [`Source::describe`] for a registry reached over plain HTTP.
+pub const RECORDED_HTTP: &str = "registry+http://";
+
+const ACCEPT_MANIFESTS: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.docker.distribution.manifest.v2+json";
+
+/// Largest manifest or image index read.
+const MANIFEST_LIMIT: u64 = 4 << 20;
+
+/// How to reach registries.
+#[derive(Clone, Debug)]
+pub struct RegistryOptions {
+    /// Force plain HTTP (`Some(true)`) or HTTPS (`Some(false)`); `None`: plain HTTP for
+    /// loopback registries only.
+    pub plain_http: Option<bool>,
+    /// Skip TLS certificate verification.
+    pub insecure: bool,
+    /// PEM CA certificates to trust instead of the built-in roots.
+    pub ca_file: Option<PathBuf>,
+    /// The login to use instead of looking one up.
+    pub credentials: Option<Credentials>,
+    /// Retries of a failed request (5xx, 429, connection failure) and resumes of an
+    /// interrupted body without progress in between.
+    pub retries: u32,
+    /// First retry delay; doubled each time, at most 4 s.
+    pub backoff: Duration,
+}
+
+impl Default for RegistryOptions {
+    fn default() -> Self {
+        RegistryOptions {
+            plain_http: None,
+            insecure: false,
+            ca_file: None,
+            credentials: None,
+            retries: 4,
+            backoff: Duration::from_millis(250),
+        }
+    }
+}
+
+fn env_flag(name: &str) -> Result<Option<bool>, SourceError> {
+    match std::env::var(name) {
+        Err(_) => Ok(None),
+        Ok(v) => match v.to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" => Ok(Some(true)),
+            "0" | "false" | "no" | "" => Ok(Some(false)),
+            _ => Err(SourceError::Registry(format!("{name}={v:?} is not 1 or 0"))),
+        },
+    }
+}
+
+impl RegistryOptions {
+    /// Options from `CLIP_REGISTRY_PLAIN_HTTP`, `CLIP_REGISTRY_INSECURE` and
+    /// `CLIP_REGISTRY_CA_FILE`.
+    pub fn from_env() -> Result<RegistryOptions, SourceError> {
+        Ok(RegistryOptions {
+            plain_http: env_flag(ENV_PLAIN_HTTP)?,
+            insecure: env_flag(ENV_INSECURE)?.unwrap_or(false),
+            ca_file: std::env::var_os(ENV_CA_FILE).filter(|v| !v.is_empty()).map(PathBuf::from),
+            ..RegistryOptions::default()
+        })
+    }
+}
+
+/// What the client currently sends as `Authorization`.
+enum AuthState {
+    Anonymous,
+    Basic(Secret),
+    Bearer { token: Secret, expires: Instant, challenge: Challenge },
+}
+
+/// The HTTP client of one repository, shared by the source and its blob readers.
+struct Client {
+    reference: Reference,
+    /// `http://host:port` or `https://host`.
+    base: String,
+    plain_http: bool,
+    agent: ureq::Agent,
+    credentials: OnceLock<Result<Option<Credentials>, String>>,
+    preset_credentials: Option<Credentials>,
+    auth: Mutex<AuthState>,
+    retries: u32,
+    backoff: Duration,
+}
+
+/// An OCI distribution registry repository.
+pub struct RegistrySource {
+    client: Arc<Client>,
+}
+
+fn unreachable_msg(host: &str, what: impl std::fmt::Display, plain: bool) -> SourceError {
+    let hint = if plain {
+        format!("is the registry running and listening on {host}? (plain HTTP was used; set {ENV_PLAIN_HTTP}=0 for HTTPS)")
+    } else {
+        format!("is the registry running, is the network up? (for a plain-HTTP registry set {ENV_PLAIN_HTTP}=1)")
+    };
+    SourceError::Unreachable(format!("cannot reach registry {host}: {what}; {hint}"))
+}
+
+fn is_transient_io(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof | TimedOut | Interrupted | WouldBlock)
+}
+
+/// Registry error body: `{"errors":[{"code":"MANIFEST_UNKNOWN","message":"…"}]}`.
+fn error_codes(resp: Response<Body>) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct E {
+        #[serde(default)]
+        code: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Errors {
+        #[serde(default)]
+        errors: Vec<E>,
+    }
+    let body = resp.into_body().into_with_config().limit(64 << 10).read_to_vec().unwrap_or_default();
+    serde_json::from_slice::<Errors>(&body).map(|e| e.errors.into_iter().map(|e| e.code).collect()).unwrap_or_default()
+}
+
+fn header<'a>(resp: &'a Response<Body>, name: &str) -> Option<&'a str> {
+    resp.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+impl Client {
+    fn login_hint(&self) -> String {
+        format!(
+            "log in with `docker login {}` (clip reads the docker config) or set {} and {}",
+            self.reference.registry,
+            auth::ENV_USERNAME,
+            auth::ENV_PASSWORD
+        )
+    }
+
+    fn repo_name(&self) -> String {
+        format!("{}/{}", self.reference.registry, self.reference.repository)
+    }
+
+    fn credentials(&self) -> Result<Option<Credentials>, SourceError> {
+        if let Some(c) = &self.preset_credentials {
+            return Ok(Some(c.clone()));
+        }
+        self.credentials
+            .get_or_init(|| auth::lookup_credentials(&self.reference.registry).map_err(|e| e.to_string()))
+            .clone()
+            .map_err(SourceError::Registry)
+    }
+
+    /// The `Authorization` value to send now, refreshing an expired bearer token.
+    fn authorization(&self) -> Result<Option<String>, SourceError> {
+        let mut state = self.auth.lock().unwrap_or_else(|p| p.into_inner());
+        if let AuthState::Bearer { expires, challenge, .. } = &*state {
+            if Instant::now() >= *expires {
+                tracing::debug!("bearer token for {} expired; fetching a new one", self.repo_name());
+                let challenge = challenge.clone();
+                *state = self.fetch_token(&challenge)?;
+            }
+        }
+        Ok(match &*state {
+            AuthState::Anonymous => None,
+            AuthState::Basic(h) => Some(h.expose().to_string()),
+            AuthState::Bearer { token, .. } => Some(format!("Bearer {}", token.expose())),
+        })
+    }
+
+    /// Answer a 401: set up authentication from its `WWW-Authenticate` challenge.
+    fn authenticate(&self, resp: &Response<Body>) -> Result<(), SourceError> {
+        let challenge = resp
+            .headers()
+            .get_all("www-authenticate")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .filter_map(auth::parse_challenge)
+            .find(|c| c.scheme == "bearer" || c.scheme == "basic");
+        let Some(challenge) = challenge else {
+            return Err(SourceError::Denied(format!(
+                "registry {} refused access to {} without saying how to authenticate; {}",
+                self.reference.registry,
+                self.repo_name(),
+                self.login_hint()
+            )));
+        };
+        let new_state = if challenge.scheme == "basic" {
+            match self.credentials()? {
+                Some(c @ Credentials::Basic { .. }) => AuthState::Basic(Secret::new(c.basic_header().expect("basic"))),
+                _ => {
+                    return Err(SourceError::Denied(format!(
+                        "registry {} needs a login to pull {}; {}",
+                        self.reference.registry,
+                        self.repo_name(),
+                        self.login_hint()
+                    )))
+                }
+            }
+        } else {
+            self.fetch_token(&challenge)?
+        };
+        *self.auth.lock().unwrap_or_else(|p| p.into_inner()) = new_state;
+        Ok(())
+    }
+
+    /// Get a bearer token from the challenge's realm.
+    fn fetch_token(&self, challenge: &Challenge) -> Result<AuthState, SourceError> {
+        let realm = challenge.params.get("realm").filter(|r| r.starts_with("http://") || r.starts_with("https://"));
+        let Some(realm) = realm else {
+            return Err(SourceError::Registry(format!(
+                "registry {} asked for a bearer token without a usable realm URL",
+                self.reference.registry
+            )));
+        };
+        let scope = challenge
+            .params
+            .get("scope")
+            .cloned()
+            .unwrap_or_else(|| format!("repository:{}:pull", self.reference.repository));
+        let service = challenge.params.get("service").cloned().unwrap_or_default();
+        let creds = self.credentials()?;
+        let mut url = format!("{realm}{}scope={}", if realm.contains('?') { '&' } else { '?' }, auth::query_escape(&scope));
+        if !service.is_empty() {
+            url.push_str(&format!("&service={}", auth::query_escape(&service)));
+        }
+        tracing::debug!("fetching a bearer token for {} from {realm} (scope {scope})", self.repo_name());
+        let resp = self.with_retries(&format!("token service {realm}"), || match &creds {
+            Some(Credentials::IdentityToken(t)) => self.agent.post(realm.as_str()).send_form([
+                ("grant_type", "refresh_token"),
+                ("refresh_token", t.expose()),
+                ("service", service.as_str()),
+                ("scope", scope.as_str()),
+                ("client_id", "clip"),
+            ]),
+            Some(c @ Credentials::Basic { .. }) => {
+                self.agent.get(&url).header("Authorization", c.basic_header().expect("basic")).call()
+            }
+            None => self.agent.get(&url).call(),
+        })?;
+        let status = resp.status().as_u16();
+        if status == 401 || status == 403 {
+            return Err(SourceError::Denied(if creds.is_some() {
+                format!(
+                    "the token service of {} rejected the login for {}: check the user name and password ({})",
+                    self.reference.registry,
+                    self.repo_name(),
+                    self.login_hint()
+                )
+            } else {
+                format!("the token service of {} denied anonymous access to {}; {}", self.reference.registry, self.repo_name(), self.login_hint())
+            }));
+        }
+        if status != 200 {
+            return Err(SourceError::Registry(format!(
+                "the token service of {} answered HTTP {status} for {}",
+                self.reference.registry,
+                self.repo_name()
+            )));
+        }
+        #[derive(serde::Deserialize)]
+        struct TokenReply {
+            #[serde(default)]
+            token: String,
+            #[serde(default)]
+            access_token: String,
+            #[serde(default)]
+            expires_in: Option<u64>,
+        }
+        let body = resp
+            .into_body()
+            .into_with_config()
+            .limit(1 << 20)
+            .read_to_vec()
+            .map_err(|e| unreachable_msg(&self.reference.registry, e, self.plain_http))?;
+        let reply: TokenReply = serde_json::from_slice(&body).map_err(|_| {
+            SourceError::Registry(format!("the token service of {} sent an answer that is not token JSON", self.reference.registry))
+        })?;
+        let token = if reply.token.is_empty() { reply.access_token } else { reply.token };
+        if token.is_empty() {
+            return Err(SourceError::Registry(format!("the token service of {} sent no token", self.reference.registry)));
+        }
+        // Tokens live 60 s unless told otherwise; renew a little early.
+        let life = Duration::from_secs(reply.expires_in.unwrap_or(60).max(10));
+        let expires = Instant::now() + life - Duration::from_secs(5);
+        Ok(AuthState::Bearer { token: Secret::new(token), expires, challenge: challenge.clone() })
+    }
+
+    fn sleep_before_retry(&self, attempt: u32, retry_after: Option<&str>) {
+        let backoff = self.backoff.saturating_mul(1 << attempt.min(8)).min(Duration::from_secs(4));
+        let wait = retry_after
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|s| Duration::from_secs(s.min(10)))
+            .unwrap_or(backoff);
+        std::thread::sleep(wait);
+    }
+
+    /// Run `call` with bounded retries on connection failures, 5xx and 429.
+    fn with_retries(
+        &self,
+        what: &str,
+        mut call: impl FnMut() -> Result<Response<Body>, ureq::Error>,
+    ) -> Result<Response<Body>, SourceError> {
+        let host = &self.reference.registry;
+        let mut attempt = 0;
+        loop {
+            match call() {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    if (status == 429 || status >= 500) && attempt < self.retries {
+                        tracing::debug!("{what}: HTTP {status}, retrying ({}/{})", attempt + 1, self.retries);
+                        self.sleep_before_retry(attempt, header(&resp, "retry-after"));
+                        attempt += 1;
+                        continue;
+                    }
+                    if status == 429 {
+                        return Err(SourceError::RateLimited(format!(
+                            "registry {host} is rate-limiting requests for {} (HTTP 429 after {} tries); wait and retry, or log in for a higher limit ({})",
+                            self.repo_name(),
+                            attempt + 1,
+                            self.login_hint()
+                        )));
+                    }
+                    return Ok(resp);
+                }
+                Err(e) => {
+                    let transient = match &e {
+                        ureq::Error::Io(io) => is_transient_io(io),
+                        ureq::Error::Timeout(_) | ureq::Error::ConnectionFailed | ureq::Error::Protocol(_) => true,
+                        _ => false,
+                    };
+                    if transient && attempt < self.retries {
+                        tracing::debug!("{what}: {e}, retrying ({}/{})", attempt + 1, self.retries);
+                        self.sleep_before_retry(attempt, None);
+                        attempt += 1;
+                        continue;
+                    }
+                    return Err(self.transport_error(what, e));
+                }
+            }
+        }
+    }
+
+    fn transport_error(&self, what: &str, e: ureq::Error) -> SourceError {
+        let host = &self.reference.registry;
+        match e {
+            ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+                unreachable_msg(host, "connection refused", self.plain_http)
+            }
+            ureq::Error::HostNotFound => unreachable_msg(host, "host not found (DNS)", self.plain_http),
+            ureq::Error::Tls(_) | ureq::Error::Rustls(_) | ureq::Error::Pem(_) => SourceError::Unreachable(format!(
+                "TLS with registry {host} failed ({e}); for a private CA set {ENV_CA_FILE}=ca.pem, for a plain-HTTP registry {ENV_PLAIN_HTTP}=1, to skip verification {ENV_INSECURE}=1"
+            )),
+            ureq::Error::TooManyRedirects | ureq::Error::RedirectFailed => {
+                SourceError::Registry(format!("{what}: the registry {host} redirected too often or to a bad location ({e})"))
+            }
+            e => unreachable_msg(host, format!("{what}: {e}"), self.plain_http),
+        }
+    }
+
+    /// GET `url` with authentication (answering one 401 per request) and retries.
+    fn get(&self, url: &str, what: &str, headers: &[(&str, String)]) -> Result<Response<Body>, SourceError> {
+        let mut authenticated = false;
+        loop {
+            let authz = self.authorization()?;
+            let resp = self.with_retries(what, || {
+                let mut req = self.agent.get(url);
+                for (k, v) in headers {
+                    req = req.header(*k, v.as_str());
+                }
+                if let Some(a) = &authz {
+                    req = req.header("Authorization", a.as_str());
+                }
+                req.call()
+            })?;
+            if resp.status().as_u16() == 401 && !authenticated {
+                authenticated = true;
+                self.authenticate(&resp)?;
+                continue;
+            }
+            return Ok(resp);
+        }
+    }
+
+    /// A one-line error for an unexpected status of a request about `what`.
+    fn status_error(&self, resp: Response<Body>, what: &str, kind: &str) -> SourceError {
+        let status = resp.status().as_u16();
+        let codes = error_codes(resp);
+        let repo = self.repo_name();
+        let has = |c: &str| codes.iter().any(|x| x == c);
+        match status {
+            401 | 403 => SourceError::Denied(format!(
+                "access to {repo} denied (HTTP {status}{}): the repository may not exist or needs a login; {}",
+                if codes.is_empty() { String::new() } else { format!(", {}", codes.join(", ")) },
+                self.login_hint()
+            )),
+            404 if has("NAME_UNKNOWN") => SourceError::NotFound(format!(
+                "repository {repo} does not exist on the registry; check the image name"
+            )),
+            404 if kind == "manifest" => SourceError::NotFound(format!(
+                "{repo} has no manifest {what}; check the tag or digest (unknown tag)"
+            )),
+            404 => SourceError::NotFound(format!("{repo} has no {kind} {what} (HTTP 404); the image is incomplete on the registry")),
+            _ => SourceError::Registry(format!(
+                "registry {} answered HTTP {status} for {kind} {what} of {repo}{}",
+                self.reference.registry,
+                if codes.is_empty() { String::new() } else { format!(" ({})", codes.join(", ")) }
+            )),
+        }
+    }
+
+    /// Open the body of blob `digest` from byte `pos`, up to `end` (exclusive) if known.
+    /// Returns the body positioned at `pos` and the end if the response told it.
+    fn open_blob(&self, digest: &str, pos: u64, end: Option<u64>) -> Result<(ureq::BodyReader<'static>, Option<u64>), SourceError> {
+        let url = format!("{}/v2/{}/blobs/{digest}", self.base, self.reference.repository);
+        let mut headers = Vec::new();
+        match end {
+            Some(e) => headers.push(("Range", format!("bytes={pos}-{}", e - 1))),
+            None if pos > 0 => headers.push(("Range", format!("bytes={pos}-"))),
+            None => {}
+        }
+        let resp = self.get(&url, &format!("blob {digest}"), &headers)?;
+        let status = resp.status().as_u16();
+        let length = header(&resp, "content-length").and_then(|v| v.parse::<u64>().ok());
+        match status {
+            206 => {
+                let cr = header(&resp, "content-range").unwrap_or("").to_string();
+                // `bytes START-LAST/TOTAL`
+                let parsed = cr.strip_prefix("bytes ").and_then(|r| {
+                    let (range, total) = r.split_once('/')?;
+                    let (a, b) = range.split_once('-')?;
+                    Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?, total.parse::<u64>().ok()))
+                });
+                let Some((_, last, _)) = parsed.filter(|&(a, _, _)| a == pos) else {
+                    return Err(SourceError::Registry(format!(
+                        "registry {} answered range {cr:?} when asked for blob {digest} from byte {pos}",
+                        self.reference.registry
+                    )));
+                };
+                let got_end = last + 1;
+                let end = Some(end.map_or(got_end, |e| e.min(got_end)));
+                Ok((resp.into_body().into_reader(), end))
+            }
+            200 => {
+                let mut body = resp.into_body().into_reader();
+                if pos > 0 || end.is_some() {
+                    tracing::debug!("registry {} ignored Range for blob {digest}; skipping {pos} bytes", self.reference.registry);
+                }
+                if pos > 0 {
+                    let skipped = std::io::copy(&mut (&mut body).take(pos), &mut std::io::sink())
+                        .map_err(|e| unreachable_msg(&self.reference.registry, format!("reading blob {digest}: {e}"), self.plain_http))?;
+                    if skipped < pos {
+                        return Err(SourceError::Registry(format!(
+                            "blob {digest} on {} ends at byte {skipped}, before the wanted byte {pos}",
+                            self.reference.registry
+                        )));
+                    }
+                }
+                let end = match (end, length) {
+                    (Some(e), Some(l)) => Some(e.min(l)),
+                    (Some(e), None) => Some(e),
+                    (None, l) => l,
+                };
+                Ok((body, end))
+            }
+            416 => Err(SourceError::Registry(format!(
+                "registry {} says bytes {pos}.. are outside blob {digest} (HTTP 416)",
+                self.reference.registry
+            ))),
+            _ => Err(self.status_error(resp, digest, "blob")),
+        }
+    }
+}
+
+impl RegistrySource {
+    /// Open repository `reference` (its tag and digest are ignored here) with `opts`.
+    pub fn open(reference: &Reference, opts: &RegistryOptions) -> Result<RegistrySource, SourceError> {
+        let plain_http = opts.plain_http.unwrap_or_else(|| reference.is_loopback());
+        let mut tls = ureq::tls::TlsConfig::builder().disable_verification(opts.insecure);
+        if let Some(ca) = &opts.ca_file {
+            let pem = std::fs::read(ca).map_err(|source| SourceError::Io {
+                context: format!("reading the CA file {} ({ENV_CA_FILE})", ca.display()),
+                source,
+            })?;
+            let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                    _ => None,
+                })
+                .collect();
+            if certs.is_empty() {
+                return Err(SourceError::Registry(format!(
+                    "the CA file {} ({ENV_CA_FILE}) holds no PEM certificate",
+                    ca.display()
+                )));
+            }
+            tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
+        }
+        let mut config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .redirect_auth_headers(ureq::config::RedirectAuthHeaders::SameHost)
+            .user_agent(concat!("clip/", env!("CARGO_PKG_VERSION")))
+            .timeout_connect(Some(Duration::from_secs(15)))
+            .timeout_recv_response(Some(Duration::from_secs(60)))
+            .timeout_per_read(Some(Duration::from_secs(60)))
+            .max_idle_connections(32)
+            .max_idle_connections_per_host(16)
+            .tls_config(tls.build());
+        if reference.is_loopback() {
+            config = config.proxy(None);
+        }
+        let agent = ureq::Agent::new_with_config(config.build());
+        let base = format!("{}://{}", if plain_http { "http" } else { "https" }, reference.api_host());
+        tracing::debug!("registry source {base}/v2/{}", reference.repository);
+        Ok(RegistrySource {
+            client: Arc::new(Client {
+                reference: Reference { tag: None, digest: None, ..reference.clone() },
+                base,
+                plain_http,
+                agent,
+                credentials: OnceLock::new(),
+                preset_credentials: opts.credentials.clone(),
+                auth: Mutex::new(AuthState::Anonymous),
+                retries: opts.retries,
+                backoff: opts.backoff,
+            }),
+        })
+    }
+
+    /// Reopen the repository recorded by [`Source::describe`] (`registry://HOST/REPO` or
+    /// `registry+http://HOST/REPO`); the recorded scheme wins over `opts.plain_http`.
+    pub fn open_recorded(recorded: &str, opts: &RegistryOptions) -> Result<RegistrySource, SourceError> {
+        let (plain, rest) = if let Some(r) = recorded.strip_prefix(RECORDED_HTTP) {
+            (true, r)
+        } else if let Some(r) = recorded.strip_prefix(RECORDED_HTTPS) {
+            (false, r)
+        } else {
+            return Err(SourceError::Registry(format!("{recorded:?} is not a recorded registry source")));
+        };
+        let reference = Reference::parse(rest)?;
+        RegistrySource::open(&reference, &RegistryOptions { plain_http: Some(plain), ..opts.clone() })
+    }
+
+    /// The repository (without tag or digest).
+    pub fn reference(&self) -> &Reference {
+        &self.client.reference
+    }
+
+    /// Turn what [`Source::manifest`] was given into a tag or digest of this repository: a
+    /// tag, a digest, empty (`latest`) or a full reference to this same repository.
+    fn manifest_ref(&self, reference: &str) -> Result<String, SourceError> {
+        if reference.is_empty() {
+            return Ok("latest".into());
+        }
+        if reference.contains('/') {
+            let r = Reference::parse(reference)?;
+            if r.registry != self.client.reference.registry || r.repository != self.client.reference.repository {
+                return Err(SourceError::Registry(format!(
+                    "{reference} is not in the repository {}",
+                    self.client.repo_name()
+                )));
+            }
+            return Ok(r.manifest_reference());
+        }
+        if reference.starts_with("sha256:") && !reference::valid_digest(reference) {
+            return Err(SourceError::Reference { reference: reference.into(), why: "malformed sha256 digest".into() });
+        }
+        Ok(reference.to_string())
+    }
+}
+
+impl Source for RegistrySource {
+    fn describe(&self) -> String {
+        let r = &self.client.reference;
+        format!("{}{}/{}", if self.client.plain_http { RECORDED_HTTP } else { RECORDED_HTTPS }, r.registry, r.repository)
+    }
+
+    fn manifest(&self, reference: &str) -> Result<(String, Vec<u8>, String), SourceError> {
+        let c = &self.client;
+        let want = self.manifest_ref(reference)?;
+        let url = format!("{}/v2/{}/manifests/{want}", c.base, c.reference.repository);
+        let resp = c.get(&url, &format!("manifest {want}"), &[("Accept", ACCEPT_MANIFESTS.to_string())])?;
+        if resp.status().as_u16() != 200 {
+            return Err(c.status_error(resp, &want, "manifest"));
+        }
+        let media_type = header(&resp, "content-type")
+            .map(|v| v.split(';').next().unwrap_or("").trim().to_string())
+            .filter(|m| m.starts_with("application/vnd."))
+            .unwrap_or_default();
+        let claimed = header(&resp, "docker-content-digest").map(str::to_string);
+        let bytes = resp.into_body().into_with_config().limit(MANIFEST_LIMIT).read_to_vec().map_err(|e| match e {
+            ureq::Error::BodyExceedsLimit(_) => SourceError::BadImage(format!(
+                "manifest {want} of {} is larger than {MANIFEST_LIMIT} bytes",
+                c.repo_name()
+            )),
+            e => c.transport_error(&format!("reading manifest {want}"), e),
+        })?;
+        let actual = crate::oci::digest_of(&bytes);
+        let expected = if want.starts_with("sha256:") { Some(want.clone()) } else { claimed.filter(|d| d.starts_with("sha256:")) };
+        if let Some(expected) = expected {
+            if expected != actual {
+                return Err(SourceError::DigestMismatch {
+                    what: format!("manifest of {}", c.repo_name()),
+                    digest: expected,
+                    actual,
+                });
+            }
+        }
+        tracing::debug!("manifest {want} of {}: {media_type} {actual}", c.repo_name());
+        Ok((media_type, bytes, actual))
+    }
+
+    fn blob(&self, digest: &str, start: u64, end: Option<u64>) -> Result<Box<dyn Read + Send>, SourceError> {
+        if !reference::valid_digest(digest) {
+            return Err(SourceError::BadImage(format!("malformed blob digest {digest:?}")));
+        }
+        if end.is_some_and(|e| e <= start) {
+            return Ok(Box::new(std::io::empty()));
+        }
+        let (body, known_end) = self.client.open_blob(digest, start, end)?;
+        Ok(Box::new(BlobReader {
+            client: self.client.clone(),
+            digest: digest.to_string(),
+            pos: start,
+            end: known_end,
+            body: Some(body),
+            failures: 0,
+        }))
+    }
+}
+
+/// A blob body that survives interruptions: on a read error or an early end it asks for
+/// the remaining range again (at most `retries` times in a row without progress).
+struct BlobReader {
+    client: Arc<Client>,
+    digest: String,
+    pos: u64,
+    end: Option<u64>,
+    body: Option<ureq::BodyReader<'static>>,
+    failures: u32,
+}
+
+impl BlobReader {
+    fn interrupted(&mut self, why: String) -> std::io::Result<()> {
+        self.body = None;
+        if self.failures >= self.client.retries {
+            return Err(std::io::Error::other(format!(
+                "blob {} from {}: {why} at byte {}, and resuming failed {} times; is the registry up?",
+                self.digest,
+                self.client.reference.registry,
+                self.pos,
+                self.failures
+            )));
+        }
+        tracing::debug!("blob {}: {why} at byte {}; resuming", self.digest, self.pos);
+        self.client.sleep_before_retry(self.failures, None);
+        self.failures += 1;
+        Ok(())
+    }
+}
+
+impl Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let want = match self.end {
+                Some(end) if self.pos >= end => return Ok(0),
+                Some(end) => buf.len().min((end - self.pos).min(usize::MAX as u64) as usize),
+                None => buf.len(),
+            };
+            if want == 0 {
+                return Ok(0);
+            }
+            let body = match &mut self.body {
+                Some(b) => b,
+                None => match self.client.open_blob(&self.digest, self.pos, self.end) {
+                    Ok((b, end)) => {
+                        if self.end.is_none() {
+                            self.end = end;
+                        }
+                        self.body.insert(b)
+                    }
+                    Err(e @ (SourceError::Unreachable(_) | SourceError::Io { .. })) => {
+                        self.interrupted(e.to_string())?;
+                        continue;
+                    }
+                    Err(e) => return Err(std::io::Error::other(e)),
+                },
+            };
+            match body.read(&mut buf[..want]) {
+                Ok(0) if self.end.is_none() => return Ok(0),
+                Ok(0) => self.interrupted("the connection ended early".into())?,
+                Ok(n) => {
+                    self.pos += n as u64;
+                    self.failures = 0;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => self.interrupted(e.to_string())?,
+            }
+        }
+    }
+}
