@@ -217,6 +217,9 @@ struct Counters {
     pending: AtomicU64,
 }
 
+/// A queued write: key and value.
+type Write = ([u8; 32], Vec<u8>);
+
 fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
@@ -349,7 +352,7 @@ impl Inner {
         }
     }
 
-    fn write_batch(&self, batch: &[([u8; 32], Vec<u8>)]) {
+    fn write_batch(&self, batch: &[Write]) {
         let n = batch.len() as u64;
         let mut pipe = redis::pipe();
         for (k, v) in batch {
@@ -371,7 +374,7 @@ impl Inner {
 }
 
 /// Drain the write queue, pipelining what is already waiting (up to 16 values, 8 MiB).
-fn writer(inner: Arc<Inner>, rx: Receiver<([u8; 32], Vec<u8>)>) {
+fn writer(inner: Arc<Inner>, rx: Receiver<Write>) {
     while let Ok(first) = rx.recv() {
         let mut bytes = first.1.len();
         let mut batch = vec![first];
@@ -408,7 +411,7 @@ pub fn redact_url(url: &str) -> String {
 /// (bounded by the command timeout) and stops the writer thread.
 pub struct RedisTier {
     inner: Arc<Inner>,
-    tx: Mutex<Option<SyncSender<([u8; 32], Vec<u8>)>>>,
+    tx: Mutex<Option<SyncSender<Write>>>,
     worker: Mutex<Option<JoinHandle<()>>>,
 }
 

@@ -1,0 +1,430 @@
+//! The Redis tier against a real `redis-server` started on a loopback port by each test:
+//! filling from the origin, serving a second reader with no origin access, key sharing
+//! between images, poisoned values, and Redis dying, hanging or missing.
+
+mod common;
+
+use clip::cache::redis::{RedisConfig, RedisTier};
+use clip::demo::{noise, TarBuilder};
+use clip::format::{IndexFile, Kind};
+use clip::oci::Platform;
+use clip::read::{FileReader, Tier};
+use clip::source::layout::{LayerInput, LayoutSource, LayoutWriter};
+use clip::source::{Source, SourceError};
+use common::{bin, edge_index, require_tool, run};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A `redis-server` on 127.0.0.1 without persistence, killed when dropped.
+struct RedisServer {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl RedisServer {
+    fn start(dir: &Path) -> RedisServer {
+        let mut s = RedisServer { port: free_port(), dir: dir.to_path_buf(), child: None };
+        s.restart();
+        s
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Start (again) on the same port and wait until it answers PING.
+    fn restart(&mut self) {
+        require_tool("redis-server");
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start redis-server; run .ci/run (it apt-get installs redis-server)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut c) = redis::Client::open(self.url()).and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200))) {
+                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "redis-server on port {} did not answer PING within 10 s", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("redis-server is not running").id();
+        run(Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()));
+    }
+
+    fn conn(&self) -> redis::Connection {
+        let c = redis::Client::open(self.url()).unwrap().get_connection_with_timeout(Duration::from_secs(2)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c
+    }
+
+    fn dbsize(&self) -> u64 {
+        redis::cmd("DBSIZE").query(&mut self.conn()).unwrap()
+    }
+
+    fn keys(&self) -> BTreeSet<String> {
+        redis::cmd("KEYS").arg("*").query::<Vec<String>>(&mut self.conn()).unwrap().into_iter().collect()
+    }
+
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        redis::cmd("GET").arg(key).query(&mut self.conn()).unwrap()
+    }
+
+    fn set(&self, key: &str, value: &[u8]) {
+        redis::cmd("SET").arg(key).arg(value).query::<()>(&mut self.conn()).unwrap();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(pid) = self.child.as_ref().map(|c| c.id()) {
+            let _ = Command::new("kill").arg("-CONT").arg(pid.to_string()).status();
+        }
+        self.kill();
+    }
+}
+
+/// A layout source that counts blob accesses.
+struct Counting {
+    inner: LayoutSource,
+    blobs: AtomicU64,
+}
+
+impl Counting {
+    fn new(layout: &Path) -> Counting {
+        Counting { inner: LayoutSource::open(layout).unwrap(), blobs: AtomicU64::new(0) }
+    }
+    fn calls(&self) -> u64 {
+        self.blobs.load(Ordering::SeqCst)
+    }
+}
+
+impl Source for Counting {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn manifest(&self, reference: &str) -> Result<(String, Vec<u8>, String), SourceError> {
+        self.inner.manifest(reference)
+    }
+    fn blob(&self, digest: &str, start: u64, end: Option<u64>) -> Result<Box<dyn Read + Send>, SourceError> {
+        self.blobs.fetch_add(1, Ordering::SeqCst);
+        self.inner.blob(digest, start, end)
+    }
+}
+
+/// An origin that fails on every access and counts the attempts.
+#[derive(Default)]
+struct Failing {
+    calls: AtomicU64,
+}
+
+impl Source for Failing {
+    fn describe(&self) -> String {
+        "failing origin".into()
+    }
+    fn manifest(&self, reference: &str) -> Result<(String, Vec<u8>, String), SourceError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Err(SourceError::NotFound(format!("the test origin refuses manifest {reference}")))
+    }
+    fn blob(&self, digest: &str, _start: u64, _end: Option<u64>) -> Result<Box<dyn Read + Send>, SourceError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Err(SourceError::NotFound(format!("the test origin refuses blob {digest}")))
+    }
+}
+
+/// Entry numbers and paths (without the leading `/`) of the regular files of an index.
+fn files(index: &IndexFile) -> Vec<(u32, String)> {
+    (0..index.entry_count())
+        .filter(|&i| index.entry(i).unwrap().kind == Kind::File as u8)
+        .map(|i| (i, String::from_utf8_lossy(&index.path_of(i).unwrap()[1..]).into_owned()))
+        .collect()
+}
+
+/// Hex keys of every piece of every regular file.
+fn piece_keys(index: &IndexFile) -> BTreeSet<String> {
+    files(index).iter().flat_map(|(i, _)| index.pieces(*i).unwrap()).map(|p| p.key()).collect()
+}
+
+/// Number of (file, piece) reads a full pass does.
+fn piece_reads(index: &IndexFile) -> u64 {
+    files(index).iter().map(|(i, _)| index.pieces(*i).unwrap().len() as u64).sum()
+}
+
+/// Read one whole file through `tiers` and `source`.
+fn read_file(index: &IndexFile, source: &dyn Source, tiers: &[Arc<dyn Tier>], entry: u32) -> Vec<u8> {
+    let mut r = FileReader::new(index, entry).unwrap();
+    let mut out = vec![0u8; r.size() as usize];
+    let n = r.read_at(index, source, tiers, 0, &mut out).unwrap();
+    assert_eq!(n, out.len());
+    out
+}
+
+/// Read every regular file; path → bytes.
+fn read_all(index: &IndexFile, source: &dyn Source, tiers: &[Arc<dyn Tier>]) -> BTreeMap<String, Vec<u8>> {
+    files(index).into_iter().map(|(i, p)| (p, read_file(index, source, tiers, i))).collect()
+}
+
+/// A tier with short retry delays so recovery is quick in tests.
+fn tier(url: &str) -> Arc<RedisTier> {
+    let mut cfg = RedisConfig::new(url);
+    cfg.retry_min = Duration::from_millis(50);
+    cfg.retry_max = Duration::from_millis(200);
+    cfg.queue_capacity = 1024;
+    Arc::new(RedisTier::connect(cfg).unwrap())
+}
+
+fn as_tiers(t: &Arc<RedisTier>) -> Vec<Arc<dyn Tier>> {
+    vec![t.clone() as Arc<dyn Tier>]
+}
+
+fn flushed(t: &RedisTier) {
+    assert!(t.flush(Duration::from_secs(10)), "Redis writes did not drain in 10 s: {}", t.stats());
+}
+
+#[test]
+fn second_reader_reads_everything_from_redis_and_nothing_from_the_origin() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (layout, index_path) = edge_index(tmp.path());
+    let index = IndexFile::open(&index_path).unwrap();
+    let redis = RedisServer::start(&tmp.path().join("redis"));
+    let keys = piece_keys(&index);
+    assert!(keys.len() > 20, "the edge image should have many pieces, has {}", keys.len());
+
+    let origin = Counting::new(&layout);
+    let first = tier(&redis.url());
+    let want = read_all(&index, &origin, &as_tiers(&first));
+    assert!(origin.calls() > 0);
+    flushed(&first);
+    let s = first.stats();
+    assert_eq!(s.hits, 0, "{s}");
+    assert_eq!(s.writes_queued, piece_reads(&index), "every origin fill is queued: {s}");
+    assert_eq!(s.writes_done, s.writes_queued, "{s}");
+    assert_eq!(s.writes_dropped + s.errors + s.verify_failures, 0, "{s}");
+    drop(first);
+
+    let stored = redis.keys();
+    assert_eq!(stored, keys, "Redis must hold exactly the pieces' hex sha256 keys, nothing else");
+    assert!(stored.iter().all(|k| k.len() == 64 && k.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))));
+    let random = index.resolve(b"data/random.bin").unwrap().unwrap();
+    let chunk = index.pieces(random).unwrap()[2];
+    assert_eq!(redis.get(&chunk.key()).unwrap(), want["data/random.bin"][2 << 20..3 << 20], "values are the raw piece bytes");
+
+    let dead = Failing::default();
+    let second = tier(&redis.url());
+    let got = read_all(&index, &dead, &as_tiers(&second));
+    assert_eq!(dead.calls.load(Ordering::SeqCst), 0, "the second reader must not touch the origin");
+    assert_eq!(got, want);
+    let s = second.stats();
+    assert_eq!(s.hits, piece_reads(&index), "{s}");
+    assert_eq!(s.misses + s.errors + s.verify_failures + s.writes_queued, 0, "{s}");
+}
+
+/// A second image: one layer with some files byte-identical to the edge image's, under
+/// other paths, and some of its own.
+fn twin_index(tmp: &Path) -> (PathBuf, PathBuf) {
+    let mut t = TarBuilder::new();
+    t.dir("./", 0o755)
+        .dir("opt/", 0o755)
+        .file("opt/same-random.bin", 0o644, &noise(1, 5 << 20))
+        .file("opt/hostname-copy", 0o600, b"edge\n")
+        .file("opt/small-42", 0o644, b"small file 42\n")
+        .file("opt/own.bin", 0o644, &noise(7, 3 << 20 | 12345))
+        .file("opt/own.txt", 0o644, b"only in the twin image\n");
+    let dir = tmp.join("twin-layout");
+    let mut w = LayoutWriter::create(&dir).unwrap();
+    let m = w.image(&[LayerInput::gzip(t.finish())], &Platform::host(), "2025-05-21T00:00:00Z").unwrap();
+    w.tag(m, "twin");
+    w.finish().unwrap();
+    let index = tmp.join("twin.clip");
+    run(Command::new(bin("clip-build")).arg(format!("{}:twin", dir.display())).arg("-o").arg(&index).arg("--quiet"));
+    (dir, index)
+}
+
+#[test]
+fn two_images_with_identical_files_share_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (edge_layout, edge_path) = edge_index(tmp.path());
+    let (twin_layout, twin_path) = twin_index(tmp.path());
+    let edge = IndexFile::open(&edge_path).unwrap();
+    let twin = IndexFile::open(&twin_path).unwrap();
+    let (ka, kb) = (piece_keys(&edge), piece_keys(&twin));
+    let shared: BTreeSet<_> = ka.intersection(&kb).cloned().collect();
+    assert_eq!(shared.len(), 5 + 2, "5 chunks of random.bin, hostname, small file 42");
+    let redis = RedisServer::start(&tmp.path().join("redis"));
+
+    let t = tier(&redis.url());
+    read_all(&edge, &Counting::new(&edge_layout), &as_tiers(&t));
+    flushed(&t);
+    assert_eq!(redis.dbsize(), ka.len() as u64);
+
+    let origin = Counting::new(&twin_layout);
+    let before = t.stats();
+    let got = read_all(&twin, &origin, &as_tiers(&t));
+    flushed(&t);
+    assert_eq!(redis.dbsize(), ka.union(&kb).count() as u64, "shared content is stored once");
+    assert_eq!(redis.keys(), ka.union(&kb).cloned().collect());
+    let s = t.stats();
+    assert_eq!(s.hits - before.hits, shared.len() as u64, "the twin's shared pieces come from Redis: {s}");
+    assert_eq!(s.misses - before.misses, (kb.len() - shared.len()) as u64, "{s}");
+    assert_eq!(got["opt/same-random.bin"], noise(1, 5 << 20));
+    assert_eq!(got["opt/hostname-copy"], b"edge\n");
+}
+
+#[test]
+fn poisoned_values_are_detected_deleted_and_refetched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (layout, index_path) = edge_index(tmp.path());
+    let index = IndexFile::open(&index_path).unwrap();
+    let redis = RedisServer::start(&tmp.path().join("redis"));
+    let t = tier(&redis.url());
+    let want = read_all(&index, &Counting::new(&layout), &as_tiers(&t));
+    flushed(&t);
+    drop(t);
+
+    let host = index.pieces(index.resolve(b"etc/hostname").unwrap().unwrap()).unwrap()[0];
+    let random = index.resolve(b"data/random.bin").unwrap().unwrap();
+    let chunks = index.pieces(random).unwrap();
+    redis.set(&host.key(), b"evil\n");
+    redis.set(&chunks[1].key(), &want["data/random.bin"][(1 << 20)..(1 << 20) + 1000]);
+    redis.set(&chunks[3].key(), &vec![0x5a; 3 << 20]);
+
+    let origin = Counting::new(&layout);
+    let t = tier(&redis.url());
+    let tiers = as_tiers(&t);
+    assert_eq!(read_file(&index, &origin, &tiers, host_entry(&index)), b"edge\n");
+    assert_eq!(read_file(&index, &origin, &tiers, random), want["data/random.bin"]);
+    flushed(&t);
+    let s = t.stats();
+    assert_eq!(s.verify_failures, 3, "wrong bytes, truncated, oversized: {s}");
+    assert!(origin.calls() > 0, "the right bytes come from the origin");
+    assert_eq!(redis.get(&host.key()).unwrap(), b"edge\n", "the refetched bytes replace the poisoned value");
+    assert_eq!(redis.get(&chunks[1].key()).unwrap(), want["data/random.bin"][1 << 20..2 << 20]);
+    assert_eq!(redis.get(&chunks[3].key()).unwrap(), want["data/random.bin"][3 << 20..4 << 20]);
+    assert_eq!(s.writes_done, 3, "only the three bad pieces are rewritten: {s}");
+}
+
+fn host_entry(index: &IndexFile) -> u32 {
+    index.resolve(b"etc/hostname").unwrap().unwrap()
+}
+
+/// Read every file, asserting each file takes less than `per_file` and returning the time.
+fn timed_read_all(index: &IndexFile, source: &dyn Source, tiers: &[Arc<dyn Tier>], want: &BTreeMap<String, Vec<u8>>, per_file: Duration) -> Duration {
+    let start = Instant::now();
+    for (i, p) in files(index) {
+        let t = Instant::now();
+        assert_eq!(read_file(index, source, tiers, i), want[&p], "{p}");
+        assert!(t.elapsed() < per_file, "reading {p} took {:?} with Redis unavailable", t.elapsed());
+    }
+    start.elapsed()
+}
+
+#[test]
+fn killing_redis_mid_run_keeps_reads_working_and_it_is_used_again_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (layout, index_path) = edge_index(tmp.path());
+    let index = IndexFile::open(&index_path).unwrap();
+    let want = read_all(&index, &Counting::new(&layout), &[]);
+    let mut redis = RedisServer::start(&tmp.path().join("redis"));
+    let t = tier(&redis.url());
+    let tiers = as_tiers(&t);
+    let origin = Counting::new(&layout);
+    let all = files(&index);
+    let half = all.len() / 2;
+    for (i, p) in &all[..half] {
+        assert_eq!(&read_file(&index, &origin, &tiers, *i), &want[p]);
+    }
+    flushed(&t);
+    redis.kill();
+
+    let took = timed_read_all(&index, &origin, &tiers, &want, Duration::from_secs(1));
+    assert!(took < Duration::from_secs(10), "a full pass with Redis dead took {took:?}");
+    let s = t.stats();
+    assert!(s.errors >= 1, "{s}");
+    assert!(s.bypassed > 0, "reads after the failure skip Redis without waiting: {s}");
+    assert!(!t.is_up() || s.errors > 1, "{s}");
+
+    redis.restart();
+    std::thread::sleep(Duration::from_millis(300));
+    let before = t.stats();
+    read_all(&index, &origin, &tiers);
+    flushed(&t);
+    let s = t.stats();
+    assert!(t.is_up(), "the tier reconnects after Redis comes back: {s}");
+    assert!(s.writes_done > before.writes_done, "writes resume after the restart: {s}");
+    assert!(redis.dbsize() > 0);
+}
+
+#[test]
+fn a_hung_redis_costs_at_most_one_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (layout, index_path) = edge_index(tmp.path());
+    let index = IndexFile::open(&index_path).unwrap();
+    let want = read_all(&index, &Counting::new(&layout), &[]);
+    let redis = RedisServer::start(&tmp.path().join("redis"));
+    let t = tier(&redis.url());
+    let tiers = as_tiers(&t);
+    let origin = Counting::new(&layout);
+    read_all(&index, &origin, &tiers);
+    flushed(&t);
+    redis.signal("STOP");
+
+    let took = timed_read_all(&index, &origin, &tiers, &want, Duration::from_secs(1));
+    assert!(took < Duration::from_secs(10), "a full pass with Redis stopped took {took:?}");
+    let s = t.stats();
+    assert!(s.errors >= 1 && s.bypassed > 0, "{s}");
+    redis.signal("CONT");
+}
+
+#[test]
+fn a_missing_redis_at_start_is_a_warning_and_it_is_picked_up_later() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (layout, index_path) = edge_index(tmp.path());
+    let index = IndexFile::open(&index_path).unwrap();
+    let want = read_all(&index, &Counting::new(&layout), &[]);
+    let mut redis = RedisServer { port: free_port(), dir: tmp.path().join("redis"), child: None };
+
+    let started = Instant::now();
+    let t = tier(&redis.url());
+    assert!(started.elapsed() < Duration::from_secs(1), "setting up against a missing Redis took {:?}", started.elapsed());
+    assert!(!t.is_up());
+    let tiers = as_tiers(&t);
+    let origin = Counting::new(&layout);
+    timed_read_all(&index, &origin, &tiers, &want, Duration::from_secs(1));
+    let s = t.stats();
+    assert_eq!(s.hits + s.writes_done, 0, "{s}");
+
+    redis.restart();
+    std::thread::sleep(Duration::from_millis(300));
+    read_all(&index, &origin, &tiers);
+    flushed(&t);
+    assert!(t.is_up());
+    assert_eq!(redis.keys(), piece_keys(&index), "once Redis is up, fills reach it");
+}
