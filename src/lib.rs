@@ -3,8 +3,10 @@
 #![deny(unsafe_code)]
 
 pub mod build;
+pub mod cache;
 pub mod demo;
 pub mod format;
+pub mod fuse;
 pub mod logging;
 pub mod oci;
 pub mod read;

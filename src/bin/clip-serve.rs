@@ -1,1 +1,204 @@
-fn main(){}
+//! `clip-serve`: mount an index read-only with FUSE and serve the image's files, reading
+//! only the bytes a process touches.
+
+use clap::Parser;
+use clip::cache::{parse_size, DiskCache};
+use clip::format::IndexFile;
+use clip::fuse::{self, ClipFs, MountSettings, ServeStats};
+use clip::read::Tier;
+use nix::sys::signal::{SigSet, Signal};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::mpsc::{channel, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(
+    name = "clip-serve",
+    version,
+    about = "Mount a clip index read-only with FUSE; runs in the foreground until SIGINT/SIGTERM, then unmounts"
+)]
+struct Cli {
+    /// Index file written by clip-build.
+    index: PathBuf,
+    /// Empty directory to mount on.
+    mountpoint: PathBuf,
+    /// OCI layout holding the blobs (default: the source recorded in the index).
+    #[arg(long)]
+    layout: Option<PathBuf>,
+    /// Local cache directory (default: $XDG_CACHE_HOME/clip, else /var/cache/clip as root,
+    /// else ~/.cache/clip).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Size limit of the local cache (K, M, G, T suffixes); 0 disables it.
+    #[arg(long, default_value = "10G", value_parser = parse_size_arg)]
+    cache_size: u64,
+    /// Worker threads serving reads (cold reads inflate or fetch; they never block lookups).
+    #[arg(long, default_value_t = 8)]
+    threads: usize,
+    /// Threads reading FUSE requests; metadata is answered on them.
+    #[arg(long, default_value_t = 2)]
+    session_threads: usize,
+    /// Readahead window of the mount in KiB (0: kernel default, 128).
+    #[arg(long, default_value_t = 1024)]
+    readahead_kb: u32,
+    /// Skip the full structural validation of the index at startup.
+    #[arg(long)]
+    no_verify: bool,
+    /// Rewrite counters (JSON) to this file every --stats-interval seconds and at exit.
+    #[arg(long)]
+    stats_file: Option<PathBuf>,
+    /// Seconds between rewrites of --stats-file.
+    #[arg(long, default_value_t = 5)]
+    stats_interval: u64,
+}
+
+fn parse_size_arg(s: &str) -> std::result::Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn main() -> ExitCode {
+    clip::logging::init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("clip-serve: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn default_cache_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("clip");
+    }
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/cache/clip");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("clip")
+}
+
+/// Counters of the filesystem and the disk cache, as one JSON object.
+fn stats_json(serve: &ServeStats, disk: Option<&DiskCache>) -> String {
+    serde_json::json!({ "serve": serve.snapshot(), "disk_cache": disk.map(|d| d.stats()) }).to_string()
+}
+
+fn log_stats(serve: &ServeStats, disk: Option<&DiskCache>) {
+    let cache = disk.map(|d| d.stats().to_string()).unwrap_or_else(|| "disabled".into());
+    tracing::info!("stats: {}; disk cache: {cache}", serve.snapshot());
+}
+
+fn write_stats(path: &Path, serve: &ServeStats, disk: Option<&DiskCache>) {
+    let tmp = path.with_extension("tmp");
+    let r = std::fs::write(&tmp, stats_json(serve, disk) + "\n").and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = r {
+        tracing::warn!(path = %path.display(), error = %e, "cannot write the stats file");
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    // Block the shutdown signals before any thread starts so that every thread inherits the
+    // mask and only the waiting thread below receives them.
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGUSR1] {
+        signals.add(s);
+    }
+    signals.thread_block()?;
+
+    fuse::check_mountpoint(&cli.mountpoint)?;
+    let t = Instant::now();
+    let index = Arc::new(IndexFile::open(&cli.index)?);
+    tracing::info!(
+        index = %cli.index.display(),
+        entries = index.entry_count(),
+        ms = format!("{:.2}", t.elapsed().as_secs_f64() * 1e3),
+        "opened index"
+    );
+    if !cli.no_verify {
+        let t = Instant::now();
+        index.verify()?;
+        tracing::info!(ms = format!("{:.2}", t.elapsed().as_secs_f64() * 1e3), "index verified");
+    }
+    let layout = cli.layout.as_ref().map(|p| p.display().to_string());
+    let source = fuse::open_source(&index, layout.as_deref())?;
+    tracing::info!(source = %source.describe(), "image source");
+
+    let mut tiers: Vec<Arc<dyn Tier>> = Vec::new();
+    let disk = if cli.cache_size > 0 {
+        let dir = cli.cache_dir.clone().unwrap_or_else(default_cache_dir);
+        let d = Arc::new(DiskCache::open(&dir, cli.cache_size)?);
+        tracing::info!(dir = %dir.display(), "disk cache: {}", d.stats());
+        tiers.push(d.clone());
+        Some(d)
+    } else {
+        tracing::info!("disk cache disabled");
+        None
+    };
+
+    let fs = ClipFs::new(index, source, tiers, cli.threads)?;
+    let serve_stats = fs.stats();
+    let settings = MountSettings {
+        session_threads: cli.session_threads,
+        fsname: format!("clip:{}", cli.index.display()),
+        readahead_kb: cli.readahead_kb,
+    };
+    let session = fuse::mount(fs, &cli.mountpoint, &settings)?;
+    tracing::info!(mountpoint = %cli.mountpoint.display(), "mounted; stop with SIGINT or SIGTERM, SIGUSR1 logs counters");
+
+    let (tx, rx) = channel();
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        while let Ok(sig) = signals.wait() {
+            if tx.send(sig).is_err() {
+                return;
+            }
+        }
+    })?;
+
+    let interval = Duration::from_secs(cli.stats_interval.max(1));
+    let mut next_write = Instant::now();
+    let disk_ref = disk.as_deref();
+    let shutdown = loop {
+        if let Some(p) = &cli.stats_file {
+            if Instant::now() >= next_write {
+                write_stats(p, &serve_stats, disk_ref);
+                next_write = Instant::now() + interval;
+            }
+        }
+        if session.guard.is_finished() {
+            break None;
+        }
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(Signal::SIGUSR1) => log_stats(&serve_stats, disk_ref),
+            Ok(sig) => break Some(sig),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break None,
+        }
+    };
+
+    let result = match shutdown {
+        Some(sig) => {
+            tracing::info!(signal = %sig, "unmounting");
+            match session.umount_and_join() {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "clean unmount failed");
+                    fuse::unmount(&cli.mountpoint, true).map_err(Into::into)
+                }
+            }
+        }
+        None => {
+            tracing::info!("the filesystem was unmounted from outside");
+            session.join().map_err(Into::into)
+        }
+    };
+    if let Some(p) = &cli.stats_file {
+        write_stats(p, &serve_stats, disk_ref);
+    }
+    log_stats(&serve_stats, disk_ref);
+    result
+}

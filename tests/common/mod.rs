@@ -65,6 +65,8 @@ fn dev(t: &mut TarBuilder, path: &str, kind: tar::EntryType, major: u32, minor: 
     h.set_mode(0o660);
     h.set_size(0);
     h.set_mtime(t.mtime);
+    h.set_uid(0);
+    h.set_gid(0);
     h.set_device_major(major).unwrap();
     h.set_device_minor(minor).unwrap();
     t.raw(&mut h, path, b"");

@@ -1,0 +1,326 @@
+//! The local disk tier: one file per piece at `DIR/ab/abcdef…` (the 64-character hex
+//! sha256, fanned out by its first two characters). Writes go to `DIR/tmp/` and are renamed
+//! into place, so a reader never sees a partial object. An in-memory LRU (seeded from the
+//! files' mtimes at startup, mtimes refreshed on every hit) keeps the total under the limit.
+//! Several daemons may share a directory: each one's LRU covers the objects it has seen,
+//! and a lookup that misses the LRU still tries the file.
+
+use super::{CacheError, CacheStats};
+use crate::read::Tier;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+/// A size-limited, content-addressed directory of pieces.
+pub struct DiskCache {
+    root: PathBuf,
+    limit: u64,
+    lru: Mutex<Lru>,
+    tmp_seq: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    stores: AtomicU64,
+    evictions: AtomicU64,
+    verify_failures: AtomicU64,
+}
+
+/// Objects by key with their size and last-use tick; `order` maps ticks back to keys.
+#[derive(Default)]
+struct Lru {
+    map: HashMap<[u8; 32], (u64, u64)>,
+    order: BTreeMap<u64, [u8; 32]>,
+    bytes: u64,
+    tick: u64,
+}
+
+impl Lru {
+    /// Record a use of `key` (inserting it with `size` if new).
+    fn touch(&mut self, key: [u8; 32], size: u64) {
+        self.tick += 1;
+        let tick = self.tick;
+        match self.map.insert(key, (size, tick)) {
+            Some((old_size, old_tick)) => {
+                self.order.remove(&old_tick);
+                self.bytes = self.bytes - old_size + size;
+            }
+            None => self.bytes += size,
+        }
+        self.order.insert(tick, key);
+    }
+
+    fn forget(&mut self, key: &[u8; 32]) {
+        if let Some((size, tick)) = self.map.remove(key) {
+            self.order.remove(&tick);
+            self.bytes -= size;
+        }
+    }
+
+    /// Remove and return the least recently used key.
+    fn pop_oldest(&mut self) -> Option<[u8; 32]> {
+        let (_, key) = self.order.pop_first()?;
+        if let Some((size, _)) = self.map.remove(&key) {
+            self.bytes -= size;
+        }
+        Some(key)
+    }
+}
+
+fn parse_key(name: &str) -> Option<[u8; 32]> {
+    if name.len() != 64 || !name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return None;
+    }
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(name, &mut key).ok()?;
+    Some(key)
+}
+
+impl DiskCache {
+    /// Open (creating if needed) the cache at `root` holding at most `limit` bytes. Scans
+    /// the existing objects to seed the LRU, removes leftover temporary files, and evicts
+    /// down to the limit.
+    pub fn open(root: &Path, limit: u64) -> Result<DiskCache, CacheError> {
+        let err = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| CacheError::Dir { path, source }
+        };
+        let tmp = root.join("tmp");
+        fs::create_dir_all(&tmp).map_err(err(&tmp))?;
+        for e in fs::read_dir(&tmp).map_err(err(&tmp))?.flatten() {
+            let _ = fs::remove_file(e.path());
+        }
+        let mut found = Vec::new();
+        for fan in fs::read_dir(root).map_err(err(root))?.flatten() {
+            let fan_name = fan.file_name();
+            let Some(fan_name) = fan_name.to_str().filter(|n| n.len() == 2) else { continue };
+            let Ok(objects) = fs::read_dir(fan.path()) else { continue };
+            for obj in objects.flatten() {
+                let name = obj.file_name();
+                let Some(key) = name.to_str().filter(|n| n.starts_with(fan_name)).and_then(parse_key) else { continue };
+                let Ok(meta) = obj.metadata() else { continue };
+                let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                found.push((mtime, key, meta.len()));
+            }
+        }
+        found.sort();
+        let mut lru = Lru::default();
+        for (_, key, size) in found {
+            lru.touch(key, size);
+        }
+        let cache = DiskCache {
+            root: root.to_path_buf(),
+            limit,
+            lru: Mutex::new(lru),
+            tmp_seq: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            stores: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+            verify_failures: AtomicU64::new(0),
+        };
+        cache.evict();
+        Ok(cache)
+    }
+
+    /// The cache directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Path of the object for `key`.
+    pub fn path_of(&self, key: &[u8; 32]) -> PathBuf {
+        let hex = hex::encode(key);
+        self.root.join(&hex[..2]).join(hex)
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> CacheStats {
+        let lru = self.lru.lock().expect("cache lock poisoned");
+        CacheStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            stores: self.stores.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
+            verify_failures: self.verify_failures.load(Ordering::Relaxed),
+            objects: lru.map.len() as u64,
+            bytes: lru.bytes,
+            limit: self.limit,
+        }
+    }
+
+    /// Remove least recently used objects until the total is within the limit.
+    fn evict(&self) {
+        loop {
+            let key = {
+                let mut lru = self.lru.lock().expect("cache lock poisoned");
+                if lru.bytes <= self.limit {
+                    return;
+                }
+                match lru.pop_oldest() {
+                    Some(k) => k,
+                    None => return,
+                }
+            };
+            match fs::remove_file(self.path_of(&key)) {
+                Ok(()) => {
+                    self.evictions.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(key = %hex::encode(key), error = %e, "cannot evict cache object"),
+            }
+        }
+    }
+
+    fn read_object(&self, key: &[u8; 32]) -> std::io::Result<Vec<u8>> {
+        let mut f = File::open(self.path_of(key))?;
+        let mut buf = Vec::with_capacity(f.metadata().map(|m| m.len() as usize).unwrap_or(0));
+        f.read_to_end(&mut buf)?;
+        // Persist recency for the next start's LRU; failure only costs eviction accuracy.
+        let _ = f.set_modified(SystemTime::now());
+        Ok(buf)
+    }
+
+    fn write_object(&self, key: &[u8; 32], bytes: &[u8]) -> std::io::Result<()> {
+        let hex = hex::encode(key);
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.root.join("tmp").join(format!("{hex}.{}.{seq}", std::process::id()));
+        let result = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(bytes)?;
+            drop(f);
+            let dir = self.root.join(&hex[..2]);
+            fs::create_dir_all(&dir)?;
+            fs::rename(&tmp, dir.join(&hex))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+}
+
+impl Tier for DiskCache {
+    fn name(&self) -> &str {
+        "disk"
+    }
+
+    fn get(&self, key: &[u8; 32]) -> Option<Vec<u8>> {
+        match self.read_object(key) {
+            Ok(bytes) => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                self.lru.lock().expect("cache lock poisoned").touch(*key, bytes.len() as u64);
+                Some(bytes)
+            }
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(key = %hex::encode(key), error = %e, "cannot read cache object");
+                }
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                self.lru.lock().expect("cache lock poisoned").forget(key);
+                None
+            }
+        }
+    }
+
+    fn put(&self, key: &[u8; 32], bytes: &[u8]) {
+        if self.limit == 0 || bytes.len() as u64 > self.limit {
+            return;
+        }
+        if self.lru.lock().expect("cache lock poisoned").map.contains_key(key) && self.path_of(key).is_file() {
+            return;
+        }
+        match self.write_object(key, bytes) {
+            Ok(()) => {
+                self.stores.fetch_add(1, Ordering::Relaxed);
+                self.lru.lock().expect("cache lock poisoned").touch(*key, bytes.len() as u64);
+                self.evict();
+            }
+            Err(e) => tracing::warn!(dir = %self.root.display(), error = %e, "cannot write cache object"),
+        }
+    }
+
+    fn remove(&self, key: &[u8; 32]) {
+        self.verify_failures.fetch_add(1, Ordering::Relaxed);
+        self.lru.lock().expect("cache lock poisoned").forget(key);
+        if let Err(e) = fs::remove_file(self.path_of(key)) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(key = %hex::encode(key), error = %e, "cannot remove bad cache object");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    fn key(data: &[u8]) -> [u8; 32] {
+        Sha256::digest(data).into()
+    }
+
+    #[test]
+    fn store_get_and_file_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        let k = key(b"hello");
+        assert_eq!(c.get(&k), None);
+        c.put(&k, b"hello");
+        assert_eq!(c.get(&k).as_deref(), Some(&b"hello"[..]));
+        let hex = hex::encode(k);
+        assert!(dir.path().join(&hex[..2]).join(&hex).is_file());
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "no temp files left");
+        let s = c.stats();
+        assert_eq!((s.hits, s.misses, s.stores, s.objects, s.bytes), (1, 1, 1, 1, 5));
+    }
+
+    #[test]
+    fn evicts_least_recently_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 250).unwrap();
+        let blobs: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 100]).collect();
+        let keys: Vec<_> = blobs.iter().map(|b| key(b)).collect();
+        c.put(&keys[0], &blobs[0]);
+        c.put(&keys[1], &blobs[1]);
+        assert!(c.get(&keys[0]).is_some(), "touch 0 so that 1 is the oldest");
+        c.put(&keys[2], &blobs[2]);
+        assert!(c.get(&keys[1]).is_none(), "1 was evicted");
+        assert!(c.get(&keys[0]).is_some());
+        assert!(c.get(&keys[2]).is_some());
+        let s = c.stats();
+        assert_eq!((s.evictions, s.objects, s.bytes), (1, 2, 200));
+    }
+
+    #[test]
+    fn reopen_seeds_lru_and_enforces_a_smaller_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = DiskCache::open(dir.path(), 1 << 20).unwrap();
+            for i in 0..4u8 {
+                let b = vec![i; 1000];
+                c.put(&key(&b), &b);
+            }
+        }
+        fs::write(dir.path().join("tmp").join("leftover"), b"x").unwrap();
+        let c = DiskCache::open(dir.path(), 2500).unwrap();
+        let s = c.stats();
+        assert_eq!((s.objects, s.bytes), (2, 2000));
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "temp files cleaned");
+    }
+
+    #[test]
+    fn remove_counts_verify_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        let k = key(b"good");
+        c.put(&k, b"good");
+        fs::write(c.path_of(&k), b"evil").unwrap();
+        c.remove(&k);
+        assert!(!c.path_of(&k).exists());
+        assert_eq!(c.stats().verify_failures, 1);
+        assert_eq!(c.stats().objects, 0);
+    }
+}

@@ -1,0 +1,711 @@
+//! The FUSE filesystem of `clip-serve`: a read-only view of an index. Metadata (lookup,
+//! getattr, readdir, xattrs, readlink) is answered from the memory-mapped index on the
+//! session threads; reads go to a bounded worker pool, each open handle keeping its own
+//! `FileReader` so that a sequential cold read continues its inflate cursor. Entry `i` is
+//! inode `i + 1`; a hardlink resolves to the inode of its canonical file.
+
+pub mod attr;
+pub mod pool;
+
+use crate::format::{FormatError, IndexFile, Kind};
+use crate::read::{FileReader, ReadError, Tier};
+use crate::source::{Source, SourceError};
+use attr::{attr_of, entry_of, file_type, ino_of};
+use fuser::{
+    AccessFlags, BsdFileFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+};
+use pool::Pool;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long the kernel may cache entries, attributes and negative lookups: the image is
+/// immutable, so as long as the kernel likes.
+pub const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Largest read request and readahead window asked of the kernel (it caps both at its
+/// `max_pages` limit, 1 MiB by default).
+pub const MAX_READ: u32 = 1 << 20;
+
+/// Errors of the FUSE layer.
+#[derive(Debug, thiserror::Error)]
+pub enum FuseError {
+    /// The mountpoint is a FUSE mount whose daemon died.
+    #[error("{0} is a stale FUSE mount (transport endpoint is not connected), left by a clip-serve that crashed or was killed; unmount it with `fusermount3 -u {0}` (or `umount -l {0}`) and retry")]
+    StaleMount(String),
+    /// The mountpoint is unusable.
+    #[error("mountpoint {path}: {source}; create an empty directory to mount on")]
+    Mountpoint {
+        /// Path given.
+        path: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// Mounting failed.
+    #[error("mounting {path} failed: {source}; clip-serve needs root (or fusermount3) and /dev/fuse (`modprobe fuse`; in a container: --device /dev/fuse --cap-add SYS_ADMIN)")]
+    Mount {
+        /// Mountpoint.
+        path: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// Unmounting failed.
+    #[error("unmounting {path} failed: {source}; if it is busy, stop the processes using it or run `umount -l {path}`")]
+    Unmount {
+        /// Mountpoint.
+        path: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The index is unusable.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// The image source cannot be opened.
+    #[error("{0}; if the layout moved, pass its new location with --layout DIR")]
+    Source(#[from] SourceError),
+    /// Starting threads failed.
+    #[error("starting worker threads: {0}")]
+    Threads(std::io::Error),
+}
+
+/// Open the source of image bytes for `index`: `override_spec` (from `--layout`/`--source`)
+/// when given, else the source recorded in the index at build time. This is the one place
+/// that chooses a source, so other kinds (a registry) plug in through `source::open`.
+pub fn open_source(index: &IndexFile, override_spec: Option<&str>) -> Result<Arc<dyn Source>, FuseError> {
+    let recorded = String::from_utf8_lossy(index.index().image.source.as_slice()).into_owned();
+    let spec = override_spec.unwrap_or(&recorded);
+    if spec.is_empty() {
+        return Err(FuseError::Source(SourceError::NotFound("the index records no source".into())));
+    }
+    let (src, _reference) = crate::source::open(spec)?;
+    Ok(Arc::from(src))
+}
+
+/// Counters of the filesystem, updated lock-free.
+#[derive(Debug, Default)]
+pub struct ServeStats {
+    opens: AtomicU64,
+    open_handles: AtomicU64,
+    reads: AtomicU64,
+    read_bytes: AtomicU64,
+    read_errors: AtomicU64,
+    inflated: AtomicU64,
+    fetched: AtomicU64,
+}
+
+/// A snapshot of [`ServeStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ServeSnapshot {
+    /// Files opened.
+    pub opens: u64,
+    /// Handles currently open.
+    pub open_handles: u64,
+    /// Read requests answered.
+    pub reads: u64,
+    /// Bytes returned by reads.
+    pub read_bytes: u64,
+    /// Read requests that failed.
+    pub read_errors: u64,
+    /// Uncompressed bytes inflated from the origin (including skipped ones).
+    pub inflated: u64,
+    /// Compressed bytes requested from the origin.
+    pub fetched: u64,
+}
+
+impl ServeStats {
+    /// Current values.
+    pub fn snapshot(&self) -> ServeSnapshot {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ServeSnapshot {
+            opens: l(&self.opens),
+            open_handles: l(&self.open_handles),
+            reads: l(&self.reads),
+            read_bytes: l(&self.read_bytes),
+            read_errors: l(&self.read_errors),
+            inflated: l(&self.inflated),
+            fetched: l(&self.fetched),
+        }
+    }
+}
+
+impl std::fmt::Display for ServeSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "opens={} open_handles={} reads={} read_bytes={} read_errors={} origin_inflated={} origin_fetched={}",
+            self.opens, self.open_handles, self.reads, self.read_bytes, self.read_errors, self.inflated, self.fetched
+        )
+    }
+}
+
+/// What the read workers share with the session threads.
+struct Shared {
+    index: Arc<IndexFile>,
+    source: Arc<dyn Source>,
+    tiers: Vec<Arc<dyn Tier>>,
+    stats: Arc<ServeStats>,
+}
+
+/// The read-only filesystem over one index.
+pub struct ClipFs {
+    shared: Arc<Shared>,
+    handles: Mutex<HashMap<u64, Arc<Mutex<FileReader>>>>,
+    next_fh: AtomicU64,
+    pool: Pool,
+    total_blocks: u64,
+}
+
+impl ClipFs {
+    /// A filesystem serving `index` with bytes from `tiers` (fastest first) and `source`,
+    /// reads handled by `read_threads` workers.
+    pub fn new(
+        index: Arc<IndexFile>,
+        source: Arc<dyn Source>,
+        tiers: Vec<Arc<dyn Tier>>,
+        read_threads: usize,
+    ) -> Result<ClipFs, FuseError> {
+        let pool = Pool::new("clip-read", read_threads, 1024).map_err(FuseError::Threads)?;
+        let total_blocks = index
+            .index()
+            .entries
+            .iter()
+            .filter(|e| e.kind == Kind::File as u8)
+            .map(|e| e.size.to_native().div_ceil(attr::BLKSIZE as u64))
+            .sum();
+        Ok(ClipFs {
+            shared: Arc::new(Shared { index, source, tiers, stats: Arc::default() }),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            pool,
+            total_blocks,
+        })
+    }
+
+    /// The counters (shared; stays valid after the filesystem is moved into a session).
+    pub fn stats(&self) -> Arc<ServeStats> {
+        self.shared.stats.clone()
+    }
+
+    fn index(&self) -> &IndexFile {
+        &self.shared.index
+    }
+
+    /// Entry index of `ino`, or ENOENT.
+    fn entry_index(&self, ino: INodeNo) -> Result<u32, Errno> {
+        entry_of(ino).filter(|&i| i < self.index().entry_count()).ok_or(Errno::ENOENT)
+    }
+
+    fn attr(&self, i: u32) -> Result<FileAttr, Errno> {
+        attr_of(self.index(), i).map_err(|e| self.corrupt(i, e))
+    }
+
+    fn corrupt(&self, i: u32, e: FormatError) -> Errno {
+        tracing::error!(entry = i, error = %e, "index inconsistency");
+        Errno::EIO
+    }
+
+    fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> Result<Option<FileAttr>, Errno> {
+        let p = self.entry_index(parent)?;
+        let pe = self.index().entry(p).map_err(|e| self.corrupt(p, e))?;
+        if pe.kind != Kind::Dir as u8 {
+            return Err(Errno::ENOTDIR);
+        }
+        match self.index().lookup(p, name.as_bytes()).map_err(|e| self.corrupt(p, e))? {
+            Some(c) => self.attr(c).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Directory entry `k` of `dir` in readdir order: ".", "..", then the children.
+    fn dir_entry(&self, dir: u32, k: u64) -> Result<Option<(u32, &[u8])>, Errno> {
+        let idx = self.index();
+        let children = idx.children(dir).map_err(|e| self.corrupt(dir, e))?;
+        Ok(match k {
+            0 => Some((dir, b".")),
+            1 => {
+                let parent = idx.entry(dir).map_err(|e| self.corrupt(dir, e))?.parent.to_native();
+                Some((if dir == 0 { 0 } else { parent }, b".."))
+            }
+            _ => {
+                let c = u64::from(children.start) + k - 2;
+                if c >= u64::from(children.end) {
+                    None
+                } else {
+                    let c = c as u32;
+                    Some((c, idx.entry(c).map_err(|e| self.corrupt(c, e))?.name.as_slice()))
+                }
+            }
+        })
+    }
+
+    fn directory(&self, ino: INodeNo) -> Result<u32, Errno> {
+        let d = self.entry_index(ino)?;
+        if self.index().entry(d).map_err(|e| self.corrupt(d, e))?.kind != Kind::Dir as u8 {
+            return Err(Errno::ENOTDIR);
+        }
+        Ok(d)
+    }
+
+    fn xattr_reply(data: &[u8], size: u32, reply: ReplyXattr) {
+        if size == 0 {
+            reply.size(data.len() as u32);
+        } else if data.len() > size as usize {
+            reply.error(Errno::ERANGE);
+        } else {
+            reply.data(data);
+        }
+    }
+}
+
+fn serve_read(shared: &Shared, reader: &Mutex<FileReader>, offset: u64, size: u32) -> Result<Vec<u8>, ReadError> {
+    let mut r = reader.lock().unwrap_or_else(|p| p.into_inner());
+    let len = r.size().saturating_sub(offset).min(size as u64) as usize;
+    let mut buf = vec![0u8; len];
+    if len == 0 {
+        return Ok(buf);
+    }
+    let (inf0, fetch0) = r.origin_stats();
+    let n = r.read_at(&shared.index, shared.source.as_ref(), &shared.tiers, offset, &mut buf)?;
+    let (inf1, fetch1) = r.origin_stats();
+    shared.stats.inflated.fetch_add(inf1.saturating_sub(inf0), Ordering::Relaxed);
+    shared.stats.fetched.fetch_add(fetch1.saturating_sub(fetch0), Ordering::Relaxed);
+    buf.truncate(n);
+    Ok(buf)
+}
+
+impl Filesystem for ClipFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_MAX_PAGES;
+        let _ = config.add_capabilities(wanted & config.capabilities());
+        let _ = config.set_max_readahead(MAX_READ).or_else(|max| config.set_max_readahead(max));
+        let _ = config.set_max_write(MAX_READ);
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        tracing::debug!(capabilities = ?config.capabilities(), "FUSE session initialised");
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.do_lookup(parent, name) {
+            Ok(Some(attr)) => reply.entry(&TTL, &attr, Generation(0)),
+            // Inode 0 with a TTL: the kernel caches the negative lookup.
+            Ok(None) => reply.entry(&TTL, &negative_attr(), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.entry_index(ino).and_then(|i| self.attr(i)) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let r = self.entry_index(ino).and_then(|i| {
+            let e = self.index().entry(i).map_err(|e| self.corrupt(i, e))?;
+            if e.kind != Kind::Symlink as u8 {
+                return Err(Errno::EINVAL);
+            }
+            Ok(e.link_target.as_slice())
+        });
+        match r {
+            Ok(t) => reply.data(t),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
+            return reply.error(Errno::EROFS);
+        }
+        let i = match self.entry_index(ino) {
+            Ok(i) => i,
+            Err(e) => return reply.error(e),
+        };
+        let reader = match FileReader::new(self.index(), i) {
+            Ok(r) => r,
+            Err(ReadError::NotAFile(_)) => return reply.error(Errno::EINVAL),
+            Err(e) => {
+                tracing::error!(entry = i, error = %e, "cannot open file");
+                return reply.error(Errno::EIO);
+            }
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, Arc::new(Mutex::new(reader)));
+        self.shared.stats.opens.fetch_add(1, Ordering::Relaxed);
+        self.shared.stats.open_handles.fetch_add(1, Ordering::Relaxed);
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let reader = self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh.0).cloned();
+        let Some(reader) = reader else {
+            return reply.error(Errno::EBADF);
+        };
+        let shared = self.shared.clone();
+        self.pool.submit(move || match serve_read(&shared, &reader, offset, size) {
+            Ok(buf) => {
+                shared.stats.reads.fetch_add(1, Ordering::Relaxed);
+                shared.stats.read_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                reply.data(&buf);
+            }
+            Err(e) => {
+                shared.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+                let path = entry_of(ino)
+                    .and_then(|i| shared.index.path_of(i).ok())
+                    .map(|p| String::from_utf8_lossy(&p).into_owned())
+                    .unwrap_or_default();
+                tracing::error!(path, offset, size, error = %e, "read failed");
+                reply.error(Errno::EIO);
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if self.handles.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0).is_some() {
+            self.shared.stats.open_handles.fetch_sub(1, Ordering::Relaxed);
+        }
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.directory(ino) {
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let d = match self.directory(ino) {
+            Ok(d) => d,
+            Err(e) => return reply.error(e),
+        };
+        let mut k = offset;
+        loop {
+            match self.dir_entry(d, k) {
+                Ok(Some((i, name))) => {
+                    let kind = match self.index().entry(i).map_err(|e| self.corrupt(i, e)).and_then(|e| {
+                        file_type(e.kind).map_err(|err| self.corrupt(i, err))
+                    }) {
+                        Ok(t) => t,
+                        Err(e) => return reply.error(e),
+                    };
+                    let ino = match self.index().inode_of(i) {
+                        Ok(c) => ino_of(c),
+                        Err(e) => return reply.error(self.corrupt(i, e)),
+                    };
+                    if reply.add(ino, k + 1, kind, OsStr::from_bytes(name)) {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return reply.error(e),
+            }
+            k += 1;
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let d = match self.directory(ino) {
+            Ok(d) => d,
+            Err(e) => return reply.error(e),
+        };
+        let mut k = offset;
+        loop {
+            match self.dir_entry(d, k) {
+                Ok(Some((i, name))) => {
+                    let attr = match self.attr(i) {
+                        Ok(a) => a,
+                        Err(e) => return reply.error(e),
+                    };
+                    if reply.add(attr.ino, k + 1, OsStr::from_bytes(name), &TTL, &attr, Generation(0)) {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return reply.error(e),
+            }
+            k += 1;
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let files = self.index().entry_count() as u64;
+        reply.statfs(self.total_blocks, 0, 0, files, 0, attr::BLKSIZE, 255, attr::BLKSIZE);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let r = self.entry_index(ino).and_then(|i| {
+            self.index().xattrs(i).map_err(|e| self.corrupt(i, e)).map(|xs| {
+                xs.iter().find(|x| x.name.as_slice() == name.as_bytes()).map(|x| x.value.as_slice())
+            })
+        });
+        match r {
+            Ok(Some(v)) => Self::xattr_reply(v, size, reply),
+            Ok(None) => reply.error(Errno::NO_XATTR),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let r = self.entry_index(ino).and_then(|i| {
+            self.index().xattrs(i).map_err(|e| self.corrupt(i, e)).map(|xs| {
+                let mut names = Vec::new();
+                for x in xs {
+                    names.extend_from_slice(x.name.as_slice());
+                    names.push(0);
+                }
+                names
+            })
+        });
+        match r {
+            Ok(names) => Self::xattr_reply(&names, size, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// Permission checks are the kernel's (`default_permissions`); only writes are refused.
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        match self.entry_index(ino) {
+            Ok(_) if mask.contains(AccessFlags::W_OK) => reply.error(Errno::EROFS),
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mknod(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _r: u32, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mkdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn unlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rmdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn symlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _t: &Path, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _np: INodeNo,
+        _nn: &OsStr,
+        _f: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn link(&self, _req: &Request, _i: INodeNo, _np: INodeNo, _nn: &OsStr, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _wf: WriteFlags,
+        _flags: OpenFlags,
+        _lo: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn create(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _f: i32, reply: ReplyCreate) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn setxattr(&self, _req: &Request, _i: INodeNo, _n: &OsStr, _v: &[u8], _f: i32, _p: u32, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn removexattr(&self, _req: &Request, _i: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn fallocate(&self, _req: &Request, _i: INodeNo, _fh: FileHandle, _o: u64, _l: u64, _m: i32, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+}
+
+/// Attributes with inode 0: a cacheable "does not exist".
+fn negative_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
+}
+
+/// Fail with [`FuseError::StaleMount`] if `mountpoint` is a dead FUSE mount, or another
+/// error if it is not a directory. `statfs` is asked too because the kernel may answer
+/// `stat` of a dead mount from its attribute cache, while `statfs` always reaches the
+/// daemon and fails with ENOTCONN.
+pub fn check_mountpoint(mountpoint: &Path) -> Result<(), FuseError> {
+    let path = mountpoint.display().to_string();
+    match std::fs::metadata(mountpoint) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return Err(FuseError::StaleMount(path)),
+        Err(source) => return Err(FuseError::Mountpoint { path, source }),
+        Ok(m) if !m.is_dir() => {
+            return Err(FuseError::Mountpoint {
+                path,
+                source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
+            })
+        }
+        Ok(_) => {}
+    }
+    match nix::sys::statfs::statfs(mountpoint) {
+        Err(nix::Error::ENOTCONN) => Err(FuseError::StaleMount(path)),
+        Err(e) => Err(FuseError::Mountpoint { path, source: e.into() }),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// How to mount.
+#[derive(Clone, Debug)]
+pub struct MountSettings {
+    /// Session threads reading requests from the kernel (metadata is answered there).
+    pub session_threads: usize,
+    /// Name shown as the mount source (`findmnt`, `/proc/mounts`).
+    pub fsname: String,
+    /// Readahead window to set on the mount's backing device, in KiB (0 keeps the kernel's).
+    pub readahead_kb: u32,
+}
+
+/// Mount `fs` at `mountpoint` read-only (suid and device nodes honoured, permissions checked
+/// by the kernel, other users allowed) and start serving in the background.
+pub fn mount(fs: ClipFs, mountpoint: &Path, settings: &MountSettings) -> Result<fuser::BackgroundSession, FuseError> {
+    check_mountpoint(mountpoint)?;
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(settings.fsname.clone()),
+        MountOption::Subtype("clip".into()),
+        MountOption::RO,
+        MountOption::Suid,
+        MountOption::Dev,
+        MountOption::Exec,
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+    ];
+    config.acl = SessionACL::All;
+    config.n_threads = Some(settings.session_threads.max(1));
+    config.clone_fd = settings.session_threads > 1;
+    let err = |source| FuseError::Mount { path: mountpoint.display().to_string(), source };
+    let session = fuser::Session::new(fs, mountpoint, &config).map_err(err)?;
+    let bg = session.spawn().map_err(err)?;
+    if settings.readahead_kb > 0 {
+        if let Err(e) = set_readahead(mountpoint, settings.readahead_kb) {
+            tracing::warn!(error = %e, "cannot raise the mount's readahead; sequential reads will use the kernel default");
+        }
+    }
+    Ok(bg)
+}
+
+/// Set the readahead window of the FUSE mount at `mountpoint` (its backing device info in
+/// sysfs; the FUSE INIT reply cannot raise it above the kernel's 128 KiB offer).
+pub fn set_readahead(mountpoint: &Path, kb: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(mountpoint)?.dev();
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    std::fs::write(format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"), kb.to_string())
+}
+
+/// Unmount `mountpoint`; when it is busy and `lazy_if_busy`, detach it instead (it goes
+/// away once its last user leaves).
+pub fn unmount(mountpoint: &Path, lazy_if_busy: bool) -> Result<(), FuseError> {
+    use nix::mount::{umount2, MntFlags};
+    let err = |e: nix::Error| FuseError::Unmount { path: mountpoint.display().to_string(), source: e.into() };
+    match umount2(mountpoint, MntFlags::empty()) {
+        Ok(()) => Ok(()),
+        Err(nix::Error::EBUSY) if lazy_if_busy => {
+            tracing::warn!(mountpoint = %mountpoint.display(), "mount is busy; detaching it lazily");
+            umount2(mountpoint, MntFlags::MNT_DETACH).map_err(err)
+        }
+        Err(e) => Err(err(e)),
+    }
+}

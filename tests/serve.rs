@@ -1,0 +1,552 @@
+//! clip-serve through real FUSE mounts (needs root, /dev/fuse and fusermount3): the mounted
+//! tree against a reference extraction, a static busybox run in a chroot, overlayfs on top,
+//! concurrent reads, handle/memory stability, the disk cache, stale mounts and shutdown.
+
+mod common;
+
+use clip::demo::{noise, TarBuilder};
+use clip::oci::Platform;
+use clip::source::layout::{LayerInput, LayoutWriter};
+use common::{bin, edge_index, require_tool, run, umoci_unpack, EDGE_TAG};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::{self, File};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Fail loudly (never skip) when this machine cannot mount FUSE file systems.
+fn require_fuse() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: load the fuse module (`modprobe fuse`) or give the container --device /dev/fuse"
+    );
+    require_tool("fusermount3");
+    assert!(nix::unistd::geteuid().is_root(), "the FUSE tests mount file systems and must run as root");
+}
+
+/// Whether `dir` is a mount point (listed in /proc/self/mountinfo).
+fn is_mounted(dir: &Path) -> bool {
+    let dir = dir.to_string_lossy().into_owned();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(dir.as_str()))
+}
+
+/// A running clip-serve; dropping it stops the daemon and always leaves no mount behind.
+struct Served {
+    mnt: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+    stats: PathBuf,
+}
+
+impl Served {
+    /// Mount `index` at `tmp/<name>` with the cache in `cache` (created if needed).
+    fn start(tmp: &Path, name: &str, index: &Path, cache: &Path, extra: &[&str]) -> Served {
+        require_fuse();
+        let mnt = tmp.join(name);
+        fs::create_dir_all(&mnt).unwrap();
+        let mnt = mnt.canonicalize().unwrap();
+        let log = tmp.join(format!("{name}.log"));
+        let stats = tmp.join(format!("{name}.stats.json"));
+        let child = Command::new(bin("clip-serve"))
+            .arg(index)
+            .arg(&mnt)
+            .arg("--cache-dir")
+            .arg(cache)
+            .arg("--stats-file")
+            .arg(&stats)
+            .arg("--stats-interval")
+            .arg("1")
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .expect("start clip-serve");
+        let mut s = Served { mnt, child: Some(child), log, stats };
+        s.wait_mounted();
+        s
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_mounted(&mut self) {
+        let t = Instant::now();
+        while !is_mounted(&self.mnt) {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("clip-serve exited with {st} before mounting:\n{}", self.log());
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "clip-serve did not mount within 20 s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Send SIGTERM and wait for the daemon to exit; returns its exit status.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+        let t = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if t.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                panic!("clip-serve did not exit within 20 s of SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The counters the daemon last wrote (waits for a fresh write).
+    fn stats(&self) -> serde_json::Value {
+        let before = fs::metadata(&self.stats).and_then(|m| m.modified()).ok();
+        let t = Instant::now();
+        loop {
+            let now = fs::metadata(&self.stats).and_then(|m| m.modified()).ok();
+            if now.is_some() && now != before {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "no stats file written:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        serde_json::from_slice(&fs::read(&self.stats).unwrap()).unwrap()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let t = Instant::now();
+            while child.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.mnt).status();
+        }
+    }
+}
+
+/// Lazily unmounts a non-FUSE mount (overlay) on drop.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+/// Every path below `root` (relative, without the root itself), sorted.
+fn walk(root: &Path) -> BTreeSet<PathBuf> {
+    fn rec(root: &Path, dir: &Path, out: &mut BTreeSet<PathBuf>) {
+        for e in fs::read_dir(dir).unwrap_or_else(|e| panic!("readdir {}: {e}", dir.display())) {
+            let e = e.unwrap();
+            let p = e.path();
+            out.insert(p.strip_prefix(root).unwrap().to_path_buf());
+            if e.file_type().unwrap().is_dir() {
+                rec(root, &p, out);
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    rec(root, root, &mut out);
+    out
+}
+
+/// The `user.*` and `security.capability` extended attributes of `p` (via getfattr), as
+/// name -> hex value.
+fn xattrs(p: &Path) -> BTreeMap<String, String> {
+    require_tool("getfattr");
+    let out = run(Command::new("getfattr").args(["--absolute-names", "-d", "-m", "-", "-e", "hex"]).arg(p));
+    String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .filter(|(n, _)| n.starts_with("user.") || *n == "security.capability")
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Directories that appear as entries in some layer of the edge image (the others are
+/// parents the extractor had to synthesize, whose mtimes are not in the image).
+fn explicit_dirs() -> BTreeSet<PathBuf> {
+    let mut out = BTreeSet::new();
+    for layer in common::edge_layers() {
+        let mut ar = tar::Archive::new(&layer[..]);
+        for e in ar.entries().unwrap() {
+            let e = e.unwrap();
+            if e.header().entry_type() == tar::EntryType::Directory {
+                let p = e.path().unwrap().into_owned();
+                out.insert(p.components().filter(|c| c.as_os_str() != ".").collect());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn mounted_edge_image_matches_umoci_extraction() {
+    require_fuse();
+    let tmp = tempfile::tempdir().unwrap();
+    let (layout, index) = edge_index(tmp.path());
+    fs::create_dir(tmp.path().join("ref")).unwrap();
+    let reference = umoci_unpack(&layout, EDGE_TAG, &tmp.path().join("ref"));
+    let served = Served::start(tmp.path(), "mnt", &index, &tmp.path().join("cache"), &[]);
+    let mnt = &served.mnt;
+    let explicit = explicit_dirs();
+
+    let want = walk(&reference);
+    let got = walk(mnt);
+    assert_eq!(got, want, "the mounted tree has different paths than the reference");
+    assert!(want.len() > 100, "the edge image should have many entries, got {}", want.len());
+
+    let mut ref_inodes: HashMap<u64, PathBuf> = HashMap::new();
+    let mut mnt_inodes: HashMap<u64, PathBuf> = HashMap::new();
+    let mut bad = Vec::new();
+    let mut check = |what: &str, rel: &Path, got: String, want: String| {
+        if got != want {
+            bad.push(format!("{}: {what}: mount has {got}, reference has {want}", rel.display()));
+        }
+    };
+    for rel in std::iter::once(PathBuf::new()).chain(want.iter().cloned()) {
+        let (r, m) = (reference.join(&rel), mnt.join(&rel));
+        let (rm, mm) = (fs::symlink_metadata(&r).unwrap(), fs::symlink_metadata(&m).unwrap());
+        check("mode", &rel, format!("{:o}", mm.mode()), format!("{:o}", rm.mode()));
+        check("owner", &rel, format!("{}:{}", mm.uid(), mm.gid()), format!("{}:{}", rm.uid(), rm.gid()));
+        // umoci leaves the rootfs directory itself and the parents it had to create (not in
+        // any layer) with the extraction time; every other mtime comes from the image.
+        let synthesized = rm.is_dir() && (rel.as_os_str().is_empty() || !explicit.contains(&rel));
+        if !synthesized {
+            check("mtime", &rel, format!("{}.{:09}", mm.mtime(), mm.mtime_nsec()), format!("{}.{:09}", rm.mtime(), rm.mtime_nsec()));
+        }
+        check("nlink", &rel, mm.nlink().to_string(), rm.nlink().to_string());
+        let ft = rm.file_type();
+        if ft.is_dir() {
+            check("directory size", &rel, mm.size().to_string(), "4096".into());
+        } else {
+            check("size", &rel, mm.size().to_string(), rm.size().to_string());
+            check("blocks", &rel, mm.blocks().to_string(), mm.size().div_ceil(512).to_string());
+        }
+        check("blksize", &rel, mm.blksize().to_string(), "4096".into());
+        if ft.is_symlink() {
+            check("symlink target", &rel, format!("{:?}", fs::read_link(&m).unwrap()), format!("{:?}", fs::read_link(&r).unwrap()));
+        }
+        if ft.is_char_device() || ft.is_block_device() {
+            check("rdev", &rel, format!("{:#x}", mm.rdev()), format!("{:#x}", rm.rdev()));
+        }
+        if ft.is_file() {
+            let same = fs::read(&m).unwrap() == fs::read(&r).unwrap();
+            check("content", &rel, if same { "same bytes" } else { "different bytes" }.into(), "same bytes".into());
+            // Hardlink identity: two names share an inode in the mount iff they do in the
+            // reference.
+            let prev_ref = ref_inodes.insert(rm.ino(), rel.clone());
+            let prev_mnt = mnt_inodes.insert(mm.ino(), rel.clone());
+            check("same inode as", &rel, format!("{prev_mnt:?}"), format!("{prev_ref:?}"));
+        }
+        if !ft.is_symlink() {
+            check("xattrs", &rel, format!("{:?}", xattrs(&m)), format!("{:?}", xattrs(&r)));
+        }
+    }
+    assert!(bad.is_empty(), "{} differences:\n{}", bad.len(), bad.join("\n"));
+    let files = want.iter().filter(|p| mnt.join(p).symlink_metadata().unwrap().is_file()).count();
+    assert!(mnt_inodes.len() < files, "the edge image has hardlinks; none were seen");
+
+    let ping = xattrs(&mnt.join("usr/bin/ping"));
+    assert_eq!(ping.keys().collect::<Vec<_>>(), ["security.capability", "user.note"], "xattrs of ping");
+    let caps = run(Command::new("getcap").arg(mnt.join("usr/bin/ping")));
+    assert!(String::from_utf8_lossy(&caps).contains("cap_net_raw"), "getcap output: {}", String::from_utf8_lossy(&caps));
+
+    // Writes are refused: the mount is read-only.
+    let err = fs::write(mnt.join("etc/new"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    let err = fs::remove_file(mnt.join("etc/hostname")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    let err = fs::OpenOptions::new().write(true).open(mnt.join("etc/hostname")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    assert_eq!(fs::metadata(mnt.join("no/such")).unwrap_err().kind(), std::io::ErrorKind::NotFound);
+
+    let st = nix::sys::statvfs::statvfs(mnt.as_path()).unwrap();
+    assert!(st.files() as usize > want.len(), "statfs counts the entries");
+}
+
+/// An OCI layout (tag `bb`) with Debian's static busybox and a few applet links, and its index.
+fn busybox_index(tmp: &Path) -> (PathBuf, Vec<u8>) {
+    require_tool("busybox");
+    let busybox = fs::read("/bin/busybox").expect("read /bin/busybox (package busybox-static)");
+    let mut t = TarBuilder::new();
+    t.dir("./", 0o755).dir("bin/", 0o755).file("bin/busybox", 0o755, &busybox);
+    for applet in ["sh", "ls", "cat", "find", "sha256sum", "wc", "echo", "mv", "rm"] {
+        t.link(tar::EntryType::Symlink, &format!("bin/{applet}"), "busybox");
+    }
+    let data = noise(7, 3 << 20);
+    t.dir("etc/", 0o755)
+        .file("etc/motd", 0o644, b"hello from clip\n")
+        .dir("data/", 0o755)
+        .file("data/big", 0o644, &data)
+        .dir("tmp/", 0o1777);
+    let layout = tmp.join("bb-layout");
+    let mut w = LayoutWriter::create(&layout).unwrap();
+    let m = w.image(&[LayerInput::gzip(t.finish())], &Platform::host(), "2025-05-20T00:00:00Z").unwrap();
+    w.tag(m, "bb");
+    w.finish().unwrap();
+    let index = tmp.join("bb.clip");
+    run(Command::new(bin("clip-build")).arg(format!("{}:bb", layout.display())).arg("-o").arg(&index).arg("--quiet"));
+    (index, data)
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+fn chroot(root: &Path, script: &str) -> String {
+    require_tool("chroot");
+    String::from_utf8(run(Command::new("chroot").arg(root).arg("/bin/busybox").arg("sh").arg("-c").arg(script))).unwrap()
+}
+
+#[test]
+fn static_busybox_runs_in_a_chroot_of_the_mount() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (index, data) = busybox_index(tmp.path());
+    let served = Served::start(tmp.path(), "mnt", &index, &tmp.path().join("cache"), &[]);
+    let out = chroot(&served.mnt, "ls /bin; cat /etc/motd; find / | wc -l; sha256sum /data/big");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines.contains(&"busybox") && lines.contains(&"sha256sum"), "ls /bin: {out}");
+    assert!(lines.contains(&"hello from clip"), "cat: {out}");
+    // /, bin, busybox, 9 applet links, etc, motd, data, big, tmp.
+    assert!(lines.contains(&"17"), "find | wc -l: {out}");
+    assert!(out.contains(&format!("{}  /data/big", sha256_hex(&data))), "sha256sum: {out}");
+    // The shell found through a symlink works too.
+    let out = String::from_utf8(run(Command::new("chroot").arg(&served.mnt).arg("/bin/sh").arg("-c").arg("echo via-symlink"))).unwrap();
+    assert_eq!(out.trim(), "via-symlink");
+}
+
+#[test]
+fn overlayfs_with_the_mount_as_lowerdir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (index, data) = busybox_index(tmp.path());
+    let served = Served::start(tmp.path(), "lower", &index, &tmp.path().join("cache"), &[]);
+    let (upper, work, merged) = (tmp.path().join("upper"), tmp.path().join("work"), tmp.path().join("merged"));
+    for d in [&upper, &work, &merged] {
+        fs::create_dir_all(d).unwrap();
+    }
+    let opts = format!("lowerdir={},upperdir={},workdir={}", served.mnt.display(), upper.display(), work.display());
+    run(Command::new("mount").args(["-t", "overlay", "overlay", "-o", &opts]).arg(&merged));
+    let _overlay = Unmount(merged.clone());
+
+    fs::write(merged.join("etc/new"), b"written in the merged view\n").unwrap();
+    let mut motd = fs::read(merged.join("etc/motd")).unwrap();
+    motd.extend_from_slice(b"appended\n");
+    fs::write(merged.join("etc/motd"), &motd).unwrap();
+    fs::remove_file(merged.join("bin/rm")).unwrap();
+    fs::rename(merged.join("data/big"), merged.join("data/moved")).unwrap();
+    assert_eq!(fs::read(merged.join("data/moved")).unwrap(), data, "renamed file keeps its bytes (copied up)");
+    assert!(!merged.join("data/big").exists());
+
+    let out = chroot(&merged, "cat /etc/new /etc/motd; ls /bin; sha256sum /data/moved; echo chroot >> /tmp/x; cat /tmp/x");
+    assert!(out.contains("written in the merged view\nhello from clip\nappended\n"), "{out}");
+    assert!(!out.lines().any(|l| l == "rm"), "rm was deleted in the merged view: {out}");
+    assert!(out.contains(&sha256_hex(&data)), "{out}");
+    assert!(out.trim_end().ends_with("chroot"), "{out}");
+
+    // The lower layer (the clip mount) is untouched.
+    assert_eq!(fs::read(served.mnt.join("etc/motd")).unwrap(), b"hello from clip\n");
+    assert!(served.mnt.join("bin/rm").symlink_metadata().is_ok());
+    assert_eq!(fs::read(served.mnt.join("data/big")).unwrap(), data);
+    assert!(!served.mnt.join("etc/new").exists());
+    assert!(upper.join("etc/new").is_file(), "new files land in the upper dir");
+}
+
+/// A gzip image of `n` large files (several chunks each) and many small ones; returns the
+/// index and the expected content by path.
+fn many_files_index(tmp: &Path, n: usize) -> (PathBuf, Vec<(String, Vec<u8>)>) {
+    let mut t = TarBuilder::new();
+    let mut files = Vec::new();
+    t.dir("./", 0o755).dir("big/", 0o755).dir("small/", 0o755);
+    for i in 0..n {
+        let data = noise(100 + i as u64, (2 << 20) + i * 77_777);
+        files.push((format!("big/f{i}"), data));
+    }
+    for i in 0..200 {
+        files.push((format!("small/s{i:03}"), noise(1000 + i as u64, 100 + i * 97)));
+    }
+    for (p, d) in &files {
+        t.file(p, 0o644, d);
+    }
+    let layout = tmp.join("many-layout");
+    let mut w = LayoutWriter::create(&layout).unwrap();
+    let m = w.image(&[LayerInput::gzip(t.finish())], &Platform::host(), "2025-05-20T00:00:00Z").unwrap();
+    w.tag(m, "many");
+    w.finish().unwrap();
+    let index = tmp.join("many.clip");
+    run(Command::new(bin("clip-build")).arg(format!("{}:many", layout.display())).arg("-o").arg(&index).arg("--quiet"));
+    (index, files)
+}
+
+/// Drop the kernel's cached pages of `f` so the next read goes to the daemon.
+fn drop_page_cache(f: &File) {
+    nix::fcntl::posix_fadvise(f, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED).unwrap();
+}
+
+#[test]
+fn concurrent_random_reads_return_correct_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (index, files) = many_files_index(tmp.path(), 6);
+    // A cache smaller than the image: pieces are evicted and refetched while reading.
+    let served = Served::start(tmp.path(), "mnt", &index, &tmp.path().join("cache"), &["--cache-size", "3M"]);
+    let files = std::sync::Arc::new(files);
+    let threads: Vec<_> = (0..8u64)
+        .map(|seed| {
+            let (files, mnt) = (files.clone(), served.mnt.clone());
+            std::thread::spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                for _ in 0..150 {
+                    let (path, data) = &files[rng.gen_range(0..files.len())];
+                    let f = File::open(mnt.join(path)).unwrap();
+                    for _ in 0..4 {
+                        let off = rng.gen_range(0..data.len());
+                        let len = rng.gen_range(1..=(data.len() - off).min(300_000));
+                        let mut buf = vec![0u8; len];
+                        f.read_exact_at(&mut buf, off as u64).unwrap();
+                        assert!(buf == data[off..off + len], "{path} at {off}+{len}: wrong bytes");
+                        drop_page_cache(&f);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a reader thread failed");
+    }
+    let stats = served.stats();
+    assert_eq!(stats["serve"]["read_errors"], 0, "{stats}");
+    assert!(stats["disk_cache"]["evictions"].as_u64().unwrap() > 0, "the small cache evicted: {stats}");
+    assert!(stats["disk_cache"]["bytes"].as_u64().unwrap() <= 3 << 20, "{stats}");
+}
+
+fn daemon_fds_and_rss(pid: u32) -> (usize, u64) {
+    let fds = fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    (fds, rss)
+}
+
+#[test]
+fn open_read_close_loop_leaks_no_handles_or_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (index, files) = many_files_index(tmp.path(), 3);
+    let served = Served::start(tmp.path(), "mnt", &index, &tmp.path().join("cache"), &[]);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let mut round = |n: usize| {
+        for _ in 0..n {
+            let (path, data) = &files[rng.gen_range(0..files.len())];
+            let f = File::open(served.mnt.join(path)).unwrap();
+            let off = rng.gen_range(0..data.len());
+            let mut buf = vec![0u8; (data.len() - off).min(8192)];
+            f.read_exact_at(&mut buf, off as u64).unwrap();
+            assert!(buf == data[off..off + buf.len()]);
+            drop_page_cache(&f);
+        }
+    };
+    round(300);
+    std::thread::sleep(Duration::from_millis(300));
+    let (fds0, rss0) = daemon_fds_and_rss(served.pid());
+    round(3000);
+    std::thread::sleep(Duration::from_millis(300));
+    let (fds1, rss1) = daemon_fds_and_rss(served.pid());
+    assert_eq!(fds1, fds0, "daemon fd count changed over 3000 open/read/close");
+    assert!(rss1 < rss0 + 16 * 1024, "daemon RSS grew from {rss0} kB to {rss1} kB");
+    let stats = served.stats();
+    assert_eq!(stats["serve"]["open_handles"], 0, "{stats}");
+    assert_eq!(stats["serve"]["opens"], 3300, "{stats}");
+}
+
+#[test]
+fn warm_reads_come_from_the_disk_cache_and_bad_objects_are_refetched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (index, files) = many_files_index(tmp.path(), 2);
+    let cache = tmp.path().join("cache");
+    let read_all = |mnt: &Path| {
+        for (p, d) in &files {
+            assert!(fs::read(mnt.join(p)).unwrap() == *d, "{p}: wrong bytes");
+        }
+    };
+    let mut cold = Served::start(tmp.path(), "cold", &index, &cache, &[]);
+    read_all(&cold.mnt);
+    assert!(cold.terminate().success());
+    let cold_stats: serde_json::Value = serde_json::from_slice(&fs::read(&cold.stats).unwrap()).unwrap();
+    assert!(cold_stats["serve"]["inflated"].as_u64().unwrap() > 0, "{cold_stats}");
+    let stored = cold_stats["disk_cache"]["stores"].as_u64().unwrap();
+    assert!(stored >= files.len() as u64, "{cold_stats}");
+
+    // Corrupt one cached object: it must be detected, dropped and refetched.
+    let (_, small) = &files[files.len() - 1];
+    let key = sha256_hex(small);
+    let obj = cache.join(&key[..2]).join(&key);
+    fs::write(&obj, b"not the content").unwrap();
+
+    let warm = Served::start(tmp.path(), "warm", &index, &cache, &[]);
+    read_all(&warm.mnt);
+    let s = warm.stats();
+    assert_eq!(s["disk_cache"]["verify_failures"], 1, "{s}");
+    assert!(s["disk_cache"]["hits"].as_u64().unwrap() >= stored, "{s}");
+    assert_eq!(s["disk_cache"]["misses"], 0, "{s}");
+    assert!(s["serve"]["inflated"].as_u64().unwrap() < 64 << 10, "only the bad object is inflated again: {s}");
+    assert_eq!(fs::read(&obj).unwrap(), *small, "the bad object was replaced");
+}
+
+#[test]
+fn stale_mount_is_reported_and_sigterm_unmounts_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, index) = edge_index(tmp.path());
+    let cache = tmp.path().join("cache");
+    let mut crashed = Served::start(tmp.path(), "mnt", &index, &cache, &[]);
+    let mnt = crashed.mnt.clone();
+    let mut child = crashed.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let stale = nix::sys::statvfs::statvfs(mnt.as_path()).unwrap_err();
+    assert_eq!(stale, nix::Error::ENOTCONN, "mount is stale after SIGKILL");
+
+    let out = Command::new(bin("clip-serve")).arg(&index).arg(&mnt).arg("--cache-dir").arg(&cache).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stale") && err.contains(&format!("fusermount3 -u {}", mnt.display())), "{err}");
+
+    run(Command::new("fusermount3").arg("-u").arg(&mnt));
+    assert!(!is_mounted(&mnt));
+    drop(crashed);
+
+    let mut served = Served::start(tmp.path(), "mnt", &index, &cache, &[]);
+    assert_eq!(fs::read(served.mnt.join("etc/hostname")).unwrap(), b"edge\n");
+    let status = served.terminate();
+    assert!(status.success(), "exit status after SIGTERM: {status}\n{}", served.log());
+    assert!(!is_mounted(&served.mnt), "SIGTERM unmounted");
+    let log = served.log();
+    assert!(log.contains("hits=") && log.contains("misses="), "counters printed at exit:\n{log}");
+    let stats: serde_json::Value = serde_json::from_slice(&fs::read(&served.stats).unwrap()).unwrap();
+    assert!(stats["serve"]["opens"].as_u64().unwrap() >= 1, "{stats}");
+}
