@@ -97,16 +97,19 @@ impl Registry {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// Push `oci:LAYOUT:TAG` to `HOST/repo`, with `--all` for image indexes.
-    fn push(&self, layout: &Path, tag: &str, repo: &str, creds: Option<&str>) {
+    /// Push `oci:LAYOUT:TAG` to `HOST/repo`, with `--all` for image indexes; returns the
+    /// digest of the pushed manifest (skopeo may rewrite it on the way).
+    fn push(&self, layout: &Path, tag: &str, repo: &str, creds: Option<&str>) -> String {
+        let digestfile = self.dir.join("pushed-digest");
         let mut cmd = Command::new("skopeo");
-        cmd.args(["copy", "--quiet", "--all", "--dest-tls-verify=false"]);
+        cmd.args(["copy", "--quiet", "--all", "--dest-tls-verify=false"]).arg("--digestfile").arg(&digestfile);
         if let Some(c) = creds {
             cmd.arg(format!("--dest-creds={c}"));
         }
         cmd.arg(format!("oci:{}:{tag}", layout.display())).arg(format!("docker://{}/{repo}", self.host()));
         let out = cmd.output().expect("run skopeo");
         assert!(out.status.success(), "skopeo copy failed: {}\nregistry log:\n{}", String::from_utf8_lossy(&out.stderr), self.log());
+        std::fs::read_to_string(&digestfile).unwrap().trim().to_string()
     }
 }
 
@@ -161,9 +164,11 @@ fn source_of(index: &Path) -> String {
     String::from_utf8(idx.index().image.source.as_slice().to_vec()).unwrap()
 }
 
-/// Every regular file of the index, read with `clip-build cat` through the source recorded
-/// in it, must equal the same file read from `layout`.
-fn cat_all_matches_layout(index: &Path, layout: &Path, env: &[(&str, &str)]) -> usize {
+/// Every regular file of `index`, read with `clip-build cat` through the source recorded in
+/// it, must equal the same file read from `local` (the layout-built index) and its layout.
+/// skopeo compresses plain tar layers on push, so the two indexes may differ in layers but
+/// not in content.
+fn cat_all_matches_layout(index: &Path, local: &Path, layout: &Path, env: &[(&str, &str)]) -> usize {
     let idx = IndexFile::open(index).unwrap();
     let mut files = 0;
     for line in String::from_utf8(ls(index)).unwrap().lines() {
@@ -174,7 +179,7 @@ fn cat_all_matches_layout(index: &Path, layout: &Path, env: &[(&str, &str)]) -> 
         }
         let o = clip_build(env).arg("cat").arg(index).arg(path).output().unwrap();
         assert!(o.status.success(), "cat {path}: {}", String::from_utf8_lossy(&o.stderr));
-        let want = run(Command::new(bin("clip-build")).arg("cat").arg(index).arg(path).arg("--layout").arg(layout));
+        let want = run(Command::new(bin("clip-build")).arg("cat").arg(local).arg(path).arg("--layout").arg(layout));
         assert!(o.stdout == want, "{path} differs between the registry and the layout");
         files += 1;
     }
@@ -190,17 +195,7 @@ fn verify_content(index: &Path, env: &[(&str, &str)]) -> String {
 
 /// The edge-case layout, indexed from disk; returns (layout, layout-built index).
 fn edge_reference(tmp: &Path) -> (PathBuf, PathBuf) {
-    let layout = tmp.join("layout");
-    clip::demo::write_demo(&layout).unwrap();
-    let index = tmp.join("local.clip");
-    run(Command::new(bin("clip-build")).arg(format!("{}:demo", layout.display())).arg("-o").arg(&index).arg("--quiet"));
-    (layout, index)
-}
-const EDGE_TAG: &str = "demo";
-
-fn manifest_digest(layout: &Path) -> String {
-    let idx: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
-    idx["manifests"][0]["digest"].as_str().unwrap().to_string()
+    edge_index(tmp)
 }
 
 #[test]
@@ -208,14 +203,13 @@ fn build_by_tag_and_digest_matches_the_layout() {
     let tmp = tempfile::tempdir().unwrap();
     let reg = Registry::anonymous(&tmp.path().join("reg"));
     let (layout, local) = edge_reference(tmp.path());
-    reg.push(&layout, EDGE_TAG, "team/edge:v1", None);
+    let digest = reg.push(&layout, EDGE_TAG, "team/edge:v1", None);
 
     let by_tag = tmp.path().join("tag.clip");
     build_ok(&format!("{}/team/edge:v1", reg.host()), &by_tag, &[], &[]);
     assert_eq!(ls(&by_tag), ls(&local), "the registry-built tree differs from the layout-built one");
     assert_eq!(source_of(&by_tag), format!("registry+http://{}/team/edge", reg.host()));
     let idx = IndexFile::open(&by_tag).unwrap();
-    let digest = manifest_digest(&layout);
     assert_eq!(idx.index().image.manifest_digest.as_slice(), digest.as_bytes());
     assert_eq!(idx.index().image.reference.as_slice(), format!("{}/team/edge:v1", reg.host()).as_bytes());
     drop(idx);
@@ -231,7 +225,70 @@ fn build_by_tag_and_digest_matches_the_layout() {
     build_ok(&format!("{}/team/edge:nonexistent-tag@{digest}", reg.host()), &both, &[], &[]);
     assert_eq!(ls(&both), ls(&local));
 
-    let files = cat_all_matches_layout(&by_tag, &layout, &[]);
-    assert!(files > 3, "only {files} files compared");
+    let files = cat_all_matches_layout(&by_tag, &local, &layout, &[]);
+    assert!(files > 60, "only {files} files compared");
     verify_content(&by_digest, &[]);
+}
+
+#[test]
+fn multi_platform_index_picks_the_platform() {
+    use clip::demo::TarBuilder;
+    use clip::oci::Platform;
+    use clip::source::layout::{LayerInput, LayoutWriter};
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::anonymous(&tmp.path().join("reg"));
+    let layout = tmp.path().join("multi");
+    let mut w = LayoutWriter::create(&layout).unwrap();
+    let mut manifests = Vec::new();
+    for arch in ["amd64", "arm64"] {
+        let mut t = TarBuilder::new();
+        t.dir("etc/", 0o755).file("etc/arch", 0o644, format!("{arch}\n").as_bytes());
+        let p = Platform { architecture: arch.into(), os: "linux".into(), variant: None };
+        manifests.push(w.image(&[LayerInput::gzip(t.finish())], &p, "2025-05-20T00:00:00Z").unwrap());
+    }
+    let index = w.image_index(manifests).unwrap();
+    w.tag(index, "multi");
+    w.finish().unwrap();
+    let index_digest = reg.push(&layout, "multi", "multi:1", None);
+
+    for arch in ["amd64", "arm64"] {
+        let out = tmp.path().join(format!("{arch}.clip"));
+        build_ok(&format!("{}/multi:1", reg.host()), &out, &[], &["--platform", &format!("linux/{arch}")]);
+        let idx = IndexFile::open(&out).unwrap();
+        assert_eq!(idx.index().image.platform.as_slice(), format!("linux/{arch}").as_bytes());
+        assert_ne!(idx.index().image.manifest_digest.as_slice(), index_digest.as_bytes(), "the platform manifest is pinned, not the index");
+        let got = run(clip_build(&[]).arg("cat").arg(&out).arg("/etc/arch"));
+        assert_eq!(got, format!("{arch}\n").into_bytes());
+    }
+    // By the index digest, too.
+    let out = tmp.path().join("pinned.clip");
+    build_ok(&format!("{}/multi@{index_digest}", reg.host()), &out, &[], &["--platform", "linux/arm64"]);
+    assert_eq!(run(clip_build(&[]).arg("cat").arg(&out).arg("/etc/arch")), b"arm64\n");
+    let o = clip_build(&[]).arg(format!("{}/multi:1", reg.host())).arg("-o").arg(tmp.path().join("y.clip")).args(["--platform", "linux/s390x"]).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("linux/s390x") && e.contains("linux/arm64"), "{e}");
+}
+
+#[test]
+fn errors_name_the_reference_and_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::anonymous(&tmp.path().join("reg"));
+    let (layout, _) = edge_reference(tmp.path());
+    reg.push(&layout, EDGE_TAG, "present:v1", None);
+    let out = tmp.path().join("x.clip");
+
+    let e = build_err(&format!("{}/absent:v1", reg.host()), &out, &[]);
+    assert!(e.contains("repository") && e.contains(&format!("{}/absent", reg.host())) && e.contains("does not exist"), "{e}");
+    let e = build_err(&format!("{}/present:v2", reg.host()), &out, &[]);
+    assert!(e.contains("v2") && e.contains(&format!("{}/present", reg.host())) && e.contains("unknown tag"), "{e}");
+    let missing = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+    let e = build_err(&format!("{}/present@{missing}", reg.host()), &out, &[]);
+    assert!(e.contains(missing), "{e}");
+
+    let dead = free_port();
+    let e = build_err(&format!("127.0.0.1:{dead}/app:v1"), &out, &[]);
+    assert!(e.contains(&format!("127.0.0.1:{dead}")) && e.contains("connection refused") && e.contains("running"), "{e}");
+    let e = build_err(&format!("127.0.0.1:{}/Bad:v1", reg.host().rsplit(':').next().unwrap()), &out, &[]);
+    assert!(e.contains("invalid image reference"), "{e}");
+    assert!(!out.exists());
 }

@@ -113,10 +113,9 @@ pub fn split_layout_ref(s: &str) -> (String, Option<String>) {
     }
 }
 
-/// Whether `spec` reads as a registry reference rather than a filesystem path.
-fn looks_like_registry(spec: &str) -> bool {
-    !(spec.starts_with('/') || spec.starts_with("./") || spec.starts_with("../") || spec.starts_with('~') || spec == ".")
-        && reference::Reference::parse(spec).is_ok()
+/// Whether `spec` is written as a filesystem path (never a registry reference).
+fn path_like(spec: &str) -> bool {
+    spec.starts_with('/') || spec.starts_with("./") || spec.starts_with("../") || spec.starts_with('~') || spec == "."
 }
 
 /// Open the source named by a command-line image argument. Returns the source and the
@@ -133,8 +132,15 @@ pub fn open(spec: &str) -> Result<(Box<dyn Source>, String), SourceError> {
     }
     if !spec.starts_with("oci:") {
         let (dir, _) = split_layout_ref(spec);
-        if !std::path::Path::new(&dir).is_dir() && looks_like_registry(spec) {
-            return open_registry(spec);
+        if !std::path::Path::new(&dir).exists() && !path_like(spec) {
+            return match reference::Reference::parse(spec) {
+                Ok(_) => open_registry(spec),
+                Err(SourceError::Reference { reference, why }) => Err(SourceError::Reference {
+                    reference,
+                    why: format!("{why}; no OCI layout directory has that name either"),
+                }),
+                Err(e) => Err(e),
+            };
         }
     }
     let (dir, tag) = split_layout_ref(spec);

@@ -431,9 +431,6 @@ impl Client {
             404 if has("NAME_UNKNOWN") => SourceError::NotFound(format!(
                 "repository {repo} does not exist on the registry; check the image name"
             )),
-            404 if kind == "manifest" => SourceError::NotFound(format!(
-                "{repo} has no manifest {what}; check the tag or digest (unknown tag)"
-            )),
             404 => SourceError::NotFound(format!("{repo} has no {kind} {what} (HTTP 404); the image is incomplete on the registry")),
             _ => SourceError::Registry(format!(
                 "registry {} answered HTTP {status} for {kind} {what} of {repo}{}",
@@ -603,6 +600,47 @@ impl RegistrySource {
     }
 }
 
+impl RegistrySource {
+    /// Tell an unknown repository from an unknown tag or digest (distribution answers
+    /// `MANIFEST_UNKNOWN` for both) by listing the repository's tags.
+    fn manifest_not_found(&self, resp: Response<Body>, want: &str) -> SourceError {
+        let c = &self.client;
+        let repo = c.repo_name();
+        if error_codes(resp).iter().any(|x| x == "NAME_UNKNOWN") {
+            return SourceError::NotFound(format!("repository {repo} does not exist on the registry; check the image name"));
+        }
+        let url = format!("{}/v2/{}/tags/list?n=20", c.base, c.reference.repository);
+        #[derive(serde::Deserialize)]
+        struct Tags {
+            #[serde(default)]
+            tags: Option<Vec<String>>,
+        }
+        let tags = match c.get(&url, "tag list", &[]) {
+            Ok(r) if r.status().as_u16() == 404 => {
+                return SourceError::NotFound(format!("repository {repo} does not exist on the registry; check the image name"))
+            }
+            Ok(r) if r.status().as_u16() == 200 => r
+                .into_body()
+                .into_with_config()
+                .limit(1 << 20)
+                .read_to_vec()
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Tags>(&b).ok())
+                .and_then(|t| t.tags),
+            _ => None,
+        };
+        let known = match tags {
+            Some(t) if !t.is_empty() => format!(" (some tags it has: {})", t.join(", ")),
+            _ => String::new(),
+        };
+        if want.starts_with("sha256:") {
+            SourceError::NotFound(format!("{repo} has no manifest {want}; check the digest{known}"))
+        } else {
+            SourceError::NotFound(format!("{repo} has no tag {want:?} (unknown tag); check the tag{known}"))
+        }
+    }
+}
+
 impl Source for RegistrySource {
     fn describe(&self) -> String {
         let r = &self.client.reference;
@@ -614,6 +652,9 @@ impl Source for RegistrySource {
         let want = self.manifest_ref(reference)?;
         let url = format!("{}/v2/{}/manifests/{want}", c.base, c.reference.repository);
         let resp = c.get(&url, &format!("manifest {want}"), &[("Accept", ACCEPT_MANIFESTS.to_string())])?;
+        if resp.status().as_u16() == 404 {
+            return Err(self.manifest_not_found(resp, &want));
+        }
         if resp.status().as_u16() != 200 {
             return Err(c.status_error(resp, &want, "manifest"));
         }
