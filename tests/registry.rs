@@ -292,3 +292,171 @@ fn errors_name_the_reference_and_what_to_do() {
     assert!(e.contains("invalid image reference"), "{e}");
     assert!(!out.exists());
 }
+
+/// What the test proxy does to the traffic it forwards.
+#[derive(Clone, Copy, Default)]
+struct ProxyMode {
+    /// Remove `Range` from requests (the registry then answers 200 with the whole blob).
+    strip_range: bool,
+    /// Cut this many blob response bodies after `cut_after` body bytes.
+    cuts: usize,
+    cut_after: usize,
+    /// Forward request number N (1-based) without its `Authorization` header, so the
+    /// registry answers 401 to a client that holds a token.
+    drop_auth_of: usize,
+}
+
+/// A loopback HTTP proxy in front of the registry, one request per connection.
+struct Proxy {
+    port: u16,
+    /// `Range` headers of blob requests, as the client sent them.
+    ranges: Arc<Mutex<Vec<String>>>,
+    /// Blob bodies cut so far.
+    cut: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+}
+
+impl Proxy {
+    fn start(upstream: u16, mode: ProxyMode) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let ranges = Arc::new(Mutex::new(Vec::new()));
+        let cut = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (r, c, n) = (ranges.clone(), cut.clone(), requests.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let (r, c, n) = (r.clone(), c.clone(), n.clone());
+                std::thread::spawn(move || {
+                    let _ = Proxy::serve(conn, upstream, mode, &r, &c, &n);
+                });
+            }
+        });
+        Proxy { port, ranges, cut, requests }
+    }
+
+    fn serve(
+        client: TcpStream,
+        upstream: u16,
+        mode: ProxyMode,
+        ranges: &Mutex<Vec<String>>,
+        cut: &AtomicUsize,
+        requests: &AtomicUsize,
+    ) -> std::io::Result<()> {
+        let mut reader = BufReader::new(client.try_clone()?);
+        let mut request_line = String::new();
+        reader.read_line(&mut request_line)?;
+        let nth = requests.fetch_add(1, Ordering::SeqCst) + 1;
+        let blob = request_line.starts_with("GET ") && request_line.contains("/blobs/");
+        let mut head = request_line.clone();
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line)?;
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            let name = line.split(':').next().unwrap_or("").to_ascii_lowercase();
+            if name == "range" && blob {
+                ranges.lock().unwrap().push(line.split_once(':').unwrap().1.trim().to_string());
+            }
+            let drop = name == "connection"
+                || (name == "range" && mode.strip_range)
+                || (name == "authorization" && nth == mode.drop_auth_of);
+            if !drop {
+                head.push_str(&line);
+            }
+        }
+        head.push_str("Connection: close\r\n\r\n");
+        let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
+        up.write_all(head.as_bytes())?;
+        let mut client = client;
+        let mut up_reader = BufReader::new(up);
+        // Response head.
+        let mut resp_head = Vec::new();
+        loop {
+            let mut line = Vec::new();
+            up_reader.read_until(b'\n', &mut line)?;
+            resp_head.extend_from_slice(&line);
+            if line == b"\r\n" || line.is_empty() {
+                break;
+            }
+        }
+        client.write_all(&resp_head)?;
+        let ok = resp_head.starts_with(b"HTTP/1.1 200") || resp_head.starts_with(b"HTTP/1.1 206");
+        if blob && ok && cut.load(Ordering::SeqCst) < mode.cuts {
+            cut.fetch_add(1, Ordering::SeqCst);
+            std::io::copy(&mut up_reader.take(mode.cut_after as u64), &mut client)?;
+            client.shutdown(std::net::Shutdown::Both)?;
+            return Ok(());
+        }
+        std::io::copy(&mut up_reader, &mut client)?;
+        Ok(())
+    }
+}
+
+#[test]
+fn range_ignoring_server_and_cut_connections_still_read_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::anonymous(&tmp.path().join("reg"));
+    let (layout, local) = edge_reference(tmp.path());
+    reg.push(&layout, EDGE_TAG, "edge:v1", None);
+
+    // Ranges stripped: every read gets the whole blob and must skip and truncate.
+    let strip = Proxy::start(reg.port, ProxyMode { strip_range: true, ..Default::default() });
+    let via_strip = tmp.path().join("strip.clip");
+    build_ok(&format!("127.0.0.1:{}/edge:v1", strip.port), &via_strip, &[], &[]);
+    assert_eq!(ls(&via_strip), ls(&local));
+    assert!(cat_all_matches_layout(&via_strip, &local, &layout, &[]) > 60);
+    let ranges = strip.ranges.lock().unwrap().clone();
+    assert!(
+        ranges.iter().any(|r| !r.starts_with("bytes=0-")),
+        "reads should ask for ranges from checkpoints past the start: {ranges:?}"
+    );
+
+    // Bodies cut after 100 KB, five times: the build resumes with Range from where it was.
+    let cutter = Proxy::start(reg.port, ProxyMode { cuts: 5, cut_after: 100_000, ..Default::default() });
+    let via_cut = tmp.path().join("cut.clip");
+    build_ok(&format!("127.0.0.1:{}/edge:v1", cutter.port), &via_cut, &[], &[]);
+    assert_eq!(cutter.cut.load(Ordering::SeqCst), 5, "the proxy should have cut five bodies");
+    assert_eq!(ls(&via_cut), ls(&local));
+    let resumed = cutter.ranges.lock().unwrap().clone();
+    assert!(resumed.iter().any(|r| r.starts_with("bytes=100000-")), "no resume from byte 100000: {resumed:?}");
+    // Reads through a cutting proxy are exact too (verify hashes every file).
+    let cutter2 = Proxy::start(reg.port, ProxyMode { cuts: 3, cut_after: 5_000, ..Default::default() });
+    let idx_bytes = std::fs::read(&via_cut).unwrap();
+    let via_cut2 = tmp.path().join("cut2.clip");
+    std::fs::write(&via_cut2, &idx_bytes).unwrap();
+    let src = clip::source::registry::RegistrySource::open(
+        &clip::source::reference::Reference::parse(&format!("127.0.0.1:{}/edge", cutter2.port)).unwrap(),
+        &Default::default(),
+    )
+    .unwrap();
+    let idx = IndexFile::open(&via_cut2).unwrap();
+    let mut files = 0;
+    for i in 0..idx.entry_count() {
+        if idx.entry(i).unwrap().kind != Kind::File as u8 {
+            continue;
+        }
+        let mut r = clip::read::FileReader::new(&idx, i).unwrap();
+        for k in 0..r.pieces().len() {
+            r.piece(&idx, &src, &[], k).unwrap_or_else(|e| panic!("entry {i} piece {k}: {e}"));
+        }
+        files += 1;
+    }
+    assert!(files > 60);
+    assert_eq!(cutter2.cut.load(Ordering::SeqCst), 3);
+    // A server that always cuts: bounded retries, then a clear error.
+    let always = Proxy::start(reg.port, ProxyMode { cuts: usize::MAX, cut_after: 1000, ..Default::default() });
+    let src = clip::source::registry::RegistrySource::open(
+        &clip::source::reference::Reference::parse(&format!("127.0.0.1:{}/edge", always.port)).unwrap(),
+        &clip::source::registry::RegistryOptions { retries: 2, backoff: Duration::from_millis(10), ..Default::default() },
+    )
+    .unwrap();
+    let layer = String::from_utf8(idx.layer(0).unwrap().digest.as_slice().to_vec()).unwrap();
+    let mut sink = Vec::new();
+    let err = src.blob(&layer, 0, None).unwrap().read_to_end(&mut sink).unwrap_err().to_string();
+    assert!(err.contains(&layer) && err.contains("resuming failed"), "{err}");
+    let n = always.requests.load(Ordering::SeqCst);
+    assert!((2..=18).contains(&n), "resumes must be bounded: {n} requests");
+}

@@ -700,31 +700,38 @@ impl Source for RegistrySource {
             end: known_end,
             body: Some(body),
             failures: 0,
+            resumes: 0,
         }))
     }
 }
 
 /// A blob body that survives interruptions: on a read error or an early end it asks for
-/// the remaining range again (at most `retries` times in a row without progress).
+/// the remaining range again (at most `retries` times in a row without progress, and
+/// `8 × retries` times in all).
 struct BlobReader {
     client: Arc<Client>,
     digest: String,
     pos: u64,
     end: Option<u64>,
     body: Option<ureq::BodyReader<'static>>,
+    /// Interruptions since the last progress.
     failures: u32,
+    /// Interruptions in all.
+    resumes: u32,
 }
 
 impl BlobReader {
     fn interrupted(&mut self, why: String) -> std::io::Result<()> {
         self.body = None;
-        if self.failures >= self.client.retries {
+        self.resumes += 1;
+        if self.failures >= self.client.retries || self.resumes > self.client.retries * 8 {
             return Err(std::io::Error::other(format!(
-                "blob {} from {}: {why} at byte {}, and resuming failed {} times; is the registry up?",
+                "blob {} from {}: {why} at byte {}, and resuming failed ({} tries in a row, {} in all); is the registry or the network unstable?",
                 self.digest,
                 self.client.reference.registry,
                 self.pos,
-                self.failures
+                self.failures,
+                self.resumes
             )));
         }
         tracing::debug!("blob {}: {why} at byte {}; resuming", self.digest, self.pos);
