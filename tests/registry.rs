@@ -460,3 +460,113 @@ fn range_ignoring_server_and_cut_connections_still_read_exactly() {
     let n = always.requests.load(Ordering::SeqCst);
     assert!((2..=18).contains(&n), "resumes must be bounded: {n} requests");
 }
+
+fn openssl(args: &[&str], dir: &Path) {
+    require_tool("openssl");
+    run(Command::new("openssl").args(args).current_dir(dir));
+}
+
+/// A test CA and a server certificate for 127.0.0.1 signed by it: (ca.pem, cert, key).
+fn test_tls(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=clip test CA", "-keyout", "ca.key", "-out", "ca.pem"];
+    ca.extend(ec);
+    ca.extend(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+    openssl(&ca, dir);
+    let mut csr = vec!["req", "-new", "-subj", "/CN=127.0.0.1", "-keyout", "srv.key", "-out", "srv.csr"];
+    csr.extend(ec);
+    openssl(&csr, dir);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        &["x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "srv.pem"],
+        dir,
+    );
+    (dir.join("ca.pem"), dir.join("srv.pem"), dir.join("srv.key"))
+}
+
+#[test]
+fn basic_auth_over_tls_with_env_docker_config_and_credential_helper() {
+    use base64::Engine;
+    require_tool("htpasswd");
+    let tmp = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_tls(&tmp.path().join("tls"));
+    let htpasswd = tmp.path().join("htpasswd");
+    let out = run(Command::new("htpasswd").args(["-Bbn", "alice", "s3cret-pw"]));
+    std::fs::write(&htpasswd, out).unwrap();
+    let reg = Registry::start(&tmp.path().join("reg"), Auth::Basic(htpasswd), Some((&cert, &key)));
+    let (layout, local) = edge_reference(tmp.path());
+    reg.push(&layout, EDGE_TAG, "private/edge:v1", Some("alice:s3cret-pw"));
+    let image = format!("{}/private/edge:v1", reg.host());
+    let ca_s = ca.to_str().unwrap();
+    let tls = [("CLIP_REGISTRY_PLAIN_HTTP", "0"), ("CLIP_REGISTRY_CA_FILE", ca_s)];
+    let x = tmp.path().join("x.clip");
+
+    // Without a login: denied, and the message says how to log in.
+    let e = build_err(&image, &x, &tls);
+    assert!(e.contains(&format!("{}/private/edge", reg.host())) && e.contains("docker login") && e.contains("CLIP_REGISTRY_USERNAME"), "{e}");
+    // Without the CA: a TLS error that names the fix.
+    let e = build_err(&image, &x, &[("CLIP_REGISTRY_PLAIN_HTTP", "0"), ("CLIP_REGISTRY_USERNAME", "alice"), ("CLIP_REGISTRY_PASSWORD", "s3cret-pw")]);
+    assert!(e.contains("TLS") && e.contains("CLIP_REGISTRY_CA_FILE"), "{e}");
+    // A wrong password.
+    let mut bad = tls.to_vec();
+    bad.extend([("CLIP_REGISTRY_USERNAME", "alice"), ("CLIP_REGISTRY_PASSWORD", "wrong")]);
+    let e = build_err(&image, &x, &bad);
+    assert!(e.contains("denied") && !e.contains("wrong"), "{e}");
+
+    // Login from the environment, with debug logs that must not show the secret.
+    let mut env = tls.to_vec();
+    env.extend([("CLIP_REGISTRY_USERNAME", "alice"), ("CLIP_REGISTRY_PASSWORD", "s3cret-pw"), ("RUST_LOG", "debug")]);
+    let by_env = tmp.path().join("env.clip");
+    let logs = build_ok(&image, &by_env, &env, &[]);
+    assert_eq!(ls(&by_env), ls(&local));
+    assert_eq!(source_of(&by_env), format!("registry://{}/private/edge", reg.host()));
+    let basic = base64::engine::general_purpose::STANDARD.encode("alice:s3cret-pw");
+    assert!(!logs.contains("s3cret-pw") && !logs.contains(&basic), "secret in the logs:\n{logs}");
+    let bytes = std::fs::read(&by_env).unwrap();
+    for s in ["s3cret-pw", basic.as_str(), "alice"] {
+        assert!(!bytes.windows(s.len()).any(|w| w == s.as_bytes()), "{s} is in the index file");
+    }
+    verify_content(&by_env, &env);
+
+    // Login from a docker config `auths` entry.
+    let cfg = tmp.path().join("docker");
+    std::fs::create_dir_all(&cfg).unwrap();
+    let auths = serde_json::json!({"auths": {reg.host(): {"auth": basic}}});
+    std::fs::write(cfg.join("config.json"), auths.to_string()).unwrap();
+    let mut env = tls.to_vec();
+    env.push(("DOCKER_CONFIG", cfg.to_str().unwrap()));
+    let by_cfg = tmp.path().join("cfg.clip");
+    build_ok(&image, &by_cfg, &env, &[]);
+    assert_eq!(ls(&by_cfg), ls(&local));
+
+    // Login from a credential helper (`credHelpers`), a script on PATH.
+    let helper_dir = tmp.path().join("helper");
+    std::fs::create_dir_all(&helper_dir).unwrap();
+    let asked = helper_dir.join("asked");
+    let script = helper_dir.join("docker-credential-cliptest");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = get ] || exit 1\ncat > {}\necho '{{\"ServerURL\":\"{}\",\"Username\":\"alice\",\"Secret\":\"s3cret-pw\"}}'\n",
+            asked.display(),
+            reg.host()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let cfg2 = tmp.path().join("docker2");
+    std::fs::create_dir_all(&cfg2).unwrap();
+    std::fs::write(cfg2.join("config.json"), serde_json::json!({"credHelpers": {reg.host(): "cliptest"}}).to_string()).unwrap();
+    let path = format!("{}:{}", helper_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let mut env = tls.to_vec();
+    env.extend([("DOCKER_CONFIG", cfg2.to_str().unwrap()), ("PATH", path.as_str())]);
+    let by_helper = tmp.path().join("helper.clip");
+    build_ok(&image, &by_helper, &env, &[]);
+    assert_eq!(ls(&by_helper), ls(&local));
+    assert_eq!(std::fs::read_to_string(&asked).unwrap(), reg.host(), "the helper is asked for the registry host");
+}

@@ -382,14 +382,23 @@ impl Client {
                 unreachable_msg(host, "connection refused", self.plain_http)
             }
             ureq::Error::HostNotFound => unreachable_msg(host, "host not found (DNS)", self.plain_http),
-            ureq::Error::Tls(_) | ureq::Error::Rustls(_) | ureq::Error::Pem(_) => SourceError::Unreachable(format!(
-                "TLS with registry {host} failed ({e}); for a private CA set {ENV_CA_FILE}=ca.pem, for a plain-HTTP registry {ENV_PLAIN_HTTP}=1, to skip verification {ENV_INSECURE}=1"
-            )),
+            // rustls reports certificate and handshake failures as InvalidData I/O errors.
+            ureq::Error::Tls(_) | ureq::Error::Rustls(_) | ureq::Error::Pem(_) => self.tls_error(e),
+            ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData && !self.plain_http => {
+                self.tls_error(ureq::Error::Io(io))
+            }
             ureq::Error::TooManyRedirects | ureq::Error::RedirectFailed => {
                 SourceError::Registry(format!("{what}: the registry {host} redirected too often or to a bad location ({e})"))
             }
             e => unreachable_msg(host, format!("{what}: {e}"), self.plain_http),
         }
+    }
+
+    fn tls_error(&self, e: ureq::Error) -> SourceError {
+        let host = &self.reference.registry;
+        SourceError::Unreachable(format!(
+            "TLS with registry {host} failed ({e}); for a private CA set {ENV_CA_FILE}=ca.pem, for a plain-HTTP registry {ENV_PLAIN_HTTP}=1, to skip verification {ENV_INSECURE}=1"
+        ))
     }
 
     /// GET `url` with authentication (answering one 401 per request) and retries.
