@@ -26,6 +26,7 @@ struct RedisServer {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    extra: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -34,7 +35,11 @@ fn free_port() -> u16 {
 
 impl RedisServer {
     fn start(dir: &Path) -> RedisServer {
-        let mut s = RedisServer { port: free_port(), dir: dir.to_path_buf(), child: None };
+        RedisServer::start_with(dir, &[])
+    }
+
+    fn start_with(dir: &Path, extra: &[&str]) -> RedisServer {
+        let mut s = RedisServer { port: free_port(), dir: dir.to_path_buf(), child: None, extra: extra.iter().map(|a| a.to_string()).collect() };
         s.restart();
         s
     }
@@ -51,6 +56,7 @@ impl RedisServer {
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -58,13 +64,21 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(mut c) = redis::Client::open(self.url()).and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200))) {
+            if let Ok(mut c) = redis::Client::open(self.admin_url()).and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200))) {
                 if redis::cmd("PING").query::<String>(&mut c).is_ok() {
                     return;
                 }
             }
             assert!(Instant::now() < deadline, "redis-server on port {} did not answer PING within 10 s", self.port);
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The URL with the password, if the server was started with `--requirepass`.
+    fn admin_url(&self) -> String {
+        match self.extra.iter().position(|a| a == "--requirepass") {
+            Some(i) => format!("redis://:{}@127.0.0.1:{}/0", self.extra[i + 1], self.port),
+            None => self.url(),
         }
     }
 
@@ -81,7 +95,7 @@ impl RedisServer {
     }
 
     fn conn(&self) -> redis::Connection {
-        let c = redis::Client::open(self.url()).unwrap().get_connection_with_timeout(Duration::from_secs(2)).unwrap();
+        let c = redis::Client::open(self.admin_url()).unwrap().get_connection_with_timeout(Duration::from_secs(2)).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         c
     }
@@ -409,7 +423,7 @@ fn a_missing_redis_at_start_is_a_warning_and_it_is_picked_up_later() {
     let (layout, index_path) = edge_index(tmp.path());
     let index = IndexFile::open(&index_path).unwrap();
     let want = read_all(&index, &Counting::new(&layout), &[]);
-    let mut redis = RedisServer { port: free_port(), dir: tmp.path().join("redis"), child: None };
+    let mut redis = RedisServer { port: free_port(), dir: tmp.path().join("redis"), child: None, extra: Vec::new() };
 
     let started = Instant::now();
     let t = tier(&redis.url());
@@ -427,4 +441,181 @@ fn a_missing_redis_at_start_is_a_warning_and_it_is_picked_up_later() {
     flushed(&t);
     assert!(t.is_up());
     assert_eq!(redis.keys(), piece_keys(&index), "once Redis is up, fills reach it");
+}
+
+/// Regular files under `root` (symlinks and devices skipped): relative path → bytes.
+fn tree_files(root: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                dirs.push(p);
+            } else if m.is_file() {
+                out.insert(p.strip_prefix(root).unwrap().display().to_string(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+fn is_mounted(dir: &Path) -> bool {
+    let dir = dir.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().any(|l| l.split(' ').nth(4) == Some(dir.as_str()))
+}
+
+/// Mount `index` with clip-serve on an empty disk cache and the given Redis, read every
+/// file, stop the daemon; returns (files, final stats JSON, daemon log).
+fn mount_and_read_all(tmp: &Path, name: &str, index: &Path, redis_url: &str) -> (BTreeMap<String, Vec<u8>>, serde_json::Value, String) {
+    assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing: load the fuse module or give the container --device /dev/fuse");
+    require_tool("fusermount3");
+    let mnt = tmp.join(name);
+    std::fs::create_dir_all(&mnt).unwrap();
+    let (log, stats) = (tmp.join(format!("{name}.log")), tmp.join(format!("{name}.stats.json")));
+    let mut child = Command::new(bin("clip-serve"))
+        .arg(index)
+        .arg(&mnt)
+        .arg("--cache-dir")
+        .arg(tmp.join(format!("{name}-cache")))
+        .arg("--stats-file")
+        .arg(&stats)
+        .arg("--redis")
+        .arg(redis_url)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start clip-serve");
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let t = Instant::now();
+    while !is_mounted(&mnt) {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("clip-serve exited with {st} before mounting:\n{}", read_log());
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "clip-serve did not mount in 20 s:\n{}", read_log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let files = tree_files(&mnt);
+    run(Command::new("kill").arg("-TERM").arg(child.id().to_string()));
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("clip-serve did not exit in 20 s after SIGTERM:\n{}", read_log());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "clip-serve failed:\n{}", read_log());
+    assert!(!is_mounted(&mnt));
+    let stats = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
+    (files, stats, read_log())
+}
+
+/// The `redis: N hits` count from the daemon's exit log.
+fn logged_redis_hits(log: &str) -> u64 {
+    let line = log.lines().rev().find(|l| l.contains("redis: ") && l.contains(" hits")).unwrap_or_else(|| panic!("no Redis counters in the log:\n{log}"));
+    let after = &line[line.find("redis: ").unwrap() + 7..];
+    after.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn second_mount_on_an_empty_disk_cache_fetches_nothing_from_the_origin() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_layout, index_path) = edge_index(tmp.path());
+    let index = IndexFile::open(&index_path).unwrap();
+    let redis = RedisServer::start(&tmp.path().join("redis"));
+
+    let (first, s1, log1) = mount_and_read_all(tmp.path(), "first", &index_path, &redis.url());
+    assert!(s1["serve"]["fetched"].as_u64().unwrap() > 0, "the first mount reads the origin: {s1}");
+    assert_eq!(logged_redis_hits(&log1), 0, "{log1}");
+    assert_eq!(redis.keys(), piece_keys(&index), "the first mount filled Redis with every piece");
+
+    let (second, s2, log2) = mount_and_read_all(tmp.path(), "second", &index_path, &redis.url());
+    assert_eq!(second, first);
+    assert!(first.len() > 50 && first.contains_key("data/random.bin"));
+    assert_eq!(s2["serve"]["fetched"].as_u64(), Some(0), "the second mount must fetch nothing from the origin: {s2}");
+    assert_eq!(s2["serve"]["inflated"].as_u64(), Some(0), "{s2}");
+    assert_eq!(s2["serve"]["read_errors"].as_u64(), Some(0), "{s2}");
+    assert!(logged_redis_hits(&log2) >= piece_keys(&index).len() as u64, "{log2}");
+}
+
+#[test]
+fn password_in_the_url_is_used_and_a_wrong_one_only_costs_a_fallback() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (layout, index_path) = edge_index(tmp.path());
+    let index = IndexFile::open(&index_path).unwrap();
+    let redis = RedisServer::start_with(&tmp.path().join("redis"), &["--requirepass", "s3cret"]);
+    let origin = Counting::new(&layout);
+
+    let wrong = tier(&format!("redis://:nope@127.0.0.1:{}/0", redis.port));
+    assert!(!wrong.is_up(), "a wrong password marks Redis unavailable");
+    let want = read_all(&index, &origin, &as_tiers(&wrong));
+    let s = wrong.stats();
+    assert!(s.errors >= 1 && s.hits + s.writes_done == 0, "{s}");
+    assert!(!wrong.url().contains("nope"), "the password is masked: {}", wrong.url());
+    assert_eq!(redis.dbsize(), 0);
+
+    let right = tier(&redis.admin_url());
+    assert!(right.is_up());
+    assert_eq!(read_all(&index, &origin, &as_tiers(&right)), want);
+    flushed(&right);
+    assert_eq!(redis.dbsize(), piece_keys(&index).len() as u64);
+}
+
+#[test]
+fn key_prefix_and_ttl_are_applied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (layout, index_path) = edge_index(tmp.path());
+    let index = IndexFile::open(&index_path).unwrap();
+    let redis = RedisServer::start(&tmp.path().join("redis"));
+    let mut cfg = RedisConfig::new(redis.url());
+    cfg.key_prefix = "clip:".into();
+    cfg.ttl = Some(Duration::from_secs(600));
+    cfg.queue_capacity = 1024;
+    let t = Arc::new(RedisTier::connect(cfg).unwrap());
+    read_all(&index, &Counting::new(&layout), &as_tiers(&t));
+    flushed(&t);
+    let want: BTreeSet<String> = piece_keys(&index).into_iter().map(|k| format!("clip:{k}")).collect();
+    assert_eq!(redis.keys(), want);
+    let k = want.iter().next().unwrap();
+    let ttl: i64 = redis::cmd("TTL").arg(k).query(&mut redis.conn()).unwrap();
+    assert!((590..=600).contains(&ttl), "TTL of {k} is {ttl}");
+    let s = t.stats();
+    let dead = Failing::default();
+    read_all(&index, &dead, &as_tiers(&t));
+    assert_eq!(dead.calls.load(Ordering::SeqCst), 0, "prefixed keys are read back: {}", t.stats());
+    assert_eq!(t.stats().hits - s.hits, piece_reads(&index));
+}
+
+#[test]
+fn a_full_write_queue_drops_writes_without_blocking() {
+    let tmp = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(&tmp.path().join("redis"));
+    let mut cfg = RedisConfig::new(redis.url());
+    cfg.queue_capacity = 2;
+    cfg.max_value = 1 << 20;
+    let t = RedisTier::connect(cfg).unwrap();
+    let value = noise(3, 1 << 20);
+    let start = Instant::now();
+    for i in 0..200u32 {
+        let mut key = [0u8; 32];
+        key[..4].copy_from_slice(&i.to_le_bytes());
+        t.put(&key, &value);
+    }
+    let took = start.elapsed();
+    t.put(&[0xff; 32], &vec![1u8; (1 << 20) + 1]);
+    flushed(&t);
+    let s = t.stats();
+    assert!(took < Duration::from_secs(2), "200 puts of 1 MiB took {took:?}: put must not wait for Redis");
+    assert!(s.writes_dropped > 0, "a queue of 2 cannot take 200 MiB at once: {s}");
+    assert_eq!(s.writes_queued + s.writes_dropped, 200, "{s}");
+    assert_eq!(s.writes_done, s.writes_queued, "{s}");
+    assert_eq!(s.writes_too_large, 1, "{s}");
+    assert_eq!(redis.dbsize(), s.writes_done);
 }

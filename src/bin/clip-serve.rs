@@ -52,6 +52,8 @@ struct Cli {
     /// Seconds between rewrites of --stats-file.
     #[arg(long, default_value_t = 5)]
     stats_interval: u64,
+    #[command(flatten)]
+    redis: clip::cache::redis::RedisArgs,
 }
 
 fn parse_size_arg(s: &str) -> std::result::Result<u64, String> {
@@ -140,6 +142,15 @@ fn run(cli: Cli) -> Result<()> {
         None
     };
 
+    let redis = match cli.redis.config()? {
+        Some(cfg) => {
+            let r = Arc::new(clip::cache::redis::RedisTier::connect(cfg)?);
+            tiers.push(r.clone());
+            Some(r)
+        }
+        None => None,
+    };
+
     let fs = ClipFs::new(index, source, tiers, cli.threads)?;
     let serve_stats = fs.stats();
     let settings = MountSettings {
@@ -200,5 +211,9 @@ fn run(cli: Cli) -> Result<()> {
         write_stats(p, &serve_stats, disk_ref);
     }
     log_stats(&serve_stats, disk_ref);
+    if let Some(r) = &redis {
+        r.flush(Duration::from_secs(2));
+        tracing::info!("{}", r.stats());
+    }
     result
 }

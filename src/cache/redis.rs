@@ -24,7 +24,7 @@
 //!   instead. Redis Cluster URLs — point clip at one node or a proxy.
 
 use crate::read::Tier;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -154,7 +154,7 @@ impl RedisConfig {
 }
 
 /// Counters of a [`RedisTier`] since it was created.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RedisStats {
     /// Reads that returned a value (verified later by the caller).
     pub hits: u64,
@@ -238,6 +238,7 @@ struct Inner {
     pool: Mutex<Vec<redis::Connection>>,
     breaker: Mutex<Breaker>,
     counters: Counters,
+    warned_key_error: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -289,9 +290,13 @@ impl Inner {
 
     fn failed(&self, what: &str, err: &redis::RedisError) {
         bump(&self.counters.errors, 1);
-        let server_side = !err.is_io_error() && !err.is_timeout() && !err.is_connection_refusal() && !err.is_connection_dropped();
-        if server_side {
-            tracing::debug!(redis = %self.shown_url, error = %err, "Redis {what} failed");
+        // Errors about one key (wrong type) or writes to a replica leave reads working.
+        if matches!(err.code(), Some("WRONGTYPE") | Some("READONLY")) {
+            if !self.warned_key_error.swap(true, Ordering::Relaxed) {
+                tracing::warn!(redis = %self.shown_url, error = %err, "Redis {what} failed; check that clip has this Redis (or --redis-key-prefix) to itself and that it is a writable primary");
+            } else {
+                tracing::debug!(redis = %self.shown_url, error = %err, "Redis {what} failed");
+            }
             return;
         }
         lock(&self.pool).clear();
@@ -302,7 +307,7 @@ impl Inner {
             tracing::warn!(
                 redis = %self.shown_url,
                 error = %err,
-                "Redis {what} failed; reading from the origin instead and retrying Redis in the background (check that redis-server is running and reachable)"
+                "Redis {what} failed; reading from the origin instead and retrying Redis in the background (check that redis-server is running and reachable and the URL, password and DB are right)"
             );
         } else {
             tracing::debug!(redis = %self.shown_url, error = %err, retry_in = ?delay, "Redis still unavailable");
@@ -455,6 +460,7 @@ impl RedisTier {
             pool: Mutex::new(Vec::new()),
             breaker: Mutex::new(Breaker::default()),
             counters: Counters::default(),
+            warned_key_error: AtomicBool::new(false),
         });
         let w = inner.clone();
         let worker = std::thread::Builder::new()
@@ -464,7 +470,7 @@ impl RedisTier {
         let tier = RedisTier { inner, tx: Mutex::new(Some(tx)), worker: Mutex::new(Some(worker)) };
         match tier.inner.with_connection("PING", |c| redis::cmd("PING").query::<String>(c)) {
             Some(_) => tracing::info!(redis = %tier.inner.shown_url, "using Redis as a shared cache tier"),
-            None => tracing::warn!(redis = %tier.inner.shown_url, "Redis is not reachable at start; continuing without it until it comes up"),
+            None => tracing::info!(redis = %tier.inner.shown_url, "starting without Redis; it is used as soon as a retry reaches it"),
         }
         Ok(tier)
     }
