@@ -37,7 +37,6 @@ struct Registry {
     child: Child,
     port: u16,
     dir: PathBuf,
-    tls: bool,
 }
 
 impl Registry {
@@ -73,7 +72,7 @@ impl Registry {
             .stdin(Stdio::null())
             .spawn()
             .expect("start docker-registry");
-        let mut r = Registry { child, port, dir: dir.to_path_buf(), tls: tls.is_some() };
+        let mut r = Registry { child, port, dir: dir.to_path_buf() };
         let t = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Some(status) = r.child.try_wait().unwrap() {
@@ -569,4 +568,175 @@ fn basic_auth_over_tls_with_env_docker_config_and_credential_helper() {
     build_ok(&image, &by_helper, &env, &[]);
     assert_eq!(ls(&by_helper), ls(&local));
     assert_eq!(std::fs::read_to_string(&asked).unwrap(), reg.host(), "the helper is asked for the registry host");
+}
+
+/// A token issuer for distribution's `auth: token`: RS256 JWTs signed with `openssl dgst`,
+/// key id in libtrust form, granting whatever scope a client asks for if it logs in as
+/// `alice` with `tok-pw`.
+struct TokenIssuer {
+    port: u16,
+    issued: Arc<AtomicUsize>,
+    bundle: PathBuf,
+}
+
+const ISSUER: &str = "clip-test-issuer";
+const SERVICE: &str = "clip-test-registry";
+
+fn b64url(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+            i += 3;
+        } else {
+            out.push(if b[i] == b'+' { b' ' } else { b[i] });
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+impl TokenIssuer {
+    fn start(dir: &Path) -> TokenIssuer {
+        use sha2::Digest;
+        std::fs::create_dir_all(dir).unwrap();
+        openssl(
+            &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=clip token issuer", "-keyout", "tok.key", "-out", "tok.pem"],
+            dir,
+        );
+        openssl(&["pkey", "-in", "tok.key", "-pubout", "-outform", "DER", "-out", "tok.pub.der"], dir);
+        let spki = std::fs::read(dir.join("tok.pub.der")).unwrap();
+        let hash = sha2::Sha256::digest(&spki);
+        // libtrust key id: base32 of the first 240 bits, in groups of four.
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+        let mut bits = String::new();
+        for b in &hash[..30] {
+            bits.push_str(&format!("{b:08b}"));
+        }
+        let b32: String = bits.as_bytes().chunks(5).map(|c| ALPHABET[usize::from_str_radix(std::str::from_utf8(c).unwrap(), 2).unwrap()] as char).collect();
+        let kid = b32.as_bytes().chunks(4).map(|c| std::str::from_utf8(c).unwrap()).collect::<Vec<_>>().join(":");
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let issued = Arc::new(AtomicUsize::new(0));
+        let (key, n) = (dir.join("tok.key"), issued.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut request = String::new();
+                reader.read_line(&mut request).unwrap();
+                let mut authorized = false;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if line == "\r\n" || line.is_empty() {
+                        break;
+                    }
+                    use base64::Engine;
+                    let want = format!("authorization: basic {}", base64::engine::general_purpose::STANDARD.encode("alice:tok-pw"));
+                    authorized |= line.trim().eq_ignore_ascii_case(&want);
+                }
+                if !authorized {
+                    let _ = conn.write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                    continue;
+                }
+                let query = request.split(' ').nth(1).unwrap_or("").split_once('?').map(|(_, q)| q.to_string()).unwrap_or_default();
+                let mut access = Vec::new();
+                for kv in query.split('&') {
+                    if let Some(("scope", v)) = kv.split_once('=') {
+                        let v = percent_decode(v);
+                        let mut parts = v.splitn(3, ':');
+                        let (kind, name, actions) = (parts.next().unwrap(), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                        access.push(serde_json::json!({"type": kind, "name": name, "actions": actions.split(',').collect::<Vec<_>>()}));
+                    }
+                }
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+                let id = n.fetch_add(1, Ordering::SeqCst);
+                let header = serde_json::json!({"typ": "JWT", "alg": "RS256", "kid": kid});
+                let claims = serde_json::json!({
+                    "iss": ISSUER, "sub": "alice", "aud": SERVICE, "exp": now + 300, "nbf": now - 10,
+                    "iat": now, "jti": format!("token-{id}"), "access": access,
+                });
+                let input = format!("{}.{}", b64url(header.to_string().as_bytes()), b64url(claims.to_string().as_bytes()));
+                let mut sign = Command::new("openssl")
+                    .args(["dgst", "-sha256", "-sign"])
+                    .arg(&key)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                sign.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+                let sig = sign.wait_with_output().unwrap().stdout;
+                let jwt = format!("{input}.{}", b64url(&sig));
+                let body = serde_json::json!({"token": jwt, "expires_in": 300}).to_string();
+                let _ = conn.write_all(
+                    format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+                        .as_bytes(),
+                );
+            }
+        });
+        TokenIssuer { port, issued, bundle: dir.join("tok.pem") }
+    }
+}
+
+#[test]
+fn token_auth_fetches_caches_and_refreshes_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let issuer = TokenIssuer::start(&tmp.path().join("issuer"));
+    let reg = Registry::start(
+        &tmp.path().join("reg"),
+        Auth::Token {
+            realm: format!("http://127.0.0.1:{}/token", issuer.port),
+            issuer: ISSUER.into(),
+            service: SERVICE.into(),
+            bundle: issuer.bundle.clone(),
+        },
+        None,
+    );
+    let (layout, local) = edge_reference(tmp.path());
+    reg.push(&layout, EDGE_TAG, "tok/edge:v1", Some("alice:tok-pw"));
+    let image = format!("{}/tok/edge:v1", reg.host());
+
+    let e = build_err(&image, &tmp.path().join("x.clip"), &[]);
+    assert!(e.contains("token service") && e.contains("docker login"), "{e}");
+    let e = build_err(&image, &tmp.path().join("x.clip"), &[("CLIP_REGISTRY_USERNAME", "alice"), ("CLIP_REGISTRY_PASSWORD", "nope")]);
+    assert!(e.contains("rejected the login"), "{e}");
+
+    let env = [("CLIP_REGISTRY_USERNAME", "alice"), ("CLIP_REGISTRY_PASSWORD", "tok-pw"), ("RUST_LOG", "debug")];
+    let before = issuer.issued.load(Ordering::SeqCst);
+    let out = tmp.path().join("tok.clip");
+    let logs = build_ok(&image, &out, &env, &[]);
+    assert!(!logs.contains("tok-pw") && !logs.contains("eyJ"), "a secret or token is in the logs:\n{logs}");
+    assert_eq!(ls(&out), ls(&local));
+    assert_eq!(issuer.issued.load(Ordering::SeqCst) - before, 1, "one token is fetched and reused for every request");
+    verify_content(&out, &env);
+
+    // A 401 while holding a token (the proxy drops the token of the third request): the
+    // client fetches a new token and carries on.
+    let proxy = Proxy::start(reg.port, ProxyMode { drop_auth_of: 3, ..Default::default() });
+    let opts = clip::source::registry::RegistryOptions {
+        credentials: Some(clip::source::auth::Credentials::Basic {
+            username: "alice".into(),
+            password: clip::source::auth::Secret::new("tok-pw"),
+        }),
+        ..Default::default()
+    };
+    let src = clip::source::registry::RegistrySource::open(
+        &clip::source::reference::Reference::parse(&format!("127.0.0.1:{}/tok/edge", proxy.port)).unwrap(),
+        &opts,
+    )
+    .unwrap();
+    let before = issuer.issued.load(Ordering::SeqCst);
+    let image = clip::oci::resolve(&src, "v1", &clip::oci::Platform::host()).unwrap();
+    assert_eq!(issuer.issued.load(Ordering::SeqCst) - before, 2, "a new token after the 401");
+    let mut blob = Vec::new();
+    src.blob(&image.layers[0].digest, 0, None).unwrap().read_to_end(&mut blob).unwrap();
+    assert_eq!(clip::oci::digest_of(&blob), image.layers[0].digest);
 }

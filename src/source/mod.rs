@@ -1,6 +1,7 @@
 //! Where image bytes come from. A [`Source`] serves manifests and (ranges of) blobs; the
 //! builder streams whole layers through it and the read path fetches compressed spans
-//! starting at checkpoints. The OCI layout directory is one implementation.
+//! starting at checkpoints. Implementations: an OCI layout directory ([`layout`]) and an OCI
+//! distribution registry ([`registry`]).
 
 pub mod auth;
 pub mod layout;
