@@ -5,11 +5,13 @@
 //! ```text
 //! cargo bench --bench redis                      # $BENCH_DIR/oci:debian-python if built, else the demo image
 //! cargo bench --bench redis -- --image /tmp/bench/oci:tiny --runs 5 --threads 2
-//! cargo bench --bench redis -- --origin docker://127.0.0.1:5000/debian-python:latest
+//! cargo bench --bench redis -- --origin /tmp/bench/oci:debian-python --origin 127.0.0.1:5000/debian-python:latest
+//! tools/bench-redis.sh                           # also starts a private registry over $BENCH_DIR/registry
 //! cargo bench --bench redis -- --redis redis://127.0.0.1:6390/0   # an existing Redis (it is FLUSHDB'd!)
 //! ```
 //!
-//! Without `--redis` a private `redis-server` is started on a free loopback port and killed
+//! Each `--origin` (default: the image itself) gets its own row; all must hold the same
+//! image. Without `--redis` a private `redis-server` is started on a free loopback port and killed
 //! at the end. The page cache is warm for the origin layout and the disk cache (dropping it
 //! would disturb the machine); Redis is on loopback.
 
@@ -27,14 +29,14 @@ use std::time::{Duration, Instant};
 
 struct Opts {
     image: String,
-    origin: Option<String>,
+    origins: Vec<String>,
     redis: Option<String>,
     runs: usize,
     threads: usize,
 }
 
 fn usage() -> ! {
-    eprintln!("usage: cargo bench --bench redis -- [--image SPEC] [--origin SPEC] [--redis URL] [--runs N] [--threads N]");
+    eprintln!("usage: cargo bench --bench redis -- [--image SPEC] [--origin SPEC]... [--redis URL] [--runs N] [--threads N]");
     std::process::exit(2)
 }
 
@@ -42,14 +44,14 @@ fn opts() -> Opts {
     let bench = std::env::var("BENCH_DIR").unwrap_or_else(|_| "/tmp/bench".into());
     let corpus = Path::new(&bench).join("oci");
     let image = if corpus.join("index.json").is_file() { format!("{}:debian-python", corpus.display()) } else { String::new() };
-    let mut o = Opts { image, origin: None, redis: None, runs: 3, threads: 1 };
+    let mut o = Opts { image, origins: Vec::new(), redis: None, runs: 3, threads: 1 };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_else(|| usage());
         match a.as_str() {
             "--bench" => {}
             "--image" => o.image = val(),
-            "--origin" => o.origin = Some(val()),
+            "--origin" => o.origins.push(val()),
             "--redis" => o.redis = Some(val()),
             "--runs" => o.runs = val().parse().unwrap_or_else(|_| usage()),
             "--threads" => o.threads = val().parse().unwrap_or_else(|_| usage()),
@@ -171,9 +173,15 @@ fn main() {
     eprintln!("indexed {image} in {:.2} s", t.elapsed().as_secs_f64());
     let index = IndexFile::open(&index_path).expect("opening the index");
     let files = files(&index);
-    let origin_spec = o.origin.clone().unwrap_or_else(|| image.clone());
-    let (inner, _) = clip::source::open(&origin_spec).unwrap_or_else(|e| panic!("opening origin {origin_spec}: {e}"));
-    let origin = Counting { inner, calls: AtomicU64::new(0) };
+    let specs = if o.origins.is_empty() { vec![image.clone()] } else { o.origins.clone() };
+    let origins: Vec<Counting> = specs
+        .iter()
+        .map(|spec| {
+            let (inner, _) = clip::source::open(spec).unwrap_or_else(|e| panic!("opening origin {spec}: {e}"));
+            Counting { inner, calls: AtomicU64::new(0) }
+        })
+        .collect();
+    let origin = &origins[0];
 
     let (_server, url) = match &o.redis {
         Some(u) => (None, u.clone()),
@@ -192,7 +200,7 @@ fn main() {
 
     let t = Instant::now();
     let fill: Vec<Arc<dyn Tier>> = vec![disk.clone(), redis_tier.clone()];
-    pass(&index, &files, &origin, &fill, o.threads);
+    pass(&index, &files, origin, &fill, o.threads);
     assert!(redis_tier.flush(Duration::from_secs(120)), "Redis writes did not drain");
     let dbsize: u64 = redis::cmd("DBSIZE").query(&mut admin).unwrap_or(0);
     let used: String = redis::cmd("INFO").arg("memory").query::<String>(&mut admin).unwrap_or_default();
@@ -201,22 +209,27 @@ fn main() {
 
     let only_redis: Vec<Arc<dyn Tier>> = vec![redis_tier.clone()];
     let only_disk: Vec<Arc<dyn Tier>> = vec![disk.clone()];
-    let rows: [(&str, &[Arc<dyn Tier>]); 3] = [("origin", &[]), ("redis", &only_redis), ("disk cache", &only_disk)];
+    let mut rows: Vec<(String, &Counting, &[Arc<dyn Tier>])> = Vec::new();
+    for c in &origins {
+        rows.push((format!("origin {}", c.describe()), c, &[]));
+    }
+    rows.push(("redis".into(), origin, &only_redis));
+    rows.push(("disk cache".into(), origin, &only_disk));
     println!();
-    println!("image {image}: {} regular files; origin {}; {} thread(s), median of {} runs", files.len(), origin.describe(), o.threads, o.runs);
-    println!("{:<12} {:>10} {:>10} {:>10} {:>14}", "read from", "MB", "seconds", "MB/s", "origin calls");
-    for (name, tiers) in rows {
-        let before = origin.calls.load(Ordering::Relaxed);
+    println!("image {image}: {} regular files; {} thread(s), median of {} runs", files.len(), o.threads, o.runs);
+    println!("{:<40} {:>8} {:>9} {:>8} {:>13}", "read from", "MB", "seconds", "MB/s", "origin calls");
+    for (name, src, tiers) in rows {
+        let before = src.calls.load(Ordering::Relaxed);
         let mut times = Vec::new();
         let mut bytes = 0;
         for _ in 0..o.runs {
-            let (b, s) = pass(&index, &files, &origin, tiers, o.threads);
+            let (b, s) = pass(&index, &files, src, tiers, o.threads);
             bytes = b;
             times.push(s);
         }
-        let calls = (origin.calls.load(Ordering::Relaxed) - before) / o.runs as u64;
+        let calls = (src.calls.load(Ordering::Relaxed) - before) / o.runs as u64;
         let s = median(times);
-        println!("{name:<12} {:>10.1} {s:>10.3} {:>10.0} {calls:>14}", bytes as f64 / 1e6, bytes as f64 / 1e6 / s);
+        println!("{name:<40} {:>8.1} {s:>9.3} {:>8.0} {calls:>13}", bytes as f64 / 1e6, bytes as f64 / 1e6 / s);
     }
     println!("{}", redis_tier.stats());
 }

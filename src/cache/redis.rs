@@ -241,6 +241,16 @@ struct Inner {
     warned_key_error: AtomicBool,
 }
 
+/// What became of one Redis operation.
+enum Outcome<T> {
+    /// It ran.
+    Done(T),
+    /// Redis is marked down: not attempted.
+    Skipped,
+    /// It failed (counted and logged).
+    Failed,
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -332,27 +342,27 @@ impl Inner {
         }
     }
 
-    /// Run `f` on a pooled connection; `None` when Redis is skipped or failed.
-    fn with_connection<T>(&self, what: &str, f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>) -> Option<T> {
+    /// Run `f` on a pooled connection unless Redis is marked down.
+    fn with_connection<T>(&self, what: &str, f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>) -> Outcome<T> {
         if !self.allow() {
-            return None;
+            return Outcome::Skipped;
         }
         let mut c = match self.connection() {
             Ok(c) => c,
             Err(e) => {
                 self.failed("connect", &e);
-                return None;
+                return Outcome::Failed;
             }
         };
         match f(&mut c) {
             Ok(v) => {
                 self.give_back(c);
                 self.succeeded();
-                Some(v)
+                Outcome::Done(v)
             }
             Err(e) => {
                 self.failed(what, &e);
-                None
+                Outcome::Failed
             }
         }
     }
@@ -367,7 +377,7 @@ impl Inner {
             }
             cmd.ignore();
         }
-        let stored = self.with_connection("write", |c| pipe.query::<()>(c)).is_some();
+        let stored = matches!(self.with_connection("write", |c| pipe.query::<()>(c)), Outcome::Done(()));
         if stored {
             bump(&self.counters.writes_done, n);
             bump(&self.counters.bytes_written, batch.iter().map(|(_, v)| v.len() as u64).sum());
@@ -469,8 +479,8 @@ impl RedisTier {
             .map_err(RedisTierError::Thread)?;
         let tier = RedisTier { inner, tx: Mutex::new(Some(tx)), worker: Mutex::new(Some(worker)) };
         match tier.inner.with_connection("PING", |c| redis::cmd("PING").query::<String>(c)) {
-            Some(_) => tracing::info!(redis = %tier.inner.shown_url, "using Redis as a shared cache tier"),
-            None => tracing::info!(redis = %tier.inner.shown_url, "starting without Redis; it is used as soon as a retry reaches it"),
+            Outcome::Done(_) => tracing::info!(redis = %tier.inner.shown_url, "using Redis as a shared cache tier"),
+            Outcome::Skipped | Outcome::Failed => tracing::info!(redis = %tier.inner.shown_url, "starting without Redis; it is used as soon as a retry reaches it"),
         }
         Ok(tier)
     }
@@ -534,17 +544,16 @@ impl Tier for RedisTier {
             .inner
             .with_connection("read", |con| redis::cmd("GETRANGE").arg(&k).arg(0).arg(end).query::<Vec<u8>>(con));
         match got {
-            None => {
-                if self.inner.is_down() {
-                    bump(&c.bypassed, 1);
-                }
+            Outcome::Skipped => {
+                bump(&c.bypassed, 1);
                 None
             }
-            Some(v) if v.is_empty() => {
+            Outcome::Failed => None,
+            Outcome::Done(v) if v.is_empty() => {
                 bump(&c.misses, 1);
                 None
             }
-            Some(v) => {
+            Outcome::Done(v) => {
                 bump(&c.hits, 1);
                 bump(&c.bytes_read, v.len() as u64);
                 Some(v)
@@ -616,6 +625,22 @@ mod tests {
         assert!(e.contains("Cluster"), "{e}");
         let e = RedisTier::connect(RedisConfig::new("http://h:1")).err().unwrap().to_string();
         assert!(e.contains("redis://"), "{e}");
+    }
+
+    #[test]
+    fn args_take_the_url_from_the_flag_or_the_environment() {
+        let mut a = RedisArgs { url: Some("redis://h:1/2".into()), key_prefix: "p:".into(), ttl: Some(60), max_value: 4096 };
+        let c = a.config().unwrap().unwrap();
+        assert_eq!((c.url.as_str(), c.key_prefix.as_str(), c.ttl, c.max_value), ("redis://h:1/2", "p:", Some(Duration::from_secs(60)), 4096));
+        a.ttl = Some(0);
+        assert!(a.config().unwrap_err().to_string().contains("--redis-ttl"));
+        a.url = None;
+        a.ttl = None;
+        std::env::set_var(REDIS_URL_ENV, "redis://:pw@env-host:7/0");
+        let c = a.config().unwrap().unwrap();
+        std::env::remove_var(REDIS_URL_ENV);
+        assert_eq!(c.url, "redis://:pw@env-host:7/0");
+        assert!(a.config().unwrap().is_none(), "no flag and no environment: no Redis tier");
     }
 
     #[test]
