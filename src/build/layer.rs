@@ -148,15 +148,18 @@ pub fn index_layer(
         if let Some(pe) = stream.take_error() {
             return Err(layer_err(pe.to_string()));
         }
+        // A tampered blob usually breaks the tar first: name the digest mismatch if that is
+        // the cause (reading on to the end costs nothing on the success path).
+        if let Ok(end) = stream.finish() {
+            if end.digest != desc.digest {
+                return Err(digest_mismatch(desc, end.digest));
+            }
+        }
         return Err(layer_err(e));
     }
     let end = stream.finish().map_err(|e| layer_err(e.to_string()))?;
     if end.digest != desc.digest {
-        return Err(BuildError::Source(crate::source::SourceError::DigestMismatch {
-            what: "layer blob".into(),
-            digest: desc.digest.clone(),
-            actual: end.digest,
-        }));
+        return Err(digest_mismatch(desc, end.digest));
     }
     if end.compressed_size != desc.size {
         return Err(layer_err(format!("blob is {} bytes but the manifest says {}", end.compressed_size, desc.size)));
@@ -179,6 +182,14 @@ pub fn index_layer(
             reserved: [0; 7],
         },
         entries,
+    })
+}
+
+fn digest_mismatch(desc: &LayerDesc, actual: String) -> BuildError {
+    BuildError::Source(crate::source::SourceError::DigestMismatch {
+        what: "layer blob".into(),
+        digest: desc.digest.clone(),
+        actual,
     })
 }
 

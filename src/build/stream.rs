@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 const CHUNK: usize = 1024 * 1024;
@@ -32,7 +33,7 @@ impl Default for CheckpointPolicy {
 }
 
 struct Chunk {
-    data: Vec<u8>,
+    data: Arc<Vec<u8>>,
     boundaries: Vec<Boundary>,
 }
 
@@ -40,22 +41,22 @@ struct Chunk {
 struct ProducerEnd {
     compressed_size: u64,
     digest: String,
+    diff_id: String,
 }
 
 /// The consumer side: a `Read` over the layer's tar bytes.
 pub struct LayerStream {
     rx: Option<Receiver<Result<Chunk, BuildError>>>,
     producer: Option<JoinHandle<Result<ProducerEnd, BuildError>>>,
-    cur: Vec<u8>,
+    cur: Arc<Vec<u8>>,
     cur_start: u64,
     cur_pos: usize,
-    prev: Vec<u8>,
+    prev: Arc<Vec<u8>>,
     prev_start: u64,
     pending: VecDeque<Boundary>,
     policy: CheckpointPolicy,
     checkpoints: Vec<Checkpoint>,
     candidate: Option<(Boundary, Vec<u8>)>,
-    diff_hasher: Sha256,
     error: Option<BuildError>,
     progress: indicatif::ProgressBar,
 }
@@ -74,6 +75,22 @@ impl LayerStream {
             .name("clip-inflate".into())
             .spawn(move || -> Result<ProducerEnd, BuildError> {
                 let mut hashing = HashingReader { inner: blob, hasher: Sha256::new(), count: 0, progress: pb };
+                // The tar stream's sha256 (diff_id) is computed on a third thread.
+                let (htx, hrx) = sync_channel::<Arc<Vec<u8>>>(CHANNEL_DEPTH);
+                let hasher = std::thread::Builder::new()
+                    .name("clip-diffid".into())
+                    .spawn(move || {
+                        let mut h = Sha256::new();
+                        for chunk in hrx {
+                            h.update(chunk.as_slice());
+                        }
+                        format!("sha256:{}", hex::encode(h.finalize()))
+                    })
+                    .expect("spawning a thread");
+                let send = |data: Vec<u8>, boundaries: Vec<Boundary>| -> bool {
+                    let data = Arc::new(data);
+                    htx.send(data.clone()).is_ok() && tx.send(Ok(Chunk { data, boundaries })).is_ok()
+                };
                 let result: Result<(), BuildError> = (|| {
                     match compression {
                         Compression::Gzip => {
@@ -86,7 +103,7 @@ impl LayerStream {
                                 if n == 0 && boundaries.is_empty() {
                                     break;
                                 }
-                                if tx.send(Ok(Chunk { data, boundaries })).is_err() {
+                                if !send(data, boundaries) {
                                     return Ok(()); // consumer gave up
                                 }
                             }
@@ -98,7 +115,7 @@ impl LayerStream {
                             if n == 0 {
                                 break;
                             }
-                            if tx.send(Ok(Chunk { data, boundaries: Vec::new() })).is_err() {
+                            if !send(data, Vec::new()) {
                                 return Ok(());
                             }
                         },
@@ -107,6 +124,9 @@ impl LayerStream {
                     io::copy(&mut hashing, &mut io::sink())?;
                     Ok(())
                 })();
+                drop(send);
+                drop(htx);
+                let diff_id = hasher.join().map_err(|_| BuildError::Layer("the hashing thread panicked".into()))?;
                 if let Err(e) = result {
                     let msg = e.to_string();
                     let _ = tx.send(Err(e));
@@ -115,22 +135,22 @@ impl LayerStream {
                 Ok(ProducerEnd {
                     compressed_size: hashing.count,
                     digest: format!("sha256:{}", hex::encode(hashing.hasher.finalize())),
+                    diff_id,
                 })
             })
             .expect("spawning a thread");
         LayerStream {
             rx: Some(rx),
             producer: Some(producer),
-            cur: Vec::new(),
+            cur: Arc::default(),
             cur_start: 0,
             cur_pos: 0,
-            prev: Vec::new(),
+            prev: Arc::default(),
             prev_start: 0,
             pending: VecDeque::new(),
             policy,
             checkpoints: Vec::new(),
             candidate: None,
-            diff_hasher: Sha256::new(),
             error: None,
             progress,
         }
@@ -159,7 +179,7 @@ impl LayerStream {
             return None;
         }
         let mut w = Vec::with_capacity((out - from) as usize);
-        for (start, buf) in [(self.prev_start, &self.prev), (self.cur_start, &self.cur)] {
+        for (start, buf) in [(self.prev_start, &*self.prev), (self.cur_start, &*self.cur)] {
             let end = start + buf.len() as u64;
             let (a, b) = (from.max(start), out.min(end));
             if a < b {
@@ -229,7 +249,6 @@ impl LayerStream {
         let Some(rx) = &self.rx else { return Ok(false) };
         match rx.recv() {
             Ok(Ok(chunk)) => {
-                self.diff_hasher.update(&chunk.data);
                 let old = std::mem::replace(&mut self.cur, chunk.data);
                 self.prev_start = self.cur_start;
                 self.cur_start += old.len() as u64;
@@ -273,7 +292,7 @@ impl LayerStream {
             compressed_size: end.compressed_size,
             digest: end.digest,
             uncompressed_size: self.position(),
-            diff_id: format!("sha256:{}", hex::encode(std::mem::take(&mut self.diff_hasher).finalize())),
+            diff_id: end.diff_id,
             checkpoints: std::mem::take(&mut self.checkpoints),
         })
     }

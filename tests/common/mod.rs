@@ -198,6 +198,7 @@ pub fn edge_index(tmp: &Path) -> (PathBuf, PathBuf) {
 /// Unpack the layout with umoci into `dest` (its rootfs is `dest/rootfs`).
 pub fn umoci_unpack(layout: &Path, tag: &str, dest: &Path) -> PathBuf {
     require_tool("umoci");
+    std::fs::create_dir_all(dest).unwrap();
     run(Command::new("umoci")
         .arg("raw")
         .arg("unpack")

@@ -1,0 +1,82 @@
+//! Indexing throughput against gzip and igzip, measured in the same run.
+//!
+//! `cargo bench --bench build` (needs the shared corpus: `../shared/bench/make-images.sh`;
+//! `CLIP_BENCH_LAYOUT` (default /tmp/bench/oci) and `CLIP_BENCH_TAG` (default debian-python)
+//! choose the image). Prints: the largest layer indexed by clip vs `gzip -dc` and `igzip -dc`
+//! of the same blob, and the whole image on all cores vs that one layer.
+
+use clip::build::{build, layer::index_layer, BuildOptions, CheckpointPolicy};
+use clip::oci::{resolve, Platform};
+use clip::source::layout::LayoutSource;
+use clip::source::Source;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+fn best_of<F: FnMut()>(runs: usize, mut f: F) -> f64 {
+    (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn tool(name: &str, blob: &PathBuf, runs: usize) -> Option<f64> {
+    let ok = Command::new(name).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
+    if !ok {
+        eprintln!("{name} not installed (apt-get install {}): no comparison", if name == "igzip" { "isal" } else { name });
+        return None;
+    }
+    Some(best_of(runs, || {
+        let st = Command::new(name).arg("-dc").arg(blob).stdout(Stdio::null()).status().unwrap();
+        assert!(st.success());
+    }))
+}
+
+fn main() {
+    let layout = PathBuf::from(std::env::var("CLIP_BENCH_LAYOUT").unwrap_or_else(|_| "/tmp/bench/oci".into()));
+    let tag = std::env::var("CLIP_BENCH_TAG").unwrap_or_else(|_| "debian-python".into());
+    let runs: usize = std::env::var("CLIP_BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let src = LayoutSource::open(&layout).unwrap_or_else(|e| {
+        panic!("{e}\nbuild the corpus first: sudo ../shared/bench/make-images.sh (or set CLIP_BENCH_LAYOUT)")
+    });
+    let image = resolve(&src, &tag, &Platform::host()).expect("resolving the benchmark image");
+    let largest = image.layers.iter().max_by_key(|l| l.size).expect("image has layers").clone();
+    let blob = src.blob_path(&largest.digest).unwrap();
+    let mut uncompressed = 0;
+    println!("image {tag}: {} layers; largest layer {} ({:.1} MB gzip)", image.layers.len(), largest.digest, largest.size as f64 / 1e6);
+
+    let gzip = tool("gzip", &blob, runs);
+    let igzip = tool("igzip", &blob, runs);
+    let clip_one = best_of(runs, || {
+        let r = index_layer(&src, &largest, CheckpointPolicy::default(), indicatif::ProgressBar::hidden()).unwrap();
+        uncompressed = r.layer.uncompressed_size;
+    });
+    let mb = uncompressed as f64 / 1e6;
+    println!("{:<28} {:>8} {:>10} {:>8}", "one layer", "seconds", "MB/s", "ratio");
+    println!("{:<28} {:>8.3} {:>10.0} {:>8}", "clip-build index_layer", clip_one, mb / clip_one, "1.00");
+    for (name, t) in [("gzip -dc", gzip), ("igzip -dc", igzip)] {
+        if let Some(t) = t {
+            println!("{:<28} {:>8.3} {:>10.0} {:>7.2}x  (clip speed / {name} speed)", name, t, mb / t, t / clip_one);
+        }
+    }
+    let total: u64 = image.layers.iter().map(|l| l.size).sum();
+    let mut total_out = 0;
+    let clip_all = best_of(runs, || {
+        let idx = build(&src, &tag, &BuildOptions::default()).unwrap();
+        total_out = idx.layers.iter().map(|l| l.uncompressed_size).sum();
+    });
+    let all_mb = total_out as f64 / 1e6;
+    println!(
+        "whole image ({} layers, {:.1} MB gzip, {:.1} MB tar) on {} threads: {:.3} s, {:.0} MB/s = {:.2}x one layer's speed",
+        image.layers.len(),
+        total as f64 / 1e6,
+        all_mb,
+        rayon::current_num_threads(),
+        clip_all,
+        all_mb / clip_all,
+        (all_mb / clip_all) / (mb / clip_one)
+    );
+}
