@@ -1,0 +1,206 @@
+//! Versioning and robustness rules of `format-spec/README.md` section 9, checked against
+//! the Rust reader: unknown major versions and flags are refused with clear messages,
+//! higher minors are accepted, a damaged or truncated file is an error, and no corrupted
+//! byte anywhere makes the reader panic.
+
+mod common;
+
+use clip::format::{FormatError, IndexFile};
+use common::{bin, run};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::process::Command;
+
+/// A small real index: the demo image.
+fn demo_bytes(tmp: &Path) -> Vec<u8> {
+    let layout = tmp.join("demo");
+    let index = tmp.join("demo.clip");
+    run(Command::new(bin("clip-build")).arg("demo").arg(&layout));
+    run(Command::new(bin("clip-build")).arg(format!("{}:demo", layout.display())).arg("-o").arg(&index).arg("-q"));
+    std::fs::read(index).unwrap()
+}
+
+fn patched(good: &[u8], f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut b = good.to_vec();
+    f(&mut b);
+    b
+}
+
+fn open_err(bytes: &[u8]) -> FormatError {
+    match IndexFile::from_bytes(bytes) {
+        Ok(_) => panic!("a damaged index opened without error"),
+        Err(e) => e,
+    }
+}
+
+/// Recompute the header checksum after patching the payload (what a buggy or hostile
+/// writer would produce), so the damage reaches the structural checks.
+fn reseal(b: &mut [u8]) {
+    let len = u64::from_le_bytes(b[24..32].try_into().unwrap()) as usize;
+    let sum = xxhash_rust::xxh3::xxh3_64(&b[64..64 + len]);
+    b[32..40].copy_from_slice(&sum.to_le_bytes());
+}
+
+#[test]
+fn unknown_major_version_is_refused_with_a_clear_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = demo_bytes(tmp.path());
+    for major in [0u16, 2, 3, 0xffff] {
+        let b = patched(&good, |b| b[8..10].copy_from_slice(&major.to_le_bytes()));
+        let e = open_err(&b);
+        assert!(matches!(e, FormatError::UnsupportedVersion { found_major, found_minor: 0 } if found_major == major), "{e:?}");
+        let msg = e.to_string();
+        assert!(msg.contains(&format!("version {major}.0 is not supported")), "{msg}");
+        assert!(msg.contains("reads version 1.x"), "{msg}");
+    }
+    // Through the command line too, as a user sees it.
+    let p = tmp.path().join("v2.clip");
+    std::fs::write(&p, patched(&good, |b| b[8] = 2)).unwrap();
+    let out = Command::new(bin("clip-build")).arg("inspect").arg(&p).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("index format version 2.0 is not supported"), "{err}");
+}
+
+#[test]
+fn higher_minor_version_is_accepted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = demo_bytes(tmp.path());
+    for minor in [1u16, 9, 0xffff] {
+        let b = patched(&good, |b| b[10..12].copy_from_slice(&minor.to_le_bytes()));
+        let idx = IndexFile::from_bytes(&b).unwrap_or_else(|e| panic!("minor {minor}: {e}"));
+        assert_eq!(idx.header().version_minor, minor);
+        idx.verify().unwrap();
+        assert_eq!(idx.resolve(b"/usr/bin/hello").unwrap(), idx.resolve(b"usr/bin/hello").unwrap());
+    }
+}
+
+#[test]
+fn unknown_flags_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = demo_bytes(tmp.path());
+    for bit in [0u32, 1, 7, 31] {
+        let b = patched(&good, |b| b[12..16].copy_from_slice(&(1u32 << bit).to_le_bytes()));
+        let e = open_err(&b);
+        assert!(matches!(e, FormatError::UnknownFlags(f) if f == 1 << bit), "{e:?}");
+        assert!(e.to_string().contains("unknown feature flags"), "{e}");
+    }
+}
+
+#[test]
+fn bad_magic_reserved_and_payload_offset_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = demo_bytes(tmp.path());
+    let e = open_err(&patched(&good, |b| b[0..8].copy_from_slice(b"GIF89a\0\0")));
+    assert!(matches!(e, FormatError::BadMagic(_)), "{e:?}");
+    assert!(e.to_string().contains("not a clip index"), "{e}");
+    for at in 48..64 {
+        let e = open_err(&patched(&good, |b| b[at] = 1));
+        assert!(matches!(e, FormatError::BadField { field: "reserved", .. }), "byte {at}: {e:?}");
+    }
+    let e = open_err(&patched(&good, |b| b[16] = 72));
+    assert!(matches!(e, FormatError::BadField { field: "payload_offset", .. }), "{e:?}");
+}
+
+#[test]
+fn checksum_mismatch_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = demo_bytes(tmp.path());
+    // The header's checksum itself.
+    let e = open_err(&patched(&good, |b| b[32] ^= 0x40));
+    assert!(matches!(e, FormatError::Checksum { .. }), "{e:?}");
+    assert!(e.to_string().contains("payload checksum"), "{e}");
+    // One bit anywhere in the payload: first byte, middle, the root object at the end.
+    for at in [64, good.len() / 2, good.len() - 1] {
+        let e = open_err(&patched(&good, |b| b[at] ^= 1));
+        assert!(matches!(e, FormatError::Checksum { .. }), "byte {at}: {e:?}");
+    }
+}
+
+#[test]
+fn header_counts_must_match_the_tables() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = demo_bytes(tmp.path());
+    let e = open_err(&patched(&good, |b| b[40] += 1));
+    assert!(e.to_string().contains("entries"), "{e}");
+    let e = open_err(&patched(&good, |b| b[44] += 1));
+    assert!(e.to_string().contains("layers"), "{e}");
+}
+
+#[test]
+fn truncated_files_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = demo_bytes(tmp.path());
+    for len in [0, 1, 8, 63] {
+        let e = open_err(&good[..len]);
+        assert!(matches!(e, FormatError::Truncated { what: "header", .. }), "{len}: {e:?}");
+        assert!(e.to_string().contains("truncated"), "{e}");
+    }
+    for len in [64, 65, 100, good.len() / 2, good.len() - 8, good.len() - 1] {
+        let e = open_err(&good[..len]);
+        assert!(matches!(e, FormatError::Truncated { what: "payload", .. }), "{len}: {e:?}");
+    }
+    // A payload_len that overflows when added to the offset.
+    let e = open_err(&patched(&good, |b| b[24..32].copy_from_slice(&u64::MAX.to_le_bytes())));
+    assert!(matches!(e, FormatError::Truncated { .. }), "{e:?}");
+    // Through the command line, on a file on disk (mmap path).
+    let p = tmp.path().join("cut.clip");
+    std::fs::write(&p, &good[..good.len() - 100]).unwrap();
+    let e = IndexFile::open(&p).err().expect("truncated file opened");
+    assert!(e.to_string().contains("index is truncated"), "{e}");
+    // Trailing bytes after the payload are ignored (the header says where the payload ends).
+    let mut longer = good.clone();
+    longer.extend_from_slice(&[0xAA; 24]);
+    IndexFile::from_bytes(&longer).unwrap().verify().unwrap();
+}
+
+/// Use every accessor and report on an index that passed `verify`: none may panic.
+fn exercise(idx: &IndexFile) {
+    let _ = clip::report::inspect_text(idx);
+    let _ = clip::report::ls(idx, 0, true);
+    for i in 0..idx.entry_count() {
+        let _ = clip::report::stat(idx, i);
+        let _ = idx.pieces(i);
+        let _ = idx.inode_of(i);
+        let _ = idx.xattrs(i);
+        if let Ok(p) = idx.path_of(i) {
+            let _ = idx.resolve(&p);
+        }
+    }
+    for l in 0..idx.index().layers.len() as u32 {
+        let _ = idx.checkpoint_before(l, 0);
+        let _ = idx.checkpoint_before(l, u64::MAX);
+    }
+}
+
+/// Every byte of a small index, damaged two ways, both with the checksum left alone and
+/// with the checksum recomputed: `open` gives Ok or Err, and when it gives Ok, `verify`
+/// returns Ok or Err; when that is Ok too, every accessor runs. Nothing panics.
+#[test]
+fn no_corrupted_byte_causes_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = demo_bytes(tmp.path());
+    assert!(good.len() < 64 * 1024, "the demo index is small: {}", good.len());
+    let (mut opened, mut verified) = (0, 0);
+    for at in 0..good.len() {
+        for (mask, reseal_it) in [(0x01u8, false), (0xffu8, true), (0x80u8, true)] {
+            let mut b = good.clone();
+            b[at] ^= mask;
+            if reseal_it && at >= 64 {
+                reseal(&mut b);
+            }
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                if let Ok(idx) = IndexFile::from_bytes(&b) {
+                    opened += 1;
+                    if idx.verify().is_ok() {
+                        verified += 1;
+                        exercise(&idx);
+                    }
+                }
+            }));
+            assert!(r.is_ok(), "byte {at} xor {mask:#04x} (checksum recomputed: {reseal_it}) made the reader panic");
+        }
+    }
+    // Some damage is harmless (a mode bit, a timestamp) and must still open.
+    assert!(opened > 0 && verified > 0, "opened {opened}, verified {verified}");
+}
