@@ -23,5 +23,4 @@ if [ ! -e /dev/fuse ]; then
 fi
 [ -e /dev/fuse ] || { echo "tools/test.sh: /dev/fuse is missing: FUSE tests cannot run" >&2; exit 1; }
 
-cargo build --locked --release --bins
 cargo test --locked "$@"
