@@ -263,14 +263,32 @@ impl Tree {
                 nlink: 1,
                 layer: NONE,
                 first_chunk: NONE,
-                first_xattr: xattrs.len() as u32,
-                xattr_count: n.xattrs.len() as u32,
+                first_xattr: 0,
+                xattr_count: 0,
                 ..Default::default()
             };
+            let group = groups.get(&n.inode).filter(|g| g.len() > 1 && g[0] != i as u32);
+            if let Some(group) = group {
+                // Another name of an inode held by an earlier entry: fixed-size attributes
+                // are copied, content location, chunk hashes and xattrs live only there.
+                e.kind = Kind::Hardlink as u8;
+                e.hardlink_to = group[0];
+                e.nlink = group.len() as u32;
+                if let Some(c) = &n.content {
+                    e.size = c.size;
+                    e.sha256 = c.sha256;
+                }
+                entries.push(e);
+                continue;
+            }
+            if !n.xattrs.is_empty() {
+                e.first_xattr = xattrs.len() as u32;
+                e.xattr_count = n.xattrs.len() as u32;
+                xattrs.extend(n.xattrs.iter().map(|(k, v)| Xattr { name: k.clone(), value: v.clone() }));
+            }
             if e.child_count == 0 {
                 e.first_child = NONE;
             }
-            xattrs.extend(n.xattrs.iter().map(|(k, v)| Xattr { name: k.clone(), value: v.clone() }));
             match n.kind {
                 Kind::Dir => {
                     let subdirs = n.children.values().filter(|&&c| self.nodes[c].kind == Kind::Dir).count();
@@ -280,19 +298,16 @@ impl Tree {
                 Kind::File => {
                     let c = n.content.as_ref().expect("files have content");
                     e.size = c.size;
-                    e.data_offset = c.offset;
                     e.sha256 = c.sha256;
-                    e.layer = if c.size > 0 { c.layer } else { NONE };
+                    if c.size > 0 {
+                        e.layer = c.layer;
+                        e.data_offset = c.offset;
+                    }
                     if c.size > CHUNK_SIZE {
                         e.first_chunk = chunks.len() as u32;
                         chunks.extend_from_slice(&c.chunks);
                     }
-                    let group = &groups[&n.inode];
-                    e.nlink = group.len() as u32;
-                    if group.len() > 1 && group[0] != i as u32 {
-                        e.kind = Kind::Hardlink as u8;
-                        e.hardlink_to = group[0];
-                    }
+                    e.nlink = groups[&n.inode].len() as u32;
                 }
                 _ => {}
             }

@@ -124,7 +124,6 @@ impl LayerStream {
                     io::copy(&mut hashing, &mut io::sink())?;
                     Ok(())
                 })();
-                drop(send);
                 drop(htx);
                 let diff_id = hasher.join().map_err(|_| BuildError::Layer("the hashing thread panicked".into()))?;
                 if let Err(e) = result {

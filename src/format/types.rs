@@ -134,8 +134,8 @@ pub struct Layer {
 /// A point in a gzip layer where inflation can resume without anything before it.
 #[derive(Archive, Serialize, Debug, Clone, Default)]
 pub struct Checkpoint {
-    /// Offset in the compressed blob of the first byte not fully consumed: resume by reading
-    /// from `in_offset - 1` when `bits > 0`, else from `in_offset`.
+    /// Offset in the compressed blob of the first byte not consumed at all; when `bits > 0`
+    /// the byte before it is partly used, so resume by reading from `in_offset - 1`.
     pub in_offset: u64,
     /// Offset in the uncompressed tar stream.
     pub out_offset: u64,
@@ -156,7 +156,8 @@ pub struct Checkpoint {
 pub struct Entry {
     /// Content size (regular files), target length (symlinks), 0 otherwise.
     pub size: u64,
-    /// Offset of the content in the uncompressed tar stream of `layer`.
+    /// Offset of the content in the uncompressed tar stream of `layer` (0 when `layer` is
+    /// `NONE`).
     pub data_offset: u64,
     /// Modification time, seconds since the epoch.
     pub mtime: i64,
@@ -172,7 +173,8 @@ pub struct Entry {
     pub first_child: u32,
     /// Directories: number of children.
     pub child_count: u32,
-    /// Hardlinks: index of the regular file entry that holds the inode. Others: `NONE`.
+    /// Hardlinks: index of the regular file entry that holds the inode (and its content
+    /// location, chunk hashes and xattrs). Others: `NONE`.
     pub hardlink_to: u32,
     /// Link count: 2 + subdirectories for directories; names of the inode for files.
     pub nlink: u32,
@@ -193,7 +195,7 @@ pub struct Entry {
     /// Index into `Index::chunk_hashes` of this file's first chunk (files larger than
     /// `CHUNK_SIZE`), or `NONE`.
     pub first_chunk: u32,
-    /// Index into `Index::xattrs` of the first extended attribute.
+    /// Index into `Index::xattrs` of the first extended attribute (0 when there are none).
     pub first_xattr: u32,
     /// Number of extended attributes.
     pub xattr_count: u32,
