@@ -8,7 +8,7 @@ pub mod attr;
 pub mod pool;
 
 use crate::format::{FormatError, IndexFile, Kind};
-use crate::read::{FileReader, ReadError, Tier};
+use crate::read::{FileReader, Neighbours, ReadError, Tier};
 use crate::source::{Source, SourceError};
 use attr::{attr_of, entry_of, file_type, ino_of};
 use fuser::{
@@ -98,6 +98,8 @@ pub struct ServeStats {
     read_errors: AtomicU64,
     inflated: AtomicU64,
     fetched: AtomicU64,
+    kept: AtomicU64,
+    kept_bytes: AtomicU64,
 }
 
 /// A snapshot of [`ServeStats`].
@@ -117,6 +119,10 @@ pub struct ServeSnapshot {
     pub inflated: u64,
     /// Compressed bytes requested from the origin.
     pub fetched: u64,
+    /// Pieces of other files that origin reads inflated on the way, verified and cached.
+    pub kept: u64,
+    /// Bytes of those pieces.
+    pub kept_bytes: u64,
 }
 
 impl ServeStats {
@@ -131,6 +137,8 @@ impl ServeStats {
             read_errors: l(&self.read_errors),
             inflated: l(&self.inflated),
             fetched: l(&self.fetched),
+            kept: l(&self.kept),
+            kept_bytes: l(&self.kept_bytes),
         }
     }
 }
@@ -139,8 +147,16 @@ impl std::fmt::Display for ServeSnapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "opens={} open_handles={} reads={} read_bytes={} read_errors={} origin_inflated={} origin_fetched={}",
-            self.opens, self.open_handles, self.reads, self.read_bytes, self.read_errors, self.inflated, self.fetched
+            "opens={} open_handles={} reads={} read_bytes={} read_errors={} origin_inflated={} origin_fetched={} kept={} kept_bytes={}",
+            self.opens,
+            self.open_handles,
+            self.reads,
+            self.read_bytes,
+            self.read_errors,
+            self.inflated,
+            self.fetched,
+            self.kept,
+            self.kept_bytes
         )
     }
 }
@@ -151,6 +167,7 @@ struct Shared {
     source: Arc<dyn Source>,
     tiers: Vec<Arc<dyn Tier>>,
     stats: Arc<ServeStats>,
+    neighbours: Arc<Neighbours>,
 }
 
 /// The read-only filesystem over one index.
@@ -180,7 +197,13 @@ impl ClipFs {
             .map(|e| e.size.to_native().div_ceil(attr::BLKSIZE as u64))
             .sum();
         Ok(ClipFs {
-            shared: Arc::new(Shared { index, source, tiers, stats: Arc::default() }),
+            shared: Arc::new(Shared {
+                neighbours: Neighbours::new(index.index().layers.len()),
+                index,
+                source,
+                tiers,
+                stats: Arc::default(),
+            }),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             pool,
@@ -272,10 +295,14 @@ fn serve_read(shared: &Shared, reader: &Mutex<FileReader>, offset: u64, size: u3
         return Ok(buf);
     }
     let (inf0, fetch0) = r.origin_stats();
+    let (kept0, kept_bytes0) = r.kept_stats();
     let n = r.read_at(&shared.index, shared.source.as_ref(), &shared.tiers, offset, &mut buf)?;
     let (inf1, fetch1) = r.origin_stats();
+    let (kept1, kept_bytes1) = r.kept_stats();
     shared.stats.inflated.fetch_add(inf1.saturating_sub(inf0), Ordering::Relaxed);
     shared.stats.fetched.fetch_add(fetch1.saturating_sub(fetch0), Ordering::Relaxed);
+    shared.stats.kept.fetch_add(kept1 - kept0, Ordering::Relaxed);
+    shared.stats.kept_bytes.fetch_add(kept_bytes1 - kept_bytes0, Ordering::Relaxed);
     buf.truncate(n);
     Ok(buf)
 }
@@ -335,7 +362,7 @@ impl Filesystem for ClipFs {
             Err(e) => return reply.error(e),
         };
         let reader = match FileReader::new(self.index(), i) {
-            Ok(r) => r,
+            Ok(r) => r.with_neighbours(self.shared.neighbours.clone()),
             Err(ReadError::NotAFile(_)) => return reply.error(Errno::EINVAL),
             Err(e) => {
                 tracing::error!(entry = i, error = %e, "cannot open file");

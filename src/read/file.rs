@@ -1,5 +1,6 @@
 //! Serving verified pieces of regular files through cache tiers.
 
+use super::neighbours::Neighbours;
 use super::span::SpanReader;
 use crate::format::{FormatError, IndexFile, Kind, Piece};
 use crate::source::{Source, SourceError};
@@ -72,6 +73,8 @@ pub struct FileReader {
     pieces: Vec<Piece>,
     span: Option<SpanReader>,
     last: Option<(usize, Arc<Vec<u8>>)>,
+    neighbours: Option<Arc<Neighbours>>,
+    kept: (u64, u64),
 }
 
 impl FileReader {
@@ -90,7 +93,16 @@ impl FileReader {
             pieces: index.pieces(ino)?,
             span: None,
             last: None,
+            neighbours: None,
+            kept: (0, 0),
         })
+    }
+
+    /// Keep the pieces of other files that cold reads inflate on the way (see
+    /// [`Neighbours`]).
+    pub fn with_neighbours(mut self, neighbours: Arc<Neighbours>) -> FileReader {
+        self.neighbours = Some(neighbours);
+        self
     }
 
     /// File size.
@@ -106,6 +118,11 @@ impl FileReader {
     /// Bytes inflated and compressed bytes fetched by this reader's origin reads.
     pub fn origin_stats(&self) -> (u64, u64) {
         self.span.as_ref().map(|s| (s.inflated, s.fetched)).unwrap_or((0, 0))
+    }
+
+    /// Other files' pieces kept in the tiers by this reader's origin reads, and their bytes.
+    pub fn kept_stats(&self) -> (u64, u64) {
+        self.kept
     }
 
     /// Piece number `k`, verified, and where it came from.
@@ -139,7 +156,17 @@ impl FileReader {
         let mut buf = vec![0u8; p.len as usize];
         let span = self.span.get_or_insert_with(|| SpanReader::new(self.layer));
         let file_end = self.data_offset + self.size;
-        span.read_at(index, source, self.data_offset + p.offset, &mut buf, file_end)?;
+        let layer = self.layer;
+        let neighbours = self.neighbours.as_deref();
+        let kept = &mut self.kept;
+        let mut keep = |offset: u64, bytes: &[u8]| {
+            if let Some(n) = neighbours {
+                let (pieces, b) = n.keep(index, layer, offset, bytes, tiers);
+                kept.0 += pieces;
+                kept.1 += b;
+            }
+        };
+        span.read_at(index, source, self.data_offset + p.offset, &mut buf, file_end, &mut keep)?;
         if !verify(&buf, &p.sha256) {
             self.span = None;
             return Err(ReadError::Mismatch {

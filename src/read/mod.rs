@@ -1,10 +1,13 @@
 //! The read path: from an index entry to verified bytes. `span` turns a range of a layer's
 //! uncompressed stream into bytes by resuming inflation at the nearest checkpoint;
 //! `file` serves content-addressed pieces of files through cache tiers, falling back to
-//! the origin and verifying every byte against its sha256.
+//! the origin and verifying every byte against its sha256; `neighbours` keeps the other
+//! files' pieces that a resumed inflation passes on the way.
 
 pub mod file;
+pub mod neighbours;
 pub mod span;
 
 pub use file::{FileReader, ReadError, Tier};
+pub use neighbours::Neighbours;
 pub use span::SpanReader;

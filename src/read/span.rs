@@ -41,6 +41,10 @@ impl Cursor {
 /// checkpoint (inflating up to this much is cheaper than a new request).
 const CONTINUE_WITHIN: u64 = 1 << 20;
 
+/// Skipped spans up to this size are handed to the caller (to keep other files' pieces);
+/// longer ones are discarded in small steps.
+const MAX_KEPT_GAP: u64 = 8 << 20;
+
 impl SpanReader {
     /// A reader for `layer`.
     pub fn new(layer: u32) -> SpanReader {
@@ -49,6 +53,7 @@ impl SpanReader {
 
     /// Read exactly `out.len()` bytes at uncompressed offset `start`. `hint_end` is how far
     /// the caller expects to read sequentially (used to size the compressed request).
+    /// Bytes inflated on the way to `start` are passed to `skipped` with their offset.
     pub fn read_at(
         &mut self,
         index: &IndexFile,
@@ -56,6 +61,7 @@ impl SpanReader {
         start: u64,
         out: &mut [u8],
         hint_end: u64,
+        skipped: &mut dyn FnMut(u64, &[u8]),
     ) -> Result<(), ReadError> {
         let end = start + out.len() as u64;
         let reuse = self
@@ -66,10 +72,24 @@ impl SpanReader {
             self.cursor = Some(self.open(index, source, start, hint_end.max(end))?);
         }
         let cursor = self.cursor.as_mut().expect("set above");
-        let bad = |e: std::io::Error| ReadError::Origin(format!("layer {}: {e}", 0));
+        let layer_no = self.layer;
+        let bad = |e: std::io::Error| ReadError::Origin(format!("layer {layer_no}: {e}"));
         match cursor {
             Cursor::Gzip { inner, .. } => {
                 let before = inner.position();
+                let gap = start - before;
+                if gap > 0 && gap <= MAX_KEPT_GAP {
+                    let mut passed = vec![0u8; gap as usize];
+                    let mut got = 0;
+                    while got < passed.len() {
+                        let n = inner.fill(&mut passed[got..]).map_err(|e| ReadError::Origin(e.to_string()))?;
+                        if n == 0 {
+                            return Err(ReadError::Origin(format!("layer {} ends before offset {start}", self.layer)));
+                        }
+                        got += n;
+                    }
+                    skipped(before, &passed);
+                }
                 inner.skip_to(start).map_err(|e| ReadError::Origin(e.to_string()))?;
                 let mut got = 0;
                 while got < out.len() {

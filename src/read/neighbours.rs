@@ -1,0 +1,74 @@
+//! Keeping what inflation passes by. A cold read resumes at a checkpoint up to one interval
+//! before the wanted bytes; the pieces of other files lying entirely in that skipped span
+//! are verified and stored in the cache tiers, so that reading them next costs nothing.
+
+use super::file::{verify, Tier};
+use crate::format::{IndexFile, Kind};
+use std::sync::{Arc, OnceLock};
+
+/// A piece's place in its layer's uncompressed stream.
+#[derive(Clone, Copy, Debug)]
+struct Located {
+    offset: u64,
+    len: u64,
+    sha256: [u8; 32],
+}
+
+/// Per-layer maps from uncompressed offset to content pieces, built on first use and
+/// shared by every reader of one index.
+pub struct Neighbours {
+    layers: Vec<OnceLock<Vec<Located>>>,
+}
+
+impl Neighbours {
+    /// Maps for an index with `layer_count` layers.
+    pub fn new(layer_count: usize) -> Arc<Neighbours> {
+        Arc::new(Neighbours { layers: (0..layer_count).map(|_| OnceLock::new()).collect() })
+    }
+
+    fn layer_map(&self, index: &IndexFile, layer: u32) -> Option<&[Located]> {
+        let slot = self.layers.get(layer as usize)?;
+        Some(slot.get_or_init(|| {
+            let mut v = Vec::new();
+            for i in 0..index.entry_count() {
+                let Ok(e) = index.entry(i) else { continue };
+                if e.kind != Kind::File as u8 || e.layer.to_native() != layer {
+                    continue;
+                }
+                let base = e.data_offset.to_native();
+                for p in index.pieces(i).unwrap_or_default() {
+                    v.push(Located { offset: base + p.offset, len: p.len, sha256: p.sha256 });
+                }
+            }
+            v.sort_by_key(|l| l.offset);
+            v
+        }))
+    }
+
+    /// `bytes` are layer `layer`'s uncompressed stream from `offset` on: store every piece
+    /// that lies entirely inside them (and hashes right) in `tiers`. Returns the number of
+    /// pieces kept and their bytes.
+    pub fn keep(&self, index: &IndexFile, layer: u32, offset: u64, bytes: &[u8], tiers: &[Arc<dyn Tier>]) -> (u64, u64) {
+        let mut kept = (0, 0);
+        if tiers.is_empty() {
+            return kept;
+        }
+        let Some(map) = self.layer_map(index, layer) else { return kept };
+        let end = offset + bytes.len() as u64;
+        let first = map.partition_point(|l| l.offset < offset);
+        for l in &map[first..] {
+            if l.offset + l.len > end {
+                break;
+            }
+            let data = &bytes[(l.offset - offset) as usize..(l.offset - offset + l.len) as usize];
+            if verify(data, &l.sha256) {
+                for t in tiers {
+                    t.put(&l.sha256, data);
+                }
+                kept.0 += 1;
+                kept.1 += l.len;
+            }
+        }
+        kept
+    }
+}
