@@ -8,7 +8,6 @@
 use clip::build::{build, layer::index_layer, BuildOptions, CheckpointPolicy};
 use clip::oci::{resolve, Platform};
 use clip::source::layout::LayoutSource;
-use clip::source::Source;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;

@@ -6,7 +6,7 @@ use clip::format::{IndexFile, Kind};
 use clip::oci::Platform;
 use clip::read::FileReader;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -124,7 +124,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn open(path: &PathBuf) -> Result<IndexFile> {
+fn open(path: &Path) -> Result<IndexFile> {
     Ok(IndexFile::open(path)?)
 }
 

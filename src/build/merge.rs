@@ -31,6 +31,16 @@ struct Node {
     children: BTreeMap<Vec<u8>, usize>,
 }
 
+/// The flattened tree: the index's entry, xattr and chunk hash tables.
+pub struct Flat {
+    /// Entries, breadth-first.
+    pub entries: Vec<Entry>,
+    /// Extended attributes.
+    pub xattrs: Vec<Xattr>,
+    /// Chunk hashes of files larger than `CHUNK_SIZE`.
+    pub chunk_hashes: Vec<[u8; 32]>,
+}
+
 /// The merged tree under construction.
 pub struct Tree {
     nodes: Vec<Node>,
@@ -168,7 +178,7 @@ impl Tree {
                         _ => Vec::new(),
                     },
                     xattrs: e.xattrs,
-                    content: (e.kind == RawKind::File).then(|| Content {
+                    content: (e.kind == RawKind::File).then_some(Content {
                         layer,
                         offset: e.data_offset,
                         size: e.size,
@@ -212,9 +222,9 @@ impl Tree {
         Ok(())
     }
 
-    /// Flatten into (entries, xattrs, chunk hashes): breadth-first, so that the children of
-    /// every directory are contiguous and sorted by name.
-    pub fn flatten(self) -> Result<(Vec<Entry>, Vec<Xattr>, Vec<[u8; 32]>), BuildError> {
+    /// Flatten into the index's tables: breadth-first, so that the children of every
+    /// directory are contiguous and sorted by name.
+    pub fn flatten(self) -> Result<Flat, BuildError> {
         let mut order: Vec<(usize, u32, Vec<u8>)> = vec![(0, 0, Vec::new())];
         let mut first_child = vec![NONE; 1];
         let mut queue = VecDeque::from([0usize]);
@@ -313,6 +323,6 @@ impl Tree {
             }
             entries.push(e);
         }
-        Ok((entries, xattrs, chunks))
+        Ok(Flat { entries, xattrs, chunk_hashes: chunks })
     }
 }

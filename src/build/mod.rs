@@ -84,7 +84,7 @@ pub fn build_resolved(source: &dyn Source, image: &ResolvedImage, opts: &BuildOp
         layers.push(std::mem::take(&mut r.layer));
         tree.apply(i as u32, r)?;
     }
-    let (entries, xattrs, chunk_hashes) = tree.flatten()?;
+    let merge::Flat { entries, xattrs, chunk_hashes } = tree.flatten()?;
     Ok(Index {
         image: Image {
             created: image.created,
