@@ -543,6 +543,8 @@ fn second_mount_on_an_empty_disk_cache_fetches_nothing_from_the_origin() {
     assert_eq!(s2["serve"]["inflated"].as_u64(), Some(0), "{s2}");
     assert_eq!(s2["serve"]["read_errors"].as_u64(), Some(0), "{s2}");
     assert!(logged_redis_hits(&log2) >= piece_keys(&index).len() as u64, "{log2}");
+    assert_eq!(s2["redis"]["hits"].as_u64(), Some(logged_redis_hits(&log2)), "the stats file carries the Redis counters: {s2}");
+    assert_eq!(s1["redis"]["hits"].as_u64(), Some(0), "{s1}");
 }
 
 #[test]

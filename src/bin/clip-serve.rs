@@ -2,6 +2,7 @@
 //! only the bytes a process touches.
 
 use clap::Parser;
+use clip::cache::redis::RedisTier;
 use clip::cache::{parse_size, DiskCache};
 use clip::format::IndexFile;
 use clip::fuse::{self, ClipFs, MountSettings, ServeStats};
@@ -85,21 +86,38 @@ fn default_cache_dir() -> PathBuf {
     home.join(".cache").join("clip")
 }
 
-/// Counters of the filesystem and the disk cache, as one JSON object.
-fn stats_json(serve: &ServeStats, disk: Option<&DiskCache>) -> String {
-    serde_json::json!({ "serve": serve.snapshot(), "disk_cache": disk.map(|d| d.stats()) }).to_string()
+/// Every tier's counters, for the stats file, SIGUSR1 and the exit log.
+struct Counters<'a> {
+    serve: &'a ServeStats,
+    disk: Option<&'a DiskCache>,
+    redis: Option<&'a RedisTier>,
 }
 
-fn log_stats(serve: &ServeStats, disk: Option<&DiskCache>) {
-    let cache = disk.map(|d| d.stats().to_string()).unwrap_or_else(|| "disabled".into());
-    tracing::info!("stats: {}; disk cache: {cache}", serve.snapshot());
-}
+impl Counters<'_> {
+    /// All counters as one JSON object.
+    fn json(&self) -> String {
+        serde_json::json!({
+            "serve": self.serve.snapshot(),
+            "disk_cache": self.disk.map(|d| d.stats()),
+            "redis": self.redis.map(|r| r.stats()),
+        })
+        .to_string()
+    }
 
-fn write_stats(path: &Path, serve: &ServeStats, disk: Option<&DiskCache>) {
-    let tmp = path.with_extension("tmp");
-    let r = std::fs::write(&tmp, stats_json(serve, disk) + "\n").and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = r {
-        tracing::warn!(path = %path.display(), error = %e, "cannot write the stats file");
+    fn log(&self) {
+        let cache = self.disk.map(|d| d.stats().to_string()).unwrap_or_else(|| "disabled".into());
+        tracing::info!("stats: {}; disk cache: {cache}", self.serve.snapshot());
+        if let Some(r) = self.redis {
+            tracing::info!("{}", r.stats());
+        }
+    }
+
+    fn write(&self, path: &Path) {
+        let tmp = path.with_extension("tmp");
+        let r = std::fs::write(&tmp, self.json() + "\n").and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = r {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the stats file");
+        }
     }
 }
 
@@ -144,7 +162,7 @@ fn run(cli: Cli) -> Result<()> {
 
     let redis = match cli.redis.config()? {
         Some(cfg) => {
-            let r = Arc::new(clip::cache::redis::RedisTier::connect(cfg)?);
+            let r = Arc::new(RedisTier::connect(cfg)?);
             tiers.push(r.clone());
             Some(r)
         }
@@ -172,11 +190,11 @@ fn run(cli: Cli) -> Result<()> {
 
     let interval = Duration::from_secs(cli.stats_interval.max(1));
     let mut next_write = Instant::now();
-    let disk_ref = disk.as_deref();
+    let counters = Counters { serve: &serve_stats, disk: disk.as_deref(), redis: redis.as_deref() };
     let shutdown = loop {
         if let Some(p) = &cli.stats_file {
             if Instant::now() >= next_write {
-                write_stats(p, &serve_stats, disk_ref);
+                counters.write(p);
                 next_write = Instant::now() + interval;
             }
         }
@@ -184,7 +202,7 @@ fn run(cli: Cli) -> Result<()> {
             break None;
         }
         match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(Signal::SIGUSR1) => log_stats(&serve_stats, disk_ref),
+            Ok(Signal::SIGUSR1) => counters.log(),
             Ok(sig) => break Some(sig),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break None,
@@ -207,13 +225,12 @@ fn run(cli: Cli) -> Result<()> {
             session.join().map_err(Into::into)
         }
     };
-    if let Some(p) = &cli.stats_file {
-        write_stats(p, &serve_stats, disk_ref);
-    }
-    log_stats(&serve_stats, disk_ref);
     if let Some(r) = &redis {
         r.flush(Duration::from_secs(2));
-        tracing::info!("{}", r.stats());
     }
+    if let Some(p) = &cli.stats_file {
+        counters.write(p);
+    }
+    counters.log();
     result
 }
