@@ -11,14 +11,14 @@ use clip::oci::Platform;
 use clip::read::{FileReader, Tier};
 use clip::source::layout::{LayerInput, LayoutSource, LayoutWriter};
 use clip::source::{Source, SourceError};
-use common::{bin, edge_index, require_tool, run};
+use common::{bin, edge_index, require_tool, run, test_pki, TestPki};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A `redis-server` on 127.0.0.1 without persistence, killed when dropped.
@@ -117,6 +117,19 @@ impl RedisServer {
     }
 }
 
+/// A `redis-server` that also speaks TLS with the PKI's server certificate on the returned
+/// port; its plain port stays open for inspecting the database.
+fn start_tls(dir: &Path, pki: &TestPki, auth_clients: bool) -> (RedisServer, u16) {
+    let port = free_port();
+    let tls_port = std::iter::repeat_with(free_port).find(|&p| p != port).unwrap();
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let auth = if auth_clients { "yes" } else { "no" };
+    let extra = vec!["--tls-port".into(), tls_port.to_string(), "--tls-cert-file".into(), path(&pki.server_cert), "--tls-key-file".into(), path(&pki.server_key), "--tls-ca-cert-file".into(), path(&pki.ca), "--tls-auth-clients".into(), auth.into()];
+    let mut server = RedisServer { port, dir: dir.to_path_buf(), child: None, extra };
+    server.restart();
+    (server, tls_port)
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         if let Some(pid) = self.child.as_ref().map(|c| c.id()) {
@@ -208,7 +221,11 @@ fn read_all(index: &IndexFile, source: &dyn Source, tiers: &[Arc<dyn Tier>]) -> 
 
 /// A tier with short retry delays so recovery is quick in tests.
 fn tier(url: &str) -> Arc<RedisTier> {
-    let mut cfg = RedisConfig::new(url);
+    tier_with(RedisConfig::new(url))
+}
+
+/// [`tier`] with more settings.
+fn tier_with(mut cfg: RedisConfig) -> Arc<RedisTier> {
     cfg.retry_min = Duration::from_millis(50);
     cfg.retry_max = Duration::from_millis(200);
     cfg.queue_capacity = 1024;
@@ -466,9 +483,9 @@ fn is_mounted(dir: &Path) -> bool {
     std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().any(|l| l.split(' ').nth(4) == Some(dir.as_str()))
 }
 
-/// Mount `index` with clip-serve on an empty disk cache and the given Redis, read every
+/// Mount `index` with clip-serve on an empty disk cache and the given Redis options, read every
 /// file, stop the daemon; returns (files, final stats JSON, daemon log).
-fn mount_and_read_all(tmp: &Path, name: &str, index: &Path, redis_url: &str) -> (BTreeMap<String, Vec<u8>>, serde_json::Value, String) {
+fn mount_and_read_all(tmp: &Path, name: &str, index: &Path, redis_args: &[&str]) -> (BTreeMap<String, Vec<u8>>, serde_json::Value, String) {
     assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing: load the fuse module or give the container --device /dev/fuse");
     require_tool("fusermount3");
     let mnt = tmp.join(name);
@@ -481,8 +498,7 @@ fn mount_and_read_all(tmp: &Path, name: &str, index: &Path, redis_url: &str) -> 
         .arg(tmp.join(format!("{name}-cache")))
         .arg("--stats-file")
         .arg(&stats)
-        .arg("--redis")
-        .arg(redis_url)
+        .args(redis_args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -531,12 +547,12 @@ fn second_mount_on_an_empty_disk_cache_fetches_nothing_from_the_origin() {
     let index = IndexFile::open(&index_path).unwrap();
     let redis = RedisServer::start(&tmp.path().join("redis"));
 
-    let (first, s1, log1) = mount_and_read_all(tmp.path(), "first", &index_path, &redis.url());
+    let (first, s1, log1) = mount_and_read_all(tmp.path(), "first", &index_path, &["--redis", &redis.url()]);
     assert!(s1["serve"]["fetched"].as_u64().unwrap() > 0, "the first mount reads the origin: {s1}");
     assert_eq!(logged_redis_hits(&log1), 0, "{log1}");
-    assert_eq!(redis.keys(), piece_keys(&index), "the first mount filled Redis with every piece");
+    assert_eq!(redis.keys(), piece_keys(&index), "the first mount filled Redis with every piece: {}\n{log1}", s1["redis"]);
 
-    let (second, s2, log2) = mount_and_read_all(tmp.path(), "second", &index_path, &redis.url());
+    let (second, s2, log2) = mount_and_read_all(tmp.path(), "second", &index_path, &["--redis", &redis.url()]);
     assert_eq!(second, first);
     assert!(first.len() > 50 && first.contains_key("data/random.bin"));
     assert_eq!(s2["serve"]["fetched"].as_u64(), Some(0), "the second mount must fetch nothing from the origin: {s2}");
@@ -620,4 +636,142 @@ fn a_full_write_queue_drops_writes_without_blocking() {
     assert_eq!(s.writes_done, s.writes_queued, "{s}");
     assert_eq!(s.writes_too_large, 1, "{s}");
     assert_eq!(redis.dbsize(), s.writes_done);
+}
+
+/// Warnings logged on this thread while `f` runs.
+fn warnings_during<T>(f: impl FnOnce() -> T) -> (T, String) {
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let out = Captured::default();
+    let w = out.clone();
+    let subscriber = tracing_subscriber::fmt().with_max_level(tracing::Level::WARN).with_ansi(false).with_writer(move || w.clone()).finish();
+    let v = tracing::subscriber::with_default(subscriber, f);
+    let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+    (v, text)
+}
+
+fn tls_config(port: u16, ca: Option<&Path>) -> RedisConfig {
+    let mut cfg = RedisConfig::new(format!("rediss://127.0.0.1:{port}/0"));
+    cfg.ca_file = ca.map(Path::to_path_buf);
+    cfg
+}
+
+#[test]
+fn rediss_with_the_ca_fills_redis_and_serves_a_second_reader_without_the_origin() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (layout, index_path) = edge_index(tmp.path());
+    let index = IndexFile::open(&index_path).unwrap();
+    let pki = test_pki(&tmp.path().join("pki"));
+    let (redis, tls_port) = start_tls(&tmp.path().join("redis"), &pki, false);
+
+    let origin = Counting::new(&layout);
+    let first = tier_with(tls_config(tls_port, Some(&pki.ca)));
+    assert!(first.is_up(), "the TLS handshake with the test CA must succeed: {}", first.stats());
+    assert!(first.url().starts_with("rediss://"));
+    let want = read_all(&index, &origin, &as_tiers(&first));
+    flushed(&first);
+    let s = first.stats();
+    assert_eq!(s.writes_done, piece_reads(&index), "every origin fill is stored over TLS: {s}");
+    assert_eq!(s.errors + s.writes_dropped, 0, "{s}");
+    drop(first);
+    assert_eq!(redis.keys(), piece_keys(&index));
+
+    let dead = Failing::default();
+    let second = tier_with(tls_config(tls_port, Some(&pki.ca)));
+    let got = read_all(&index, &dead, &as_tiers(&second));
+    assert_eq!(dead.calls.load(Ordering::SeqCst), 0, "the second reader must not touch the origin");
+    assert_eq!(got, want);
+    let s = second.stats();
+    assert_eq!(s.hits, piece_reads(&index), "{s}");
+    assert_eq!(s.misses + s.errors + s.verify_failures, 0, "{s}");
+
+    let plain = tier_with(tls_config(redis.port, Some(&pki.ca)));
+    assert!(!plain.is_up(), "rediss:// to a port without TLS must fail, proving the tier really speaks TLS");
+    assert_eq!(read_file(&index, &origin, &as_tiers(&plain), host_entry(&index)), b"edge\n");
+}
+
+#[test]
+fn rediss_without_the_ca_falls_back_to_the_origin_with_one_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (layout, index_path) = edge_index(tmp.path());
+    let index = IndexFile::open(&index_path).unwrap();
+    let want = read_all(&index, &Counting::new(&layout), &[]);
+    let pki = test_pki(&tmp.path().join("pki"));
+    let (redis, tls_port) = start_tls(&tmp.path().join("redis"), &pki, false);
+    let origin = Counting::new(&layout);
+
+    let started = Instant::now();
+    let (t, log) = warnings_during(|| {
+        let t = tier_with(tls_config(tls_port, None));
+        timed_read_all(&index, &origin, &as_tiers(&t), &want, Duration::from_secs(1));
+        std::thread::sleep(Duration::from_millis(300));
+        timed_read_all(&index, &origin, &as_tiers(&t), &want, Duration::from_secs(1));
+        t
+    });
+    assert!(started.elapsed() < Duration::from_secs(20), "falling back took {:?}", started.elapsed());
+    assert!(!t.is_up(), "the built-in roots do not trust the test CA");
+    let s = t.stats();
+    assert!(s.errors >= 2 && s.bypassed > 0 && s.hits + s.writes_done == 0, "retries happened and all failed: {s}");
+    assert_eq!(log.matches("Redis connect failed").count(), 1, "one warning per outage, not per retry:\n{log}");
+    assert!(log.contains("not trusted") && log.contains("--redis-ca-file"), "the warning says what to do:\n{log}");
+    assert_eq!(redis.dbsize(), 0);
+}
+
+#[test]
+fn a_client_certificate_is_sent_when_the_server_requires_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (layout, index_path) = edge_index(tmp.path());
+    let index = IndexFile::open(&index_path).unwrap();
+    let pki = test_pki(&tmp.path().join("pki"));
+    let (redis, tls_port) = start_tls(&tmp.path().join("redis"), &pki, true);
+    let origin = Counting::new(&layout);
+
+    let anonymous = tier_with(tls_config(tls_port, Some(&pki.ca)));
+    let want = read_all(&index, &origin, &as_tiers(&anonymous));
+    assert!(!anonymous.is_up() && anonymous.stats().writes_done == 0, "the server demands a client certificate: {}", anonymous.stats());
+
+    let mut cfg = tls_config(tls_port, Some(&pki.ca));
+    cfg.client_cert = Some(pki.client_cert.clone());
+    cfg.client_key = Some(pki.client_key.clone());
+    let t = tier_with(cfg);
+    assert!(t.is_up());
+    assert_eq!(read_all(&index, &origin, &as_tiers(&t)), want);
+    flushed(&t);
+    assert_eq!(redis.keys(), piece_keys(&index));
+}
+
+#[test]
+fn clip_serve_uses_rediss_with_a_ca_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (layout, index_path) = edge_index(tmp.path());
+    let index = IndexFile::open(&index_path).unwrap();
+    let pki = test_pki(&tmp.path().join("pki"));
+    let (redis, tls_port) = start_tls(&tmp.path().join("redis"), &pki, false);
+    let fill = tier_with(tls_config(tls_port, Some(&pki.ca)));
+    let want = read_all(&index, &Counting::new(&layout), &as_tiers(&fill));
+    flushed(&fill);
+    drop(fill);
+    assert_eq!(redis.keys(), piece_keys(&index));
+    let url = format!("rediss://127.0.0.1:{tls_port}/0");
+
+    let args = ["--redis", url.as_str(), "--redis-ca-file", pki.ca.to_str().unwrap()];
+    let (got, s, log) = mount_and_read_all(tmp.path(), "with-ca", &index_path, &args);
+    assert_eq!(got["data/random.bin"], want["data/random.bin"]);
+    assert_eq!(s["serve"]["fetched"].as_u64(), Some(0), "the mount reads everything from Redis over TLS: {s}");
+    assert!(logged_redis_hits(&log) >= piece_keys(&index).len() as u64, "{log}");
+
+    let (without, s, log) = mount_and_read_all(tmp.path(), "no-ca", &index_path, &["--redis", &url]);
+    assert_eq!(without, got, "without the CA the mount still works, from the origin");
+    assert!(s["serve"]["fetched"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["redis"]["hits"].as_u64(), Some(0), "{s}");
+    assert_eq!(log.matches("--redis-ca-file").count(), 1, "one warning that names the fix:\n{log}");
 }

@@ -19,11 +19,23 @@
 //!   circuit breaker: reads and writes skip Redis at once (reads go to the origin), a warning
 //!   is logged once per outage, and one probe retries the connection after an exponential
 //!   backoff. A FUSE read waits for Redis at most one timeout.
-//! * **Not supported**: `rediss://` (TLS) — building it would need a rustls crypto provider
-//!   dependency; put a TLS tunnel (stunnel, spiped, a service mesh sidecar) on loopback
-//!   instead. Redis Cluster URLs — point clip at one node or a proxy.
+//! * **TLS**: `rediss://HOST:PORT/DB` speaks TLS through rustls (ring), verifying the server
+//!   certificate and that it names the URL's host. By default the Mozilla roots built into
+//!   the binary (webpki-roots) are trusted; [`RedisConfig::ca_file`] (`--redis-ca-file`)
+//!   replaces them with the PEM certificates of a private CA. A client certificate and key
+//!   ([`RedisConfig::client_cert`], [`RedisConfig::client_key`]) are sent when given, for
+//!   servers with `tls-auth-clients yes`. Files are read and parsed once, in [`RedisTier::connect`]:
+//!   a missing or unparsable file is a startup error, while an untrusted server certificate
+//!   is a runtime failure like any other (one warning naming `--redis-ca-file`, reads go to
+//!   the origin). Skipping verification (`rediss://…#insecure`) is refused. Connections are
+//!   pooled, so the handshake is paid once per pooled connection; the connect timeout covers
+//!   TCP connect, TLS handshake and connection setup.
+//! * **Not supported**: Redis Cluster URLs — point clip at one node or a cluster proxy. The
+//!   crate's sync cluster client has its own connection type, routing and retry logic, which
+//!   would need a second pool and breaker path; not done in this build.
 
 use crate::read::Tier;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -32,13 +44,19 @@ use std::time::{Duration, Instant};
 
 /// Environment variable read when `--redis` is not given (keeps a password out of `ps`).
 pub const REDIS_URL_ENV: &str = "CLIP_REDIS_URL";
+/// Environment variable read when `--redis-ca-file` is not given.
+pub const REDIS_CA_FILE_ENV: &str = "CLIP_REDIS_CA_FILE";
+/// Environment variable read when `--redis-client-cert` is not given.
+pub const REDIS_CLIENT_CERT_ENV: &str = "CLIP_REDIS_CLIENT_CERT";
+/// Environment variable read when `--redis-client-key` is not given.
+pub const REDIS_CLIENT_KEY_ENV: &str = "CLIP_REDIS_CLIENT_KEY";
 
 /// Errors setting up the Redis tier (runtime failures never surface: they fall through to
 /// the origin).
 #[derive(Debug, thiserror::Error)]
 pub enum RedisTierError {
     /// The URL could not be parsed.
-    #[error("invalid Redis URL {url}: {reason}; use redis://[:PASSWORD@]HOST:PORT/DB")]
+    #[error("invalid Redis URL {url}: {reason}; use redis://[:PASSWORD@]HOST:PORT/DB or rediss://[:PASSWORD@]HOST:PORT/DB")]
     BadUrl {
         /// The URL with its password masked.
         url: String,
@@ -58,6 +76,19 @@ pub enum RedisTierError {
     /// A setting is out of range.
     #[error("{0}")]
     BadSetting(String),
+    /// A TLS file (CA, client certificate or key) could not be read.
+    #[error("cannot read the Redis TLS {what} {}: {source}; give the path of a readable PEM file", path.display())]
+    TlsFile {
+        /// Which file: "CA file", "client certificate" or "client key".
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
+    /// The TLS files were read but are not usable PEM certificates or keys.
+    #[error("unusable Redis TLS settings: {0}; --redis-ca-file and --redis-client-cert must hold PEM certificates and --redis-client-key a PEM private key")]
+    BadTls(String),
     /// The writer thread could not be started.
     #[error("starting the Redis writer thread: {0}")]
     Thread(std::io::Error),
@@ -67,10 +98,21 @@ pub enum RedisTierError {
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct RedisArgs {
     /// Shared Redis cache between the disk cache and the origin:
-    /// redis://[:PASSWORD@]HOST:PORT/DB (or set CLIP_REDIS_URL). A Redis that is down only
-    /// costs a warning.
+    /// redis://[:PASSWORD@]HOST:PORT/DB, or rediss://… for TLS (or set CLIP_REDIS_URL). A Redis
+    /// that is down only costs a warning. Redis Cluster URLs are not supported.
     #[arg(long = "redis", value_name = "URL")]
     pub url: Option<String>,
+    /// PEM CA certificate(s) to trust for rediss:// instead of the built-in public roots
+    /// (or set CLIP_REDIS_CA_FILE).
+    #[arg(long = "redis-ca-file", value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for rediss:// servers that require one (or set
+    /// CLIP_REDIS_CLIENT_CERT); needs --redis-client-key.
+    #[arg(long = "redis-client-cert", value_name = "PATH")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of --redis-client-cert (or set CLIP_REDIS_CLIENT_KEY).
+    #[arg(long = "redis-client-key", value_name = "PATH")]
+    pub client_key: Option<PathBuf>,
     /// Prefix for Redis keys, for a Redis shared with other applications (default: none,
     /// keys are the bare hex sha256).
     #[arg(long = "redis-key-prefix", value_name = "PREFIX", default_value = "")]
@@ -102,8 +144,16 @@ impl RedisArgs {
             None => None,
         };
         cfg.max_value = self.max_value;
+        cfg.ca_file = path_or_env(&self.ca_file, REDIS_CA_FILE_ENV);
+        cfg.client_cert = path_or_env(&self.client_cert, REDIS_CLIENT_CERT_ENV);
+        cfg.client_key = path_or_env(&self.client_key, REDIS_CLIENT_KEY_ENV);
         Ok(Some(cfg))
     }
+}
+
+/// The flag's path, else a non-empty environment variable.
+fn path_or_env(flag: &Option<PathBuf>, env: &str) -> Option<PathBuf> {
+    flag.clone().or_else(|| std::env::var_os(env).filter(|v| !v.is_empty()).map(PathBuf::from))
 }
 
 /// Default [`RedisConfig::max_value`]: one piece (1 MiB).
@@ -112,8 +162,14 @@ pub const DEFAULT_MAX_VALUE: usize = 1 << 20;
 /// Settings of a [`RedisTier`].
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
-    /// `redis://[:PASSWORD@]HOST:PORT/DB` (or `redis+unix:///path.sock`).
+    /// `redis://[:PASSWORD@]HOST:PORT/DB`, `rediss://…` (TLS) or `redis+unix:///path.sock`.
     pub url: String,
+    /// For `rediss://`: PEM CA certificate(s) trusted instead of the built-in public roots.
+    pub ca_file: Option<PathBuf>,
+    /// For `rediss://`: PEM client certificate (chain) sent to the server; needs `client_key`.
+    pub client_cert: Option<PathBuf>,
+    /// For `rediss://`: PEM private key of `client_cert`.
+    pub client_key: Option<PathBuf>,
     /// Prepended to every key (default empty).
     pub key_prefix: String,
     /// Expiry of written values (default none).
@@ -140,6 +196,9 @@ impl RedisConfig {
     pub fn new(url: impl Into<String>) -> RedisConfig {
         RedisConfig {
             url: url.into(),
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
             key_prefix: String::new(),
             ttl: None,
             max_value: DEFAULT_MAX_VALUE,
@@ -235,6 +294,8 @@ struct Inner {
     client: redis::Client,
     cfg: RedisConfig,
     shown_url: String,
+    /// `rediss://`: failures get TLS advice.
+    tls: bool,
     pool: Mutex<Vec<redis::Connection>>,
     breaker: Mutex<Breaker>,
     counters: Counters,
@@ -317,12 +378,24 @@ impl Inner {
             tracing::warn!(
                 redis = %self.shown_url,
                 error = %err,
-                "Redis {what} failed; reading from the origin instead and retrying Redis in the background (check that redis-server is running and reachable and the URL, password and DB are right)"
+                "Redis {what} failed; reading from the origin instead and retrying Redis in the background ({})",
+                self.advice(err)
             );
         } else {
             tracing::debug!(redis = %self.shown_url, error = %err, retry_in = ?delay, "Redis still unavailable");
         }
         b.retry_at = Some(Instant::now() + delay);
+    }
+
+    /// What to check after a connection-level failure.
+    fn advice(&self, err: &redis::RedisError) -> &'static str {
+        if self.tls && err.to_string().contains("certificate") {
+            "the server's TLS certificate is not trusted: give the CA that signed it with --redis-ca-file (CLIP_REDIS_CA_FILE) and check that the certificate names the URL's host"
+        } else if self.tls {
+            "check that redis-server is running and reachable, that this port speaks TLS, that the password and DB are right, and whether it requires a client certificate (--redis-client-cert, --redis-client-key)"
+        } else {
+            "check that redis-server is running and reachable and the URL, password and DB are right"
+        }
     }
 
     fn connection(&self) -> redis::RedisResult<redis::Connection> {
@@ -406,6 +479,39 @@ fn writer(inner: Arc<Inner>, rx: Receiver<Write>) {
     }
 }
 
+/// Read the TLS files of `cfg`, if any. They are only allowed with a `rediss://` URL, and a
+/// client certificate needs its key (and the other way round).
+fn tls_certificates(cfg: &RedisConfig, tls: bool) -> Result<Option<redis::TlsCertificates>, RedisTierError> {
+    if !tls {
+        if cfg.ca_file.is_some() || cfg.client_cert.is_some() || cfg.client_key.is_some() {
+            return Err(RedisTierError::BadSetting(
+                "--redis-ca-file, --redis-client-cert and --redis-client-key only apply to rediss:// (TLS) URLs; use rediss://HOST:PORT/DB or leave them out".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    let read = |what: &'static str, path: &Path| std::fs::read(path).map_err(|source| RedisTierError::TlsFile { what, path: path.to_path_buf(), source });
+    let root_cert = match &cfg.ca_file {
+        Some(p) => {
+            let pem = read("CA file", p)?;
+            if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+                return Err(RedisTierError::BadTls(format!("the CA file {} holds no PEM certificate", p.display())));
+            }
+            Some(pem)
+        }
+        None => None,
+    };
+    let client_tls = match (&cfg.client_cert, &cfg.client_key) {
+        (Some(c), Some(k)) => Some(redis::ClientTlsConfig { client_cert: read("client certificate", c)?, client_key: read("client key", k)? }),
+        (None, None) => None,
+        _ => return Err(RedisTierError::BadSetting("--redis-client-cert and --redis-client-key go together; give both or neither".into())),
+    };
+    if root_cert.is_none() && client_tls.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(redis::TlsCertificates { client_tls, root_cert }))
+}
+
 /// Mask the password of a Redis URL for logs.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
@@ -437,36 +543,43 @@ impl RedisTier {
     pub fn connect(cfg: RedisConfig) -> Result<RedisTier, RedisTierError> {
         let shown_url = redact_url(&cfg.url);
         let scheme = cfg.url.split_once("://").map(|(s, _)| s.to_ascii_lowercase()).unwrap_or_default();
-        match scheme.as_str() {
-            "redis" | "redis+unix" | "unix" => {}
-            "rediss" => {
-                return Err(RedisTierError::Unsupported {
-                    url: shown_url,
-                    what: "TLS (rediss://)",
-                    hint: "reach Redis through a local TLS tunnel (stunnel, spiped, a sidecar) and give its redis:// address",
-                })
-            }
+        let tls = match scheme.as_str() {
+            "redis" | "redis+unix" | "unix" => false,
+            "rediss" => true,
             s if s.contains("cluster") => {
                 return Err(RedisTierError::Unsupported {
                     url: shown_url,
                     what: "Redis Cluster",
-                    hint: "give the redis:// URL of a single node or of a cluster proxy",
+                    hint: "give the redis:// or rediss:// URL of a single node or of a cluster proxy",
                 })
             }
             _ => {
-                return Err(RedisTierError::BadUrl { url: shown_url, reason: "the scheme must be redis://".into() });
+                return Err(RedisTierError::BadUrl { url: shown_url, reason: "the scheme must be redis:// or rediss://".into() });
             }
-        }
+        };
         if cfg.max_value == 0 || cfg.queue_capacity == 0 {
             return Err(RedisTierError::BadSetting("the Redis max value size and queue capacity must be at least 1".into()));
         }
         let client = redis::Client::open(cfg.url.as_str())
             .map_err(|e| RedisTierError::BadUrl { url: shown_url.clone(), reason: e.to_string() })?;
+        if let redis::ConnectionAddr::TcpTls { insecure: true, .. } = client.get_connection_info().addr() {
+            return Err(RedisTierError::Unsupported {
+                url: shown_url,
+                what: "skipping TLS certificate verification (#insecure)",
+                hint: "remove #insecure and give the CA that signed the server's certificate with --redis-ca-file",
+            });
+        }
+        let client = match tls_certificates(&cfg, tls)? {
+            Some(certs) => redis::Client::build_with_tls(client.get_connection_info().clone(), certs)
+                .map_err(|e| RedisTierError::BadTls(e.to_string()))?,
+            None => client,
+        };
         let (tx, rx) = mpsc::sync_channel(cfg.queue_capacity);
         let inner = Arc::new(Inner {
             client,
             cfg,
             shown_url,
+            tls,
             pool: Mutex::new(Vec::new()),
             breaker: Mutex::new(Breaker::default()),
             counters: Counters::default(),
@@ -618,18 +731,45 @@ mod tests {
     }
 
     #[test]
-    fn rejects_tls_and_cluster_with_advice() {
-        let e = RedisTier::connect(RedisConfig::new("rediss://:pw@h:1/0")).err().unwrap().to_string();
-        assert!(e.contains("TLS") && e.contains("tunnel") && !e.contains("pw"), "{e}");
+    fn rejects_cluster_insecure_tls_and_other_schemes_with_advice() {
         let e = RedisTier::connect(RedisConfig::new("redis+cluster://h:1")).err().unwrap().to_string();
         assert!(e.contains("Cluster"), "{e}");
+        let e = RedisTier::connect(RedisConfig::new("rediss://:pw@h:1/0#insecure")).err().unwrap().to_string();
+        assert!(e.contains("#insecure") && e.contains("--redis-ca-file") && !e.contains("pw@"), "{e}");
         let e = RedisTier::connect(RedisConfig::new("http://h:1")).err().unwrap().to_string();
-        assert!(e.contains("redis://"), "{e}");
+        assert!(e.contains("redis://") && e.contains("rediss://"), "{e}");
+    }
+
+    #[test]
+    fn tls_files_are_checked_at_startup() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("not.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let tls = |ca: Option<&Path>, cert: Option<&Path>, key: Option<&Path>, url: &str| {
+            let mut cfg = RedisConfig::new(url);
+            cfg.connect_timeout = Duration::from_millis(20);
+            cfg.ca_file = ca.map(Path::to_path_buf);
+            cfg.client_cert = cert.map(Path::to_path_buf);
+            cfg.client_key = key.map(Path::to_path_buf);
+            RedisTier::connect(cfg).err().map(|e| e.to_string())
+        };
+        let e = tls(Some(&not_pem), None, None, "redis://127.0.0.1:1/0").unwrap();
+        assert!(e.contains("only apply to rediss://"), "{e}");
+        let missing = dir.path().join("missing-ca.pem");
+        let e = tls(Some(&missing), None, None, "rediss://127.0.0.1:1/0").unwrap();
+        assert!(e.contains("CA file") && e.contains("missing-ca.pem"), "{e}");
+        let e = tls(Some(&not_pem), None, None, "rediss://127.0.0.1:1/0").unwrap();
+        assert!(e.contains("no PEM certificate"), "{e}");
+        let e = tls(None, Some(&not_pem), None, "rediss://127.0.0.1:1/0").unwrap();
+        assert!(e.contains("give both or neither"), "{e}");
+        let e = tls(None, Some(&not_pem), Some(&not_pem), "rediss://127.0.0.1:1/0").unwrap();
+        assert!(e.contains("PEM private key"), "{e}");
+        assert_eq!(tls(None, None, None, "rediss://127.0.0.1:1/0"), None, "rediss:// without files uses the built-in roots");
     }
 
     #[test]
     fn args_take_the_url_from_the_flag_or_the_environment() {
-        let mut a = RedisArgs { url: Some("redis://h:1/2".into()), key_prefix: "p:".into(), ttl: Some(60), max_value: 4096 };
+        let mut a = RedisArgs { url: Some("redis://h:1/2".into()), key_prefix: "p:".into(), ttl: Some(60), max_value: 4096, ..RedisArgs::default() };
         let c = a.config().unwrap().unwrap();
         assert_eq!((c.url.as_str(), c.key_prefix.as_str(), c.ttl, c.max_value), ("redis://h:1/2", "p:", Some(Duration::from_secs(60)), 4096));
         a.ttl = Some(0);
@@ -641,6 +781,16 @@ mod tests {
         std::env::remove_var(REDIS_URL_ENV);
         assert_eq!(c.url, "redis://:pw@env-host:7/0");
         assert!(a.config().unwrap().is_none(), "no flag and no environment: no Redis tier");
+        a.url = Some("rediss://h:1/0".into());
+        a.client_key = Some("/flag/key.pem".into());
+        std::env::set_var(REDIS_CA_FILE_ENV, "/env/ca.pem");
+        std::env::set_var(REDIS_CLIENT_KEY_ENV, "/env/key.pem");
+        let c = a.config().unwrap().unwrap();
+        std::env::remove_var(REDIS_CA_FILE_ENV);
+        std::env::remove_var(REDIS_CLIENT_KEY_ENV);
+        assert_eq!(c.ca_file.as_deref(), Some(Path::new("/env/ca.pem")));
+        assert_eq!(c.client_key.as_deref(), Some(Path::new("/flag/key.pem")), "the flag wins over the environment");
+        assert_eq!(c.client_cert, None);
     }
 
     #[test]

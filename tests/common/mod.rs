@@ -207,3 +207,38 @@ pub fn umoci_unpack(layout: &Path, tag: &str, dest: &Path) -> PathBuf {
         .arg(dest.join("rootfs")));
     dest.join("rootfs")
 }
+
+/// Files of a throwaway PKI made by [`test_pki`].
+pub struct TestPki {
+    /// The CA certificate (PEM).
+    pub ca: PathBuf,
+    /// Server certificate for IP 127.0.0.1, signed by the CA.
+    pub server_cert: PathBuf,
+    /// Its key.
+    pub server_key: PathBuf,
+    /// Client certificate (clientAuth), signed by the CA.
+    pub client_cert: PathBuf,
+    /// Its key.
+    pub client_key: PathBuf,
+}
+
+/// Make a CA, a server certificate for 127.0.0.1 and a client certificate in `dir` with
+/// `openssl` (P-256 keys, valid two days).
+pub fn test_pki(dir: &Path) -> TestPki {
+    require_tool("openssl");
+    std::fs::create_dir_all(dir).unwrap();
+    let ssl = |args: &[&str]| {
+        let key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"];
+        run(Command::new("openssl").args(["req", "-x509"]).args(key).args(args).current_dir(dir))
+    };
+    ssl(&["-subj", "/CN=clip test CA", "-keyout", "ca.key", "-out", "ca.pem", "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+    let leaves: [(&str, &[&str]); 2] = [("server", &["subjectAltName=IP:127.0.0.1", "extendedKeyUsage=serverAuth"]), ("client", &["extendedKeyUsage=clientAuth"])];
+    for (name, exts) in leaves {
+        let (subj, key, pem) = (format!("/CN=clip test {name}"), format!("{name}.key"), format!("{name}.pem"));
+        let mut args = vec!["-subj", &subj, "-CA", "ca.pem", "-CAkey", "ca.key", "-keyout", &key, "-out", &pem];
+        args.extend(["-addext", "basicConstraints=CA:FALSE", "-addext", "keyUsage=digitalSignature"]);
+        args.extend(exts.iter().flat_map(|e| ["-addext", *e]));
+        ssl(&args);
+    }
+    TestPki { ca: dir.join("ca.pem"), server_cert: dir.join("server.pem"), server_key: dir.join("server.key"), client_cert: dir.join("client.pem"), client_key: dir.join("client.key") }
+}
