@@ -1,5 +1,6 @@
 //! The uncompressed stream of one layer as a `Read` for the tar parser, fed by a producer
-//! thread that reads the blob (hashing it) and inflates it. As the tar side consumes bytes,
+//! thread that reads and inflates the blob (a digest thread hashes both the blob and the tar
+//! stream). As the tar side consumes bytes,
 //! deflate block boundaries pass by and the checkpoint policy picks some of them.
 
 use super::BuildError;
@@ -74,22 +75,27 @@ impl LayerStream {
         let producer = std::thread::Builder::new()
             .name("clip-inflate".into())
             .spawn(move || -> Result<ProducerEnd, BuildError> {
-                let mut hashing = HashingReader { inner: blob, hasher: Sha256::new(), count: 0, progress: pb };
-                // The tar stream's sha256 (diff_id) is computed on a third thread.
-                let (htx, hrx) = sync_channel::<Arc<Vec<u8>>>(CHANNEL_DEPTH);
+                // Both digests (blob and tar stream) are computed on a separate thread so that
+                // this one only reads and inflates.
+                let (htx, hrx) = sync_channel::<Hashed>(CHANNEL_DEPTH * 4);
                 let hasher = std::thread::Builder::new()
-                    .name("clip-diffid".into())
+                    .name("clip-digest".into())
                     .spawn(move || {
-                        let mut h = Sha256::new();
-                        for chunk in hrx {
-                            h.update(chunk.as_slice());
+                        let (mut blob, mut tar) = (Sha256::new(), Sha256::new());
+                        for msg in hrx {
+                            match msg {
+                                Hashed::Blob(b) => blob.update(&b),
+                                Hashed::Tar(t) => tar.update(t.as_slice()),
+                            }
                         }
-                        format!("sha256:{}", hex::encode(h.finalize()))
+                        let hex = |h: Sha256| format!("sha256:{}", hex::encode(h.finalize()));
+                        (hex(blob), hex(tar))
                     })
                     .expect("spawning a thread");
+                let mut hashing = HashingReader { inner: blob, digest: htx.clone(), count: 0, progress: pb };
                 let send = |data: Vec<u8>, boundaries: Vec<Boundary>| -> bool {
                     let data = Arc::new(data);
-                    htx.send(data.clone()).is_ok() && tx.send(Ok(Chunk { data, boundaries })).is_ok()
+                    htx.send(Hashed::Tar(data.clone())).is_ok() && tx.send(Ok(Chunk { data, boundaries })).is_ok()
                 };
                 let result: Result<(), BuildError> = (|| {
                     match compression {
@@ -124,18 +130,17 @@ impl LayerStream {
                     io::copy(&mut hashing, &mut io::sink())?;
                     Ok(())
                 })();
+                let compressed_size = hashing.count;
+                drop(hashing);
                 drop(htx);
-                let diff_id = hasher.join().map_err(|_| BuildError::Layer("the hashing thread panicked".into()))?;
+                let (digest, diff_id) =
+                    hasher.join().map_err(|_| BuildError::Layer("the hashing thread panicked".into()))?;
                 if let Err(e) = result {
                     let msg = e.to_string();
                     let _ = tx.send(Err(e));
                     return Err(BuildError::Layer(msg));
                 }
-                Ok(ProducerEnd {
-                    compressed_size: hashing.count,
-                    digest: format!("sha256:{}", hex::encode(hashing.hasher.finalize())),
-                    diff_id,
-                })
+                Ok(ProducerEnd { compressed_size, digest, diff_id })
             })
             .expect("spawning a thread");
         LayerStream {
@@ -336,9 +341,16 @@ impl Drop for LayerStream {
     }
 }
 
+/// Input of the digest thread: blob bytes and tar chunks, each stream in order.
+enum Hashed {
+    Blob(Vec<u8>),
+    Tar(Arc<Vec<u8>>),
+}
+
+/// Reads the blob, handing a copy of every byte to the digest thread.
 struct HashingReader {
     inner: Box<dyn Read + Send>,
-    hasher: Sha256,
+    digest: std::sync::mpsc::SyncSender<Hashed>,
     count: u64,
     progress: indicatif::ProgressBar,
 }
@@ -346,7 +358,11 @@ struct HashingReader {
 impl Read for HashingReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
+        if n > 0 {
+            self.digest
+                .send(Hashed::Blob(buf[..n].to_vec()))
+                .map_err(|_| io::Error::other("the digest thread stopped"))?;
+        }
         self.count += n as u64;
         self.progress.inc(n as u64);
         Ok(n)
