@@ -193,7 +193,7 @@ fn main() {
     let mut admin = redis_conn(&url).unwrap_or_else(|| panic!("cannot reach Redis at {url}"));
     redis::cmd("FLUSHDB").query::<()>(&mut admin).expect("FLUSHDB");
     let mut cfg = RedisConfig::new(url.clone());
-    cfg.queue_capacity = 4096;
+    cfg.queue_bytes = 4 << 30;
     cfg.io_timeout = Duration::from_secs(2);
     let redis_tier = Arc::new(RedisTier::connect(cfg).expect("Redis tier"));
     let disk = Arc::new(DiskCache::open(&tmp.path().join("disk"), u64::MAX / 2).expect("disk cache"));

@@ -228,7 +228,7 @@ fn tier(url: &str) -> Arc<RedisTier> {
 fn tier_with(mut cfg: RedisConfig) -> Arc<RedisTier> {
     cfg.retry_min = Duration::from_millis(50);
     cfg.retry_max = Duration::from_millis(200);
-    cfg.queue_capacity = 1024;
+    cfg.queue_bytes = 1 << 30;
     Arc::new(RedisTier::connect(cfg).unwrap())
 }
 
@@ -595,7 +595,7 @@ fn key_prefix_and_ttl_are_applied() {
     let mut cfg = RedisConfig::new(redis.url());
     cfg.key_prefix = "clip:".into();
     cfg.ttl = Some(Duration::from_secs(600));
-    cfg.queue_capacity = 1024;
+    cfg.queue_bytes = 1 << 30;
     let t = Arc::new(RedisTier::connect(cfg).unwrap());
     read_all(&index, &Counting::new(&layout), &as_tiers(&t));
     flushed(&t);
@@ -616,7 +616,7 @@ fn a_full_write_queue_drops_writes_without_blocking() {
     let tmp = tempfile::tempdir().unwrap();
     let redis = RedisServer::start(&tmp.path().join("redis"));
     let mut cfg = RedisConfig::new(redis.url());
-    cfg.queue_capacity = 2;
+    cfg.queue_bytes = 2 << 20;
     cfg.max_value = 1 << 20;
     let t = RedisTier::connect(cfg).unwrap();
     let value = noise(3, 1 << 20);
@@ -713,8 +713,14 @@ fn rediss_without_the_ca_falls_back_to_the_origin_with_one_warning() {
     let (t, log) = warnings_during(|| {
         let t = tier_with(tls_config(tls_port, None));
         timed_read_all(&index, &origin, &as_tiers(&t), &want, Duration::from_secs(1));
-        std::thread::sleep(Duration::from_millis(300));
-        timed_read_all(&index, &origin, &as_tiers(&t), &want, Duration::from_secs(1));
+        // Read again after the retry delay until a retry has happened (bounded).
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(300));
+            timed_read_all(&index, &origin, &as_tiers(&t), &want, Duration::from_secs(1));
+            if t.stats().errors >= 2 {
+                break;
+            }
+        }
         t
     });
     assert!(started.elapsed() < Duration::from_secs(20), "falling back took {:?}", started.elapsed());

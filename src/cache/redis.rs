@@ -12,7 +12,7 @@
 //! * **Nothing is trusted**: [`crate::read::FileReader`] verifies every value against its
 //!   key and calls [`Tier::remove`] for a wrong one; this tier counts it as a verify failure
 //!   and deletes the key.
-//! * **Writes** after an origin fill go through a bounded queue drained by one background
+//! * **Writes** after an origin fill go through a queue bounded by bytes (64 MiB) drained by one background
 //!   thread that pipelines `SET`s (with an optional TTL). A full queue drops the write; a
 //!   read never waits for a write.
 //! * **Failures**: connects and commands have short timeouts. The first failure opens a
@@ -37,7 +37,7 @@
 use crate::read::Tier;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -180,8 +180,9 @@ pub struct RedisConfig {
     pub connect_timeout: Duration,
     /// Read/write timeout of one command.
     pub io_timeout: Duration,
-    /// Writes waiting for the background writer; more are dropped.
-    pub queue_capacity: usize,
+    /// Bytes of writes waiting for the background writer; more are dropped. Bounded by
+    /// bytes, not count: one cold read can keep hundreds of small neighbouring files.
+    pub queue_bytes: usize,
     /// Idle connections kept for reuse.
     pub pool_size: usize,
     /// First retry delay after a failure (doubles per failure).
@@ -191,8 +192,8 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
-    /// Defaults for `url`: 100 ms connect, 200 ms command timeout, 64 queued writes (at most
-    /// 64 MiB), retries from 250 ms up to 10 s.
+    /// Defaults for `url`: 100 ms connect, 200 ms command timeout, 64 MiB of queued writes,
+    /// retries from 250 ms up to 10 s.
     pub fn new(url: impl Into<String>) -> RedisConfig {
         RedisConfig {
             url: url.into(),
@@ -204,7 +205,7 @@ impl RedisConfig {
             max_value: DEFAULT_MAX_VALUE,
             connect_timeout: Duration::from_millis(100),
             io_timeout: Duration::from_millis(200),
-            queue_capacity: 64,
+            queue_bytes: 64 << 20,
             pool_size: 8,
             retry_min: Duration::from_millis(250),
             retry_max: Duration::from_secs(10),
@@ -274,6 +275,8 @@ struct Counters {
     bytes_written: AtomicU64,
     /// Writes queued but not yet stored or dropped by the writer.
     pending: AtomicU64,
+    /// Their bytes.
+    pending_bytes: AtomicU64,
 }
 
 /// A queued write: key and value.
@@ -458,6 +461,7 @@ impl Inner {
             bump(&self.counters.writes_dropped, n);
         }
         self.counters.pending.fetch_sub(n, Ordering::Relaxed);
+        self.counters.pending_bytes.fetch_sub(batch.iter().map(|(_, v)| v.len() as u64).sum(), Ordering::Relaxed);
     }
 }
 
@@ -532,7 +536,7 @@ pub fn redact_url(url: &str) -> String {
 /// (bounded by the command timeout) and stops the writer thread.
 pub struct RedisTier {
     inner: Arc<Inner>,
-    tx: Mutex<Option<SyncSender<Write>>>,
+    tx: Mutex<Option<Sender<Write>>>,
     worker: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -557,7 +561,7 @@ impl RedisTier {
                 return Err(RedisTierError::BadUrl { url: shown_url, reason: "the scheme must be redis:// or rediss://".into() });
             }
         };
-        if cfg.max_value == 0 || cfg.queue_capacity == 0 {
+        if cfg.max_value == 0 || cfg.queue_bytes == 0 {
             return Err(RedisTierError::BadSetting("the Redis max value size and queue capacity must be at least 1".into()));
         }
         let client = redis::Client::open(cfg.url.as_str())
@@ -574,7 +578,7 @@ impl RedisTier {
                 .map_err(|e| RedisTierError::BadTls(e.to_string()))?,
             None => client,
         };
-        let (tx, rx) = mpsc::sync_channel(cfg.queue_capacity);
+        let (tx, rx) = mpsc::channel();
         let inner = Arc::new(Inner {
             client,
             cfg,
@@ -692,11 +696,19 @@ impl Tier for RedisTier {
             bump(&c.writes_dropped, 1);
             return;
         };
+        let len = bytes.len() as u64;
+        let before = c.pending_bytes.fetch_add(len, Ordering::Relaxed);
+        if before + len > self.inner.cfg.queue_bytes as u64 {
+            c.pending_bytes.fetch_sub(len, Ordering::Relaxed);
+            bump(&c.writes_dropped, 1);
+            return;
+        }
         c.pending.fetch_add(1, Ordering::Relaxed);
-        match tx.try_send((*key, bytes.to_vec())) {
+        match tx.send((*key, bytes.to_vec())) {
             Ok(()) => bump(&c.writes_queued, 1),
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            Err(_) => {
                 c.pending.fetch_sub(1, Ordering::Relaxed);
+                c.pending_bytes.fetch_sub(len, Ordering::Relaxed);
                 bump(&c.writes_dropped, 1);
             }
         }
