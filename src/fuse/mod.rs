@@ -80,12 +80,16 @@ pub enum FuseError {
 /// that chooses a source, so other kinds (a registry) plug in through `source::open`.
 pub fn open_source(index: &IndexFile, override_spec: Option<&str>) -> Result<Arc<dyn Source>, FuseError> {
     let recorded = String::from_utf8_lossy(index.index().image.source.as_slice()).into_owned();
-    let spec = override_spec.unwrap_or(&recorded);
-    if spec.is_empty() {
+    if let Some(spec) = override_spec {
+        let (src, _reference) = crate::source::open(spec)?;
+        return Ok(Arc::from(src));
+    }
+    if recorded.is_empty() {
         return Err(FuseError::Source(SourceError::NotFound("the index records no source".into())));
     }
-    let (src, _reference) = crate::source::open(spec)?;
-    Ok(Arc::from(src))
+    // The recorded form (`registry+http://HOST/REPO`, `registry://…`, or a layout path) is
+    // not a command-line reference: reopen it the way `clip-build cat` does.
+    Ok(Arc::from(crate::source::open_recorded(&recorded)?))
 }
 
 /// Counters of the filesystem, updated lock-free.
@@ -313,7 +317,11 @@ impl Filesystem for ClipFs {
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_PARALLEL_DIROPS
-            | InitFlags::FUSE_MAX_PAGES;
+            | InitFlags::FUSE_MAX_PAGES
+            // The kernel then caches POSIX ACLs (and their absence) per inode, instead of
+            // sending a GETXATTR for system.posix_acl_* on every `ls -l` of every entry
+            // (mounts use default_permissions, so the kernel already does the checks).
+            | InitFlags::FUSE_POSIX_ACL;
         let _ = config.add_capabilities(wanted & config.capabilities());
         let _ = config.set_max_readahead(MAX_READ).or_else(|max| config.set_max_readahead(max));
         let _ = config.set_max_write(MAX_READ);
@@ -431,9 +439,12 @@ impl Filesystem for ClipFs {
         reply.ok();
     }
 
+    /// ENOSYS: the kernel then stops sending OPENDIR/RELEASEDIR (zero-message opendir,
+    /// kernel ≥ 5.1) and opens directories with FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR itself,
+    /// so a warm `find` costs no round trip. readdir does not use the handle.
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.directory(ino) {
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR),
+            Ok(_) => reply.error(Errno::ENOSYS),
             Err(e) => reply.error(e),
         }
     }

@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# Issue 4's benchmark: time to a first result from a registry, clip vs a full pull, on the
+# shared corpus (debian-python, pushed by ../shared/bench/make-images.sh as
+# $REG/debian-python:latest to the local CNCF registry, plain HTTP on loopback).
+#
+#   clip:      index built from the registry once (timed separately), then, with an empty
+#              --cache-dir and the page cache dropped, from `clip-serve` start to the exit of
+#              `chroot MERGED python3 -c 'import numpy'`, where MERGED is an overlayfs with the
+#              read-only clip mount as lowerdir (as container runtimes use it);
+#   full pull: `skopeo copy docker://… oci:DIR` + `umoci raw unpack` + the same chroot command,
+#              page cache dropped first;
+#   bytes:     compressed bytes clip-serve requested from the registry (stats file `fetched`:
+#              the sum of the Range requests' lengths, an upper bound of what crossed the
+#              wire) vs the image's compressed size (layers + config).
+# Targets (issue 4): >= 20x faster to the first result; <= 15% of the image's bytes fetched.
+#
+# Needs root, /dev/fuse, fuse3, overlayfs, skopeo, umoci, jq, curl, python3 and the corpus
+# registry data ($BENCH_DIR/registry, from make-images.sh). Starts the registry with
+# ../shared/bench/start-registry.sh if it is not running, and stops it at the end then.
+# Drops the machine's page cache before every cold run.
+#
+# Usage: tools/bench-registry.sh
+# Env: BENCH_DIR (/tmp/bench), REGISTRY_PORT (5000), WORK ($BENCH_DIR/clip-bench-registry,
+# removed at the end unless KEEP_SCRATCH=1), RUNS (3 clip runs; median), PULL_RUNS (1 full
+# pull, ~30 s each), NO_BUILD=1 (use target/release as it is).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+shared=$(cd "$repo/../shared/bench" 2>/dev/null && pwd) || { echo "bench-registry: ../shared/bench is missing" >&2; exit 1; }
+B=${BENCH_DIR:-/tmp/bench}
+export BENCH_DIR=$B
+W=${WORK:-$B/clip-bench-registry}
+RUNS=${RUNS:-3}
+PULL_RUNS=${PULL_RUNS:-1}
+REG=127.0.0.1:${REGISTRY_PORT:-5000}
+IMG=debian-python
+REF_NAME=$REG/$IMG:latest
+CMD=(/usr/bin/python3 -c 'import numpy')
+
+die() { echo "bench-registry: $*" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || die "needs root (FUSE, overlayfs, chroot, drop_caches)"
+[ -e /dev/fuse ] || die "/dev/fuse is missing (modprobe fuse)"
+for t in fusermount3 skopeo umoci jq curl python3 mountpoint chroot; do
+    command -v "$t" >/dev/null || die "$t is missing: apt-get install fuse3 skopeo umoci jq curl python3 util-linux"
+done
+grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null || true
+grep -qw overlay /proc/filesystems || die "overlayfs is not available (modprobe overlay)"
+[ -d "$B/registry/data" ] || die "no registry data in $B/registry: run ../shared/bench/make-images.sh first"
+
+if [ "${NO_BUILD:-0}" != 1 ]; then cargo build --release --bins -q; fi
+serve=$repo/target/release/clip-serve
+build=$repo/target/release/clip-build
+[ -x "$serve" ] && [ -x "$build" ] || die "no release binaries: cargo build --release --bins"
+
+mkdir -p "$W"
+M=$W/mnt O=$W/ov
+mkdir -p "$M"
+pid= REG_STARTED=0
+stop_serve() {
+    if mountpoint -q "$O/merged" 2>/dev/null; then umount "$O/merged" || umount -l "$O/merged" || true; fi
+    if [ -n "$pid" ]; then kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; pid=; fi
+    if mountpoint -q "$M"; then fusermount3 -u -z "$M" || true; fi
+}
+cleanup() {
+    stop_serve
+    if [ "$REG_STARTED" = 1 ]; then "$shared/start-registry.sh" stop || true; fi
+    if [ "${KEEP_SCRATCH:-0}" != 1 ]; then rm -rf "$W"; else echo "scratch kept in $W"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+now() { date +%s%N; }
+ms() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", (b - a) / 1e6 }'; }
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+judge() { awk -v v="$1" -v l="$3" -v op="$2" 'BEGIN { ok = (op == "<=") ? v <= l : v >= l; print ok ? "yes" : "NO" }'; }
+ROWS=()
+row() { ROWS+=("$(printf '%s\t' "$@")"); }
+
+if ! "$shared/start-registry.sh" status >/dev/null 2>&1; then
+    "$shared/start-registry.sh" start; REG_STARTED=1
+fi
+curl -fsS "http://$REG/v2/$IMG/manifests/latest" -H 'Accept: application/vnd.oci.image.manifest.v1+json' >/dev/null ||
+    die "$REF_NAME is not in the registry: run ../shared/bench/make-images.sh (it pushes it)"
+manifest=$(skopeo inspect --raw --tls-verify=false "docker://$REF_NAME")
+image_bytes=$(jq '[.layers[].size] + [.config.size] | add' <<<"$manifest")
+echo "image $REF_NAME: $(jq '.layers | length' <<<"$manifest") layers, $image_bytes compressed bytes (layers + config)"
+
+echo "== index from the registry (clip-build, once; reads every layer once)"
+t0=$(now); "$build" "$REF_NAME" -o "$W/image.clip" --quiet; build_ms=$(ms "$t0" "$(now)")
+echo "clip-build $REF_NAME: $build_ms ms, index $(stat -c %s "$W/image.clip") bytes, source $("$build" inspect --json "$W/image.clip" | jq -r .source)"
+
+echo "== clip: clip-serve start -> chroot MERGED ${CMD[*]} exits (cold: empty cache, page cache dropped)"
+tot=() mnt_ms=() imp=() fetched=() inflated=()
+for i in $(seq "$RUNS"); do
+    rm -rf "$W/cache" "$O" "$W/stats.json"; mkdir -p "$W/cache" "$O/upper" "$O/work" "$O/merged"
+    drop
+    t0=$(now)
+    NO_COLOR=1 "$serve" "$W/image.clip" "$M" --cache-dir "$W/cache" --stats-file "$W/stats.json" 2>"$W/serve.log" &
+    pid=$!
+    until mountpoint -q "$M"; do
+        kill -0 "$pid" 2>/dev/null || { cat "$W/serve.log" >&2; die "clip-serve exited"; }
+        sleep 0.001
+    done
+    t1=$(now)
+    mount -t overlay overlay -o "lowerdir=$M,upperdir=$O/upper,workdir=$O/work,redirect_dir=off,metacopy=off,index=off" "$O/merged"
+    t2=$(now)
+    chroot "$O/merged" "${CMD[@]}"
+    t3=$(now)
+    stop_serve
+    tot+=("$(ms "$t0" "$t3")"); mnt_ms+=("$(ms "$t0" "$t1")"); imp+=("$(ms "$t2" "$t3")")
+    fetched+=("$(jq .serve.fetched "$W/stats.json")"); inflated+=("$(jq .serve.inflated "$W/stats.json")")
+    echo "run $i: total $(ms "$t0" "$t3") ms (mounted after $(ms "$t0" "$t1") ms, overlay $(ms "$t1" "$t2") ms, import $(ms "$t2" "$t3") ms); $(jq -c .serve "$W/stats.json")"
+done
+clip_ms=$(median "${tot[@]}") clip_fetched=$(median "${fetched[@]}")
+
+echo "== full pull: skopeo copy + umoci raw unpack + chroot ROOTFS ${CMD[*]} (page cache dropped first)"
+pull=() cp_ms=() up_ms=() im_ms=() im_cold=()
+for i in $(seq "$PULL_RUNS"); do
+    rm -rf "$W/pull" "$W/rootfs"
+    drop
+    t0=$(now)
+    skopeo copy -q --src-tls-verify=false "docker://$REF_NAME" "oci:$W/pull:latest"
+    t1=$(now)
+    umoci raw unpack --image "$W/pull:latest" "$W/rootfs" 2>/dev/null
+    t2=$(now)
+    chroot "$W/rootfs" "${CMD[@]}"
+    t3=$(now)
+    pull+=("$(ms "$t0" "$t3")"); cp_ms+=("$(ms "$t0" "$t1")"); up_ms+=("$(ms "$t1" "$t2")"); im_ms+=("$(ms "$t2" "$t3")")
+    drop; t4=$(now); chroot "$W/rootfs" "${CMD[@]}"; im_cold+=("$(ms "$t4" "$(now)")")
+    echo "run $i: total $(ms "$t0" "$t3") ms (skopeo copy $(ms "$t0" "$t1"), umoci raw unpack $(ms "$t1" "$t2"), import $(ms "$t2" "$t3")); import on the unpacked rootfs with caches dropped: ${im_cold[-1]} ms"
+done
+pull_ms=$(median "${pull[@]}")
+rm -rf "$W/pull" "$W/rootfs"
+
+speedup=$(awk -v a="$pull_ms" -v b="$clip_ms" 'BEGIN { printf "%.1f", a / b }')
+share=$(awk -v f="$clip_fetched" -v s="$image_bytes" 'BEGIN { printf "%.3f", f / s }')
+row "time to first result: start -> import numpy exits (ms)" "$clip_ms" "$pull_ms (full pull)" "${speedup}x faster" ">= 20x faster" "$(judge "$speedup" ">=" 20)"
+row "  clip: start -> mounted / import through overlay (ms)" "$(median "${mnt_ms[@]}") / $(median "${imp[@]}")" "-" "-" "info" "-"
+row "  full pull: skopeo copy / umoci raw unpack / import (ms)" "-" "$(median "${cp_ms[@]}") / $(median "${up_ms[@]}") / $(median "${im_ms[@]}")" "-" "info" "-"
+row "  import numpy, caches dropped: clip (incl. start) vs unpacked rootfs (ms)" "$clip_ms" "$(median "${im_cold[@]}")" "$(awk -v a="$clip_ms" -v b="$(median "${im_cold[@]}")" 'BEGIN { printf "%.1fx time", a / b }')" "info" "-"
+row "bytes fetched from the registry vs image compressed size" "$clip_fetched" "$image_bytes" "$(awk -v s="$share" 'BEGIN { printf "%.1f%%", s * 100 }')" "<= 15%" "$(judge "$share" "<=" 0.15)"
+row "  clip: bytes inflated" "$(median "${inflated[@]}")" "-" "-" "info" "-"
+row "index build from the registry, once (ms)" "$build_ms" "-" "-" "info" "-"
+
+echo
+echo "== results (clip: median of $RUNS runs; full pull: median of $PULL_RUNS)"
+{
+    printf 'measure\tclip\tanchor\tratio\ttarget\tmet?\n'
+    printf '%s\n' "${ROWS[@]}"
+} | column -t -s $'\t'
