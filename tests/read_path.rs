@@ -1,4 +1,5 @@
-//! The read path without FUSE: pieces inflated on the way to a cold read are kept.
+//! The read path without FUSE: pieces inflated on the way to a cold read, and the rest of
+//! its checkpoint interval, are kept.
 
 mod common;
 
@@ -56,7 +57,7 @@ fn read_all(idx: &IndexFile, src: &dyn Source, tiers: &[Arc<dyn Tier>], path: &s
 }
 
 #[test]
-fn a_cold_read_keeps_the_small_files_it_inflates_on_the_way() {
+fn a_cold_read_keeps_the_small_files_of_its_checkpoint_interval() {
     let tmp = tempfile::tempdir().unwrap();
     let (layout, index) = edge_index(tmp.path());
     let idx = IndexFile::open(&index).unwrap();
@@ -79,6 +80,8 @@ fn a_cold_read_keeps_the_small_files_it_inflates_on_the_way() {
     }
     let from_tier = read_all(&idx, &NoOrigin, &tiers, "/many/file058", None);
     assert_eq!(from_tier, b"small file 58\n");
+    // The rest of the checkpoint interval after the file was kept too.
+    assert_eq!(read_all(&idx, &NoOrigin, &tiers, "/home/user/file", None), b"owned by 1000\n");
     // Without neighbours nothing but the file itself is stored.
     let mem2 = Arc::new(MemTier::default());
     let tiers2: Vec<Arc<dyn Tier>> = vec![mem2.clone()];

@@ -178,6 +178,15 @@ impl FileReader {
         for t in tiers {
             t.put(&p.sha256, &buf);
         }
+        if neighbours.is_some() && k + 1 == self.pieces.len() {
+            // The file is done; the rest of the interval was fetched anyway and most likely
+            // holds the files read next (a package's modules sit together in the tar). A
+            // failure here only costs those files a fetch of their own.
+            if let Err(e) = span.finish_interval(&mut keep) {
+                tracing::debug!(error = %e, "could not keep the rest of the interval");
+                self.span = None;
+            }
+        }
         let b = Arc::new(buf);
         self.last = Some((k, b.clone()));
         Ok((b, Origin::Source))

@@ -19,7 +19,8 @@ pub struct SpanReader {
 }
 
 enum Cursor {
-    Gzip { inner: ResumeCursor<Box<dyn Read + Send>>, end: u64 },
+    /// `limit`: where the checkpoint interval that the compressed request covers ends.
+    Gzip { inner: ResumeCursor<Box<dyn Read + Send>>, end: u64, limit: u64 },
     Plain { inner: Box<dyn Read + Send>, pos: u64, end: u64 },
 }
 
@@ -79,15 +80,7 @@ impl SpanReader {
                 let before = inner.position();
                 let gap = start - before;
                 if gap > 0 && gap <= MAX_KEPT_GAP {
-                    let mut passed = vec![0u8; gap as usize];
-                    let mut got = 0;
-                    while got < passed.len() {
-                        let n = inner.fill(&mut passed[got..]).map_err(|e| ReadError::Origin(e.to_string()))?;
-                        if n == 0 {
-                            return Err(ReadError::Origin(format!("layer {} ends before offset {start}", self.layer)));
-                        }
-                        got += n;
-                    }
+                    let passed = inflate_exact(inner, gap as usize, self.layer)?;
                     skipped(before, &passed);
                 }
                 inner.skip_to(start).map_err(|e| ReadError::Origin(e.to_string()))?;
@@ -144,6 +137,37 @@ impl SpanReader {
         let src = source.blob(digest, point.read_from(), Some(c_end))?;
         self.fetched += c_end - point.read_from();
         let inner = ResumeCursor::new(src, &point).map_err(|e| ReadError::Origin(e.to_string()))?;
-        Ok(Cursor::Gzip { inner, end })
+        let limit = cps.get(next).map(|c| c.out_offset.to_native()).unwrap_or(layer.uncompressed_size.to_native());
+        Ok(Cursor::Gzip { inner, end, limit })
     }
+
+    /// Inflate on to the end of the checkpoint interval whose compressed bytes the last
+    /// request already covers, handing the bytes to `passed` (so that the other files in
+    /// it can be kept). The cursor stays usable.
+    pub fn finish_interval(&mut self, passed: &mut dyn FnMut(u64, &[u8])) -> Result<(), ReadError> {
+        if let Some(Cursor::Gzip { inner, limit, .. }) = &mut self.cursor {
+            let pos = inner.position();
+            let gap = limit.saturating_sub(pos);
+            if gap > 0 && gap <= MAX_KEPT_GAP {
+                let bytes = inflate_exact(inner, gap as usize, self.layer)?;
+                self.inflated += gap;
+                passed(pos, &bytes);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Exactly `n` more bytes from `inner`.
+fn inflate_exact(inner: &mut ResumeCursor<Box<dyn Read + Send>>, n: usize, layer: u32) -> Result<Vec<u8>, ReadError> {
+    let mut buf = vec![0u8; n];
+    let mut got = 0;
+    while got < n {
+        let k = inner.fill(&mut buf[got..]).map_err(|e| ReadError::Origin(e.to_string()))?;
+        if k == 0 {
+            return Err(ReadError::Origin(format!("layer {layer} ends before offset {}", inner.position() + (n - got) as u64)));
+        }
+        got += k;
+    }
+    Ok(buf)
 }
