@@ -460,6 +460,59 @@ fn range_ignoring_server_and_cut_connections_still_read_exactly() {
     assert!((2..=18).contains(&n), "resumes must be bounded: {n} requests");
 }
 
+/// Requested (start, end exclusive) byte ranges of blob `digest` seen by `proxy`.
+fn blob_ranges(proxy: &Proxy, from: usize) -> Vec<(u64, u64)> {
+    proxy.ranges.lock().unwrap()[from..]
+        .iter()
+        .filter_map(|r| {
+            let (a, b) = r.strip_prefix("bytes=")?.split_once('-')?;
+            Some((a.parse().ok()?, b.parse::<u64>().ok()? + 1))
+        })
+        .collect()
+}
+
+#[test]
+fn cold_reads_fetch_growing_ranges_not_the_rest_of_the_blob() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::anonymous(&tmp.path().join("reg"));
+    let (layout, local) = edge_reference(tmp.path());
+    reg.push(&layout, EDGE_TAG, "edge:v1", None);
+    let proxy = Proxy::start(reg.port, ProxyMode::default());
+    let src = clip::source::registry::RegistrySource::open(
+        &clip::source::reference::Reference::parse(&format!("127.0.0.1:{}/edge", proxy.port)).unwrap(),
+        &Default::default(),
+    )
+    .unwrap();
+    let idx = IndexFile::open(&local).unwrap();
+    let blob_size = idx.layer(0).unwrap().compressed_size.to_native();
+    let read = |path: &str| {
+        let i = idx.resolve(path.as_bytes()).unwrap().unwrap();
+        let mut r = clip::read::FileReader::new(&idx, i).unwrap();
+        let mut out = vec![0u8; r.size() as usize];
+        assert_eq!(r.read_at(&idx, &src, &[], 0, &mut out).unwrap(), out.len());
+        (out, r.origin_stats().1)
+    };
+    // A small file: one request, for about one checkpoint interval, not the rest of the layer.
+    let before = proxy.ranges.lock().unwrap().len();
+    let (bytes, fetched) = read("/etc/hostname");
+    assert_eq!(bytes, b"edge\n");
+    let ranges = blob_ranges(&proxy, before);
+    assert_eq!(ranges.len(), 1, "{ranges:?}");
+    assert!(ranges[0].1 - ranges[0].0 < blob_size / 2, "asked for {ranges:?} of a {blob_size}-byte blob");
+    assert!(fetched <= ranges[0].1 - ranges[0].0);
+    // A 5 MiB file read through: growing ranges, together about the file's compressed size.
+    let before = proxy.ranges.lock().unwrap().len();
+    let (bytes, _) = read("/data/random.bin");
+    assert_eq!(bytes, clip::demo::noise(1, 5 << 20));
+    let ranges = blob_ranges(&proxy, before);
+    assert!(ranges.len() >= 2, "{ranges:?}");
+    assert!(ranges.windows(2).all(|w| w[1].0 == w[0].1), "ranges follow each other: {ranges:?}");
+    let lens: Vec<u64> = ranges.iter().map(|r| r.1 - r.0).collect();
+    assert!(lens.windows(2).take(lens.len().saturating_sub(2)).all(|w| w[1] >= w[0]), "ranges grow: {lens:?}");
+    let asked: u64 = lens.iter().sum();
+    assert!(asked < (5 << 20) * 2, "asked for {asked} bytes to read a 5 MiB file");
+}
+
 fn openssl(args: &[&str], dir: &Path) {
     require_tool("openssl");
     run(Command::new("openssl").args(args).current_dir(dir));

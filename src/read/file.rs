@@ -117,7 +117,7 @@ impl FileReader {
 
     /// Bytes inflated and compressed bytes fetched by this reader's origin reads.
     pub fn origin_stats(&self) -> (u64, u64) {
-        self.span.as_ref().map(|s| (s.inflated, s.fetched)).unwrap_or((0, 0))
+        self.span.as_ref().map(|s| (s.inflated, s.fetched())).unwrap_or((0, 0))
     }
 
     /// Other files' pieces kept in the tiers by this reader's origin reads, and their bytes.
@@ -155,7 +155,6 @@ impl FileReader {
         }
         let mut buf = vec![0u8; p.len as usize];
         let span = self.span.get_or_insert_with(|| SpanReader::new(self.layer));
-        let file_end = self.data_offset + self.size;
         let layer = self.layer;
         let neighbours = self.neighbours.as_deref();
         let kept = &mut self.kept;
@@ -166,7 +165,7 @@ impl FileReader {
                 kept.1 += b;
             }
         };
-        span.read_at(index, source, self.data_offset + p.offset, &mut buf, file_end, &mut keep)?;
+        span.read_at(index, source, self.data_offset + p.offset, &mut buf, &mut keep)?;
         if !verify(&buf, &p.sha256) {
             self.span = None;
             return Err(ReadError::Mismatch {
@@ -182,7 +181,7 @@ impl FileReader {
             // The file is done; the rest of the interval was fetched anyway and most likely
             // holds the files read next (a package's modules sit together in the tar). A
             // failure here only costs those files a fetch of their own.
-            if let Err(e) = span.finish_interval(&mut keep) {
+            if let Err(e) = span.finish_interval(index, &mut keep) {
                 tracing::debug!(error = %e, "could not keep the rest of the interval");
                 self.span = None;
             }

@@ -6,6 +6,8 @@ use crate::source::Source;
 use crate::zran::resume::{ResumeCursor, ResumePoint};
 use crate::zran::decode_window;
 use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Reads uncompressed spans of one layer, resuming at checkpoints. Sequential reads reuse
 /// the same inflate cursor; a read behind it or far ahead starts again at a checkpoint.
@@ -14,27 +16,34 @@ pub struct SpanReader {
     cursor: Option<Cursor>,
     /// Uncompressed bytes inflated (including skipped ones), for statistics.
     pub inflated: u64,
-    /// Compressed bytes requested from the source.
-    pub fetched: u64,
+    received: Arc<AtomicU64>,
 }
 
 enum Cursor {
-    /// `limit`: where the checkpoint interval that the compressed request covers ends.
-    Gzip { inner: ResumeCursor<Box<dyn Read + Send>>, end: u64, limit: u64 },
-    Plain { inner: Box<dyn Read + Send>, pos: u64, end: u64 },
+    Gzip(ResumeCursor<Counted>),
+    Plain { inner: Counted, pos: u64 },
 }
 
 impl Cursor {
     fn position(&self) -> u64 {
         match self {
-            Cursor::Gzip { inner, .. } => inner.position(),
+            Cursor::Gzip(inner) => inner.position(),
             Cursor::Plain { pos, .. } => *pos,
         }
     }
-    fn end(&self) -> u64 {
-        match self {
-            Cursor::Gzip { end, .. } | Cursor::Plain { end, .. } => *end,
-        }
+}
+
+/// A source stream that counts the bytes it delivers.
+struct Counted {
+    inner: Box<dyn Read + Send>,
+    count: Arc<AtomicU64>,
+}
+
+impl Read for Counted {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
     }
 }
 
@@ -49,34 +58,37 @@ const MAX_KEPT_GAP: u64 = 8 << 20;
 impl SpanReader {
     /// A reader for `layer`.
     pub fn new(layer: u32) -> SpanReader {
-        SpanReader { layer, cursor: None, inflated: 0, fetched: 0 }
+        SpanReader { layer, cursor: None, inflated: 0, received: Arc::default() }
     }
 
-    /// Read exactly `out.len()` bytes at uncompressed offset `start`. `hint_end` is how far
-    /// the caller expects to read sequentially (used to size the compressed request).
-    /// Bytes inflated on the way to `start` are passed to `skipped` with their offset.
+    /// Compressed (or, for plain layers, tar) bytes received from the source so far.
+    pub fn fetched(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Read exactly `out.len()` bytes at uncompressed offset `start`. Bytes inflated on the
+    /// way to `start` are passed to `skipped` with their offset.
     pub fn read_at(
         &mut self,
         index: &IndexFile,
         source: &dyn Source,
         start: u64,
         out: &mut [u8],
-        hint_end: u64,
         skipped: &mut dyn FnMut(u64, &[u8]),
     ) -> Result<(), ReadError> {
         let end = start + out.len() as u64;
         let reuse = self
             .cursor
             .as_ref()
-            .is_some_and(|c| c.position() <= start && start - c.position() <= CONTINUE_WITHIN && end <= c.end());
+            .is_some_and(|c| c.position() <= start && start - c.position() <= CONTINUE_WITHIN);
         if !reuse {
-            self.cursor = Some(self.open(index, source, start, hint_end.max(end))?);
+            self.cursor = Some(self.open(index, source, start, end)?);
         }
         let cursor = self.cursor.as_mut().expect("set above");
         let layer_no = self.layer;
         let bad = |e: std::io::Error| ReadError::Origin(format!("layer {layer_no}: {e}"));
         match cursor {
-            Cursor::Gzip { inner, .. } => {
+            Cursor::Gzip(inner) => {
                 let before = inner.position();
                 let gap = start - before;
                 if gap > 0 && gap <= MAX_KEPT_GAP {
@@ -111,10 +123,10 @@ impl SpanReader {
         let digest = std::str::from_utf8(layer.digest.as_slice())
             .map_err(|_| ReadError::Origin("layer digest is not UTF-8".into()))?;
         let size = layer.compressed_size.to_native();
+        let count = self.received.clone();
         if layer.compression == Compression::None as u8 {
-            let inner = source.blob(digest, start, Some(end))?;
-            self.fetched += end - start;
-            return Ok(Cursor::Plain { inner, pos: start, end });
+            let inner = Counted { inner: source.blob_from(digest, start, end, size)?, count };
+            return Ok(Cursor::Plain { inner, pos: start });
         }
         let cp = index
             .checkpoint_before(self.layer, start)?
@@ -134,19 +146,21 @@ impl SpanReader {
             .get(next)
             .map(|c| (c.in_offset.to_native() + 64).min(size))
             .unwrap_or(size);
-        let src = source.blob(digest, point.read_from(), Some(c_end))?;
-        self.fetched += c_end - point.read_from();
+        let src = Counted { inner: source.blob_from(digest, point.read_from(), c_end, size)?, count };
         let inner = ResumeCursor::new(src, &point).map_err(|e| ReadError::Origin(e.to_string()))?;
-        let limit = cps.get(next).map(|c| c.out_offset.to_native()).unwrap_or(layer.uncompressed_size.to_native());
-        Ok(Cursor::Gzip { inner, end, limit })
+        Ok(Cursor::Gzip(inner))
     }
 
-    /// Inflate on to the end of the checkpoint interval whose compressed bytes the last
-    /// request already covers, handing the bytes to `passed` (so that the other files in
-    /// it can be kept). The cursor stays usable.
-    pub fn finish_interval(&mut self, passed: &mut dyn FnMut(u64, &[u8])) -> Result<(), ReadError> {
-        if let Some(Cursor::Gzip { inner, limit, .. }) = &mut self.cursor {
+    /// Inflate on to the end of the current checkpoint interval, whose compressed bytes the
+    /// first request already covers, handing the bytes to `passed` (so that the other
+    /// files in it can be kept). The cursor stays usable.
+    pub fn finish_interval(&mut self, index: &IndexFile, passed: &mut dyn FnMut(u64, &[u8])) -> Result<(), ReadError> {
+        if let Some(Cursor::Gzip(inner)) = &mut self.cursor {
             let pos = inner.position();
+            let layer = index.layer(self.layer)?;
+            let cps = &layer.checkpoints;
+            let next = cps.partition_point(|c| c.out_offset.to_native() <= pos);
+            let limit = cps.get(next).map_or(layer.uncompressed_size.to_native(), |c| c.out_offset.to_native());
             let gap = limit.saturating_sub(pos);
             if gap > 0 && gap <= MAX_KEPT_GAP {
                 let bytes = inflate_exact(inner, gap as usize, self.layer)?;
@@ -159,7 +173,7 @@ impl SpanReader {
 }
 
 /// Exactly `n` more bytes from `inner`.
-fn inflate_exact(inner: &mut ResumeCursor<Box<dyn Read + Send>>, n: usize, layer: u32) -> Result<Vec<u8>, ReadError> {
+fn inflate_exact(inner: &mut ResumeCursor<Counted>, n: usize, layer: u32) -> Result<Vec<u8>, ReadError> {
     let mut buf = vec![0u8; n];
     let mut got = 0;
     while got < n {

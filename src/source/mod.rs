@@ -83,6 +83,15 @@ pub trait Source: Send + Sync {
     /// The source does not verify the digest: callers that read whole blobs do.
     fn blob(&self, digest: &str, start: u64, end: Option<u64>) -> Result<Box<dyn Read + Send>, SourceError>;
 
+    /// Stream blob `digest` (of `size` bytes) from `start` on, for a reader that will
+    /// probably stop near `expect_end` but may go on. The default opens the rest of the
+    /// blob; sources that pay for every byte sent (a registry) fetch `start..expect_end`
+    /// first and then ranges that double in size as the reader continues.
+    fn blob_from(&self, digest: &str, start: u64, expect_end: u64, size: u64) -> Result<Box<dyn Read + Send>, SourceError> {
+        let _ = (expect_end, size);
+        self.blob(digest, start, None)
+    }
+
     /// Read a whole small blob (config) and verify its digest and size.
     fn read_small_blob(&self, digest: &str, size: u64) -> Result<Vec<u8>, SourceError> {
         if size > 64 << 20 {

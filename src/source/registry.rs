@@ -707,21 +707,54 @@ impl Source for RegistrySource {
             digest: digest.to_string(),
             pos: start,
             end: known_end,
+            segment: None,
             body: Some(body),
+            failures: 0,
+            resumes: 0,
+        }))
+    }
+
+    /// Growing ranges: `start..expect_end` first, then each next range twice as long (up to
+    /// 64 MiB), so a reader that stops early has not made the registry send the rest.
+    fn blob_from(&self, digest: &str, start: u64, expect_end: u64, size: u64) -> Result<Box<dyn Read + Send>, SourceError> {
+        if !reference::valid_digest(digest) {
+            return Err(SourceError::BadImage(format!("malformed blob digest {digest:?}")));
+        }
+        let first_end = expect_end.clamp(start + 1, size.max(start + 1));
+        Ok(Box::new(BlobReader {
+            client: self.client.clone(),
+            digest: digest.to_string(),
+            pos: start,
+            end: Some(size),
+            segment: Some(Segment { end: first_end, next_len: (first_end - start).max(MIN_SEGMENT) * 2 }),
+            body: None,
             failures: 0,
             resumes: 0,
         }))
     }
 }
 
+/// Smallest follow-up range of [`RegistrySource::blob_from`].
+const MIN_SEGMENT: u64 = 256 << 10;
+/// Largest follow-up range.
+const MAX_SEGMENT: u64 = 64 << 20;
+
+/// The range a segmented reader is in: it requests up to `end`, then `next_len` more.
+struct Segment {
+    end: u64,
+    next_len: u64,
+}
+
 /// A blob body that survives interruptions: on a read error or an early end it asks for
 /// the remaining range again (at most `retries` times in a row without progress, and
-/// `8 × retries` times in all).
+/// `8 × retries` times in all). With a `segment`, it asks for growing ranges instead of
+/// the rest of the blob at once.
 struct BlobReader {
     client: Arc<Client>,
     digest: String,
     pos: u64,
     end: Option<u64>,
+    segment: Option<Segment>,
     body: Option<ureq::BodyReader<'static>>,
     /// Interruptions since the last progress.
     failures: u32,
@@ -761,12 +794,28 @@ impl Read for BlobReader {
             if want == 0 {
                 return Ok(0);
             }
+            if let Some(seg) = &mut self.segment {
+                if self.pos >= seg.end {
+                    // This range is used up: the next one, twice as long.
+                    self.body = None;
+                    seg.end = (self.pos + seg.next_len).min(self.end.unwrap_or(u64::MAX));
+                    seg.next_len = (seg.next_len * 2).min(MAX_SEGMENT);
+                }
+            }
+            let want = match &self.segment {
+                Some(seg) => want.min((seg.end - self.pos).min(usize::MAX as u64) as usize),
+                None => want,
+            };
+            let request_end = self.segment.as_ref().map(|s| s.end).or(self.end);
             let body = match &mut self.body {
                 Some(b) => b,
-                None => match self.client.open_blob(&self.digest, self.pos, self.end) {
+                None => match self.client.open_blob(&self.digest, self.pos, request_end) {
                     Ok((b, end)) => {
                         if self.end.is_none() {
                             self.end = end;
+                        }
+                        if let (Some(seg), Some(got)) = (&mut self.segment, end) {
+                            seg.end = seg.end.min(got);
                         }
                         self.body.insert(b)
                     }
@@ -779,6 +828,7 @@ impl Read for BlobReader {
             };
             match body.read(&mut buf[..want]) {
                 Ok(0) if self.end.is_none() => return Ok(0),
+                Ok(0) if self.segment.as_ref().is_some_and(|s| self.pos >= s.end) => continue,
                 Ok(0) => self.interrupted("the connection ended early".into())?,
                 Ok(n) => {
                     self.pos += n as u64;
