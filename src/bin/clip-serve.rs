@@ -3,7 +3,7 @@
 
 use clap::Parser;
 use clip::cache::redis::RedisTier;
-use clip::cache::{parse_size, DiskCache};
+use clip::cache::{parse_size, DiskCache, WriteBehind};
 use clip::format::IndexFile;
 use clip::fuse::{self, ClipFs, MountSettings, ServeStats};
 use clip::read::Tier;
@@ -153,8 +153,10 @@ fn run(cli: Cli) -> Result<()> {
         let dir = cli.cache_dir.clone().unwrap_or_else(default_cache_dir);
         let d = Arc::new(DiskCache::open(&dir, cli.cache_size)?);
         tracing::info!(dir = %dir.display(), "disk cache: {}", d.stats());
-        tiers.push(d.clone());
-        Some(d)
+        // Writes happen behind the reads; up to 256 MiB may wait in memory.
+        let behind = Arc::new(WriteBehind::new(d.clone(), 256 << 20)?);
+        tiers.push(behind.clone());
+        Some((d, behind))
     } else {
         tracing::info!("disk cache disabled");
         None
@@ -190,7 +192,7 @@ fn run(cli: Cli) -> Result<()> {
 
     let interval = Duration::from_secs(cli.stats_interval.max(1));
     let mut next_write = Instant::now();
-    let counters = Counters { serve: &serve_stats, disk: disk.as_deref(), redis: redis.as_deref() };
+    let counters = Counters { serve: &serve_stats, disk: disk.as_ref().map(|(d, _)| &**d), redis: redis.as_deref() };
     let shutdown = loop {
         if let Some(p) = &cli.stats_file {
             if Instant::now() >= next_write {
@@ -225,6 +227,9 @@ fn run(cli: Cli) -> Result<()> {
             session.join().map_err(Into::into)
         }
     };
+    if let Some((_, behind)) = &disk {
+        behind.flush();
+    }
     if let Some(r) = &redis {
         r.flush(Duration::from_secs(2));
     }

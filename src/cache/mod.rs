@@ -3,9 +3,11 @@
 //! identical content in two images or two layers is stored once. Tiers may hand back wrong
 //! bytes: `read::FileReader` verifies every piece and calls `Tier::remove` on a bad one.
 
+pub mod behind;
 pub mod disk;
 pub mod redis;
 
+pub use behind::WriteBehind;
 pub use disk::DiskCache;
 
 /// Errors of the cache layer.

@@ -8,7 +8,7 @@ pub mod attr;
 pub mod pool;
 
 use crate::format::{FormatError, IndexFile, Kind};
-use crate::read::{FileReader, Neighbours, ReadError, Tier};
+use crate::read::{FileReader, Neighbours, ReadError, SpanReader, Tier};
 use crate::source::{Source, SourceError};
 use attr::{attr_of, entry_of, file_type, ino_of};
 use fuser::{
@@ -291,12 +291,19 @@ impl ClipFs {
     }
 }
 
-fn serve_read(shared: &Shared, reader: &Mutex<FileReader>, offset: u64, size: u32) -> Result<Vec<u8>, ReadError> {
+/// Answer one read: the bytes, and the span reader whose checkpoint interval is left to
+/// finish once the reply is out (see [`finish_interval`]).
+fn serve_read(
+    shared: &Shared,
+    reader: &Mutex<FileReader>,
+    offset: u64,
+    size: u32,
+) -> Result<(Vec<u8>, Option<SpanReader>), ReadError> {
     let mut r = reader.lock().unwrap_or_else(|p| p.into_inner());
     let len = r.size().saturating_sub(offset).min(size as u64) as usize;
     let mut buf = vec![0u8; len];
     if len == 0 {
-        return Ok(buf);
+        return Ok((buf, None));
     }
     let (inf0, fetch0) = r.origin_stats();
     let (kept0, kept_bytes0) = r.kept_stats();
@@ -308,7 +315,28 @@ fn serve_read(shared: &Shared, reader: &Mutex<FileReader>, offset: u64, size: u3
     shared.stats.kept.fetch_add(kept1 - kept0, Ordering::Relaxed);
     shared.stats.kept_bytes.fetch_add(kept_bytes1 - kept_bytes0, Ordering::Relaxed);
     buf.truncate(n);
-    Ok(buf)
+    Ok((buf, r.take_unfinished()))
+}
+
+/// Inflate the rest of a cold read's checkpoint interval and keep the files in it. Runs on
+/// the read worker after the reply went out, so the reading process does not wait for it.
+fn finish_interval(shared: &Shared, mut span: SpanReader) {
+    let (inflated0, fetched0) = (span.inflated, span.fetched());
+    let layer = span.layer();
+    let (mut kept, mut kept_bytes) = (0, 0);
+    let r = span.finish_interval(&shared.index, &mut |offset, bytes| {
+        let (n, b) = shared.neighbours.keep(&shared.index, layer, offset, bytes, &shared.tiers);
+        kept += n;
+        kept_bytes += b;
+    });
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "could not keep the rest of the interval");
+    }
+    let s = &shared.stats;
+    s.inflated.fetch_add(span.inflated - inflated0, Ordering::Relaxed);
+    s.fetched.fetch_add(span.fetched() - fetched0, Ordering::Relaxed);
+    s.kept.fetch_add(kept, Ordering::Relaxed);
+    s.kept_bytes.fetch_add(kept_bytes, Ordering::Relaxed);
 }
 
 impl Filesystem for ClipFs {
@@ -370,7 +398,7 @@ impl Filesystem for ClipFs {
             Err(e) => return reply.error(e),
         };
         let reader = match FileReader::new(self.index(), i) {
-            Ok(r) => r.with_neighbours(self.shared.neighbours.clone()),
+            Ok(r) => r.with_neighbours(self.shared.neighbours.clone()).defer_interval_finish(),
             Err(ReadError::NotAFile(_)) => return reply.error(Errno::EINVAL),
             Err(e) => {
                 tracing::error!(entry = i, error = %e, "cannot open file");
@@ -401,10 +429,13 @@ impl Filesystem for ClipFs {
         };
         let shared = self.shared.clone();
         self.pool.submit(move || match serve_read(&shared, &reader, offset, size) {
-            Ok(buf) => {
+            Ok((buf, unfinished)) => {
                 shared.stats.reads.fetch_add(1, Ordering::Relaxed);
                 shared.stats.read_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
                 reply.data(&buf);
+                if let Some(span) = unfinished {
+                    finish_interval(&shared, span);
+                }
             }
             Err(e) => {
                 shared.stats.read_errors.fetch_add(1, Ordering::Relaxed);

@@ -75,6 +75,8 @@ pub struct FileReader {
     last: Option<(usize, Arc<Vec<u8>>)>,
     neighbours: Option<Arc<Neighbours>>,
     kept: (u64, u64),
+    defer_finish: bool,
+    unfinished: Option<SpanReader>,
 }
 
 impl FileReader {
@@ -95,6 +97,8 @@ impl FileReader {
             last: None,
             neighbours: None,
             kept: (0, 0),
+            defer_finish: false,
+            unfinished: None,
         })
     }
 
@@ -118,6 +122,20 @@ impl FileReader {
     /// Bytes inflated and compressed bytes fetched by this reader's origin reads.
     pub fn origin_stats(&self) -> (u64, u64) {
         self.span.as_ref().map(|s| (s.inflated, s.fetched())).unwrap_or((0, 0))
+    }
+
+    /// Do not finish the checkpoint interval inside `piece`: leave the span reader for
+    /// [`FileReader::take_unfinished`], so the caller can answer first and keep the
+    /// interval's other files afterwards (e.g. after replying to the kernel).
+    pub fn defer_interval_finish(mut self) -> FileReader {
+        self.defer_finish = true;
+        self
+    }
+
+    /// The span reader whose interval is still to be finished (see
+    /// [`FileReader::defer_interval_finish`] and [`SpanReader::finish_interval`]).
+    pub fn take_unfinished(&mut self) -> Option<SpanReader> {
+        self.unfinished.take()
     }
 
     /// Other files' pieces kept in the tiers by this reader's origin reads, and their bytes.
@@ -181,7 +199,9 @@ impl FileReader {
             // The file is done; the rest of the interval was fetched anyway and most likely
             // holds the files read next (a package's modules sit together in the tar). A
             // failure here only costs those files a fetch of their own.
-            if let Err(e) = span.finish_interval(index, &mut keep) {
+            if self.defer_finish {
+                self.unfinished = self.span.take();
+            } else if let Err(e) = span.finish_interval(index, &mut keep) {
                 tracing::debug!(error = %e, "could not keep the rest of the interval");
                 self.span = None;
             }

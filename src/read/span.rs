@@ -61,6 +61,11 @@ impl SpanReader {
         SpanReader { layer, cursor: None, inflated: 0, received: Arc::default() }
     }
 
+    /// The layer this reader reads.
+    pub fn layer(&self) -> u32 {
+        self.layer
+    }
+
     /// Compressed (or, for plain layers, tar) bytes received from the source so far.
     pub fn fetched(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
