@@ -57,7 +57,7 @@ pub struct LayerStream {
     pending: VecDeque<Boundary>,
     policy: CheckpointPolicy,
     checkpoints: Vec<Checkpoint>,
-    candidate: Option<(Boundary, Vec<u8>)>,
+    candidate: Option<Boundary>,
     error: Option<BuildError>,
     progress: indicatif::ProgressBar,
 }
@@ -227,9 +227,8 @@ impl LayerStream {
                     self.commit(b, w);
                 }
             } else if since.is_some_and(|s| s >= self.policy.large_file) {
-                if let Some(w) = self.window_before(b.out_offset) {
-                    self.candidate = Some((b, w));
-                }
+                // Its window is copied only if a large file makes it a checkpoint.
+                self.candidate = Some(b);
             }
         }
     }
@@ -243,8 +242,10 @@ impl LayerStream {
         let pos = self.position();
         let far = self.last_checkpoint_out().is_none_or(|l| pos - l >= self.policy.large_file);
         if far {
-            if let Some((b, w)) = self.candidate.take() {
-                self.commit(b, w);
+            if let Some(b) = self.candidate.take() {
+                if let Some(w) = self.window_before(b.out_offset) {
+                    self.commit(b, w);
+                }
             }
         }
     }
