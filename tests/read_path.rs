@@ -88,3 +88,38 @@ fn a_cold_read_keeps_the_small_files_of_its_checkpoint_interval() {
     read_all(&idx, &src, &tiers2, "/many/file059", None);
     assert_eq!(mem2.0.lock().unwrap().len(), 1);
 }
+
+#[test]
+fn a_deferred_interval_is_left_to_the_caller_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (layout, index) = edge_index(tmp.path());
+    let idx = IndexFile::open(&index).unwrap();
+    let src = LayoutSource::open(&layout).unwrap();
+    let mem = Arc::new(MemTier::default());
+    let tiers: Vec<Arc<dyn Tier>> = vec![mem.clone()];
+    let neighbours = Neighbours::new(idx.index().layers.len());
+    let i = idx.resolve(b"/many/file059").unwrap().unwrap();
+    let mut r = FileReader::new(&idx, i).unwrap().with_neighbours(neighbours.clone()).defer_interval_finish();
+    let mut out = vec![0u8; r.size() as usize];
+    r.read_at(&idx, &src, &tiers, 0, &mut out).unwrap();
+    let (inflated, fetched) = r.origin_stats();
+    assert!(inflated >= out.len() as u64 && fetched > 0, "the read itself is counted: {inflated} {fetched}");
+    assert!(mem.get(&idx.pieces(entry(&idx, "/home/user/file")).unwrap()[0].sha256).is_none(), "not finished yet");
+    let mut span = r.take_unfinished().expect("the interval is left to the caller");
+    assert!(r.take_unfinished().is_none());
+    let before = span.inflated;
+    span.finish_interval(&idx, &mut |off, bytes| {
+        neighbours.keep(&idx, span_layer(&idx, "/home/user/file"), off, bytes, &tiers);
+    })
+    .unwrap();
+    assert!(span.inflated > before);
+    assert_eq!(read_all(&idx, &NoOrigin, &tiers, "/home/user/file", None), b"owned by 1000\n");
+}
+
+fn entry(idx: &IndexFile, path: &str) -> u32 {
+    idx.resolve(path.as_bytes()).unwrap().unwrap()
+}
+
+fn span_layer(idx: &IndexFile, path: &str) -> u32 {
+    idx.entry(entry(idx, path)).unwrap().layer.to_native()
+}

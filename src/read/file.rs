@@ -75,6 +75,7 @@ pub struct FileReader {
     last: Option<(usize, Arc<Vec<u8>>)>,
     neighbours: Option<Arc<Neighbours>>,
     kept: (u64, u64),
+    origin: (u64, u64),
     defer_finish: bool,
     unfinished: Option<SpanReader>,
 }
@@ -97,6 +98,7 @@ impl FileReader {
             last: None,
             neighbours: None,
             kept: (0, 0),
+            origin: (0, 0),
             defer_finish: false,
             unfinished: None,
         })
@@ -119,9 +121,10 @@ impl FileReader {
         &self.pieces
     }
 
-    /// Bytes inflated and compressed bytes fetched by this reader's origin reads.
+    /// Bytes inflated and compressed bytes fetched by this reader's origin reads (not
+    /// counting an interval left to the caller with `defer_interval_finish`).
     pub fn origin_stats(&self) -> (u64, u64) {
-        self.span.as_ref().map(|s| (s.inflated, s.fetched())).unwrap_or((0, 0))
+        self.origin
     }
 
     /// Do not finish the checkpoint interval inside `piece`: leave the span reader for
@@ -173,9 +176,16 @@ impl FileReader {
         }
         let mut buf = vec![0u8; p.len as usize];
         let span = self.span.get_or_insert_with(|| SpanReader::new(self.layer));
+        let mut mark = (span.inflated, span.fetched());
         let layer = self.layer;
         let neighbours = self.neighbours.as_deref();
         let kept = &mut self.kept;
+        let origin = &mut self.origin;
+        let mut count = |span: &SpanReader| {
+            origin.0 += span.inflated - mark.0;
+            origin.1 += span.fetched() - mark.1;
+            mark = (span.inflated, span.fetched());
+        };
         let mut keep = |offset: u64, bytes: &[u8]| {
             if let Some(n) = neighbours {
                 let (pieces, b) = n.keep(index, layer, offset, bytes, tiers);
@@ -183,7 +193,9 @@ impl FileReader {
                 kept.1 += b;
             }
         };
-        span.read_at(index, source, self.data_offset + p.offset, &mut buf, &mut keep)?;
+        let read = span.read_at(index, source, self.data_offset + p.offset, &mut buf, &mut keep);
+        count(span);
+        read?;
         if !verify(&buf, &p.sha256) {
             self.span = None;
             return Err(ReadError::Mismatch {
@@ -201,9 +213,13 @@ impl FileReader {
             // failure here only costs those files a fetch of their own.
             if self.defer_finish {
                 self.unfinished = self.span.take();
-            } else if let Err(e) = span.finish_interval(index, &mut keep) {
-                tracing::debug!(error = %e, "could not keep the rest of the interval");
-                self.span = None;
+            } else {
+                let finished = span.finish_interval(index, &mut keep);
+                count(span);
+                if let Err(e) = finished {
+                    tracing::debug!(error = %e, "could not keep the rest of the interval");
+                    self.span = None;
+                }
             }
         }
         let b = Arc::new(buf);
