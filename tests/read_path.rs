@@ -56,8 +56,17 @@ fn read_all(idx: &IndexFile, src: &dyn Source, tiers: &[Arc<dyn Tier>], path: &s
     out
 }
 
-#[test]
-fn a_cold_read_keeps_the_small_files_of_its_checkpoint_interval() {
+/// The edge-case image indexed, its layout as origin, one memory tier.
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    idx: IndexFile,
+    src: LayoutSource,
+    mem: Arc<MemTier>,
+    tiers: Vec<Arc<dyn Tier>>,
+    neighbours: Arc<Neighbours>,
+}
+
+fn fixture() -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let (layout, index) = edge_index(tmp.path());
     let idx = IndexFile::open(&index).unwrap();
@@ -65,6 +74,12 @@ fn a_cold_read_keeps_the_small_files_of_its_checkpoint_interval() {
     let mem = Arc::new(MemTier::default());
     let tiers: Vec<Arc<dyn Tier>> = vec![mem.clone()];
     let neighbours = Neighbours::new(idx.index().layers.len());
+    Fixture { _tmp: tmp, idx, src, mem, tiers, neighbours }
+}
+
+#[test]
+fn a_cold_read_keeps_the_small_files_of_its_checkpoint_interval() {
+    let Fixture { _tmp, idx, src, mem, tiers, neighbours } = fixture();
 
     let i = idx.resolve(b"/many/file059").unwrap().unwrap();
     let mut r = FileReader::new(&idx, i).unwrap().with_neighbours(neighbours.clone());
@@ -91,13 +106,7 @@ fn a_cold_read_keeps_the_small_files_of_its_checkpoint_interval() {
 
 #[test]
 fn a_deferred_interval_is_left_to_the_caller_and_counted() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (layout, index) = edge_index(tmp.path());
-    let idx = IndexFile::open(&index).unwrap();
-    let src = LayoutSource::open(&layout).unwrap();
-    let mem = Arc::new(MemTier::default());
-    let tiers: Vec<Arc<dyn Tier>> = vec![mem.clone()];
-    let neighbours = Neighbours::new(idx.index().layers.len());
+    let Fixture { _tmp, idx, src, mem, tiers, neighbours } = fixture();
     let i = idx.resolve(b"/many/file059").unwrap().unwrap();
     let mut r = FileReader::new(&idx, i).unwrap().with_neighbours(neighbours.clone()).defer_interval_finish();
     let mut out = vec![0u8; r.size() as usize];
