@@ -460,6 +460,52 @@ fn range_ignoring_server_and_cut_connections_still_read_exactly() {
     assert!((2..=18).contains(&n), "resumes must be bounded: {n} requests");
 }
 
+#[test]
+fn clip_serve_mounts_a_registry_built_index_and_reads_through_the_registry() {
+    require_tool("fusermount3");
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::anonymous(&tmp.path().join("reg"));
+    let (layout, _local) = edge_reference(tmp.path());
+    reg.push(&layout, EDGE_TAG, "edge:v1", None);
+    let index = tmp.path().join("reg.clip");
+    build_ok(&format!("{}/edge:v1", reg.host()), &index, &[], &[]);
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let stats = tmp.path().join("stats.json");
+    let mut daemon = Command::new(bin("clip-serve"))
+        .arg(&index)
+        .arg(&mnt)
+        .arg("--cache-dir")
+        .arg(tmp.path().join("cache"))
+        .arg("--stats-file")
+        .arg(&stats)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mounted = |m: &Path| Command::new("mountpoint").arg("-q").arg(m).status().map(|s| s.success()).unwrap_or(false);
+    let t = std::time::Instant::now();
+    while !mounted(&mnt) {
+        if t.elapsed() > Duration::from_secs(20) || daemon.try_wait().unwrap().is_some() {
+            let _ = daemon.kill();
+            panic!("clip-serve did not mount the registry-built index");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // No --layout: the bytes come from the registry recorded in the index.
+    let random = std::fs::read(mnt.join("data/random.bin"));
+    let hostname = std::fs::read(mnt.join("etc/hostname"));
+    let _ = Command::new("kill").arg("-TERM").arg(daemon.id().to_string()).status();
+    let status = daemon.wait().unwrap();
+    if mounted(&mnt) {
+        let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&mnt).status();
+    }
+    assert_eq!(random.unwrap(), clip::demo::noise(1, 5 << 20));
+    assert_eq!(hostname.unwrap(), b"edge\n");
+    assert!(status.success(), "clip-serve exited with {status}");
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
+    assert!(s["serve"]["fetched"].as_u64().unwrap() > 0, "read from the registry: {s}");
+}
+
 /// Requested (start, end exclusive) byte ranges of blob `digest` seen by `proxy`.
 fn blob_ranges(proxy: &Proxy, from: usize) -> Vec<(u64, u64)> {
     proxy.ranges.lock().unwrap()[from..]
