@@ -69,13 +69,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-now() { date +%s%N; }
-ms() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", (b - a) / 1e6 }'; }
-median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
-judge() { awk -v v="$1" -v l="$3" -v op="$2" 'BEGIN { ok = (op == "<=") ? v <= l : v >= l; print ok ? "yes" : "NO" }'; }
-ROWS=()
-row() { ROWS+=("$(printf '%s\t' "$@")"); }
+. "$repo/tools/bench-lib.sh"
 
 if ! "$shared/start-registry.sh" status >/dev/null 2>&1; then
     "$shared/start-registry.sh" start; REG_STARTED=1

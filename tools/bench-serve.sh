@@ -72,10 +72,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-now() { date +%s%N; }
-ms() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", (b - a) / 1e6 }'; }
-median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+. "$repo/tools/bench-lib.sh"
 # start_serve INDEX [clip-serve args]: fresh empty cache dir, sets $pid, $mount_ms
 start_serve() {
     local index=$1; shift
@@ -99,11 +96,6 @@ time_ms() { local t0; t0=$(now); "$@" >/dev/null; ms "$t0" "$(now)"; }
 rm_mount() { "$shared/rmount.sh" mount "$RM" "$RPID" -P 2 --index-folders "$W/rm-index" "${LAYERS[@]}"; }
 rm_umount() { "$shared/rmount.sh" umount "$RM" "$RPID"; }
 
-ROWS=()
-# row MEASURE CLIP ANCHOR RATIO TARGET MET
-row() { ROWS+=("$(printf '%s\t' "$@")"); }
-# judge VALUE OP LIMIT -> yes/no
-judge() { awk -v v="$1" -v l="$3" -v op="$2" 'BEGIN { ok = (op == "<=") ? v <= l : v >= l; print ok ? "yes" : "NO" }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3g", (b > 0) ? a / b : 0 }'; }
 mbs() { awk -v b="$1" -v t="$2" 'BEGIN { printf "%.0f MB/s", b / (t / 1e3) / 1e6 }'; }
 
