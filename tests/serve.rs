@@ -7,153 +7,14 @@ mod common;
 use clip::demo::{noise, TarBuilder};
 use clip::oci::Platform;
 use clip::source::layout::{LayerInput, LayoutWriter};
-use common::{bin, edge_index, require_tool, run, umoci_unpack, EDGE_TAG};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use common::{bin, busybox_index, edge_index, is_mounted, require_fuse, require_tool, run, sha256_hex, umoci_unpack, Served, Unmount, EDGE_TAG};
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-/// Fail loudly (never skip) when this machine cannot mount FUSE file systems.
-fn require_fuse() {
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse is missing: load the fuse module (`modprobe fuse`) or give the container --device /dev/fuse"
-    );
-    require_tool("fusermount3");
-    assert!(nix::unistd::geteuid().is_root(), "the FUSE tests mount file systems and must run as root");
-}
-
-/// Whether `dir` is a mount point (listed in /proc/self/mountinfo).
-fn is_mounted(dir: &Path) -> bool {
-    let dir = dir.to_string_lossy().into_owned();
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(dir.as_str()))
-}
-
-/// A running clip-serve; dropping it stops the daemon and always leaves no mount behind.
-struct Served {
-    mnt: PathBuf,
-    child: Option<Child>,
-    log: PathBuf,
-    stats: PathBuf,
-}
-
-impl Served {
-    /// Mount `index` at `tmp/<name>` with the cache in `cache` (created if needed).
-    fn start(tmp: &Path, name: &str, index: &Path, cache: &Path, extra: &[&str]) -> Served {
-        require_fuse();
-        let mnt = tmp.join(name);
-        fs::create_dir_all(&mnt).unwrap();
-        let mnt = mnt.canonicalize().unwrap();
-        let log = tmp.join(format!("{name}.log"));
-        let stats = tmp.join(format!("{name}.stats.json"));
-        let child = Command::new(bin("clip-serve"))
-            .arg(index)
-            .arg(&mnt)
-            .arg("--cache-dir")
-            .arg(cache)
-            .arg("--stats-file")
-            .arg(&stats)
-            .arg("--stats-interval")
-            .arg("1")
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .expect("start clip-serve");
-        let mut s = Served { mnt, child: Some(child), log, stats };
-        s.wait_mounted();
-        s
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("daemon running").id()
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_mounted(&mut self) {
-        let t = Instant::now();
-        while !is_mounted(&self.mnt) {
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("clip-serve exited with {st} before mounting:\n{}", self.log());
-            }
-            assert!(t.elapsed() < Duration::from_secs(20), "clip-serve did not mount within 20 s:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Send SIGTERM and wait for the daemon to exit; returns its exit status.
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("daemon running");
-        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-        let t = Instant::now();
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                return st;
-            }
-            if t.elapsed() > Duration::from_secs(20) {
-                let _ = child.kill();
-                panic!("clip-serve did not exit within 20 s of SIGTERM:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The counters the daemon last wrote (waits for a fresh write).
-    fn stats(&self) -> serde_json::Value {
-        let before = fs::metadata(&self.stats).and_then(|m| m.modified()).ok();
-        let t = Instant::now();
-        loop {
-            let now = fs::metadata(&self.stats).and_then(|m| m.modified()).ok();
-            if now.is_some() && now != before {
-                break;
-            }
-            assert!(t.elapsed() < Duration::from_secs(10), "no stats file written:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        serde_json::from_slice(&fs::read(&self.stats).unwrap()).unwrap()
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-            let t = Instant::now();
-            while child.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if is_mounted(&self.mnt) {
-            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.mnt).status();
-        }
-    }
-}
-
-/// Lazily unmounts a non-FUSE mount (overlay) on drop.
-struct Unmount(PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        if is_mounted(&self.0) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-}
+use std::process::Command;
+use std::time::Duration;
 
 /// Every path below `root` (relative, without the root itself), sorted.
 fn walk(root: &Path) -> BTreeSet<PathBuf> {
@@ -286,36 +147,6 @@ fn mounted_edge_image_matches_umoci_extraction() {
 
     let st = nix::sys::statvfs::statvfs(mnt.as_path()).unwrap();
     assert!(st.files() as usize > want.len(), "statfs counts the entries");
-}
-
-/// An OCI layout (tag `bb`) with Debian's static busybox and a few applet links, and its index.
-fn busybox_index(tmp: &Path) -> (PathBuf, Vec<u8>) {
-    require_tool("busybox");
-    let busybox = fs::read("/bin/busybox").expect("read /bin/busybox (package busybox-static)");
-    let mut t = TarBuilder::new();
-    t.dir("./", 0o755).dir("bin/", 0o755).file("bin/busybox", 0o755, &busybox);
-    for applet in ["sh", "ls", "cat", "find", "sha256sum", "wc", "echo", "mv", "rm"] {
-        t.link(tar::EntryType::Symlink, &format!("bin/{applet}"), "busybox");
-    }
-    let data = noise(7, 3 << 20);
-    t.dir("etc/", 0o755)
-        .file("etc/motd", 0o644, b"hello from clip\n")
-        .dir("data/", 0o755)
-        .file("data/big", 0o644, &data)
-        .dir("tmp/", 0o1777);
-    let layout = tmp.join("bb-layout");
-    let mut w = LayoutWriter::create(&layout).unwrap();
-    let m = w.image(&[LayerInput::gzip(t.finish())], &Platform::host(), "2025-05-20T00:00:00Z").unwrap();
-    w.tag(m, "bb");
-    w.finish().unwrap();
-    let index = tmp.join("bb.clip");
-    run(Command::new(bin("clip-build")).arg(format!("{}:bb", layout.display())).arg("-o").arg(&index).arg("--quiet"));
-    (index, data)
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(data))
 }
 
 fn chroot(root: &Path, script: &str) -> String {

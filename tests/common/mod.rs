@@ -1,13 +1,18 @@
 //! Shared test fixtures: an OCI layout with every edge case the indexer must handle, built
-//! with the `tar` crate and flate2, and helpers to run the binaries and external tools.
+//! with the `tar` crate and flate2, a static busybox image, helpers to run the binaries and
+//! external tools, and clip-serve mounts that clean up after themselves.
 #![allow(dead_code)]
 
 use clip::demo::{noise, TarBuilder};
 use clip::oci::Platform;
 use clip::source::layout::{LayerInput, LayoutWriter};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// Tag of the edge-case image.
 pub const EDGE_TAG: &str = "edge";
@@ -241,4 +246,184 @@ pub fn test_pki(dir: &Path) -> TestPki {
         ssl(&args);
     }
     TestPki { ca: dir.join("ca.pem"), server_cert: dir.join("server.pem"), server_key: dir.join("server.key"), client_cert: dir.join("client.pem"), client_key: dir.join("client.key") }
+}
+
+/// Fail loudly (never skip) when this machine cannot mount FUSE file systems.
+pub fn require_fuse() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: load the fuse module (`modprobe fuse`) or give the container --device /dev/fuse"
+    );
+    require_tool("fusermount3");
+    assert!(nix::unistd::geteuid().is_root(), "the FUSE tests mount file systems and must run as root");
+}
+
+/// Whether `dir` is a mount point (listed in /proc/self/mountinfo).
+pub fn is_mounted(dir: &Path) -> bool {
+    let dir = dir.to_string_lossy().into_owned();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(dir.as_str()))
+}
+
+/// A running clip-serve; dropping it stops the daemon and always leaves no mount behind.
+pub struct Served {
+    /// The mount point (canonical path).
+    pub mnt: PathBuf,
+    /// The daemon, until stopped.
+    pub child: Option<Child>,
+    /// The daemon's stderr.
+    pub log: PathBuf,
+    /// The `--stats-file` it writes every second.
+    pub stats: PathBuf,
+}
+
+impl Served {
+    /// Mount `index` at `tmp/<name>` with the cache in `cache` (created if needed).
+    pub fn start(tmp: &Path, name: &str, index: &Path, cache: &Path, extra: &[&str]) -> Served {
+        require_fuse();
+        let mnt = tmp.join(name);
+        fs::create_dir_all(&mnt).unwrap();
+        let mnt = mnt.canonicalize().unwrap();
+        let log = tmp.join(format!("{name}.log"));
+        let stats = tmp.join(format!("{name}.stats.json"));
+        let child = Command::new(bin("clip-serve"))
+            .arg(index)
+            .arg(&mnt)
+            .arg("--cache-dir")
+            .arg(cache)
+            .arg("--stats-file")
+            .arg(&stats)
+            .arg("--stats-interval")
+            .arg("1")
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .expect("start clip-serve");
+        let mut s = Served { mnt, child: Some(child), log, stats };
+        s.wait_mounted();
+        s
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_mounted(&mut self) {
+        let t = Instant::now();
+        while !is_mounted(&self.mnt) {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("clip-serve exited with {st} before mounting:\n{}", self.log());
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "clip-serve did not mount within 20 s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Send SIGTERM and wait for the daemon to exit; returns its exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+        let t = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if t.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                panic!("clip-serve did not exit within 20 s of SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The counters the daemon last wrote (waits for a fresh write).
+    pub fn stats(&self) -> serde_json::Value {
+        let before = fs::metadata(&self.stats).and_then(|m| m.modified()).ok();
+        let t = Instant::now();
+        loop {
+            let now = fs::metadata(&self.stats).and_then(|m| m.modified()).ok();
+            if now.is_some() && now != before {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "no stats file written:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        serde_json::from_slice(&fs::read(&self.stats).unwrap()).unwrap()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let t = Instant::now();
+            while child.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.mnt).status();
+        }
+    }
+}
+
+/// Lazily unmounts a non-FUSE mount (overlay) on drop.
+pub struct Unmount(pub PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+/// An OCI layout (tag `bb`) with Debian's static busybox, a few applet links, `/etc/motd`
+/// (`hello from clip`), `/data/big` (3 MiB) and `/tmp`, and its index; returns the index and
+/// the bytes of `/data/big`.
+pub fn busybox_index(tmp: &Path) -> (PathBuf, Vec<u8>) {
+    busybox_index_with(tmp, |_| {})
+}
+
+/// [`busybox_index`] with more entries, added by `extra` to the same layer.
+pub fn busybox_index_with(tmp: &Path, extra: impl FnOnce(&mut TarBuilder)) -> (PathBuf, Vec<u8>) {
+    require_tool("busybox");
+    let busybox = fs::read("/bin/busybox").expect("read /bin/busybox (package busybox-static)");
+    let mut t = TarBuilder::new();
+    t.dir("./", 0o755).dir("bin/", 0o755).file("bin/busybox", 0o755, &busybox);
+    for applet in ["sh", "ls", "cat", "find", "sha256sum", "wc", "echo", "mv", "rm"] {
+        t.link(tar::EntryType::Symlink, &format!("bin/{applet}"), "busybox");
+    }
+    let data = noise(7, 3 << 20);
+    t.dir("etc/", 0o755)
+        .file("etc/motd", 0o644, b"hello from clip\n")
+        .dir("data/", 0o755)
+        .file("data/big", 0o644, &data)
+        .dir("tmp/", 0o1777);
+    extra(&mut t);
+    let layout = tmp.join("bb-layout");
+    let mut w = LayoutWriter::create(&layout).unwrap();
+    let m = w.image(&[LayerInput::gzip(t.finish())], &Platform::host(), "2025-05-20T00:00:00Z").unwrap();
+    w.tag(m, "bb");
+    w.finish().unwrap();
+    let index = tmp.join("bb.clip");
+    run(Command::new(bin("clip-build")).arg(format!("{}:bb", layout.display())).arg("-o").arg(&index).arg("--quiet"));
+    (index, data)
+}
+
+/// Lowercase hex sha256 of `data`.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
 }
