@@ -6,15 +6,14 @@ mod common;
 
 use clip::cache::redis::{RedisConfig, RedisTier};
 use clip::demo::{noise, TarBuilder};
-use clip::format::{IndexFile, Kind};
+use clip::format::IndexFile;
 use clip::oci::Platform;
-use clip::read::{FileReader, Tier};
+use clip::read::Tier;
 use clip::source::layout::{LayerInput, LayoutSource, LayoutWriter};
 use clip::source::{Source, SourceError};
-use common::{bin, edge_index, require_tool, run, test_pki, TestPki};
+use common::{bin, edge_index, files, free_port, mount_and_read_all, piece_keys, read_all, read_file, require_tool, run, test_pki, TestPki};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,10 +26,6 @@ struct RedisServer {
     dir: PathBuf,
     child: Option<Child>,
     extra: Vec<String>,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl RedisServer {
@@ -187,36 +182,9 @@ impl Source for Failing {
     }
 }
 
-/// Entry numbers and paths (without the leading `/`) of the regular files of an index.
-fn files(index: &IndexFile) -> Vec<(u32, String)> {
-    (0..index.entry_count())
-        .filter(|&i| index.entry(i).unwrap().kind == Kind::File as u8)
-        .map(|i| (i, String::from_utf8_lossy(&index.path_of(i).unwrap()[1..]).into_owned()))
-        .collect()
-}
-
-/// Hex keys of every piece of every regular file.
-fn piece_keys(index: &IndexFile) -> BTreeSet<String> {
-    files(index).iter().flat_map(|(i, _)| index.pieces(*i).unwrap()).map(|p| p.key()).collect()
-}
-
 /// Number of (file, piece) reads a full pass does.
 fn piece_reads(index: &IndexFile) -> u64 {
     files(index).iter().map(|(i, _)| index.pieces(*i).unwrap().len() as u64).sum()
-}
-
-/// Read one whole file through `tiers` and `source`.
-fn read_file(index: &IndexFile, source: &dyn Source, tiers: &[Arc<dyn Tier>], entry: u32) -> Vec<u8> {
-    let mut r = FileReader::new(index, entry).unwrap();
-    let mut out = vec![0u8; r.size() as usize];
-    let n = r.read_at(index, source, tiers, 0, &mut out).unwrap();
-    assert_eq!(n, out.len());
-    out
-}
-
-/// Read every regular file; path → bytes.
-fn read_all(index: &IndexFile, source: &dyn Source, tiers: &[Arc<dyn Tier>]) -> BTreeMap<String, Vec<u8>> {
-    files(index).into_iter().map(|(i, p)| (p, read_file(index, source, tiers, i))).collect()
 }
 
 /// A tier with short retry delays so recovery is quick in tests.
@@ -458,79 +426,6 @@ fn a_missing_redis_at_start_is_a_warning_and_it_is_picked_up_later() {
     flushed(&t);
     assert!(t.is_up());
     assert_eq!(redis.keys(), piece_keys(&index), "once Redis is up, fills reach it");
-}
-
-/// Regular files under `root` (symlinks and devices skipped): relative path → bytes.
-fn tree_files(root: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut dirs = vec![root.to_path_buf()];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            let m = std::fs::symlink_metadata(&p).unwrap();
-            if m.is_dir() {
-                dirs.push(p);
-            } else if m.is_file() {
-                out.insert(p.strip_prefix(root).unwrap().display().to_string(), std::fs::read(&p).unwrap());
-            }
-        }
-    }
-    out
-}
-
-fn is_mounted(dir: &Path) -> bool {
-    let dir = dir.to_string_lossy().into_owned();
-    std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().any(|l| l.split(' ').nth(4) == Some(dir.as_str()))
-}
-
-/// Mount `index` with clip-serve on an empty disk cache and the given Redis options, read every
-/// file, stop the daemon; returns (files, final stats JSON, daemon log).
-fn mount_and_read_all(tmp: &Path, name: &str, index: &Path, redis_args: &[&str]) -> (BTreeMap<String, Vec<u8>>, serde_json::Value, String) {
-    assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing: load the fuse module or give the container --device /dev/fuse");
-    require_tool("fusermount3");
-    let mnt = tmp.join(name);
-    std::fs::create_dir_all(&mnt).unwrap();
-    let (log, stats) = (tmp.join(format!("{name}.log")), tmp.join(format!("{name}.stats.json")));
-    let mut child = Command::new(bin("clip-serve"))
-        .arg(index)
-        .arg(&mnt)
-        .arg("--cache-dir")
-        .arg(tmp.join(format!("{name}-cache")))
-        .arg("--stats-file")
-        .arg(&stats)
-        .args(redis_args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start clip-serve");
-    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
-    let t = Instant::now();
-    while !is_mounted(&mnt) {
-        if let Some(st) = child.try_wait().unwrap() {
-            panic!("clip-serve exited with {st} before mounting:\n{}", read_log());
-        }
-        assert!(t.elapsed() < Duration::from_secs(20), "clip-serve did not mount in 20 s:\n{}", read_log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let files = tree_files(&mnt);
-    run(Command::new("kill").arg("-TERM").arg(child.id().to_string()));
-    let t = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if t.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            panic!("clip-serve did not exit in 20 s after SIGTERM:\n{}", read_log());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(status.success(), "clip-serve failed:\n{}", read_log());
-    assert!(!is_mounted(&mnt));
-    let stats = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
-    (files, stats, read_log())
 }
 
 /// The `redis: N hits` count from the daemon's exit log.

@@ -30,9 +30,18 @@
 //!   the origin). Skipping verification (`rediss://…#insecure`) is refused. Connections are
 //!   pooled, so the handshake is paid once per pooled connection; the connect timeout covers
 //!   TCP connect, TLS handshake and connection setup.
-//! * **Not supported**: Redis Cluster URLs — point clip at one node or a cluster proxy. The
-//!   crate's sync cluster client has its own connection type, routing and retry logic, which
-//!   would need a second pool and breaker path; not done in this build.
+//! * **Redis Cluster** (`--redis-cluster URL[,URL...]`): the URLs are seed nodes, the other
+//!   nodes are discovered with `CLUSTER SLOTS`. Each key goes to the primary owning its slot
+//!   (the crate's sync cluster client, following `MOVED`/`ASK` once). The background writer
+//!   groups a batch by owning node and sends one pipeline per node. Node connections get the
+//!   same timeouts as single-node connections, including their setup commands (the crate's
+//!   default node connection sends its first `PING` without a timeout, so a node that
+//!   accepts TCP but never answers would hang a read). One circuit breaker covers the whole
+//!   cluster: a failing node sends every read to the origin until a retry succeeds, and
+//!   failures less than two maximum retry delays apart count as one outage (one warning,
+//!   growing backoff) so a cluster with one dead node does not flap. `rediss://` seeds use
+//!   the same TLS options as a single node; all seeds must share scheme and password, and a
+//!   cluster only has database 0.
 
 use crate::read::Tier;
 use std::path::{Path, PathBuf};
@@ -44,6 +53,8 @@ use std::time::{Duration, Instant};
 
 /// Environment variable read when `--redis` is not given (keeps a password out of `ps`).
 pub const REDIS_URL_ENV: &str = "CLIP_REDIS_URL";
+/// Environment variable read when `--redis-cluster` is not given: comma-separated seed URLs.
+pub const REDIS_CLUSTER_ENV: &str = "CLIP_REDIS_CLUSTER";
 /// Environment variable read when `--redis-ca-file` is not given.
 pub const REDIS_CA_FILE_ENV: &str = "CLIP_REDIS_CA_FILE";
 /// Environment variable read when `--redis-client-cert` is not given.
@@ -99,9 +110,14 @@ pub enum RedisTierError {
 pub struct RedisArgs {
     /// Shared Redis cache between the disk cache and the origin:
     /// redis://[:PASSWORD@]HOST:PORT/DB, or rediss://… for TLS (or set CLIP_REDIS_URL). A Redis
-    /// that is down only costs a warning. Redis Cluster URLs are not supported.
+    /// that is down only costs a warning. For a Redis Cluster use --redis-cluster instead.
     #[arg(long = "redis", value_name = "URL")]
     pub url: Option<String>,
+    /// Shared Redis Cluster cache instead of a single Redis: comma-separated seed nodes
+    /// redis://[:PASSWORD@]HOST:PORT or rediss://… (all the same scheme and password; the other
+    /// nodes are discovered), or set CLIP_REDIS_CLUSTER. Not together with --redis.
+    #[arg(long = "redis-cluster", value_name = "URL[,URL...]", value_delimiter = ',')]
+    pub cluster: Vec<String>,
     /// PEM CA certificate(s) to trust for rediss:// instead of the built-in public roots
     /// (or set CLIP_REDIS_CA_FILE).
     #[arg(long = "redis-ca-file", value_name = "PATH")]
@@ -126,17 +142,26 @@ pub struct RedisArgs {
 }
 
 impl RedisArgs {
-    /// The configuration these options ask for, or `None` when no Redis URL was given
-    /// (neither `--redis` nor `CLIP_REDIS_URL`).
+    /// The configuration these options ask for, or `None` when no Redis was given (none of
+    /// `--redis`, `CLIP_REDIS_URL`, `--redis-cluster`, `CLIP_REDIS_CLUSTER`). Giving both a
+    /// single Redis and a cluster is an error.
     pub fn config(&self) -> Result<Option<RedisConfig>, RedisTierError> {
-        let url = match &self.url {
-            Some(u) => u.clone(),
-            None => match std::env::var(REDIS_URL_ENV) {
-                Ok(u) if !u.trim().is_empty() => u,
-                _ => return Ok(None),
-            },
+        let single = self.url.clone().or_else(|| std::env::var(REDIS_URL_ENV).ok().filter(|u| !u.trim().is_empty()));
+        let seeds: Vec<String> = if self.cluster.is_empty() {
+            std::env::var(REDIS_CLUSTER_ENV).map(|v| split_seeds(&v)).unwrap_or_default()
+        } else {
+            self.cluster.iter().flat_map(|v| split_seeds(v)).collect()
         };
-        let mut cfg = RedisConfig::new(url);
+        let mut cfg = match (single, seeds.is_empty()) {
+            (None, true) => return Ok(None),
+            (Some(url), true) => RedisConfig::new(url),
+            (None, false) => RedisConfig::cluster(seeds),
+            (Some(_), false) => {
+                return Err(RedisTierError::BadSetting(
+                    "both a single Redis (--redis or CLIP_REDIS_URL) and a Redis Cluster (--redis-cluster or CLIP_REDIS_CLUSTER) were given; keep one: --redis for one server or a cluster proxy, --redis-cluster for the seed nodes of a Redis Cluster".into(),
+                ))
+            }
+        };
         cfg.key_prefix = self.key_prefix.clone();
         cfg.ttl = match self.ttl {
             Some(0) => return Err(RedisTierError::BadSetting("--redis-ttl must be at least 1 second (leave it out for no expiry)".into())),
@@ -151,6 +176,11 @@ impl RedisArgs {
     }
 }
 
+/// The non-empty, trimmed URLs of a comma-separated list.
+fn split_seeds(list: &str) -> Vec<String> {
+    list.split(',').map(str::trim).filter(|u| !u.is_empty()).map(String::from).collect()
+}
+
 /// The flag's path, else a non-empty environment variable.
 fn path_or_env(flag: &Option<PathBuf>, env: &str) -> Option<PathBuf> {
     flag.clone().or_else(|| std::env::var_os(env).filter(|v| !v.is_empty()).map(PathBuf::from))
@@ -159,12 +189,24 @@ fn path_or_env(flag: &Option<PathBuf>, env: &str) -> Option<PathBuf> {
 /// Default [`RedisConfig::max_value`]: one piece (1 MiB).
 pub const DEFAULT_MAX_VALUE: usize = 1 << 20;
 
+/// Where a [`RedisTier`] keeps its data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One server or a cluster proxy: `redis://[:PASSWORD@]HOST:PORT/DB`, `rediss://…` (TLS)
+    /// or `redis+unix:///path.sock`.
+    Node(String),
+    /// A Redis Cluster, reached through these seed nodes (`redis://[:PASSWORD@]HOST:PORT` or
+    /// `rediss://…`, all with the same scheme and password); the other nodes are discovered.
+    Cluster(Vec<String>),
+}
+
 /// Settings of a [`RedisTier`].
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
-    /// `redis://[:PASSWORD@]HOST:PORT/DB`, `rediss://…` (TLS) or `redis+unix:///path.sock`.
-    pub url: String,
-    /// For `rediss://`: PEM CA certificate(s) trusted instead of the built-in public roots.
+    /// The single server or the cluster.
+    pub target: RedisTarget,
+    /// For `rediss://` (every node of a cluster): PEM CA certificate(s) trusted instead of the
+    /// built-in public roots.
     pub ca_file: Option<PathBuf>,
     /// For `rediss://`: PEM client certificate (chain) sent to the server; needs `client_key`.
     pub client_cert: Option<PathBuf>,
@@ -183,7 +225,7 @@ pub struct RedisConfig {
     /// Bytes of writes waiting for the background writer; more are dropped. Bounded by
     /// bytes, not count: one cold read can keep hundreds of small neighbouring files.
     pub queue_bytes: usize,
-    /// Idle connections kept for reuse.
+    /// Idle connections kept for reuse (for a cluster: sets of one connection per node).
     pub pool_size: usize,
     /// First retry delay after a failure (doubles per failure).
     pub retry_min: Duration,
@@ -192,11 +234,20 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
-    /// Defaults for `url`: 100 ms connect, 200 ms command timeout, 64 MiB of queued writes,
-    /// retries from 250 ms up to 10 s.
+    /// Defaults for the single server at `url`: 100 ms connect, 200 ms command timeout,
+    /// 64 MiB of queued writes, retries from 250 ms up to 10 s.
     pub fn new(url: impl Into<String>) -> RedisConfig {
+        RedisConfig::with_target(RedisTarget::Node(url.into()))
+    }
+
+    /// The same defaults for the Redis Cluster reached through the seed URLs `seeds`.
+    pub fn cluster(seeds: impl IntoIterator<Item = impl Into<String>>) -> RedisConfig {
+        RedisConfig::with_target(RedisTarget::Cluster(seeds.into_iter().map(Into::into).collect()))
+    }
+
+    fn with_target(target: RedisTarget) -> RedisConfig {
         RedisConfig {
-            url: url.into(),
+            target,
             ca_file: None,
             client_cert: None,
             client_key: None,
@@ -289,17 +340,182 @@ fn bump(c: &AtomicU64, n: u64) {
 /// Circuit breaker state: `retry_at` set means Redis is considered down until then.
 #[derive(Default)]
 struct Breaker {
+    /// Failures in the current outage (drives the backoff).
     failures: u32,
     retry_at: Option<Instant>,
+    /// When the last failure happened: a failure soon after it continues the same outage.
+    last_failure: Option<Instant>,
+}
+
+/// How connections are made.
+enum Backend {
+    /// One server.
+    Node(redis::Client),
+    /// A Redis Cluster.
+    Cluster(redis::cluster::ClusterClient),
+}
+
+/// A pooled connection.
+enum Conn {
+    /// To the one server.
+    Node(redis::Connection),
+    /// To every reachable primary of the cluster.
+    Cluster(Box<ClusterConn>),
+}
+
+/// A cluster connection and the slot owners its writes are grouped by.
+struct ClusterConn {
+    conn: redis::cluster::ClusterConnection<TimedNode>,
+    /// `(first slot, last slot, "host:port" of the primary)`, fetched at the first write.
+    owners: Option<Vec<(u16, u16, String)>>,
+}
+
+/// Number of Redis Cluster hash slots.
+const SLOTS: u16 = 16384;
+
+/// The cluster slot of `key`: CRC16/XMODEM of its hash tag (the part between the first `{`
+/// and the next `}`, when not empty) or of the whole key, modulo 16384.
+fn key_slot(key: &[u8]) -> u16 {
+    let tag = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &key[open + 1..];
+        rest.iter().position(|&b| b == b'}').filter(|&close| close > 0).map(|close| &rest[..close])
+    });
+    let mut crc: u16 = 0;
+    for &b in tag.unwrap_or(key) {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc % SLOTS
+}
+
+/// The slot ranges of a `CLUSTER SLOTS` reply with the address of each range's primary.
+fn slot_owners(reply: &redis::Value) -> Vec<(u16, u16, String)> {
+    let redis::Value::Array(ranges) = reply else { return Vec::new() };
+    let range = |r: &redis::Value| -> Option<(u16, u16, String)> {
+        let redis::Value::Array(fields) = r else { return None };
+        let start = redis::from_redis_value_ref(fields.first()?).ok()?;
+        let end = redis::from_redis_value_ref(fields.get(1)?).ok()?;
+        let redis::Value::Array(primary) = fields.get(2)? else { return None };
+        let host: String = redis::from_redis_value_ref(primary.first()?).ok()?;
+        let port: u16 = redis::from_redis_value_ref(primary.get(1)?).ok()?;
+        Some((start, end, format!("{host}:{port}")))
+    };
+    ranges.iter().filter_map(range).collect()
+}
+
+impl ClusterConn {
+    /// Store `sets` (key, `SET` command): one pipeline per owning primary. Each pipeline is
+    /// routed by its first key, so all its keys must live on that node; a stale slot map
+    /// shows up as a `MOVED` error.
+    fn store(&mut self, sets: &[(String, redis::Cmd)]) -> redis::RedisResult<()> {
+        if self.owners.is_none() {
+            let reply: redis::Value = redis::cmd("CLUSTER").arg("SLOTS").query(&mut self.conn)?;
+            self.owners = Some(slot_owners(&reply));
+        }
+        let owners = self.owners.as_deref().unwrap_or_default();
+        let mut groups: std::collections::BTreeMap<&str, redis::Pipeline> = std::collections::BTreeMap::new();
+        for (key, cmd) in sets {
+            let slot = key_slot(key.as_bytes());
+            let owner = owners.iter().find(|(start, end, _)| (*start..=*end).contains(&slot)).map_or("", |(_, _, node)| node.as_str());
+            groups.entry(owner).or_default().add_command(cmd.clone());
+        }
+        for pipe in groups.values() {
+            redis::ConnectionLike::req_packed_commands(&mut self.conn, &pipe.get_packed_pipeline(), 0, pipe.len())?;
+        }
+        Ok(())
+    }
+}
+
+impl Conn {
+    /// Run one command (routed by its key on a cluster).
+    fn query<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        match self {
+            Conn::Node(c) => cmd.query(c),
+            Conn::Cluster(c) => cmd.query(&mut c.conn),
+        }
+    }
+
+    /// Run the `SET` commands of `sets` pipelined.
+    fn store(&mut self, sets: &[(String, redis::Cmd)]) -> redis::RedisResult<()> {
+        match self {
+            Conn::Node(c) => {
+                let mut pipe = redis::pipe();
+                for (_, cmd) in sets {
+                    pipe.add_command(cmd.clone()).ignore();
+                }
+                pipe.query(c)
+            }
+            Conn::Cluster(c) => c.store(sets),
+        }
+    }
+}
+
+/// A cluster node connection whose setup is bounded by the connect timeout: the crate's
+/// default node connection clears its timeouts after connecting and then sends a `PING`,
+/// which would wait forever on a node that accepts TCP but never answers. The cluster
+/// connection sets the command timeouts after that `PING`.
+struct TimedNode(redis::Connection);
+
+impl redis::cluster::Connect for TimedNode {
+    fn connect<T: redis::IntoConnectionInfo>(info: T, timeout: Option<Duration>) -> redis::RedisResult<TimedNode> {
+        let client = redis::Client::open(info)?;
+        let c = match timeout {
+            Some(t) => client.get_connection_with_timeout(t)?,
+            None => client.get_connection()?,
+        };
+        c.set_read_timeout(timeout)?;
+        c.set_write_timeout(timeout)?;
+        Ok(TimedNode(c))
+    }
+
+    fn send_packed_command(&mut self, cmd: &[u8]) -> redis::RedisResult<()> {
+        self.0.send_packed_command(cmd)
+    }
+
+    fn set_write_timeout(&self, dur: Option<Duration>) -> redis::RedisResult<()> {
+        self.0.set_write_timeout(dur)
+    }
+
+    fn set_read_timeout(&self, dur: Option<Duration>) -> redis::RedisResult<()> {
+        self.0.set_read_timeout(dur)
+    }
+
+    fn recv_response(&mut self) -> redis::RedisResult<redis::Value> {
+        self.0.recv_response()
+    }
+}
+
+impl redis::ConnectionLike for TimedNode {
+    fn req_packed_command(&mut self, cmd: &[u8]) -> redis::RedisResult<redis::Value> {
+        self.0.req_packed_command(cmd)
+    }
+
+    fn req_packed_commands(&mut self, cmd: &[u8], offset: usize, count: usize) -> redis::RedisResult<Vec<redis::Value>> {
+        self.0.req_packed_commands(cmd, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.0.get_db()
+    }
+
+    fn check_connection(&mut self) -> bool {
+        self.0.check_connection()
+    }
+
+    fn is_open(&self) -> bool {
+        self.0.is_open()
+    }
 }
 
 struct Inner {
-    client: redis::Client,
+    backend: Backend,
     cfg: RedisConfig,
     shown_url: String,
     /// `rediss://`: failures get TLS advice.
     tls: bool,
-    pool: Mutex<Vec<redis::Connection>>,
+    pool: Mutex<Vec<Conn>>,
     breaker: Mutex<Breaker>,
     counters: Counters,
     warned_key_error: AtomicBool,
@@ -354,18 +570,19 @@ impl Inner {
         }
     }
 
+    /// Close the breaker. The failure count stays until a failure starts a new outage.
     fn succeeded(&self) {
         let mut b = lock(&self.breaker);
-        if b.retry_at.is_some() {
+        if b.retry_at.take().is_some() {
             tracing::info!(redis = %self.shown_url, "Redis is reachable again; using it as a cache tier");
         }
-        *b = Breaker::default();
     }
 
     fn failed(&self, what: &str, err: &redis::RedisError) {
         bump(&self.counters.errors, 1);
-        // Errors about one key (wrong type) or writes to a replica leave reads working.
-        if matches!(err.code(), Some("WRONGTYPE") | Some("READONLY")) {
+        // Errors about one key (wrong type), writes to a replica or a slot that moved since
+        // the connection learnt the cluster's layout leave reads working.
+        if matches!(err.code(), Some("WRONGTYPE") | Some("READONLY") | Some("MOVED") | Some("ASK")) {
             if !self.warned_key_error.swap(true, Ordering::Relaxed) {
                 tracing::warn!(redis = %self.shown_url, error = %err, "Redis {what} failed; check that clip has this Redis (or --redis-key-prefix) to itself and that it is a writable primary");
             } else {
@@ -375,7 +592,10 @@ impl Inner {
         }
         lock(&self.pool).clear();
         let mut b = lock(&self.breaker);
-        b.failures = b.failures.saturating_add(1);
+        let now = Instant::now();
+        let same_outage = b.last_failure.is_some_and(|t| now.duration_since(t) < self.cfg.retry_max.saturating_mul(2));
+        b.failures = if same_outage { b.failures.saturating_add(1) } else { 1 };
+        b.last_failure = Some(now);
         let delay = self.backoff(b.failures);
         if b.failures == 1 {
             tracing::warn!(
@@ -387,13 +607,18 @@ impl Inner {
         } else {
             tracing::debug!(redis = %self.shown_url, error = %err, retry_in = ?delay, "Redis still unavailable");
         }
-        b.retry_at = Some(Instant::now() + delay);
+        b.retry_at = Some(now + delay);
     }
 
     /// What to check after a connection-level failure.
     fn advice(&self, err: &redis::RedisError) -> &'static str {
+        let cluster = matches!(self.backend, Backend::Cluster(_));
         if self.tls && err.to_string().contains("certificate") {
             "the server's TLS certificate is not trusted: give the CA that signed it with --redis-ca-file (CLIP_REDIS_CA_FILE) and check that the certificate names the URL's host"
+        } else if cluster && self.tls {
+            "check that every cluster node is running and reachable at the address it announces (CLUSTER SLOTS), that `redis-cli cluster info` shows cluster_state:ok, that the ports speak TLS, that the password is right, and whether the nodes require a client certificate (--redis-client-cert, --redis-client-key)"
+        } else if cluster {
+            "check that every cluster node is running and reachable at the address it announces (CLUSTER SLOTS), that `redis-cli cluster info` shows cluster_state:ok, and that the password is right"
         } else if self.tls {
             "check that redis-server is running and reachable, that this port speaks TLS, that the password and DB are right, and whether it requires a client certificate (--redis-client-cert, --redis-client-key)"
         } else {
@@ -401,17 +626,26 @@ impl Inner {
         }
     }
 
-    fn connection(&self) -> redis::RedisResult<redis::Connection> {
+    fn connection(&self) -> redis::RedisResult<Conn> {
         if let Some(c) = lock(&self.pool).pop() {
             return Ok(c);
         }
-        let c = self.client.get_connection_with_timeout(self.cfg.connect_timeout)?;
-        c.set_read_timeout(Some(self.cfg.io_timeout))?;
-        c.set_write_timeout(Some(self.cfg.io_timeout))?;
-        Ok(c)
+        match &self.backend {
+            Backend::Node(client) => {
+                let c = client.get_connection_with_timeout(self.cfg.connect_timeout)?;
+                c.set_read_timeout(Some(self.cfg.io_timeout))?;
+                c.set_write_timeout(Some(self.cfg.io_timeout))?;
+                Ok(Conn::Node(c))
+            }
+            Backend::Cluster(client) => {
+                let conn = client.get_generic_connection::<TimedNode>()?;
+                conn.set_write_timeout(Some(self.cfg.io_timeout))?;
+                Ok(Conn::Cluster(Box::new(ClusterConn { conn, owners: None })))
+            }
+        }
     }
 
-    fn give_back(&self, c: redis::Connection) {
+    fn give_back(&self, c: Conn) {
         let mut pool = lock(&self.pool);
         if pool.len() < self.cfg.pool_size {
             pool.push(c);
@@ -419,7 +653,7 @@ impl Inner {
     }
 
     /// Run `f` on a pooled connection unless Redis is marked down.
-    fn with_connection<T>(&self, what: &str, f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>) -> Outcome<T> {
+    fn with_connection<T>(&self, what: &str, f: impl FnOnce(&mut Conn) -> redis::RedisResult<T>) -> Outcome<T> {
         if !self.allow() {
             return Outcome::Skipped;
         }
@@ -445,15 +679,19 @@ impl Inner {
 
     fn write_batch(&self, batch: &[Write]) {
         let n = batch.len() as u64;
-        let mut pipe = redis::pipe();
-        for (k, v) in batch {
-            let cmd = pipe.cmd("SET").arg(self.key(k)).arg(v.as_slice());
-            if let Some(ttl) = self.cfg.ttl {
-                cmd.arg("PX").arg(ttl.as_millis().max(1) as u64);
-            }
-            cmd.ignore();
-        }
-        let stored = matches!(self.with_connection("write", |c| pipe.query::<()>(c)), Outcome::Done(()));
+        let sets: Vec<(String, redis::Cmd)> = batch
+            .iter()
+            .map(|(k, v)| {
+                let key = self.key(k);
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(&key).arg(v.as_slice());
+                if let Some(ttl) = self.cfg.ttl {
+                    cmd.arg("PX").arg(ttl.as_millis().max(1) as u64);
+                }
+                (key, cmd)
+            })
+            .collect();
+        let stored = matches!(self.with_connection("write", |c| c.store(&sets)), Outcome::Done(()));
         if stored {
             bump(&self.counters.writes_done, n);
             bump(&self.counters.bytes_written, batch.iter().map(|(_, v)| v.len() as u64).sum());
@@ -481,6 +719,86 @@ fn writer(inner: Arc<Inner>, rx: Receiver<Write>) {
         }
         inner.write_batch(&batch);
     }
+}
+
+/// Whether `url` asks for TLS; errors for schemes clip does not use (`cluster`: a seed of
+/// `--redis-cluster`).
+fn url_tls(url: &str, shown_url: &str, cluster: bool) -> Result<bool, RedisTierError> {
+    let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase()).unwrap_or_default();
+    let bad = |reason: &str| Err(RedisTierError::BadUrl { url: shown_url.to_string(), reason: reason.into() });
+    match scheme.as_str() {
+        "redis" => Ok(false),
+        "rediss" => Ok(true),
+        "redis+unix" | "unix" if cluster => bad("cluster nodes are reached over TCP, give their redis://HOST:PORT or rediss://HOST:PORT URLs"),
+        "redis+unix" | "unix" => Ok(false),
+        s if s.contains("cluster") => bad("clip has no cluster URL scheme; give the seed nodes' redis:// or rediss:// URLs with --redis-cluster URL[,URL...] (or CLIP_REDIS_CLUSTER)"),
+        _ => bad("the scheme must be redis:// or rediss://"),
+    }
+}
+
+/// Refuse `#insecure` (skipping TLS certificate verification).
+fn refuse_insecure(info: &redis::ConnectionInfo, shown_url: &str) -> Result<(), RedisTierError> {
+    if let redis::ConnectionAddr::TcpTls { insecure: true, .. } = info.addr() {
+        return Err(RedisTierError::Unsupported {
+            url: shown_url.to_string(),
+            what: "skipping TLS certificate verification (#insecure)",
+            hint: "remove #insecure and give the CA that signed the server's certificate with --redis-ca-file",
+        });
+    }
+    Ok(())
+}
+
+/// The client of a single server, its URL for logs and whether it speaks TLS.
+fn node_backend(url: &str, cfg: &RedisConfig) -> Result<(Backend, String, bool), RedisTierError> {
+    let shown_url = redact_url(url);
+    let tls = url_tls(url, &shown_url, false)?;
+    let client = redis::Client::open(url).map_err(|e| RedisTierError::BadUrl { url: shown_url.clone(), reason: e.to_string() })?;
+    refuse_insecure(client.get_connection_info(), &shown_url)?;
+    let client = match tls_certificates(cfg, tls)? {
+        Some(certs) => redis::Client::build_with_tls(client.get_connection_info().clone(), certs).map_err(|e| RedisTierError::BadTls(e.to_string()))?,
+        None => client,
+    };
+    Ok((Backend::Node(client), shown_url, tls))
+}
+
+/// The client of a Redis Cluster, its seed URLs for logs and whether it speaks TLS. Node
+/// connections use the configured timeouts; a command follows one `MOVED`/`ASK` redirect
+/// or retries once after a short wait, so a FUSE read waits at most about two command
+/// timeouts.
+fn cluster_backend(seeds: &[String], cfg: &RedisConfig) -> Result<(Backend, String, bool), RedisTierError> {
+    let shown_url = seeds.iter().map(|u| redact_url(u)).collect::<Vec<_>>().join(",");
+    if seeds.is_empty() {
+        return Err(RedisTierError::BadSetting("--redis-cluster needs at least one seed URL, e.g. redis://10.0.0.1:6379,redis://10.0.0.2:6379".into()));
+    }
+    let mut tls = None;
+    for seed in seeds {
+        let shown = redact_url(seed);
+        let seed_tls = url_tls(seed, &shown, true)?;
+        if tls.is_some_and(|t| t != seed_tls) {
+            return Err(RedisTierError::BadUrl { url: shown_url, reason: "the seed nodes mix redis:// and rediss://; give every seed with the scheme the cluster speaks".into() });
+        }
+        tls = Some(seed_tls);
+        let info = redis::IntoConnectionInfo::into_connection_info(seed.as_str()).map_err(|e| RedisTierError::BadUrl { url: shown.clone(), reason: e.to_string() })?;
+        refuse_insecure(&info, &shown)?;
+        if info.redis_settings().db() != 0 {
+            return Err(RedisTierError::BadUrl { url: shown, reason: "a Redis Cluster only has database 0; drop the /DB from the seed URLs".into() });
+        }
+    }
+    let tls = tls.unwrap_or(false);
+    let builder = || {
+        redis::cluster::ClusterClient::builder(seeds.iter().map(String::as_str))
+            .connection_timeout(cfg.connect_timeout)
+            .response_timeout(cfg.io_timeout)
+            .retries(1)
+            .min_retry_wait(10)
+            .max_retry_wait(50)
+    };
+    let client = builder().build().map_err(|e| RedisTierError::BadUrl { url: shown_url.clone(), reason: e.to_string() })?;
+    let client = match tls_certificates(cfg, tls)? {
+        Some(certs) => builder().certs(certs).build().map_err(|e| RedisTierError::BadTls(e.to_string()))?,
+        None => client,
+    };
+    Ok((Backend::Cluster(client), shown_url, tls))
 }
 
 /// Read the TLS files of `cfg`, if any. They are only allowed with a `rediss://` URL, and a
@@ -545,42 +863,16 @@ impl RedisTier {
     /// not an error: the tier starts marked down and retries later. Errors are only for a
     /// bad URL or settings.
     pub fn connect(cfg: RedisConfig) -> Result<RedisTier, RedisTierError> {
-        let shown_url = redact_url(&cfg.url);
-        let scheme = cfg.url.split_once("://").map(|(s, _)| s.to_ascii_lowercase()).unwrap_or_default();
-        let tls = match scheme.as_str() {
-            "redis" | "redis+unix" | "unix" => false,
-            "rediss" => true,
-            s if s.contains("cluster") => {
-                return Err(RedisTierError::Unsupported {
-                    url: shown_url,
-                    what: "Redis Cluster",
-                    hint: "give the redis:// or rediss:// URL of a single node or of a cluster proxy",
-                })
-            }
-            _ => {
-                return Err(RedisTierError::BadUrl { url: shown_url, reason: "the scheme must be redis:// or rediss://".into() });
-            }
-        };
         if cfg.max_value == 0 || cfg.queue_bytes == 0 {
             return Err(RedisTierError::BadSetting("the Redis max value size and queue capacity must be at least 1".into()));
         }
-        let client = redis::Client::open(cfg.url.as_str())
-            .map_err(|e| RedisTierError::BadUrl { url: shown_url.clone(), reason: e.to_string() })?;
-        if let redis::ConnectionAddr::TcpTls { insecure: true, .. } = client.get_connection_info().addr() {
-            return Err(RedisTierError::Unsupported {
-                url: shown_url,
-                what: "skipping TLS certificate verification (#insecure)",
-                hint: "remove #insecure and give the CA that signed the server's certificate with --redis-ca-file",
-            });
-        }
-        let client = match tls_certificates(&cfg, tls)? {
-            Some(certs) => redis::Client::build_with_tls(client.get_connection_info().clone(), certs)
-                .map_err(|e| RedisTierError::BadTls(e.to_string()))?,
-            None => client,
+        let (backend, shown_url, tls) = match &cfg.target {
+            RedisTarget::Node(url) => node_backend(url, &cfg)?,
+            RedisTarget::Cluster(seeds) => cluster_backend(seeds, &cfg)?,
         };
         let (tx, rx) = mpsc::channel();
         let inner = Arc::new(Inner {
-            client,
+            backend,
             cfg,
             shown_url,
             tls,
@@ -595,14 +887,14 @@ impl RedisTier {
             .spawn(move || writer(w, rx))
             .map_err(RedisTierError::Thread)?;
         let tier = RedisTier { inner, tx: Mutex::new(Some(tx)), worker: Mutex::new(Some(worker)) };
-        match tier.inner.with_connection("PING", |c| redis::cmd("PING").query::<String>(c)) {
+        match tier.inner.with_connection("PING", |c| c.query::<redis::Value>(&redis::cmd("PING"))) {
             Outcome::Done(_) => tracing::info!(redis = %tier.inner.shown_url, "using Redis as a shared cache tier"),
             Outcome::Skipped | Outcome::Failed => tracing::info!(redis = %tier.inner.shown_url, "starting without Redis; it is used as soon as a retry reaches it"),
         }
         Ok(tier)
     }
 
-    /// The URL in use, password masked.
+    /// The URL in use (for a cluster: the comma-separated seed URLs), password masked.
     pub fn url(&self) -> &str {
         &self.inner.shown_url
     }
@@ -659,7 +951,7 @@ impl Tier for RedisTier {
         // truncated, fails verification and is deleted by the caller's `remove`.
         let got = self
             .inner
-            .with_connection("read", |con| redis::cmd("GETRANGE").arg(&k).arg(0).arg(end).query::<Vec<u8>>(con));
+            .with_connection("read", |con| con.query::<Vec<u8>>(redis::cmd("GETRANGE").arg(&k).arg(0).arg(end)));
         match got {
             Outcome::Skipped => {
                 bump(&c.bypassed, 1);
@@ -718,7 +1010,7 @@ impl Tier for RedisTier {
         bump(&self.inner.counters.verify_failures, 1);
         let k = self.inner.key(key);
         tracing::warn!(redis = %self.inner.shown_url, key = %k, "Redis held wrong bytes for this key; deleting it");
-        self.inner.with_connection("delete", |c| redis::cmd("DEL").arg(&k).query::<i64>(c));
+        self.inner.with_connection("delete", |c| c.query::<i64>(redis::cmd("DEL").arg(&k)));
     }
 }
 
@@ -735,6 +1027,9 @@ impl Drop for RedisTier {
 mod tests {
     use super::*;
 
+    /// Held by tests that set the process-wide `CLIP_REDIS_*` environment variables.
+    static ENV: Mutex<()> = Mutex::new(());
+
     #[test]
     fn redacts_passwords() {
         assert_eq!(redact_url("redis://:secret@host:6379/2"), "redis://:***@host:6379/2");
@@ -745,7 +1040,7 @@ mod tests {
     #[test]
     fn rejects_cluster_insecure_tls_and_other_schemes_with_advice() {
         let e = RedisTier::connect(RedisConfig::new("redis+cluster://h:1")).err().unwrap().to_string();
-        assert!(e.contains("Cluster"), "{e}");
+        assert!(e.contains("--redis-cluster"), "{e}");
         let e = RedisTier::connect(RedisConfig::new("rediss://:pw@h:1/0#insecure")).err().unwrap().to_string();
         assert!(e.contains("#insecure") && e.contains("--redis-ca-file") && !e.contains("pw@"), "{e}");
         let e = RedisTier::connect(RedisConfig::new("http://h:1")).err().unwrap().to_string();
@@ -781,9 +1076,10 @@ mod tests {
 
     #[test]
     fn args_take_the_url_from_the_flag_or_the_environment() {
+        let _env = lock(&ENV);
         let mut a = RedisArgs { url: Some("redis://h:1/2".into()), key_prefix: "p:".into(), ttl: Some(60), max_value: 4096, ..RedisArgs::default() };
         let c = a.config().unwrap().unwrap();
-        assert_eq!((c.url.as_str(), c.key_prefix.as_str(), c.ttl, c.max_value), ("redis://h:1/2", "p:", Some(Duration::from_secs(60)), 4096));
+        assert_eq!((&c.target, c.key_prefix.as_str(), c.ttl, c.max_value), (&RedisTarget::Node("redis://h:1/2".into()), "p:", Some(Duration::from_secs(60)), 4096));
         a.ttl = Some(0);
         assert!(a.config().unwrap_err().to_string().contains("--redis-ttl"));
         a.url = None;
@@ -791,7 +1087,7 @@ mod tests {
         std::env::set_var(REDIS_URL_ENV, "redis://:pw@env-host:7/0");
         let c = a.config().unwrap().unwrap();
         std::env::remove_var(REDIS_URL_ENV);
-        assert_eq!(c.url, "redis://:pw@env-host:7/0");
+        assert_eq!(c.target, RedisTarget::Node("redis://:pw@env-host:7/0".into()));
         assert!(a.config().unwrap().is_none(), "no flag and no environment: no Redis tier");
         a.url = Some("rediss://h:1/0".into());
         a.client_key = Some("/flag/key.pem".into());
@@ -803,6 +1099,70 @@ mod tests {
         assert_eq!(c.ca_file.as_deref(), Some(Path::new("/env/ca.pem")));
         assert_eq!(c.client_key.as_deref(), Some(Path::new("/flag/key.pem")), "the flag wins over the environment");
         assert_eq!(c.client_cert, None);
+    }
+
+    #[test]
+    fn cluster_seeds_come_from_the_flag_or_the_environment_and_do_not_mix_with_redis() {
+        let _env = lock(&ENV);
+        let mut a = RedisArgs { cluster: vec!["redis://a:1".into(), " redis://b:2 ,".into()], ..RedisArgs::default() };
+        let c = a.config().unwrap().unwrap();
+        assert_eq!(c.target, RedisTarget::Cluster(vec!["redis://a:1".into(), "redis://b:2".into()]));
+        a.url = Some("redis://h:1/0".into());
+        let e = a.config().unwrap_err().to_string();
+        assert!(e.contains("--redis ") && e.contains("--redis-cluster") && e.contains("keep one"), "{e}");
+        a.cluster.clear();
+        std::env::set_var(REDIS_CLUSTER_ENV, "redis://e:1,redis://f:2");
+        let mixed = a.config().map(|_| ()).unwrap_err().to_string();
+        a.url = None;
+        let c = a.config().unwrap().unwrap();
+        std::env::remove_var(REDIS_CLUSTER_ENV);
+        assert!(mixed.contains("CLIP_REDIS_CLUSTER"), "{mixed}");
+        assert_eq!(c.target, RedisTarget::Cluster(vec!["redis://e:1".into(), "redis://f:2".into()]));
+    }
+
+    #[test]
+    fn cluster_seed_urls_are_checked_with_advice() {
+        let err = |seeds: &[&str]| RedisTier::connect(RedisConfig::cluster(seeds.iter().copied())).err().map(|e| e.to_string());
+        let e = err(&["redis+unix:///tmp/r.sock"]).unwrap();
+        assert!(e.contains("over TCP"), "{e}");
+        let e = err(&["redis://127.0.0.1:1", "rediss://127.0.0.1:2"]).unwrap();
+        assert!(e.contains("mix redis:// and rediss://"), "{e}");
+        let e = err(&["redis://127.0.0.1:1/3"]).unwrap();
+        assert!(e.contains("database 0"), "{e}");
+        let e = err(&["rediss://:pw@127.0.0.1:1#insecure"]).unwrap();
+        assert!(e.contains("#insecure") && !e.contains("pw@"), "{e}");
+        let e = err(&[]).unwrap();
+        assert!(e.contains("at least one seed"), "{e}");
+        let mut cfg = RedisConfig::cluster(["redis://127.0.0.1:1"]);
+        cfg.ca_file = Some("/nonexistent/ca.pem".into());
+        let e = RedisTier::connect(cfg).err().unwrap().to_string();
+        assert!(e.contains("only apply to rediss://"), "{e}");
+        let mut cfg = RedisConfig::cluster(["redis://:secret@127.0.0.1:1", "redis://:secret@127.0.0.1:2"]);
+        cfg.connect_timeout = Duration::from_millis(20);
+        let t = RedisTier::connect(cfg).unwrap();
+        assert!(!t.is_up(), "no cluster listens on port 1");
+        assert_eq!(t.url(), "redis://:***@127.0.0.1:1,redis://:***@127.0.0.1:2");
+    }
+
+    #[test]
+    fn key_slots_match_redis_cluster() {
+        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(key_slot(b"123456789"), 0x31c3);
+        assert_eq!(key_slot(b"foo"), 12182);
+        assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
+        assert_eq!(key_slot(b"foo{{bar}}zap"), key_slot(b"{bar"));
+        for key in [&b"clip:"[..], b"{}x", b"foo{}{bar}", b"foo{{bar}}zap", b"a{b}c", b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"] {
+            assert_eq!(format!("{:?}", redis::cluster_routing::Slot::for_key(key)), format!("Slot({})", key_slot(key)), "{key:?}");
+        }
+    }
+
+    #[test]
+    fn cluster_slots_replies_are_parsed() {
+        use redis::Value::{Array, BulkString, Int};
+        let node = |host: &str, port: i64| Array(vec![BulkString(host.into()), Int(port), BulkString(b"id".to_vec())]);
+        let reply = Array(vec![Array(vec![Int(0), Int(5460), node("10.0.0.1", 7000), node("10.0.0.4", 7003)]), Array(vec![Int(5461), Int(16383), node("10.0.0.2", 7001)]), Int(3)]);
+        assert_eq!(slot_owners(&reply), vec![(0, 5460, "10.0.0.1:7000".to_string()), (5461, 16383, "10.0.0.2:7001".to_string())]);
+        assert!(slot_owners(&Int(1)).is_empty());
     }
 
     #[test]
