@@ -4,7 +4,7 @@
 mod common;
 
 use clip::format::IndexFile;
-use clip::read::{FileReader, Neighbours, Tier};
+use clip::read::{FileReader, Neighbours, ReadAhead, Tier};
 use clip::source::layout::LayoutSource;
 use clip::source::{Source, SourceError};
 use common::*;
@@ -131,4 +131,85 @@ fn entry(idx: &IndexFile, path: &str) -> u32 {
 
 fn span_layer(idx: &IndexFile, path: &str) -> u32 {
     idx.entry(entry(idx, path)).unwrap().layer.to_native()
+}
+
+/// Read `path` sequentially in `step`-byte requests the way the FUSE layer does, running
+/// every planned read-ahead job at once on another thread; returns the bytes and the reader.
+fn read_with_ahead(f: &Fixture, ahead: &Arc<ReadAhead>, path: &str, step: usize) -> (Vec<u8>, FileReader) {
+    let mut r = FileReader::new(&f.idx, entry(&f.idx, path))
+        .unwrap()
+        .with_neighbours(f.neighbours.clone())
+        .with_read_ahead(ahead.clone());
+    let mut out = vec![0u8; r.size() as usize];
+    let mut jobs = 0;
+    let mut at = 0;
+    while at < out.len() {
+        let end = (at + step).min(out.len());
+        assert_eq!(r.read_at(&f.idx, &f.src, &f.tiers, at as u64, &mut out[at..end]).unwrap(), end - at);
+        at = end;
+        let planned = r.plan_ahead(&f.idx, at as u64);
+        std::thread::scope(|s| {
+            for job in planned {
+                jobs += 1;
+                s.spawn(move || ahead.run(&f.idx, &f.src, &f.tiers, &f.neighbours, job).unwrap());
+            }
+        });
+    }
+    assert!(jobs > 0, "no read-ahead was planned for {path}");
+    (out, r)
+}
+
+#[test]
+fn read_ahead_inflates_the_next_intervals_and_stitches_pieces_across_their_boundaries() {
+    let f = fixture();
+    let ahead = ReadAhead::new(4 << 20, 64 << 20);
+    let (out, r) = read_with_ahead(&f, &ahead, "/data/random.bin", 128 << 10);
+    assert_eq!(out, clip::demo::noise(1, 5 << 20));
+    let pieces = r.pieces().len() as u64;
+    assert!(r.ahead_hits() + 2 >= pieces, "only {} of {pieces} pieces came from read-ahead", r.ahead_hits());
+    let (inflated, _) = r.origin_stats();
+    assert!(inflated < 4 << 20, "the reader inflated {inflated} bytes itself; read-ahead should have done most");
+    // A piece crossing an interval boundary was put together from two jobs' halves.
+    let i = entry(&f.idx, "/data/random.bin");
+    let e = f.idx.entry(i).unwrap();
+    let layer = f.idx.layer(e.layer.to_native()).unwrap();
+    let base = e.data_offset.to_native();
+    let cps: Vec<u64> = layer.checkpoints.iter().map(|c| c.out_offset.to_native()).collect();
+    let crossing: Vec<_> = r
+        .pieces()
+        .iter()
+        .filter(|p| {
+            let (a, b) = (base + p.offset, base + p.offset + p.len);
+            cps.iter().any(|&c| a < c && c < b) && cps.iter().filter(|&&c| a < c && c < b).count() == 1
+        })
+        .collect();
+    assert!(!crossing.is_empty(), "the test image should have a piece crossing a checkpoint");
+    for p in &crossing {
+        let got = f.mem.get(&p.sha256);
+        assert!(got.is_some_and(|b| clip::read::file::verify(&b, &p.sha256)), "crossing piece at {} not kept", p.offset);
+    }
+    // A second reader finds everything in the tier: no origin at all.
+    assert_eq!(read_all(&f.idx, &NoOrigin, &f.tiers, "/data/random.bin", None), out);
+}
+
+#[test]
+fn read_ahead_of_a_lying_origin_never_serves_wrong_bytes() {
+    let f = fixture();
+    let ahead = ReadAhead::new(4 << 20, 64 << 20);
+    // Jobs that cannot read leave their intervals to the reader, which then fails cleanly.
+    let i = entry(&f.idx, "/data/random.bin");
+    let mut r = FileReader::new(&f.idx, i).unwrap().with_read_ahead(ahead.clone());
+    let mut head = vec![0u8; 128 << 10];
+    r.read_at(&f.idx, &f.src, &f.tiers, 0, &mut head).unwrap();
+    let jobs = r.plan_ahead(&f.idx, head.len() as u64);
+    assert!(!jobs.is_empty());
+    for job in jobs {
+        assert!(ahead.run(&f.idx, &NoOrigin, &f.tiers, &f.neighbours, job).is_err());
+    }
+    // Nothing was held or claimed: the reader reads on by itself, bytes intact.
+    let mut rest = vec![0u8; (r.size() - head.len() as u64) as usize];
+    r.read_at(&f.idx, &f.src, &f.tiers, head.len() as u64, &mut rest).unwrap();
+    head.extend(rest);
+    assert_eq!(head, clip::demo::noise(1, 5 << 20));
+    assert_eq!(r.ahead_hits(), 0);
 }

@@ -8,7 +8,8 @@ pub mod attr;
 pub mod pool;
 
 use crate::format::{FormatError, IndexFile, Kind};
-use crate::read::{FileReader, Neighbours, ReadError, SpanReader, Tier};
+use crate::read::ahead::Job;
+use crate::read::{FileReader, Neighbours, ReadAhead, ReadError, SpanReader, Tier};
 use crate::source::{Source, SourceError};
 use attr::{attr_of, entry_of, file_type, ino_of};
 use fuser::{
@@ -104,6 +105,8 @@ pub struct ServeStats {
     fetched: AtomicU64,
     kept: AtomicU64,
     kept_bytes: AtomicU64,
+    ahead_jobs: AtomicU64,
+    ahead_hits: AtomicU64,
 }
 
 /// A snapshot of [`ServeStats`].
@@ -127,6 +130,10 @@ pub struct ServeSnapshot {
     pub kept: u64,
     /// Bytes of those pieces.
     pub kept_bytes: u64,
+    /// Read-ahead jobs run (intervals inflated ahead of cold sequential readers).
+    pub ahead_jobs: u64,
+    /// Pieces served from what read-ahead jobs held for their reader.
+    pub ahead_hits: u64,
 }
 
 impl ServeStats {
@@ -143,6 +150,8 @@ impl ServeStats {
             fetched: l(&self.fetched),
             kept: l(&self.kept),
             kept_bytes: l(&self.kept_bytes),
+            ahead_jobs: l(&self.ahead_jobs),
+            ahead_hits: l(&self.ahead_hits),
         }
     }
 }
@@ -161,7 +170,8 @@ impl std::fmt::Display for ServeSnapshot {
             self.fetched,
             self.kept,
             self.kept_bytes
-        )
+        )?;
+        write!(f, " ahead_jobs={} ahead_hits={}", self.ahead_jobs, self.ahead_hits)
     }
 }
 
@@ -172,6 +182,7 @@ struct Shared {
     tiers: Vec<Arc<dyn Tier>>,
     stats: Arc<ServeStats>,
     neighbours: Arc<Neighbours>,
+    ahead: Arc<ReadAhead>,
 }
 
 /// The read-only filesystem over one index.
@@ -180,8 +191,15 @@ pub struct ClipFs {
     handles: Mutex<HashMap<u64, Arc<Mutex<FileReader>>>>,
     next_fh: AtomicU64,
     pool: Pool,
+    ahead_pool: Arc<Pool>,
     total_blocks: u64,
 }
+
+/// How far ahead of a cold sequential reader intervals are inflated by default.
+pub const READ_AHEAD: u64 = 4 << 20;
+
+/// Memory for pieces that read-ahead jobs hold for their readers.
+const READ_AHEAD_HELD: u64 = 64 << 20;
 
 impl ClipFs {
     /// A filesystem serving `index` with bytes from `tiers` (fastest first) and `source`,
@@ -193,6 +211,8 @@ impl ClipFs {
         read_threads: usize,
     ) -> Result<ClipFs, FuseError> {
         let pool = Pool::new("clip-read", read_threads, 1024).map_err(FuseError::Threads)?;
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
+        let ahead_pool = Arc::new(Pool::new("clip-ahead", cores, 256).map_err(FuseError::Threads)?);
         let total_blocks = index
             .index()
             .entries
@@ -203,6 +223,7 @@ impl ClipFs {
         Ok(ClipFs {
             shared: Arc::new(Shared {
                 neighbours: Neighbours::new(index.index().layers.len()),
+                ahead: ReadAhead::new(READ_AHEAD, READ_AHEAD_HELD),
                 index,
                 source,
                 tiers,
@@ -211,8 +232,18 @@ impl ClipFs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             pool,
+            ahead_pool,
             total_blocks,
         })
+    }
+
+    /// Inflate up to `window` bytes ahead of cold sequential readers on other threads (0
+    /// turns read-ahead off).
+    pub fn with_read_ahead(mut self, window: u64) -> ClipFs {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.ahead = ReadAhead::new(window, READ_AHEAD_HELD);
+        }
+        self
     }
 
     /// The counters (shared; stays valid after the filesystem is moved into a session).
@@ -291,31 +322,53 @@ impl ClipFs {
     }
 }
 
-/// Answer one read: the bytes, and the span reader whose checkpoint interval is left to
-/// finish once the reply is out (see [`finish_interval`]).
-fn serve_read(
-    shared: &Shared,
-    reader: &Mutex<FileReader>,
-    offset: u64,
-    size: u32,
-) -> Result<(Vec<u8>, Option<SpanReader>), ReadError> {
+/// One answered read: the bytes, the span reader whose checkpoint interval is left to
+/// finish once the reply is out (see [`finish_interval`]) and read-ahead jobs to start.
+struct Served {
+    bytes: Vec<u8>,
+    unfinished: Option<SpanReader>,
+    ahead: Vec<Job>,
+}
+
+/// Answer one read.
+fn serve_read(shared: &Shared, reader: &Mutex<FileReader>, offset: u64, size: u32) -> Result<Served, ReadError> {
     let mut r = reader.lock().unwrap_or_else(|p| p.into_inner());
     let len = r.size().saturating_sub(offset).min(size as u64) as usize;
     let mut buf = vec![0u8; len];
     if len == 0 {
-        return Ok((buf, None));
+        return Ok(Served { bytes: buf, unfinished: None, ahead: Vec::new() });
     }
     let (inf0, fetch0) = r.origin_stats();
     let (kept0, kept_bytes0) = r.kept_stats();
+    let hits0 = r.ahead_hits();
     let n = r.read_at(&shared.index, shared.source.as_ref(), &shared.tiers, offset, &mut buf)?;
     let (inf1, fetch1) = r.origin_stats();
     let (kept1, kept_bytes1) = r.kept_stats();
-    shared.stats.inflated.fetch_add(inf1.saturating_sub(inf0), Ordering::Relaxed);
-    shared.stats.fetched.fetch_add(fetch1.saturating_sub(fetch0), Ordering::Relaxed);
-    shared.stats.kept.fetch_add(kept1 - kept0, Ordering::Relaxed);
-    shared.stats.kept_bytes.fetch_add(kept_bytes1 - kept_bytes0, Ordering::Relaxed);
+    let s = &shared.stats;
+    s.inflated.fetch_add(inf1.saturating_sub(inf0), Ordering::Relaxed);
+    s.fetched.fetch_add(fetch1.saturating_sub(fetch0), Ordering::Relaxed);
+    s.kept.fetch_add(kept1 - kept0, Ordering::Relaxed);
+    s.kept_bytes.fetch_add(kept_bytes1 - kept_bytes0, Ordering::Relaxed);
+    s.ahead_hits.fetch_add(r.ahead_hits() - hits0, Ordering::Relaxed);
     buf.truncate(n);
-    Ok((buf, r.take_unfinished()))
+    let ahead = r.plan_ahead(&shared.index, offset + n as u64);
+    Ok(Served { bytes: buf, unfinished: r.take_unfinished(), ahead })
+}
+
+/// Run a read-ahead job (on the read-ahead pool) and count what it did.
+fn run_ahead(shared: &Shared, job: Job) {
+    let r = shared.ahead.run(&shared.index, shared.source.as_ref(), &shared.tiers, &shared.neighbours, job);
+    match r {
+        Ok(j) => {
+            let s = &shared.stats;
+            s.ahead_jobs.fetch_add(1, Ordering::Relaxed);
+            s.inflated.fetch_add(j.inflated, Ordering::Relaxed);
+            s.fetched.fetch_add(j.fetched, Ordering::Relaxed);
+            s.kept.fetch_add(j.kept, Ordering::Relaxed);
+            s.kept_bytes.fetch_add(j.kept_bytes, Ordering::Relaxed);
+        }
+        Err(e) => tracing::debug!(error = %e, interval = ?job.interval, "read-ahead failed; readers fetch for themselves"),
+    }
 }
 
 /// Inflate the rest of a cold read's checkpoint interval and keep the files in it. Runs on
@@ -398,7 +451,10 @@ impl Filesystem for ClipFs {
             Err(e) => return reply.error(e),
         };
         let reader = match FileReader::new(self.index(), i) {
-            Ok(r) => r.with_neighbours(self.shared.neighbours.clone()).defer_interval_finish(),
+            Ok(r) => r
+                .with_neighbours(self.shared.neighbours.clone())
+                .with_read_ahead(self.shared.ahead.clone())
+                .defer_interval_finish(),
             Err(ReadError::NotAFile(_)) => return reply.error(Errno::EINVAL),
             Err(e) => {
                 tracing::error!(entry = i, error = %e, "cannot open file");
@@ -428,12 +484,17 @@ impl Filesystem for ClipFs {
             return reply.error(Errno::EBADF);
         };
         let shared = self.shared.clone();
+        let ahead_pool = self.ahead_pool.clone();
         self.pool.submit(move || match serve_read(&shared, &reader, offset, size) {
-            Ok((buf, unfinished)) => {
+            Ok(served) => {
                 shared.stats.reads.fetch_add(1, Ordering::Relaxed);
-                shared.stats.read_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
-                reply.data(&buf);
-                if let Some(span) = unfinished {
+                shared.stats.read_bytes.fetch_add(served.bytes.len() as u64, Ordering::Relaxed);
+                reply.data(&served.bytes);
+                for job in served.ahead {
+                    let shared = shared.clone();
+                    ahead_pool.submit(move || run_ahead(&shared, job));
+                }
+                if let Some(span) = served.unfinished {
                     finish_interval(&shared, span);
                 }
             }

@@ -1,5 +1,6 @@
 //! Serving verified pieces of regular files through cache tiers.
 
+use super::ahead::{Job, ReadAhead};
 use super::neighbours::Neighbours;
 use super::span::SpanReader;
 use crate::format::{FormatError, IndexFile, Kind, Piece};
@@ -52,6 +53,8 @@ pub trait Tier: Send + Sync {
 pub enum Origin {
     /// The per-handle memory of the last piece.
     Memory,
+    /// A read-ahead job (verified when it was inflated).
+    ReadAhead,
     /// Cache tier `i`.
     Tier(usize),
     /// The image source.
@@ -78,6 +81,9 @@ pub struct FileReader {
     origin: (u64, u64),
     defer_finish: bool,
     unfinished: Option<SpanReader>,
+    ahead: Option<Arc<ReadAhead>>,
+    ahead_hits: u64,
+    cold: bool,
 }
 
 impl FileReader {
@@ -101,6 +107,9 @@ impl FileReader {
             origin: (0, 0),
             defer_finish: false,
             unfinished: None,
+            ahead: None,
+            ahead_hits: 0,
+            cold: false,
         })
     }
 
@@ -109,6 +118,32 @@ impl FileReader {
     pub fn with_neighbours(mut self, neighbours: Arc<Neighbours>) -> FileReader {
         self.neighbours = Some(neighbours);
         self
+    }
+
+    /// Use `ahead`: wait for its jobs instead of inflating the same bytes, take the pieces
+    /// they hold, and plan jobs with [`FileReader::plan_ahead`].
+    pub fn with_read_ahead(mut self, ahead: Arc<ReadAhead>) -> FileReader {
+        self.ahead = Some(ahead);
+        self
+    }
+
+    /// Read-ahead jobs for the intervals after file offset `next` (where a sequential
+    /// reader goes on), once this reader has needed the origin: the caller runs them on
+    /// other threads with [`ReadAhead::run`]. Intervals already done or running are left out.
+    pub fn plan_ahead(&self, index: &IndexFile, next: u64) -> Vec<Job> {
+        let Some(ahead) = &self.ahead else { return Vec::new() };
+        if !self.cold || next >= self.size {
+            return Vec::new();
+        }
+        let from = self.data_offset + next;
+        let to = self.data_offset + self.size.min(next.saturating_add(ahead.window()));
+        let cursor = self.span.as_ref().and_then(SpanReader::position);
+        ahead.plan(index, self.layer, from, to, cursor, (self.data_offset, self.data_offset + self.size))
+    }
+
+    /// Pieces this reader took from read-ahead jobs.
+    pub fn ahead_hits(&self) -> u64 {
+        self.ahead_hits
     }
 
     /// File size.
@@ -160,6 +195,15 @@ impl FileReader {
             }
         }
         let p = self.pieces[k];
+        if let Some(ahead) = &self.ahead {
+            let start = self.data_offset + p.offset;
+            ahead.wait(self.layer, start, start + p.len);
+            if let Some(b) = ahead.take(&p.sha256) {
+                self.ahead_hits += 1;
+                self.last = Some((k, b.clone()));
+                return Ok((b, Origin::ReadAhead));
+            }
+        }
         for (i, t) in tiers.iter().enumerate() {
             if let Some(b) = t.get(&p.sha256) {
                 if b.len() as u64 == p.len && verify(&b, &p.sha256) {
@@ -174,6 +218,7 @@ impl FileReader {
                 t.remove(&p.sha256);
             }
         }
+        self.cold = true;
         let mut buf = vec![0u8; p.len as usize];
         let span = self.span.get_or_insert_with(|| SpanReader::new(self.layer));
         let mut mark = (span.inflated, span.fetched());

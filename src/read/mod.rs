@@ -2,12 +2,15 @@
 //! uncompressed stream into bytes by resuming inflation at the nearest checkpoint;
 //! `file` serves content-addressed pieces of files through cache tiers, falling back to
 //! the origin and verifying every byte against its sha256; `neighbours` keeps the other
-//! files' pieces that a resumed inflation passes on the way.
+//! files' pieces that a resumed inflation passes on the way; `ahead` inflates the intervals
+//! ahead of a cold sequential reader on other threads.
 
+pub mod ahead;
 pub mod file;
 pub mod neighbours;
 pub mod span;
 
+pub use ahead::ReadAhead;
 pub use file::{FileReader, ReadError, Tier};
 pub use neighbours::Neighbours;
 pub use span::SpanReader;

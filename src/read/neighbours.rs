@@ -8,10 +8,13 @@ use std::sync::{Arc, OnceLock};
 
 /// A piece's place in its layer's uncompressed stream.
 #[derive(Clone, Copy, Debug)]
-struct Located {
-    offset: u64,
-    len: u64,
-    sha256: [u8; 32],
+pub(crate) struct Located {
+    /// Offset in the layer's uncompressed stream.
+    pub(crate) offset: u64,
+    /// Length in bytes.
+    pub(crate) len: u64,
+    /// sha256 of the piece.
+    pub(crate) sha256: [u8; 32],
 }
 
 /// Per-layer maps from uncompressed offset to content pieces, built on first use and
@@ -24,6 +27,11 @@ impl Neighbours {
     /// Maps for an index with `layer_count` layers.
     pub fn new(layer_count: usize) -> Arc<Neighbours> {
         Arc::new(Neighbours { layers: (0..layer_count).map(|_| OnceLock::new()).collect() })
+    }
+
+    /// Every piece of `layer`, sorted by offset (empty for a layer the index lacks).
+    pub(crate) fn located(&self, index: &IndexFile, layer: u32) -> &[Located] {
+        self.layer_map(index, layer).unwrap_or(&[])
     }
 
     fn layer_map(&self, index: &IndexFile, layer: u32) -> Option<&[Located]> {

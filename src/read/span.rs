@@ -66,6 +66,11 @@ impl SpanReader {
         self.layer
     }
 
+    /// Uncompressed offset of the inflate cursor, if one is open.
+    pub fn position(&self) -> Option<u64> {
+        self.cursor.as_ref().map(Cursor::position)
+    }
+
     /// Compressed (or, for plain layers, tar) bytes received from the source so far.
     pub fn fetched(&self) -> u64 {
         self.received.load(Ordering::Relaxed)

@@ -1,0 +1,293 @@
+//! Read-ahead for cold sequential reads: while a reader consumes one checkpoint interval,
+//! the next intervals of the same file are inflated by other threads, each resuming at its
+//! own checkpoint, so a large file is inflated on every core instead of one.
+//!
+//! A job inflates exactly one interval (from its checkpoint to the next one). Pieces that
+//! lie inside it are verified and stored in the tiers; those of the file being read also
+//! wait in memory for their reader. A piece that crosses the boundary between two intervals
+//! is put together from the halves the two jobs leave behind. Readers wait for a running job
+//! that covers their piece instead of inflating the same bytes again. Which thread runs a
+//! job is the caller's choice (`fuse` uses a small pool of its own).
+
+use super::file::{verify, Tier};
+use super::neighbours::Neighbours;
+use super::span::SpanReader;
+use super::ReadError;
+use crate::format::IndexFile;
+use crate::source::Source;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// One checkpoint interval of a layer: from checkpoint `checkpoint` to the next one (or the
+/// end of the layer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Interval {
+    /// Layer number.
+    pub layer: u32,
+    /// Number of the checkpoint the interval starts at.
+    pub checkpoint: u32,
+}
+
+/// A read-ahead job: an interval to inflate on behalf of the file occupying `want` (a
+/// range of the layer's uncompressed stream), whose pieces are held for its reader.
+#[derive(Clone, Copy, Debug)]
+pub struct Job {
+    /// The interval to inflate.
+    pub interval: Interval,
+    /// Uncompressed range of the file that asked for it.
+    pub want: (u64, u64),
+}
+
+/// What a job did, for statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JobStats {
+    /// Uncompressed bytes inflated.
+    pub inflated: u64,
+    /// Compressed bytes received from the source.
+    pub fetched: u64,
+    /// Pieces verified and stored in the tiers.
+    pub kept: u64,
+    /// Their bytes.
+    pub kept_bytes: u64,
+}
+
+/// Intervals larger than this are not read ahead (a crafted index could claim any size).
+const MAX_INTERVAL: u64 = 64 << 20;
+
+/// Seams kept waiting for their other half before the oldest are dropped.
+const MAX_SEAMS: usize = 256;
+
+/// Remembered finished intervals before the memory is cleared.
+const MAX_DONE: usize = 1 << 16;
+
+/// Shared read-ahead state of one mounted index.
+pub struct ReadAhead {
+    state: Mutex<State>,
+    changed: Condvar,
+    window: u64,
+    ready_budget: u64,
+}
+
+#[derive(Default)]
+struct State {
+    /// Intervals being inflated, with their uncompressed ranges.
+    running: HashMap<Interval, (u64, u64)>,
+    /// Intervals inflated before (not claimed again).
+    done: HashSet<Interval>,
+    /// Verified pieces waiting for their reader, oldest first in `order`.
+    ready: HashMap<[u8; 32], Arc<Vec<u8>>>,
+    order: VecDeque<[u8; 32]>,
+    ready_bytes: u64,
+    /// Halves of pieces crossing an interval boundary, by (layer, piece offset in the layer).
+    seams: HashMap<(u32, u64), Seam>,
+}
+
+/// The two halves of a piece that crosses the boundary at `boundary`.
+struct Seam {
+    boundary: u64,
+    before: Option<Vec<u8>>,
+    after: Option<Vec<u8>>,
+}
+
+/// Marks an interval as running; un-marks it (and wakes waiting readers) when dropped, also
+/// when the job fails or panics, so that no reader waits forever.
+struct Claim<'a> {
+    ahead: &'a ReadAhead,
+    interval: Interval,
+    finished: bool,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut s = self.ahead.lock();
+        s.running.remove(&self.interval);
+        if self.finished {
+            if s.done.len() >= MAX_DONE {
+                s.done.clear();
+            }
+            s.done.insert(self.interval);
+        }
+        drop(s);
+        self.ahead.changed.notify_all();
+    }
+}
+
+impl ReadAhead {
+    /// Read-ahead that keeps up to `window` bytes ahead of each cold sequential reader in
+    /// flight and holds at most `ready_budget` bytes of pieces for readers.
+    pub fn new(window: u64, ready_budget: u64) -> Arc<ReadAhead> {
+        Arc::new(ReadAhead { state: Mutex::default(), changed: Condvar::new(), window, ready_budget })
+    }
+
+    /// How far ahead of a reader jobs are planned.
+    pub fn window(&self) -> u64 {
+        self.window
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Claim the intervals of `layer` that intersect `[from, to)`, except the one holding
+    /// `skip` (where the reader's own inflate cursor is), for a reader of the file at
+    /// `want`. The returned jobs are the caller's to run with [`ReadAhead::run`].
+    pub fn plan(&self, index: &IndexFile, layer: u32, from: u64, to: u64, skip: Option<u64>, want: (u64, u64)) -> Vec<Job> {
+        let Ok(l) = index.layer(layer) else { return Vec::new() };
+        let cps = &l.checkpoints;
+        if cps.is_empty() || from >= to {
+            return Vec::new();
+        }
+        let containing = |off: u64| cps.partition_point(|c| c.out_offset.to_native() <= off).saturating_sub(1);
+        let first = containing(from);
+        let last = cps.partition_point(|c| c.out_offset.to_native() < to);
+        let skip = skip.map(containing);
+        let size = l.uncompressed_size.to_native();
+        let mut jobs = Vec::new();
+        let mut s = self.lock();
+        for j in first..last {
+            if Some(j) == skip {
+                continue;
+            }
+            let interval = Interval { layer, checkpoint: j as u32 };
+            let start = cps[j].out_offset.to_native();
+            let end = cps.get(j + 1).map_or(size, |c| c.out_offset.to_native());
+            if end <= start || end - start > MAX_INTERVAL || s.running.contains_key(&interval) || s.done.contains(&interval) {
+                continue;
+            }
+            s.running.insert(interval, (start, end));
+            jobs.push(Job { interval, want });
+        }
+        jobs
+    }
+
+    /// Wait until no running job covers any byte of `[start, end)` of `layer`.
+    pub fn wait(&self, layer: u32, start: u64, end: u64) {
+        let mut s = self.lock();
+        while s.running.iter().any(|(iv, &(a, b))| iv.layer == layer && a < end && start < b) {
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// The verified piece `sha256` if a job left it for its reader (taken out of memory).
+    pub fn take(&self, sha256: &[u8; 32]) -> Option<Arc<Vec<u8>>> {
+        let mut s = self.lock();
+        let piece = s.ready.remove(sha256)?;
+        s.ready_bytes -= piece.len() as u64;
+        Some(piece)
+    }
+
+    /// Run `job`: inflate its interval, keep its pieces in `tiers` (and those of the
+    /// wanting file in memory), put together pieces crossing its boundaries. Failures only
+    /// cost the reader a fetch of its own.
+    pub fn run(
+        &self,
+        index: &IndexFile,
+        source: &dyn Source,
+        tiers: &[Arc<dyn Tier>],
+        neighbours: &Neighbours,
+        job: Job,
+    ) -> Result<JobStats, ReadError> {
+        let iv = job.interval;
+        let (start, end) = match self.lock().running.get(&iv) {
+            Some(&range) => range,
+            None => return Ok(JobStats::default()),
+        };
+        let mut claim = Claim { ahead: self, interval: iv, finished: false };
+        let mut buf = vec![0u8; (end - start) as usize];
+        let mut span = SpanReader::new(iv.layer);
+        let read = span.read_at(index, source, start, &mut buf, &mut |_, _| {});
+        let mut stats = JobStats { inflated: span.inflated, fetched: span.fetched(), ..JobStats::default() };
+        read?;
+        let wanted = |offset: u64| job.want.0 <= offset && offset < job.want.1;
+        let mut keep = |offset: u64, bytes: &[u8], ready: &mut Vec<([u8; 32], Arc<Vec<u8>>)>, sha256: &[u8; 32]| {
+            if !verify(bytes, sha256) {
+                tracing::debug!(layer = iv.layer, offset, "read-ahead piece does not verify; leaving it to the reader");
+                return;
+            }
+            for t in tiers {
+                t.put(sha256, bytes);
+            }
+            stats.kept += 1;
+            stats.kept_bytes += bytes.len() as u64;
+            if wanted(offset) {
+                ready.push((*sha256, Arc::new(bytes.to_vec())));
+            }
+        };
+        let mut ready = Vec::new();
+        let pieces = neighbours.located(index, iv.layer);
+        let first = pieces.partition_point(|p| p.offset + p.len <= start);
+        for p in pieces[first..].iter().take_while(|p| p.offset < end) {
+            let (a, b) = (p.offset, p.offset + p.len);
+            if start <= a && b <= end {
+                keep(a, &buf[(a - start) as usize..(b - start) as usize], &mut ready, &p.sha256);
+            } else if let Some(whole) = self.seam(iv.layer, p.offset, p.len, start, end, &buf) {
+                keep(a, &whole, &mut ready, &p.sha256);
+            }
+        }
+        let mut s = self.lock();
+        for (key, piece) in ready {
+            self.hold(&mut s, key, piece);
+        }
+        drop(s);
+        claim.finished = true;
+        Ok(stats)
+    }
+
+    /// Deposit this job's half of the piece at `offset` (length `len`) that crosses one of
+    /// the job's boundaries; the whole piece once the other half is there.
+    fn seam(&self, layer: u32, offset: u64, len: u64, start: u64, end: u64, buf: &[u8]) -> Option<Vec<u8>> {
+        let (boundary, half, is_before) = if offset < start {
+            (start, &buf[..(offset + len - start).min(end - start) as usize], false)
+        } else {
+            (end, &buf[(offset - start) as usize..], true)
+        };
+        if offset < start && offset + len > end {
+            return None; // spans the whole interval: a piece larger than an interval
+        }
+        let mut s = self.lock();
+        if s.seams.len() >= MAX_SEAMS {
+            s.seams.clear();
+        }
+        let seam = s.seams.entry((layer, offset)).or_insert(Seam { boundary, before: None, after: None });
+        if seam.boundary != boundary {
+            return None;
+        }
+        if is_before {
+            seam.before = Some(half.to_vec());
+        } else {
+            seam.after = Some(half.to_vec());
+        }
+        if seam.before.is_some() && seam.after.is_some() {
+            let seam = s.seams.remove(&(layer, offset))?;
+            let mut whole = seam.before?;
+            whole.extend_from_slice(&seam.after?);
+            return (whole.len() as u64 == len).then_some(whole);
+        }
+        None
+    }
+
+    /// Hold a verified piece for its reader, dropping the oldest past the budget.
+    fn hold(&self, s: &mut State, key: [u8; 32], piece: Arc<Vec<u8>>) {
+        let len = piece.len() as u64;
+        if len > self.ready_budget {
+            return;
+        }
+        if let Some(old) = s.ready.insert(key, piece) {
+            s.ready_bytes -= old.len() as u64;
+        } else {
+            s.order.push_back(key);
+        }
+        s.ready_bytes += len;
+        while s.ready_bytes > self.ready_budget {
+            let Some(k) = s.order.pop_front() else { break };
+            if let Some(old) = s.ready.remove(&k) {
+                s.ready_bytes -= old.len() as u64;
+            }
+        }
+        if s.order.len() > 4 * s.ready.len() + 64 {
+            let ready = &s.ready;
+            let order: VecDeque<[u8; 32]> = s.order.iter().filter(|k| ready.contains_key(*k)).copied().collect();
+            s.order = order;
+        }
+    }
+}
