@@ -82,6 +82,9 @@ impl Source for Counting {
     }
 }
 
+/// One line of the result table: its label, the origin and the tiers in front of it.
+type Row<'a> = (String, &'a Counting, &'a [Arc<dyn Tier>]);
+
 /// A private redis-server, killed on drop.
 struct Server(Child);
 
@@ -209,7 +212,7 @@ fn main() {
 
     let only_redis: Vec<Arc<dyn Tier>> = vec![redis_tier.clone()];
     let only_disk: Vec<Arc<dyn Tier>> = vec![disk.clone()];
-    let mut rows: Vec<(String, &Counting, &[Arc<dyn Tier>])> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     for c in &origins {
         rows.push((format!("origin {}", c.describe()), c, &[]));
     }

@@ -9,6 +9,7 @@ pub mod format;
 pub mod fuse;
 pub mod logging;
 pub mod oci;
+pub mod profile;
 pub mod read;
 pub mod report;
 pub mod source;

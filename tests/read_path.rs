@@ -5,7 +5,8 @@ mod common;
 
 use clip::format::IndexFile;
 use clip::read::{FileReader, Neighbours, ReadAhead, Tier};
-use clip::source::layout::LayoutSource;
+use clip::oci::Platform;
+use clip::source::layout::{LayerInput, LayoutSource, LayoutWriter};
 use clip::source::{Source, SourceError};
 use common::*;
 use std::collections::HashMap;
@@ -69,8 +70,31 @@ struct Fixture {
 fn fixture() -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let (layout, index) = edge_index(tmp.path());
-    let idx = IndexFile::open(&index).unwrap();
-    let src = LayoutSource::open(&layout).unwrap();
+    fixture_at(tmp, &layout, &index)
+}
+
+/// Size of `/big.bin` in [`big_fixture`]: several checkpoint intervals and 1 MiB chunks.
+const BIG: usize = 13 << 20 | 12345;
+
+/// A one-layer image holding small files around `/big.bin` (noise, seed 7), indexed.
+fn big_fixture() -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = clip::demo::TarBuilder::new();
+    t.dir("./", 0o755).file("a.txt", 0o644, b"before\n").file("big.bin", 0o644, &clip::demo::noise(7, BIG));
+    t.file("z.txt", 0o644, b"after\n");
+    let layout = tmp.path().join("layout");
+    let mut w = LayoutWriter::create(&layout).unwrap();
+    let m = w.image(&[LayerInput::gzip(t.finish())], &Platform::host(), "2025-05-20T00:00:00Z").unwrap();
+    w.tag(m, "big");
+    w.finish().unwrap();
+    let index = tmp.path().join("big.clip");
+    run(std::process::Command::new(bin("clip-build")).arg(format!("{}:big", layout.display())).arg("-o").arg(&index).arg("--quiet"));
+    fixture_at(tmp, &layout, &index)
+}
+
+fn fixture_at(tmp: tempfile::TempDir, layout: &std::path::Path, index: &std::path::Path) -> Fixture {
+    let idx = IndexFile::open(index).unwrap();
+    let src = LayoutSource::open(layout).unwrap();
     let mem = Arc::new(MemTier::default());
     let tiers: Vec<Arc<dyn Tier>> = vec![mem.clone()];
     let neighbours = Neighbours::new(idx.index().layers.len());
@@ -161,16 +185,16 @@ fn read_with_ahead(f: &Fixture, ahead: &Arc<ReadAhead>, path: &str, step: usize)
 
 #[test]
 fn read_ahead_inflates_the_next_intervals_and_stitches_pieces_across_their_boundaries() {
-    let f = fixture();
+    let f = big_fixture();
     let ahead = ReadAhead::new(4 << 20, 64 << 20);
-    let (out, r) = read_with_ahead(&f, &ahead, "/data/random.bin", 128 << 10);
-    assert_eq!(out, clip::demo::noise(1, 5 << 20));
+    let (out, r) = read_with_ahead(&f, &ahead, "/big.bin", 128 << 10);
+    assert_eq!(out, clip::demo::noise(7, BIG));
     let pieces = r.pieces().len() as u64;
-    assert!(r.ahead_hits() + 2 >= pieces, "only {} of {pieces} pieces came from read-ahead", r.ahead_hits());
+    assert!(r.ahead_hits() + 4 >= pieces, "only {} of {pieces} pieces came from read-ahead", r.ahead_hits());
     let (inflated, _) = r.origin_stats();
-    assert!(inflated < 4 << 20, "the reader inflated {inflated} bytes itself; read-ahead should have done most");
+    assert!(inflated < 5 << 20, "the reader inflated {inflated} bytes itself; read-ahead should have done most");
     // A piece crossing an interval boundary was put together from two jobs' halves.
-    let i = entry(&f.idx, "/data/random.bin");
+    let i = entry(&f.idx, "/big.bin");
     let e = f.idx.entry(i).unwrap();
     let layer = f.idx.layer(e.layer.to_native()).unwrap();
     let base = e.data_offset.to_native();
@@ -189,7 +213,7 @@ fn read_ahead_inflates_the_next_intervals_and_stitches_pieces_across_their_bound
         assert!(got.is_some_and(|b| clip::read::file::verify(&b, &p.sha256)), "crossing piece at {} not kept", p.offset);
     }
     // A second reader finds everything in the tier: no origin at all.
-    assert_eq!(read_all(&f.idx, &NoOrigin, &f.tiers, "/data/random.bin", None), out);
+    assert_eq!(read_all(&f.idx, &NoOrigin, &f.tiers, "/big.bin", None), out);
 }
 
 #[test]
@@ -199,7 +223,7 @@ fn read_ahead_of_a_lying_origin_never_serves_wrong_bytes() {
     // Jobs that cannot read leave their intervals to the reader, which then fails cleanly.
     let i = entry(&f.idx, "/data/random.bin");
     let mut r = FileReader::new(&f.idx, i).unwrap().with_read_ahead(ahead.clone());
-    let mut head = vec![0u8; 128 << 10];
+    let mut head = vec![0u8; 2 << 20];
     r.read_at(&f.idx, &f.src, &f.tiers, 0, &mut head).unwrap();
     let jobs = r.plan_ahead(&f.idx, head.len() as u64);
     assert!(!jobs.is_empty());

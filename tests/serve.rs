@@ -172,6 +172,28 @@ fn static_busybox_runs_in_a_chroot_of_the_mount() {
 }
 
 #[test]
+fn an_image_without_xattrs_reports_them_unsupported() {
+    require_tool("getfattr");
+    require_tool("getcap");
+    let tmp = tempfile::tempdir().unwrap();
+    let (index, _) = busybox_index(tmp.path());
+    let served = Served::start(tmp.path(), "mnt", &index, &tmp.path().join("cache"), &[]);
+    let motd = served.mnt.join("etc/motd");
+    // Twice: the first answer (ENOSYS) makes the kernel stop asking the daemon; both must
+    // read as "not supported", the answer of a filesystem without xattrs.
+    for _ in 0..2 {
+        let out = Command::new("getfattr").arg("-n").arg("user.anything").arg(&motd).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("Operation not supported"), "getfattr: {err}");
+    }
+    let caps = run(Command::new("getcap").arg(served.mnt.join("bin/busybox")));
+    assert!(caps.is_empty(), "getcap: {}", String::from_utf8_lossy(&caps));
+    let ls = run(Command::new("ls").arg("-l").arg(served.mnt.join("etc")));
+    assert!(String::from_utf8_lossy(&ls).contains("motd"));
+}
+
+#[test]
 fn overlayfs_with_the_mount_as_lowerdir() {
     let tmp = tempfile::tempdir().unwrap();
     let (index, data) = busybox_index(tmp.path());
@@ -380,4 +402,49 @@ fn stale_mount_is_reported_and_sigterm_unmounts_cleanly() {
     assert!(log.contains("hits=") && log.contains("misses="), "counters printed at exit:\n{log}");
     let stats: serde_json::Value = serde_json::from_slice(&fs::read(&served.stats).unwrap()).unwrap();
     assert!(stats["serve"]["opens"].as_u64().unwrap() >= 1, "{stats}");
+}
+
+#[test]
+fn a_recorded_access_profile_is_prefetched_by_the_next_mount() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (layout, index) = edge_index(tmp.path());
+    let profile = tmp.path().join("profile");
+    let wanted = ["many/file059", "data/random.bin", "home/user/file"];
+
+    // Recording: a cold mount reads three files; the intervals they needed are written at exit.
+    let mut first = Served::start(tmp.path(), "rec", &index, &tmp.path().join("cache1"), &["--record-profile", profile.to_str().unwrap()]);
+    let expected: Vec<Vec<u8>> = wanted.iter().map(|p| fs::read(first.mnt.join(p)).unwrap()).collect();
+    assert!(first.terminate().success());
+    let text = fs::read_to_string(&profile).unwrap();
+    let intervals = text.lines().skip(2).count();
+    assert!(text.starts_with("clip-profile 1\nmanifest sha256:") && intervals >= 2, "profile:\n{text}");
+
+    // Replay: a fresh mount with an empty cache fetches those intervals by itself ...
+    let second = Served::start(tmp.path(), "replay", &index, &tmp.path().join("cache2"), &["--prefetch-profile", profile.to_str().unwrap()]);
+    let t = std::time::Instant::now();
+    while !second.log().contains("profile prefetched") {
+        assert!(t.elapsed() < Duration::from_secs(20), "no prefetch within 20 s:\n{}", second.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // ... so the files read after the origin is gone come from what it fetched, intact.
+    let gone = tmp.path().join("layout-gone");
+    fs::rename(&layout, &gone).unwrap();
+    for (p, want) in wanted.iter().zip(&expected) {
+        assert_eq!(&fs::read(second.mnt.join(p)).unwrap(), want, "{p}");
+    }
+    drop(second);
+    fs::rename(&gone, &layout).unwrap();
+
+    // A profile of another image is refused at start with a clear message.
+    fs::write(&profile, text.replacen("manifest sha256:", "manifest sha256:0", 1)).unwrap();
+    let out = Command::new(bin("clip-serve"))
+        .arg(&index)
+        .arg(tmp.path().join("rec"))
+        .arg("--prefetch-profile")
+        .arg(&profile)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("was recorded on image") && err.contains("record it again"), "{err}");
 }

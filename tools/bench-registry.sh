@@ -7,6 +7,9 @@
 #              --cache-dir and the page cache dropped, from `clip-serve` start to the exit of
 #              `chroot MERGED python3 -c 'import numpy'`, where MERGED is an overlayfs with the
 #              read-only clip mount as lowerdir (as container runtimes use it);
+#   clip with a profile: one more such run records an access profile (--record-profile),
+#              then the same cold runs start with --prefetch-profile (the profile is the only
+#              thing kept between runs: cache emptied, page cache dropped);
 #   full pull: `skopeo copy docker://… oci:DIR` + `umoci raw unpack` + the same chroot command,
 #              page cache dropped first;
 #   bytes:     compressed bytes clip-serve requested from the registry (stats file `fetched`:
@@ -84,13 +87,14 @@ echo "== index from the registry (clip-build, once; reads every layer once)"
 t0=$(now); "$build" "$REF_NAME" -o "$W/image.clip" --quiet; build_ms=$(ms "$t0" "$(now)")
 echo "clip-build $REF_NAME: $build_ms ms, index $(stat -c %s "$W/image.clip") bytes, source $("$build" inspect --json "$W/image.clip" | jq -r .source)"
 
-echo "== clip: clip-serve start -> chroot MERGED ${CMD[*]} exits (cold: empty cache, page cache dropped)"
-tot=() mnt_ms=() imp=() fetched=() inflated=()
-for i in $(seq "$RUNS"); do
+# One cold clip run (empty cache, page cache dropped) with extra clip-serve arguments; prints
+# a line labelled $1 and sets R_TOTAL, R_MOUNT, R_IMPORT, R_FETCHED, R_INFLATED.
+clip_run() {
+    local label=$1; shift
     rm -rf "$W/cache" "$O" "$W/stats.json"; mkdir -p "$W/cache" "$O/upper" "$O/work" "$O/merged"
     drop
     t0=$(now)
-    NO_COLOR=1 "$serve" "$W/image.clip" "$M" --cache-dir "$W/cache" --stats-file "$W/stats.json" 2>"$W/serve.log" &
+    NO_COLOR=1 "$serve" "$W/image.clip" "$M" --cache-dir "$W/cache" --stats-file "$W/stats.json" "$@" 2>"$W/serve.log" &
     pid=$!
     until mountpoint -q "$M"; do
         kill -0 "$pid" 2>/dev/null || { cat "$W/serve.log" >&2; die "clip-serve exited"; }
@@ -102,11 +106,28 @@ for i in $(seq "$RUNS"); do
     chroot "$O/merged" "${CMD[@]}"
     t3=$(now)
     stop_serve
-    tot+=("$(ms "$t0" "$t3")"); mnt_ms+=("$(ms "$t0" "$t1")"); imp+=("$(ms "$t2" "$t3")")
-    fetched+=("$(jq .serve.fetched "$W/stats.json")"); inflated+=("$(jq .serve.inflated "$W/stats.json")")
-    echo "run $i: total $(ms "$t0" "$t3") ms (mounted after $(ms "$t0" "$t1") ms, overlay $(ms "$t1" "$t2") ms, import $(ms "$t2" "$t3") ms); $(jq -c .serve "$W/stats.json")"
+    R_TOTAL=$(ms "$t0" "$t3") R_MOUNT=$(ms "$t0" "$t1") R_IMPORT=$(ms "$t2" "$t3")
+    R_FETCHED=$(jq .serve.fetched "$W/stats.json") R_INFLATED=$(jq .serve.inflated "$W/stats.json")
+    echo "$label: total $R_TOTAL ms (mounted after $R_MOUNT ms, overlay $(ms "$t1" "$t2") ms, import $R_IMPORT ms); $(jq -c .serve "$W/stats.json")"
+}
+
+echo "== clip: clip-serve start -> chroot MERGED ${CMD[*]} exits (cold: empty cache, page cache dropped)"
+tot=() mnt_ms=() imp=() fetched=() inflated=()
+for i in $(seq "$RUNS"); do
+    clip_run "run $i"
+    tot+=("$R_TOTAL"); mnt_ms+=("$R_MOUNT"); imp+=("$R_IMPORT"); fetched+=("$R_FETCHED"); inflated+=("$R_INFLATED")
 done
 clip_ms=$(median "${tot[@]}") clip_fetched=$(median "${fetched[@]}")
+
+echo "== clip with an access profile: one cold run records it (--record-profile), then cold runs prefetch it (--prefetch-profile)"
+clip_run "recording run" --record-profile "$W/profile"
+echo "profile: $(($(wc -l <"$W/profile") - 2)) intervals"
+ptot=() pfetched=()
+for i in $(seq "$RUNS"); do
+    clip_run "profile run $i" --prefetch-profile "$W/profile"
+    ptot+=("$R_TOTAL"); pfetched+=("$R_FETCHED")
+done
+prof_ms=$(median "${ptot[@]}") prof_fetched=$(median "${pfetched[@]}")
 
 echo "== full pull: skopeo copy + umoci raw unpack + chroot ROOTFS ${CMD[*]} (page cache dropped first)"
 pull=() cp_ms=() up_ms=() im_ms=() im_cold=()
@@ -133,7 +154,11 @@ row "time to first result: start -> import numpy exits (ms)" "$clip_ms" "$pull_m
 row "  clip: start -> mounted / import through overlay (ms)" "$(median "${mnt_ms[@]}") / $(median "${imp[@]}")" "-" "-" "info" "-"
 row "  full pull: skopeo copy / umoci raw unpack / import (ms)" "-" "$(median "${cp_ms[@]}") / $(median "${up_ms[@]}") / $(median "${im_ms[@]}")" "-" "info" "-"
 row "  import numpy, caches dropped: clip (incl. start) vs unpacked rootfs (ms)" "$clip_ms" "$(median "${im_cold[@]}")" "$(awk -v a="$clip_ms" -v b="$(median "${im_cold[@]}")" 'BEGIN { printf "%.1fx time", a / b }')" "info" "-"
+pspeedup=$(awk -v a="$pull_ms" -v b="$prof_ms" 'BEGIN { printf "%.1f", a / b }')
+pshare=$(awk -v f="$prof_fetched" -v s="$image_bytes" 'BEGIN { printf "%.3f", f / s }')
+row "  same, with a recorded access profile prefetched (ms)" "$prof_ms" "$pull_ms (full pull)" "${pspeedup}x faster" ">= 20x faster" "$(judge "$pspeedup" ">=" 20)"
 row "bytes fetched from the registry vs image compressed size" "$clip_fetched" "$image_bytes" "$(awk -v s="$share" 'BEGIN { printf "%.1f%%", s * 100 }')" "<= 15%" "$(judge "$share" "<=" 0.15)"
+row "  same, with the access profile prefetched" "$prof_fetched" "$image_bytes" "$(awk -v s="$pshare" 'BEGIN { printf "%.1f%%", s * 100 }')" "<= 15%" "$(judge "$pshare" "<=" 0.15)"
 row "  clip: bytes inflated" "$(median "${inflated[@]}")" "-" "-" "info" "-"
 row "index build from the registry, once (ms)" "$build_ms" "-" "-" "info" "-"
 

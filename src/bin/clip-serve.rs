@@ -6,6 +6,7 @@ use clip::cache::redis::RedisTier;
 use clip::cache::{parse_size, DiskCache, WriteBehind};
 use clip::format::IndexFile;
 use clip::fuse::{self, ClipFs, MountSettings, ServeStats};
+use clip::profile::Profile;
 use clip::read::Tier;
 use nix::sys::signal::{SigSet, Signal};
 use std::path::{Path, PathBuf};
@@ -44,6 +45,21 @@ struct Cli {
     /// Readahead window of the mount in KiB (0: kernel default, 128).
     #[arg(long, default_value_t = 1024)]
     readahead_kb: u32,
+    /// How far ahead of a cold sequential read other threads inflate the next checkpoint
+    /// intervals of the file (K, M, G suffixes); 0 turns this read-ahead off.
+    #[arg(long, default_value = "4M", value_parser = parse_size_arg)]
+    read_ahead: u64,
+    /// Write the checkpoint intervals this run reads from the origin to FILE when it stops
+    /// (an access profile for --prefetch-profile).
+    #[arg(long, value_name = "FILE")]
+    record_profile: Option<PathBuf>,
+    /// Fetch the intervals of an access profile (from --record-profile on this image) in
+    /// the background as soon as the daemon starts.
+    #[arg(long, value_name = "FILE")]
+    prefetch_profile: Option<PathBuf>,
+    /// Threads fetching --prefetch-profile intervals.
+    #[arg(long, default_value_t = 4)]
+    prefetch_threads: usize,
     /// Skip the full structural validation of the index at startup.
     #[arg(long)]
     no_verify: bool,
@@ -171,7 +187,17 @@ fn run(cli: Cli) -> Result<()> {
         None => None,
     };
 
-    let fs = ClipFs::new(index, source, tiers, cli.threads)?;
+    let manifest = String::from_utf8_lossy(index.index().image.manifest_digest.as_slice()).into_owned();
+    let prefetch = match &cli.prefetch_profile {
+        Some(p) => Some(Profile::load(p, &manifest)?),
+        None => None,
+    };
+    let mut fs = ClipFs::new(index, source, tiers, cli.threads)?.with_read_ahead(cli.read_ahead);
+    let recorder = cli.record_profile.as_ref().map(|_| fs.record_profile());
+    if let Some(profile) = prefetch {
+        tracing::info!(intervals = profile.intervals.len(), threads = cli.prefetch_threads, "prefetching the access profile");
+        fs.prefetch(profile.intervals, cli.prefetch_threads)?;
+    }
     let serve_stats = fs.stats();
     let settings = MountSettings {
         session_threads: cli.session_threads,
@@ -237,5 +263,10 @@ fn run(cli: Cli) -> Result<()> {
         counters.write(p);
     }
     counters.log();
+    if let (Some(path), Some(rec)) = (&cli.record_profile, &recorder) {
+        let profile = rec.profile(&manifest);
+        profile.save(path)?;
+        tracing::info!(path = %path.display(), intervals = profile.intervals.len(), "access profile written");
+    }
     result
 }

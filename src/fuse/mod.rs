@@ -8,7 +8,8 @@ pub mod attr;
 pub mod pool;
 
 use crate::format::{FormatError, IndexFile, Kind};
-use crate::read::ahead::Job;
+use crate::profile::Recorder;
+use crate::read::ahead::{Interval, Job};
 use crate::read::{FileReader, Neighbours, ReadAhead, ReadError, SpanReader, Tier};
 use crate::source::{Source, SourceError};
 use attr::{attr_of, entry_of, file_type, ino_of};
@@ -183,6 +184,7 @@ struct Shared {
     stats: Arc<ServeStats>,
     neighbours: Arc<Neighbours>,
     ahead: Arc<ReadAhead>,
+    recorder: Option<Arc<Recorder>>,
 }
 
 /// The read-only filesystem over one index.
@@ -193,13 +195,14 @@ pub struct ClipFs {
     pool: Pool,
     ahead_pool: Arc<Pool>,
     total_blocks: u64,
+    no_xattrs: bool,
 }
 
 /// How far ahead of a cold sequential reader intervals are inflated by default.
 pub const READ_AHEAD: u64 = 4 << 20;
 
-/// Memory for pieces that read-ahead jobs hold for their readers.
-const READ_AHEAD_HELD: u64 = 64 << 20;
+/// Memory for pieces that read-ahead and profile prefetch jobs hold for their readers.
+const READ_AHEAD_HELD: u64 = 128 << 20;
 
 impl ClipFs {
     /// A filesystem serving `index` with bytes from `tiers` (fastest first) and `source`,
@@ -213,6 +216,7 @@ impl ClipFs {
         let pool = Pool::new("clip-read", read_threads, 1024).map_err(FuseError::Threads)?;
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
         let ahead_pool = Arc::new(Pool::new("clip-ahead", cores, 256).map_err(FuseError::Threads)?);
+        let index_has_no_xattrs = index.index().xattrs.is_empty();
         let total_blocks = index
             .index()
             .entries
@@ -224,6 +228,7 @@ impl ClipFs {
             shared: Arc::new(Shared {
                 neighbours: Neighbours::new(index.index().layers.len()),
                 ahead: ReadAhead::new(READ_AHEAD, READ_AHEAD_HELD),
+                recorder: None,
                 index,
                 source,
                 tiers,
@@ -234,6 +239,7 @@ impl ClipFs {
             pool,
             ahead_pool,
             total_blocks,
+            no_xattrs: index_has_no_xattrs,
         })
     }
 
@@ -244,6 +250,43 @@ impl ClipFs {
             shared.ahead = ReadAhead::new(window, READ_AHEAD_HELD);
         }
         self
+    }
+
+    /// Record the checkpoint intervals reads need from the origin (see [`crate::profile`]).
+    pub fn record_profile(&mut self) -> Arc<Recorder> {
+        let recorder = Arc::new(Recorder::default());
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.recorder = Some(recorder.clone());
+        }
+        recorder
+    }
+
+    /// Fetch and inflate `intervals` (a recorded profile, first needed first) on `threads`
+    /// background threads, keeping their pieces in the tiers. Readers that need an interval
+    /// being fetched wait for it; one not started yet they read themselves.
+    pub fn prefetch(&self, intervals: Vec<Interval>, threads: usize) -> std::io::Result<()> {
+        let queue = Arc::new((intervals, AtomicU64::new(0), AtomicU64::new(0), std::time::Instant::now()));
+        for t in 0..threads.max(1) {
+            let (shared, queue) = (self.shared.clone(), queue.clone());
+            std::thread::Builder::new().name(format!("clip-prefetch-{t}")).spawn(move || {
+                let (intervals, next, finished, started) = &*queue;
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some(&iv) = intervals.get(k) else { break };
+                    if let Some(job) = shared.ahead.claim(&shared.index, iv, (0, u64::MAX)) {
+                        run_ahead(&shared, job);
+                    }
+                }
+                if finished.fetch_add(1, Ordering::Relaxed) + 1 == threads.max(1) as u64 {
+                    tracing::info!(
+                        intervals = intervals.len(),
+                        ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
+                        "profile prefetched"
+                    );
+                }
+            })?;
+        }
+        Ok(())
     }
 
     /// The counters (shared; stays valid after the filesystem is moved into a session).
@@ -351,12 +394,19 @@ fn serve_read(shared: &Shared, reader: &Mutex<FileReader>, offset: u64, size: u3
     s.kept_bytes.fetch_add(kept_bytes1 - kept_bytes0, Ordering::Relaxed);
     s.ahead_hits.fetch_add(r.ahead_hits() - hits0, Ordering::Relaxed);
     buf.truncate(n);
+    let touched = r.take_touched();
+    if let Some(rec) = &shared.recorder {
+        touched.into_iter().for_each(|iv| rec.record(iv));
+    }
     let ahead = r.plan_ahead(&shared.index, offset + n as u64);
     Ok(Served { bytes: buf, unfinished: r.take_unfinished(), ahead })
 }
 
 /// Run a read-ahead job (on the read-ahead pool) and count what it did.
 fn run_ahead(shared: &Shared, job: Job) {
+    if let Some(rec) = &shared.recorder {
+        rec.record(job.interval);
+    }
     let r = shared.ahead.run(&shared.index, shared.source.as_ref(), &shared.tiers, &shared.neighbours, job);
     match r {
         Ok(j) => {
@@ -376,14 +426,17 @@ fn run_ahead(shared: &Shared, job: Job) {
 fn finish_interval(shared: &Shared, mut span: SpanReader) {
     let (inflated0, fetched0) = (span.inflated, span.fetched());
     let layer = span.layer();
+    let interval = span.position().and_then(|at| Interval::containing(&shared.index, layer, at));
     let (mut kept, mut kept_bytes) = (0, 0);
     let r = span.finish_interval(&shared.index, &mut |offset, bytes| {
         let (n, b) = shared.neighbours.keep(&shared.index, layer, offset, bytes, &shared.tiers);
         kept += n;
         kept_bytes += b;
     });
-    if let Err(e) = r {
-        tracing::debug!(error = %e, "could not keep the rest of the interval");
+    match (r, interval) {
+        (Ok(()), Some(iv)) => shared.ahead.mark_done(iv),
+        (Ok(()), None) => {}
+        (Err(e), _) => tracing::debug!(error = %e, "could not keep the rest of the interval"),
     }
     let s = &shared.stats;
     s.inflated.fetch_add(span.inflated - inflated0, Ordering::Relaxed);
@@ -606,7 +659,13 @@ impl Filesystem for ClipFs {
         reply.statfs(self.total_blocks, 0, 0, files, 0, attr::BLKSIZE, 255, attr::BLKSIZE);
     }
 
+    /// An image without any extended attribute answers ENOSYS: the kernel then stops
+    /// asking (`ls -l` looks up security.selinux and ACLs on every entry) and reports
+    /// EOPNOTSUPP itself, which is what a filesystem without xattrs says.
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if self.no_xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         let r = self.entry_index(ino).and_then(|i| {
             self.index().xattrs(i).map_err(|e| self.corrupt(i, e)).map(|xs| {
                 xs.iter().find(|x| x.name.as_slice() == name.as_bytes()).map(|x| x.value.as_slice())
@@ -620,6 +679,9 @@ impl Filesystem for ClipFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if self.no_xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         let r = self.entry_index(ino).and_then(|i| {
             self.index().xattrs(i).map_err(|e| self.corrupt(i, e)).map(|xs| {
                 let mut names = Vec::new();

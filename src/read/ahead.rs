@@ -2,9 +2,10 @@
 //! the next intervals of the same file are inflated by other threads, each resuming at its
 //! own checkpoint, so a large file is inflated on every core instead of one.
 //!
-//! A job inflates exactly one interval (from its checkpoint to the next one). Pieces that
-//! lie inside it are verified and stored in the tiers; those of the file being read also
-//! wait in memory for their reader. A piece that crosses the boundary between two intervals
+//! A job inflates exactly one interval (from its checkpoint to the next one). The pieces
+//! inside it that the job was started for (the reading file's, or all of them for a
+//! profile prefetch) wait in memory for their reader, who verifies them as it verifies
+//! everything it serves and caches them; other pieces are verified and stored in the tiers. A piece that crosses the boundary between two intervals
 //! is put together from the halves the two jobs leave behind. Readers wait for a running job
 //! that covers their piece instead of inflating the same bytes again. Which thread runs a
 //! job is the caller's choice (`fuse` uses a small pool of its own).
@@ -26,6 +27,16 @@ pub struct Interval {
     pub layer: u32,
     /// Number of the checkpoint the interval starts at.
     pub checkpoint: u32,
+}
+
+impl Interval {
+    /// The interval of `layer` holding uncompressed offset `offset` (none for a layer
+    /// without checkpoints).
+    pub fn containing(index: &IndexFile, layer: u32, offset: u64) -> Option<Interval> {
+        let cps = &index.layer(layer).ok()?.checkpoints;
+        let n = cps.partition_point(|c| c.out_offset.to_native() <= offset);
+        (n > 0).then(|| Interval { layer, checkpoint: (n - 1) as u32 })
+    }
 }
 
 /// A read-ahead job: an interval to inflate on behalf of the file occupying `want` (a
@@ -141,23 +152,39 @@ impl ReadAhead {
         let first = containing(from);
         let last = cps.partition_point(|c| c.out_offset.to_native() < to);
         let skip = skip.map(containing);
-        let size = l.uncompressed_size.to_native();
-        let mut jobs = Vec::new();
         let mut s = self.lock();
-        for j in first..last {
-            if Some(j) == skip {
-                continue;
-            }
-            let interval = Interval { layer, checkpoint: j as u32 };
-            let start = cps[j].out_offset.to_native();
-            let end = cps.get(j + 1).map_or(size, |c| c.out_offset.to_native());
-            if end <= start || end - start > MAX_INTERVAL || s.running.contains_key(&interval) || s.done.contains(&interval) {
-                continue;
-            }
-            s.running.insert(interval, (start, end));
-            jobs.push(Job { interval, want });
+        (first..last)
+            .filter(|&j| Some(j) != skip)
+            .filter_map(|j| Self::try_claim(&mut s, index, Interval { layer, checkpoint: j as u32 }, want))
+            .collect()
+    }
+
+    /// Claim `interval` alone (see [`ReadAhead::plan`]), unless it is running or done.
+    pub fn claim(&self, index: &IndexFile, interval: Interval, want: (u64, u64)) -> Option<Job> {
+        Self::try_claim(&mut self.lock(), index, interval, want)
+    }
+
+    fn try_claim(s: &mut State, index: &IndexFile, interval: Interval, want: (u64, u64)) -> Option<Job> {
+        let l = index.layer(interval.layer).ok()?;
+        let cps = &l.checkpoints;
+        let j = interval.checkpoint as usize;
+        let start = cps.get(j)?.out_offset.to_native();
+        let end = cps.get(j + 1).map_or(l.uncompressed_size.to_native(), |c| c.out_offset.to_native());
+        if end <= start || end - start > MAX_INTERVAL || s.running.contains_key(&interval) || s.done.contains(&interval) {
+            return None;
         }
-        jobs
+        s.running.insert(interval, (start, end));
+        Some(Job { interval, want })
+    }
+
+    /// Note that `interval` was inflated to its end by someone else (a reader finishing
+    /// its interval), so that no job does it again.
+    pub fn mark_done(&self, interval: Interval) {
+        let mut s = self.lock();
+        if s.done.len() >= MAX_DONE {
+            s.done.clear();
+        }
+        s.done.insert(interval);
     }
 
     /// Wait until no running job covers any byte of `[start, end)` of `layer`.
@@ -168,7 +195,8 @@ impl ReadAhead {
         }
     }
 
-    /// The verified piece `sha256` if a job left it for its reader (taken out of memory).
+    /// The piece `sha256` if a job left it for its reader (taken out of memory). Not
+    /// verified: the caller checks it against `sha256` before using it.
     pub fn take(&self, sha256: &[u8; 32]) -> Option<Arc<Vec<u8>>> {
         let mut s = self.lock();
         let piece = s.ready.remove(sha256)?;
@@ -176,8 +204,9 @@ impl ReadAhead {
         Some(piece)
     }
 
-    /// Run `job`: inflate its interval, keep its pieces in `tiers` (and those of the
-    /// wanting file in memory), put together pieces crossing its boundaries. Failures only
+    /// Run `job`: inflate its interval, hold the wanted pieces in memory for their reader
+    /// (unverified: [`ReadAhead::take`] callers verify), keep the others in `tiers`, put
+    /// together pieces crossing its boundaries. Failures only
     /// cost the reader a fetch of its own.
     pub fn run(
         &self,
@@ -200,6 +229,10 @@ impl ReadAhead {
         read?;
         let wanted = |offset: u64| job.want.0 <= offset && offset < job.want.1;
         let mut keep = |offset: u64, bytes: &[u8], ready: &mut Vec<([u8; 32], Arc<Vec<u8>>)>, sha256: &[u8; 32]| {
+            if wanted(offset) {
+                ready.push((*sha256, Arc::new(bytes.to_vec())));
+                return;
+            }
             if !verify(bytes, sha256) {
                 tracing::debug!(layer = iv.layer, offset, "read-ahead piece does not verify; leaving it to the reader");
                 return;
@@ -209,9 +242,6 @@ impl ReadAhead {
             }
             stats.kept += 1;
             stats.kept_bytes += bytes.len() as u64;
-            if wanted(offset) {
-                ready.push((*sha256, Arc::new(bytes.to_vec())));
-            }
         };
         let mut ready = Vec::new();
         let pieces = neighbours.located(index, iv.layer);

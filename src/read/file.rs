@@ -1,6 +1,6 @@
 //! Serving verified pieces of regular files through cache tiers.
 
-use super::ahead::{Job, ReadAhead};
+use super::ahead::{Interval, Job, ReadAhead};
 use super::neighbours::Neighbours;
 use super::span::SpanReader;
 use crate::format::{FormatError, IndexFile, Kind, Piece};
@@ -53,7 +53,7 @@ pub trait Tier: Send + Sync {
 pub enum Origin {
     /// The per-handle memory of the last piece.
     Memory,
-    /// A read-ahead job (verified when it was inflated).
+    /// A read-ahead job.
     ReadAhead,
     /// Cache tier `i`.
     Tier(usize),
@@ -84,7 +84,19 @@ pub struct FileReader {
     ahead: Option<Arc<ReadAhead>>,
     ahead_hits: u64,
     cold: bool,
+    /// Furthest offset read so far and the bytes read near it in a row (see `plan_ahead`).
+    frontier: u64,
+    streak: u64,
+    touched: Vec<Interval>,
 }
+
+/// Reads that land this close to the furthest offset read so far count as sequential
+/// (the kernel's readahead requests may be answered slightly out of order).
+const NEAR_FRONTIER: u64 = 1 << 20;
+
+/// Bytes a reader must have read sequentially before read-ahead starts for it: a program
+/// reading a few pages here and there (a loader faulting in a library) gets none.
+const SEQUENTIAL: u64 = 2 << 20;
 
 impl FileReader {
     /// A reader for entry `entry` (hardlinks are followed).
@@ -110,6 +122,9 @@ impl FileReader {
             ahead: None,
             ahead_hits: 0,
             cold: false,
+            frontier: 0,
+            streak: 0,
+            touched: Vec::new(),
         })
     }
 
@@ -128,17 +143,23 @@ impl FileReader {
     }
 
     /// Read-ahead jobs for the intervals after file offset `next` (where a sequential
-    /// reader goes on), once this reader has needed the origin: the caller runs them on
-    /// other threads with [`ReadAhead::run`]. Intervals already done or running are left out.
+    /// reader goes on), once this reader has needed the origin and read sequentially for a
+    /// while: the caller runs them on other threads with [`ReadAhead::run`]. Intervals
+    /// already done or running are left out.
     pub fn plan_ahead(&self, index: &IndexFile, next: u64) -> Vec<Job> {
         let Some(ahead) = &self.ahead else { return Vec::new() };
-        if !self.cold || next >= self.size {
+        if !self.cold || self.streak < SEQUENTIAL || next >= self.size {
             return Vec::new();
         }
         let from = self.data_offset + next;
         let to = self.data_offset + self.size.min(next.saturating_add(ahead.window()));
         let cursor = self.span.as_ref().and_then(SpanReader::position);
         ahead.plan(index, self.layer, from, to, cursor, (self.data_offset, self.data_offset + self.size))
+    }
+
+    /// The checkpoint intervals this reader's origin reads needed since the last call.
+    pub fn take_touched(&mut self) -> Vec<Interval> {
+        std::mem::take(&mut self.touched)
     }
 
     /// Pieces this reader took from read-ahead jobs.
@@ -199,9 +220,15 @@ impl FileReader {
             let start = self.data_offset + p.offset;
             ahead.wait(self.layer, start, start + p.len);
             if let Some(b) = ahead.take(&p.sha256) {
-                self.ahead_hits += 1;
-                self.last = Some((k, b.clone()));
-                return Ok((b, Origin::ReadAhead));
+                if b.len() as u64 == p.len && verify(&b, &p.sha256) {
+                    for t in tiers {
+                        t.put(&p.sha256, &b);
+                    }
+                    self.ahead_hits += 1;
+                    self.last = Some((k, b.clone()));
+                    return Ok((b, Origin::ReadAhead));
+                }
+                tracing::warn!(key = %p.key(), "read-ahead piece failed verification; reading it again");
             }
         }
         for (i, t) in tiers.iter().enumerate() {
@@ -219,6 +246,12 @@ impl FileReader {
             }
         }
         self.cold = true;
+        let at = self.data_offset + p.offset;
+        for iv in [at, at + p.len.saturating_sub(1)].into_iter().filter_map(|o| Interval::containing(index, self.layer, o)) {
+            if self.touched.last() != Some(&iv) {
+                self.touched.push(iv);
+            }
+        }
         let mut buf = vec![0u8; p.len as usize];
         let span = self.span.get_or_insert_with(|| SpanReader::new(self.layer));
         let mut mark = (span.inflated, span.fetched());
@@ -281,6 +314,13 @@ impl FileReader {
         offset: u64,
         out: &mut [u8],
     ) -> Result<usize, ReadError> {
+        let end = offset + out.len() as u64;
+        if offset <= self.frontier + NEAR_FRONTIER && end + NEAR_FRONTIER >= self.frontier {
+            self.streak += out.len() as u64;
+        } else {
+            self.streak = out.len() as u64;
+        }
+        self.frontier = self.frontier.max(end);
         let mut done = 0usize;
         while done < out.len() {
             let pos = offset + done as u64;

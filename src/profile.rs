@@ -1,0 +1,148 @@
+//! Access profiles: the checkpoint intervals a workload read from the origin, in the order
+//! it first needed them. `clip-serve --record-profile FILE` writes one when it stops;
+//! `clip-serve --prefetch-profile FILE` fetches those intervals on several threads as soon
+//! as it starts, so a cold start waits for one round of parallel fetches instead of a
+//! chain of dependent ones (the idea of eStargz's prioritized files and Nydus's prefetch
+//! lists, at interval granularity and without changing the image).
+//!
+//! The file is text: a first line `clip-profile 1`, a line `manifest <digest>` naming the
+//! image it was recorded on, then one `<layer> <checkpoint>` line per interval.
+
+use crate::read::ahead::Interval;
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Mutex;
+
+/// First line of a profile file.
+const MAGIC: &str = "clip-profile 1";
+
+/// Errors reading or writing a profile.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    /// The file cannot be read or written.
+    #[error("profile {path}: {source}")]
+    Io {
+        /// Path of the profile.
+        path: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The file is not a profile of this version.
+    #[error("profile {path} line {line}: {what}; record it again with `clip-serve --record-profile`")]
+    Malformed {
+        /// Path of the profile.
+        path: String,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        what: String,
+    },
+    /// The profile was recorded on another image.
+    #[error("profile {path} was recorded on image {found}, this index is {expected}; record it again on this image")]
+    OtherImage {
+        /// Path of the profile.
+        path: String,
+        /// Manifest digest of the index.
+        expected: String,
+        /// Manifest digest in the profile.
+        found: String,
+    },
+}
+
+/// The intervals a workload needed, in first-use order, for the image `manifest`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Profile {
+    /// Manifest digest of the image the profile was recorded on.
+    pub manifest: String,
+    /// Intervals in the order they were first needed.
+    pub intervals: Vec<Interval>,
+}
+
+impl Profile {
+    /// Read a profile and check that it belongs to the image `manifest`.
+    pub fn load(path: &Path, manifest: &str) -> Result<Profile, ProfileError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Io { path: p.clone(), source })?;
+        let bad = |line: usize, what: &str| ProfileError::Malformed { path: p.clone(), line, what: what.into() };
+        let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l.trim()));
+        match lines.next() {
+            Some((_, MAGIC)) => {}
+            _ => return Err(bad(1, &format!("expected `{MAGIC}`"))),
+        }
+        let found = match lines.next() {
+            Some((_, l)) if l.starts_with("manifest ") => l["manifest ".len()..].trim().to_string(),
+            _ => return Err(bad(2, "expected `manifest <digest>`")),
+        };
+        if found != manifest {
+            return Err(ProfileError::OtherImage { path: p, expected: manifest.into(), found });
+        }
+        let mut intervals = Vec::new();
+        for (n, l) in lines.filter(|(_, l)| !l.is_empty()) {
+            let mut parts = l.split_ascii_whitespace().map(str::parse::<u32>);
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(Ok(layer)), Some(Ok(checkpoint)), None) => intervals.push(Interval { layer, checkpoint }),
+                _ => return Err(bad(n, "expected `<layer> <checkpoint>`")),
+            }
+        }
+        Ok(Profile { manifest: found, intervals })
+    }
+
+    /// Write the profile (to a temporary file renamed into place).
+    pub fn save(&self, path: &Path) -> Result<(), ProfileError> {
+        let io = |source| ProfileError::Io { path: path.display().to_string(), source };
+        let mut text = format!("{MAGIC}\nmanifest {}\n", self.manifest);
+        for iv in &self.intervals {
+            text.push_str(&format!("{} {}\n", iv.layer, iv.checkpoint));
+        }
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+}
+
+/// Collects the intervals a running mount reads from the origin, first use first.
+#[derive(Default)]
+pub struct Recorder {
+    seen: Mutex<(HashSet<Interval>, Vec<Interval>)>,
+}
+
+impl Recorder {
+    /// Note that `interval` was needed (again).
+    pub fn record(&self, interval: Interval) {
+        let mut s = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if s.0.insert(interval) {
+            s.1.push(interval);
+        }
+    }
+
+    /// The profile recorded so far for the image `manifest`.
+    pub fn profile(&self, manifest: &str) -> Profile {
+        let s = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        Profile { manifest: manifest.into(), intervals: s.1.clone() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_profile_round_trips_and_refuses_other_images_and_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p");
+        let r = Recorder::default();
+        for (l, c) in [(1, 5), (0, 2), (1, 5), (1, 6)] {
+            r.record(Interval { layer: l, checkpoint: c });
+        }
+        let p = r.profile("sha256:aa");
+        assert_eq!(p.intervals.len(), 3, "first use only, in order");
+        p.save(&path).unwrap();
+        assert_eq!(Profile::load(&path, "sha256:aa").unwrap(), p);
+        assert!(matches!(Profile::load(&path, "sha256:bb"), Err(ProfileError::OtherImage { .. })));
+        std::fs::write(&path, "clip-profile 1\nmanifest sha256:aa\n1 x\n").unwrap();
+        let e = Profile::load(&path, "sha256:aa").unwrap_err().to_string();
+        assert!(e.contains("line 3") && e.contains("--record-profile"), "{e}");
+        std::fs::write(&path, "something else\n").unwrap();
+        assert!(matches!(Profile::load(&path, "sha256:aa"), Err(ProfileError::Malformed { line: 1, .. })));
+    }
+}
