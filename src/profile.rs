@@ -6,10 +6,12 @@
 //! lists, at interval granularity and without changing the image).
 //!
 //! The file is text: a first line `clip-profile 1`, a line `manifest <digest>` naming the
-//! image it was recorded on, then one `<layer> <checkpoint>` line per interval.
+//! image it was recorded on, then one `<layer> <checkpoint> <until>` line per interval,
+//! where `until` is the uncompressed offset in the layer up to which the workload needed
+//! bytes of that interval (a replay inflates no further).
 
 use crate::read::ahead::Interval;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -49,13 +51,22 @@ pub enum ProfileError {
     },
 }
 
+/// One interval of a profile and how far into it the workload read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Needed {
+    /// The interval.
+    pub interval: Interval,
+    /// Uncompressed offset in the layer just past the last byte needed from it.
+    pub until: u64,
+}
+
 /// The intervals a workload needed, in first-use order, for the image `manifest`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Profile {
     /// Manifest digest of the image the profile was recorded on.
     pub manifest: String,
     /// Intervals in the order they were first needed.
-    pub intervals: Vec<Interval>,
+    pub intervals: Vec<Needed>,
 }
 
 impl Profile {
@@ -78,10 +89,15 @@ impl Profile {
         }
         let mut intervals = Vec::new();
         for (n, l) in lines.filter(|(_, l)| !l.is_empty()) {
-            let mut parts = l.split_ascii_whitespace().map(str::parse::<u32>);
-            match (parts.next(), parts.next(), parts.next()) {
-                (Some(Ok(layer)), Some(Ok(checkpoint)), None) => intervals.push(Interval { layer, checkpoint }),
-                _ => return Err(bad(n, "expected `<layer> <checkpoint>`")),
+            let mut parts = l.split_ascii_whitespace().map(str::parse::<u64>);
+            match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                (Some(Ok(layer)), Some(Ok(checkpoint)), Some(Ok(until)), None)
+                    if layer <= u32::MAX as u64 && checkpoint <= u32::MAX as u64 =>
+                {
+                    let interval = Interval { layer: layer as u32, checkpoint: checkpoint as u32 };
+                    intervals.push(Needed { interval, until });
+                }
+                _ => return Err(bad(n, "expected `<layer> <checkpoint> <until>`")),
             }
         }
         Ok(Profile { manifest: found, intervals })
@@ -91,8 +107,8 @@ impl Profile {
     pub fn save(&self, path: &Path) -> Result<(), ProfileError> {
         let io = |source| ProfileError::Io { path: path.display().to_string(), source };
         let mut text = format!("{MAGIC}\nmanifest {}\n", self.manifest);
-        for iv in &self.intervals {
-            text.push_str(&format!("{} {}\n", iv.layer, iv.checkpoint));
+        for n in &self.intervals {
+            text.push_str(&format!("{} {} {}\n", n.interval.layer, n.interval.checkpoint, n.until));
         }
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, text).map_err(io)?;
@@ -100,18 +116,23 @@ impl Profile {
     }
 }
 
-/// Collects the intervals a running mount reads from the origin, first use first.
+/// Collects the intervals whose bytes a running mount serves, first use first.
 #[derive(Default)]
 pub struct Recorder {
-    seen: Mutex<(HashSet<Interval>, Vec<Interval>)>,
+    seen: Mutex<(HashMap<Interval, usize>, Vec<Needed>)>,
 }
 
 impl Recorder {
-    /// Note that `interval` was needed (again).
-    pub fn record(&self, interval: Interval) {
-        let mut s = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if s.0.insert(interval) {
-            s.1.push(interval);
+    /// Note that bytes of `interval` up to offset `until` were needed.
+    pub fn record(&self, interval: Interval, until: u64) {
+        let mut guard = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let (index, order) = &mut *guard;
+        match index.get(&interval) {
+            Some(&k) => order[k].until = order[k].until.max(until),
+            None => {
+                index.insert(interval, order.len());
+                order.push(Needed { interval, until });
+            }
         }
     }
 
@@ -131,15 +152,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p");
         let r = Recorder::default();
-        for (l, c) in [(1, 5), (0, 2), (1, 5), (1, 6)] {
-            r.record(Interval { layer: l, checkpoint: c });
+        for (l, c, until) in [(1, 5, 100), (0, 2, 7), (1, 5, 300), (1, 6, 50), (1, 5, 200)] {
+            r.record(Interval { layer: l, checkpoint: c }, until);
         }
         let p = r.profile("sha256:aa");
-        assert_eq!(p.intervals.len(), 3, "first use only, in order");
+        let got: Vec<_> = p.intervals.iter().map(|n| (n.interval.layer, n.interval.checkpoint, n.until)).collect();
+        assert_eq!(got, [(1, 5, 300), (0, 2, 7), (1, 6, 50)], "first use order, furthest offset");
         p.save(&path).unwrap();
         assert_eq!(Profile::load(&path, "sha256:aa").unwrap(), p);
         assert!(matches!(Profile::load(&path, "sha256:bb"), Err(ProfileError::OtherImage { .. })));
-        std::fs::write(&path, "clip-profile 1\nmanifest sha256:aa\n1 x\n").unwrap();
+        std::fs::write(&path, "clip-profile 1\nmanifest sha256:aa\n1 2\n").unwrap();
         let e = Profile::load(&path, "sha256:aa").unwrap_err().to_string();
         assert!(e.contains("line 3") && e.contains("--record-profile"), "{e}");
         std::fs::write(&path, "something else\n").unwrap();

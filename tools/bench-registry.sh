@@ -25,7 +25,8 @@
 # Usage: tools/bench-registry.sh
 # Env: BENCH_DIR (/tmp/bench), REGISTRY_PORT (5000), WORK ($BENCH_DIR/clip-bench-registry,
 # removed at the end unless KEEP_SCRATCH=1), RUNS (3 clip runs; median), PULL_RUNS (1 full
-# pull, ~30 s each), NO_BUILD=1 (use target/release as it is).
+# pull, ~30 s each), PREFETCH_THREADS (clip-serve's default), NO_BUILD=1 (use target/release
+# as it is).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -124,7 +125,7 @@ clip_run "recording run" --record-profile "$W/profile"
 echo "profile: $(($(wc -l <"$W/profile") - 2)) intervals"
 ptot=() pfetched=()
 for i in $(seq "$RUNS"); do
-    clip_run "profile run $i" --prefetch-profile "$W/profile"
+    clip_run "profile run $i" --prefetch-profile "$W/profile" ${PREFETCH_THREADS:+--prefetch-threads "$PREFETCH_THREADS"}
     ptot+=("$R_TOTAL"); pfetched+=("$R_FETCHED")
 done
 prof_ms=$(median "${ptot[@]}") prof_fetched=$(median "${pfetched[@]}")

@@ -49,7 +49,7 @@ struct Cli {
     /// intervals of the file (K, M, G suffixes); 0 turns this read-ahead off.
     #[arg(long, default_value = "4M", value_parser = parse_size_arg)]
     read_ahead: u64,
-    /// Write the checkpoint intervals this run reads from the origin to FILE when it stops
+    /// Write the checkpoint intervals whose bytes this run serves to FILE when it stops
     /// (an access profile for --prefetch-profile).
     #[arg(long, value_name = "FILE")]
     record_profile: Option<PathBuf>,

@@ -8,7 +8,7 @@ pub mod attr;
 pub mod pool;
 
 use crate::format::{FormatError, IndexFile, Kind};
-use crate::profile::Recorder;
+use crate::profile::{Needed, Recorder};
 use crate::read::ahead::{Interval, Job};
 use crate::read::{FileReader, Neighbours, ReadAhead, ReadError, SpanReader, Tier};
 use crate::source::{Source, SourceError};
@@ -261,10 +261,11 @@ impl ClipFs {
         recorder
     }
 
-    /// Fetch and inflate `intervals` (a recorded profile, first needed first) on `threads`
-    /// background threads, keeping their pieces in the tiers. Readers that need an interval
-    /// being fetched wait for it; one not started yet they read themselves.
-    pub fn prefetch(&self, intervals: Vec<Interval>, threads: usize) -> std::io::Result<()> {
+    /// Fetch and inflate `intervals` (a recorded profile, first needed first, each only as
+    /// far as it was needed) on `threads` background threads, holding their pieces for
+    /// readers. Readers that need an interval being fetched wait for it; one not started
+    /// yet they read themselves.
+    pub fn prefetch(&self, intervals: Vec<Needed>, threads: usize) -> std::io::Result<()> {
         let queue = Arc::new((intervals, AtomicU64::new(0), AtomicU64::new(0), std::time::Instant::now()));
         for t in 0..threads.max(1) {
             let (shared, queue) = (self.shared.clone(), queue.clone());
@@ -272,8 +273,8 @@ impl ClipFs {
                 let (intervals, next, finished, started) = &*queue;
                 loop {
                     let k = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    let Some(&iv) = intervals.get(k) else { break };
-                    if let Some(job) = shared.ahead.claim(&shared.index, iv, (0, u64::MAX)) {
+                    let Some(&n) = intervals.get(k) else { break };
+                    if let Some(job) = shared.ahead.claim(&shared.index, n.interval, (0, u64::MAX), n.until) {
                         run_ahead(&shared, job);
                     }
                 }
@@ -394,9 +395,8 @@ fn serve_read(shared: &Shared, reader: &Mutex<FileReader>, offset: u64, size: u3
     s.kept_bytes.fetch_add(kept_bytes1 - kept_bytes0, Ordering::Relaxed);
     s.ahead_hits.fetch_add(r.ahead_hits() - hits0, Ordering::Relaxed);
     buf.truncate(n);
-    let touched = r.take_touched();
     if let Some(rec) = &shared.recorder {
-        touched.into_iter().for_each(|iv| rec.record(iv));
+        r.take_touched().into_iter().for_each(|(iv, until)| rec.record(iv, until));
     }
     let ahead = r.plan_ahead(&shared.index, offset + n as u64);
     Ok(Served { bytes: buf, unfinished: r.take_unfinished(), ahead })
@@ -404,9 +404,6 @@ fn serve_read(shared: &Shared, reader: &Mutex<FileReader>, offset: u64, size: u3
 
 /// Run a read-ahead job (on the read-ahead pool) and count what it did.
 fn run_ahead(shared: &Shared, job: Job) {
-    if let Some(rec) = &shared.recorder {
-        rec.record(job.interval);
-    }
     let r = shared.ahead.run(&shared.index, shared.source.as_ref(), &shared.tiers, &shared.neighbours, job);
     match r {
         Ok(j) => {
@@ -504,10 +501,17 @@ impl Filesystem for ClipFs {
             Err(e) => return reply.error(e),
         };
         let reader = match FileReader::new(self.index(), i) {
-            Ok(r) => r
-                .with_neighbours(self.shared.neighbours.clone())
-                .with_read_ahead(self.shared.ahead.clone())
-                .defer_interval_finish(),
+            Ok(r) => {
+                let r = r
+                    .with_neighbours(self.shared.neighbours.clone())
+                    .with_read_ahead(self.shared.ahead.clone())
+                    .defer_interval_finish();
+                if self.shared.recorder.is_some() {
+                    r.record_touches()
+                } else {
+                    r
+                }
+            }
             Err(ReadError::NotAFile(_)) => return reply.error(Errno::EINVAL),
             Err(e) => {
                 tracing::error!(entry = i, error = %e, "cannot open file");

@@ -155,21 +155,22 @@ impl ReadAhead {
         let mut s = self.lock();
         (first..last)
             .filter(|&j| Some(j) != skip)
-            .filter_map(|j| Self::try_claim(&mut s, index, Interval { layer, checkpoint: j as u32 }, want))
+            .filter_map(|j| Self::try_claim(&mut s, index, Interval { layer, checkpoint: j as u32 }, want, u64::MAX))
             .collect()
     }
 
-    /// Claim `interval` alone (see [`ReadAhead::plan`]), unless it is running or done.
-    pub fn claim(&self, index: &IndexFile, interval: Interval, want: (u64, u64)) -> Option<Job> {
-        Self::try_claim(&mut self.lock(), index, interval, want)
+    /// Claim `interval` alone (see [`ReadAhead::plan`]), unless it is running or done; the
+    /// job stops at uncompressed offset `until` if that comes before the interval's end.
+    pub fn claim(&self, index: &IndexFile, interval: Interval, want: (u64, u64), until: u64) -> Option<Job> {
+        Self::try_claim(&mut self.lock(), index, interval, want, until)
     }
 
-    fn try_claim(s: &mut State, index: &IndexFile, interval: Interval, want: (u64, u64)) -> Option<Job> {
+    fn try_claim(s: &mut State, index: &IndexFile, interval: Interval, want: (u64, u64), until: u64) -> Option<Job> {
         let l = index.layer(interval.layer).ok()?;
         let cps = &l.checkpoints;
         let j = interval.checkpoint as usize;
         let start = cps.get(j)?.out_offset.to_native();
-        let end = cps.get(j + 1).map_or(l.uncompressed_size.to_native(), |c| c.out_offset.to_native());
+        let end = cps.get(j + 1).map_or(l.uncompressed_size.to_native(), |c| c.out_offset.to_native()).min(until);
         if end <= start || end - start > MAX_INTERVAL || s.running.contains_key(&interval) || s.done.contains(&interval) {
             return None;
         }

@@ -87,7 +87,7 @@ pub struct FileReader {
     /// Furthest offset read so far and the bytes read near it in a row (see `plan_ahead`).
     frontier: u64,
     streak: u64,
-    touched: Vec<Interval>,
+    touched: Option<Vec<(Interval, u64)>>,
 }
 
 /// Reads that land this close to the furthest offset read so far count as sequential
@@ -124,7 +124,7 @@ impl FileReader {
             cold: false,
             frontier: 0,
             streak: 0,
-            touched: Vec::new(),
+            touched: None,
         })
     }
 
@@ -157,9 +157,17 @@ impl FileReader {
         ahead.plan(index, self.layer, from, to, cursor, (self.data_offset, self.data_offset + self.size))
     }
 
-    /// The checkpoint intervals this reader's origin reads needed since the last call.
-    pub fn take_touched(&mut self) -> Vec<Interval> {
-        std::mem::take(&mut self.touched)
+    /// Note the checkpoint intervals of every piece this reader serves, for an access
+    /// profile (see [`FileReader::take_touched`]).
+    pub fn record_touches(mut self) -> FileReader {
+        self.touched = Some(Vec::new());
+        self
+    }
+
+    /// The checkpoint intervals holding the pieces served since the last call, each with
+    /// the end (uncompressed offset in the layer) of the piece that needed it.
+    pub fn take_touched(&mut self) -> Vec<(Interval, u64)> {
+        self.touched.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Pieces this reader took from read-ahead jobs.
@@ -246,12 +254,6 @@ impl FileReader {
             }
         }
         self.cold = true;
-        let at = self.data_offset + p.offset;
-        for iv in [at, at + p.len.saturating_sub(1)].into_iter().filter_map(|o| Interval::containing(index, self.layer, o)) {
-            if self.touched.last() != Some(&iv) {
-                self.touched.push(iv);
-            }
-        }
         let mut buf = vec![0u8; p.len as usize];
         let span = self.span.get_or_insert_with(|| SpanReader::new(self.layer));
         let mut mark = (span.inflated, span.fetched());
@@ -330,6 +332,14 @@ impl FileReader {
             let k = self.pieces.partition_point(|p| p.offset + p.len <= pos);
             let p = self.pieces[k];
             let (bytes, _) = self.piece(index, source, tiers, k)?;
+            if let Some(touched) = &mut self.touched {
+                let (at, end) = (self.data_offset + p.offset, self.data_offset + p.offset + p.len);
+                for iv in [at, end.saturating_sub(1)].into_iter().filter_map(|o| Interval::containing(index, self.layer, o)) {
+                    if touched.last() != Some(&(iv, end)) {
+                        touched.push((iv, end));
+                    }
+                }
+            }
             let from = (pos - p.offset) as usize;
             let n = (bytes.len() - from).min(out.len() - done);
             out[done..done + n].copy_from_slice(&bytes[from..from + n]);
