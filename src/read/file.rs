@@ -96,7 +96,7 @@ const NEAR_FRONTIER: u64 = 1 << 20;
 
 /// Bytes a reader must have read sequentially before read-ahead starts for it: a program
 /// reading a few pages here and there (a loader faulting in a library) gets none.
-const SEQUENTIAL: u64 = 2 << 20;
+const SEQUENTIAL: u64 = 1 << 20;
 
 impl FileReader {
     /// A reader for entry `entry` (hardlinks are followed).
