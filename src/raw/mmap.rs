@@ -18,9 +18,6 @@ impl MappedFile {
         // not change under us; a file truncated by someone else would raise SIGBUS, which is
         // the documented limit of memory-mapped readers.
         let map = unsafe { memmap2::Mmap::map(&file)? };
-        // Opening checksums the whole payload: one large read-ahead of a cold file instead
-        // of a page fault per readahead window. Only a hint; failure changes nothing.
-        let _ = map.advise(memmap2::Advice::WillNeed);
         Ok(MappedFile { map })
     }
 
