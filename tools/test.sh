@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run every test on a fresh Debian machine: installs the real components the tests start
-# (FUSE, umoci, the CNCF registry, skopeo, Redis, busybox) and runs the whole suite.
+# (FUSE, umoci, the CNCF registry, skopeo, Redis, busybox, runc) and runs the whole suite.
 # Needs root (FUSE mounts, chroot, apt-get). Usage: tools/test.sh [cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
