@@ -15,12 +15,15 @@
 //! at the end. The page cache is warm for the origin layout and the disk cache (dropping it
 //! would disturb the machine); Redis is on loopback.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use clip::cache::redis::{RedisConfig, RedisTier};
 use clip::cache::DiskCache;
 use clip::format::{IndexFile, Kind};
+use common::Counting;
 use clip::read::{FileReader, Tier};
-use clip::source::{Source, SourceError};
-use std::io::Read;
+use clip::source::Source;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -61,25 +64,6 @@ fn opts() -> Opts {
     o.runs = o.runs.max(1);
     o.threads = o.threads.max(1);
     o
-}
-
-/// A source that counts blob accesses.
-struct Counting {
-    inner: Box<dyn Source>,
-    calls: AtomicU64,
-}
-
-impl Source for Counting {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-    fn manifest(&self, reference: &str) -> Result<(String, Vec<u8>, String), SourceError> {
-        self.inner.manifest(reference)
-    }
-    fn blob(&self, digest: &str, start: u64, end: Option<u64>) -> Result<Box<dyn Read + Send>, SourceError> {
-        self.calls.fetch_add(1, Ordering::Relaxed);
-        self.inner.blob(digest, start, end)
-    }
 }
 
 /// One line of the result table: its label, the origin and the tiers in front of it.
@@ -181,7 +165,7 @@ fn main() {
         .iter()
         .map(|spec| {
             let (inner, _) = clip::source::open(spec).unwrap_or_else(|e| panic!("opening origin {spec}: {e}"));
-            Counting { inner, calls: AtomicU64::new(0) }
+            Counting::new(inner)
         })
         .collect();
     let origin = &origins[0];
@@ -222,7 +206,7 @@ fn main() {
     println!("image {image}: {} regular files; {} thread(s), median of {} runs", files.len(), o.threads, o.runs);
     println!("{:<40} {:>8} {:>9} {:>8} {:>13}", "read from", "MB", "seconds", "MB/s", "origin calls");
     for (name, src, tiers) in rows {
-        let before = src.calls.load(Ordering::Relaxed);
+        let before = src.calls();
         let mut times = Vec::new();
         let mut bytes = 0;
         for _ in 0..o.runs {
@@ -230,7 +214,7 @@ fn main() {
             bytes = b;
             times.push(s);
         }
-        let calls = (src.calls.load(Ordering::Relaxed) - before) / o.runs as u64;
+        let calls = (src.calls() - before) / o.runs as u64;
         let s = median(times);
         println!("{name:<40} {:>8.1} {s:>9.3} {:>8.0} {calls:>13}", bytes as f64 / 1e6, bytes as f64 / 1e6 / s);
     }
