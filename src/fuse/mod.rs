@@ -347,6 +347,25 @@ impl ClipFs {
         })
     }
 
+    /// Hand the entries of directory `ino` from readdir offset `offset` on to `add` (entry,
+    /// offset of the next one, name) until it reports a full buffer or the listing ends.
+    fn each_dir_entry(
+        &self,
+        ino: INodeNo,
+        offset: u64,
+        mut add: impl FnMut(u32, u64, &[u8]) -> Result<bool, Errno>,
+    ) -> Result<(), Errno> {
+        let d = self.directory(ino)?;
+        let mut k = offset;
+        while let Some((i, name)) = self.dir_entry(d, k)? {
+            if add(i, k + 1, name)? {
+                break;
+            }
+            k += 1;
+        }
+        Ok(())
+    }
+
     fn directory(&self, ino: INodeNo) -> Result<u32, Errno> {
         let d = self.entry_index(ino)?;
         if self.index().entry(d).map_err(|e| self.corrupt(d, e))?.kind != Kind::Dir as u8 {
@@ -599,59 +618,27 @@ impl Filesystem for ClipFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let d = match self.directory(ino) {
-            Ok(d) => d,
-            Err(e) => return reply.error(e),
-        };
-        let mut k = offset;
-        loop {
-            match self.dir_entry(d, k) {
-                Ok(Some((i, name))) => {
-                    let kind = match self.index().entry(i).map_err(|e| self.corrupt(i, e)).and_then(|e| {
-                        file_type(e.kind).map_err(|err| self.corrupt(i, err))
-                    }) {
-                        Ok(t) => t,
-                        Err(e) => return reply.error(e),
-                    };
-                    let ino = match self.index().inode_of(i) {
-                        Ok(c) => ino_of(c),
-                        Err(e) => return reply.error(self.corrupt(i, e)),
-                    };
-                    if reply.add(ino, k + 1, kind, OsStr::from_bytes(name)) {
-                        break;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => return reply.error(e),
-            }
-            k += 1;
+        let r = self.each_dir_entry(ino, offset, |i, next, name| {
+            let kind = self.index().entry(i).map_err(|e| self.corrupt(i, e))?.kind;
+            let kind = file_type(kind).map_err(|e| self.corrupt(i, e))?;
+            let ino = ino_of(self.index().inode_of(i).map_err(|e| self.corrupt(i, e))?);
+            Ok(reply.add(ino, next, kind, OsStr::from_bytes(name)))
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        reply.ok();
     }
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let d = match self.directory(ino) {
-            Ok(d) => d,
-            Err(e) => return reply.error(e),
-        };
-        let mut k = offset;
-        loop {
-            match self.dir_entry(d, k) {
-                Ok(Some((i, name))) => {
-                    let attr = match self.attr(i) {
-                        Ok(a) => a,
-                        Err(e) => return reply.error(e),
-                    };
-                    if reply.add(attr.ino, k + 1, OsStr::from_bytes(name), &TTL, &attr, Generation(0)) {
-                        break;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => return reply.error(e),
-            }
-            k += 1;
+        let r = self.each_dir_entry(ino, offset, |i, next, name| {
+            let attr = self.attr(i)?;
+            Ok(reply.add(attr.ino, next, OsStr::from_bytes(name), &TTL, &attr, Generation(0)))
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        reply.ok();
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
