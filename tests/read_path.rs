@@ -237,3 +237,22 @@ fn read_ahead_of_a_lying_origin_never_serves_wrong_bytes() {
     assert_eq!(head, clip::demo::noise(1, 5 << 20));
     assert_eq!(r.ahead_hits(), 0);
 }
+
+#[test]
+fn read_ahead_refuses_intervals_the_index_does_not_have() {
+    let f = big_fixture();
+    let ahead = ReadAhead::new(4 << 20, 64 << 20);
+    let layer = f.idx.layer(0).unwrap();
+    let n = layer.checkpoints.len() as u32;
+    let iv = |layer, checkpoint| clip::read::ahead::Interval { layer, checkpoint };
+    // A profile from a tampered file may name anything: nothing is claimed, nothing runs.
+    assert!(ahead.claim(&f.idx, iv(0, n), (0, u64::MAX), u64::MAX).is_none());
+    assert!(ahead.claim(&f.idx, iv(7, 0), (0, u64::MAX), u64::MAX).is_none());
+    let start = layer.checkpoints[1].out_offset.to_native();
+    assert!(ahead.claim(&f.idx, iv(0, 1), (0, u64::MAX), start).is_none(), "stops before it starts");
+    // A real one is claimed once, runs, and is not claimed again.
+    let job = ahead.claim(&f.idx, iv(0, 1), (0, u64::MAX), u64::MAX).expect("claimable");
+    assert!(ahead.claim(&f.idx, iv(0, 1), (0, u64::MAX), u64::MAX).is_none(), "running");
+    ahead.run(&f.idx, &f.src, &f.tiers, &f.neighbours, job).unwrap();
+    assert!(ahead.claim(&f.idx, iv(0, 1), (0, u64::MAX), u64::MAX).is_none(), "done");
+}
