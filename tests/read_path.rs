@@ -218,10 +218,10 @@ fn read_ahead_inflates_the_next_intervals_and_stitches_pieces_across_their_bound
 
 #[test]
 fn read_ahead_of_a_lying_origin_never_serves_wrong_bytes() {
-    let f = fixture();
+    let f = big_fixture();
     let ahead = ReadAhead::new(4 << 20, 64 << 20);
     // Jobs that cannot read leave their intervals to the reader, which then fails cleanly.
-    let i = entry(&f.idx, "/data/random.bin");
+    let i = entry(&f.idx, "/big.bin");
     let mut r = FileReader::new(&f.idx, i).unwrap().with_read_ahead(ahead.clone());
     let mut head = vec![0u8; 2 << 20];
     r.read_at(&f.idx, &f.src, &f.tiers, 0, &mut head).unwrap();
@@ -234,7 +234,7 @@ fn read_ahead_of_a_lying_origin_never_serves_wrong_bytes() {
     let mut rest = vec![0u8; (r.size() - head.len() as u64) as usize];
     r.read_at(&f.idx, &f.src, &f.tiers, head.len() as u64, &mut rest).unwrap();
     head.extend(rest);
-    assert_eq!(head, clip::demo::noise(1, 5 << 20));
+    assert_eq!(head, clip::demo::noise(7, BIG));
     assert_eq!(r.ahead_hits(), 0);
 }
 
@@ -255,4 +255,30 @@ fn read_ahead_refuses_intervals_the_index_does_not_have() {
     assert!(ahead.claim(&f.idx, iv(0, 1), (0, u64::MAX), u64::MAX).is_none(), "running");
     ahead.run(&f.idx, &f.src, &f.tiers, &f.neighbours, job).unwrap();
     assert!(ahead.claim(&f.idx, iv(0, 1), (0, u64::MAX), u64::MAX).is_none(), "done");
+}
+
+#[test]
+fn read_ahead_plans_only_intervals_holding_whole_pieces_not_read_yet() {
+    let f = big_fixture();
+    let ahead = ReadAhead::new(8 << 20, 64 << 20);
+    let i = entry(&f.idx, "/big.bin");
+    let mut r = FileReader::new(&f.idx, i).unwrap().with_read_ahead(ahead.clone());
+    let next = 3 << 20;
+    let mut head = vec![0u8; next];
+    r.read_at(&f.idx, &f.src, &f.tiers, 0, &mut head).unwrap();
+    let jobs = r.plan_ahead(&f.idx, next as u64);
+    assert!(!jobs.is_empty());
+    let e = f.idx.entry(i).unwrap();
+    let base = e.data_offset.to_native();
+    let layer = f.idx.layer(e.layer.to_native()).unwrap();
+    let cps: Vec<u64> = layer.checkpoints.iter().map(|c| c.out_offset.to_native()).collect();
+    for job in jobs {
+        let j = job.interval.checkpoint as usize;
+        let (a, b) = (cps[j], cps.get(j + 1).copied().unwrap_or(layer.uncompressed_size.to_native()));
+        let from = a.max(base + next as u64);
+        assert!(
+            r.pieces().iter().any(|p| base + p.offset >= from && base + p.offset + p.len <= b),
+            "interval {j} [{a}, {b}) holds no whole piece past the reader"
+        );
+    }
 }

@@ -139,10 +139,20 @@ impl ReadAhead {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Claim the intervals of `layer` that intersect `[from, to)`, except the one holding
+    /// Claim the intervals of `layer` that intersect `span` (from, to), except the one holding
     /// `skip` (where the reader's own inflate cursor is), for a reader of the file at
     /// `want`. The returned jobs are the caller's to run with [`ReadAhead::run`].
-    pub fn plan(&self, index: &IndexFile, layer: u32, from: u64, to: u64, skip: Option<u64>, want: (u64, u64)) -> Vec<Job> {
+    /// `useful(start, end)` says whether an interval's uncompressed range is worth a job
+    /// (e.g. whether it holds a whole piece of the reader's file).
+    pub fn plan(
+        &self,
+        index: &IndexFile,
+        layer: u32,
+        (from, to): (u64, u64),
+        skip: Option<u64>,
+        want: (u64, u64),
+        useful: impl Fn(u64, u64) -> bool,
+    ) -> Vec<Job> {
         let Ok(l) = index.layer(layer) else { return Vec::new() };
         let cps = &l.checkpoints;
         if cps.is_empty() || from >= to {
@@ -152,9 +162,15 @@ impl ReadAhead {
         let first = containing(from);
         let last = cps.partition_point(|c| c.out_offset.to_native() < to);
         let skip = skip.map(containing);
+        let size = l.uncompressed_size.to_native();
+        let range = |j: usize| (cps[j].out_offset.to_native(), cps.get(j + 1).map_or(size, |c| c.out_offset.to_native()));
         let mut s = self.lock();
         (first..last)
             .filter(|&j| Some(j) != skip)
+            .filter(|&j| {
+                let (a, b) = range(j);
+                useful(a, b)
+            })
             .filter_map(|j| Self::try_claim(&mut s, index, Interval { layer, checkpoint: j as u32 }, want, u64::MAX))
             .collect()
     }

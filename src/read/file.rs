@@ -154,7 +154,15 @@ impl FileReader {
         let from = self.data_offset + next;
         let to = self.data_offset + self.size.min(next.saturating_add(ahead.window()));
         let cursor = self.span.as_ref().and_then(SpanReader::position);
-        ahead.plan(index, self.layer, from, to, cursor, (self.data_offset, self.data_offset + self.size))
+        let base = self.data_offset;
+        // A job is worth it when a whole piece of this file not read yet lies in its
+        // interval; one that would only hold pieces already read, or the half of a piece
+        // this reader's own cursor produces, is not.
+        let whole_piece = |a: u64, b: u64| {
+            let first = self.pieces.partition_point(|p| base + p.offset < a.max(from));
+            self.pieces.get(first).is_some_and(|p| base + p.offset + p.len <= b)
+        };
+        ahead.plan(index, self.layer, (from, to), cursor, (base, base + self.size), whole_piece)
     }
 
     /// Note the checkpoint intervals of every piece this reader serves, for an access
