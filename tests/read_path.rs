@@ -282,3 +282,36 @@ fn read_ahead_plans_only_intervals_holding_whole_pieces_not_read_yet() {
         );
     }
 }
+
+#[test]
+fn cached_pieces_are_read_and_verified_ahead_of_a_warm_sequential_reader() {
+    let f = big_fixture();
+    let want = read_all(&f.idx, &f.src, &f.tiers, "/big.bin", None);
+    let i = entry(&f.idx, "/big.bin");
+    let pieces = FileReader::new(&f.idx, i).unwrap().pieces().to_vec();
+    // One cached piece is poisoned: no job may hand it over; the reader fetches it again.
+    let bad = pieces[pieces.len() / 2];
+    f.mem.put(&bad.sha256, &vec![b'x'; bad.len as usize]);
+
+    let ahead = ReadAhead::new(4 << 20, 64 << 20);
+    let mut r = FileReader::new(&f.idx, i).unwrap().with_read_ahead(ahead.clone());
+    let mut out = vec![0u8; r.size() as usize];
+    let (mut at, mut jobs) = (0, 0);
+    while at < out.len() {
+        let end = (at + (128 << 10)).min(out.len());
+        r.read_at(&f.idx, &f.src, &f.tiers, at as u64, &mut out[at..end]).unwrap();
+        at = end;
+        // Past the poisoned piece the reader needed the origin: inflation jobs from then on.
+        for job in r.plan_ahead(&f.idx, at as u64) {
+            ahead.run(&f.idx, &f.src, &f.tiers, &f.neighbours, job).unwrap();
+        }
+        if let Some(job) = r.plan_cached_ahead(at as u64) {
+            jobs += 1;
+            ahead.run_cached(&f.tiers, job);
+        }
+    }
+    assert_eq!(out, want);
+    assert!(jobs > 0);
+    assert!(r.ahead_hits() + 4 >= pieces.len() as u64, "{} of {} pieces", r.ahead_hits(), pieces.len());
+    assert!(clip::read::file::verify(&f.mem.get(&bad.sha256).unwrap(), &bad.sha256), "the poisoned piece was replaced");
+}

@@ -9,7 +9,7 @@ pub mod pool;
 
 use crate::format::{FormatError, IndexFile, Kind};
 use crate::profile::{Needed, Recorder};
-use crate::read::ahead::{Interval, Job};
+use crate::read::ahead::{CachedJob, Interval, Job};
 use crate::read::{FileReader, Neighbours, ReadAhead, ReadError, SpanReader, Tier};
 use crate::source::{Source, SourceError};
 use attr::{attr_of, entry_of, file_type, ino_of};
@@ -391,6 +391,7 @@ struct Served {
     bytes: Vec<u8>,
     unfinished: Option<SpanReader>,
     ahead: Vec<Job>,
+    cached: Option<CachedJob>,
 }
 
 /// Answer one read.
@@ -399,7 +400,7 @@ fn serve_read(shared: &Shared, reader: &Mutex<FileReader>, offset: u64, size: u3
     let len = r.size().saturating_sub(offset).min(size as u64) as usize;
     let mut buf = vec![0u8; len];
     if len == 0 {
-        return Ok(Served { bytes: buf, unfinished: None, ahead: Vec::new() });
+        return Ok(Served { bytes: buf, unfinished: None, ahead: Vec::new(), cached: None });
     }
     let (inf0, fetch0) = r.origin_stats();
     let (kept0, kept_bytes0) = r.kept_stats();
@@ -418,7 +419,8 @@ fn serve_read(shared: &Shared, reader: &Mutex<FileReader>, offset: u64, size: u3
         r.take_touched().into_iter().for_each(|(iv, until)| rec.record(iv, until));
     }
     let ahead = r.plan_ahead(&shared.index, offset + n as u64);
-    Ok(Served { bytes: buf, unfinished: r.take_unfinished(), ahead })
+    let cached = r.plan_cached_ahead(offset + n as u64);
+    Ok(Served { bytes: buf, unfinished: r.take_unfinished(), ahead, cached })
 }
 
 /// Run a read-ahead job (on the read-ahead pool) and count what it did.
@@ -569,6 +571,13 @@ impl Filesystem for ClipFs {
                 for job in served.ahead {
                     let shared = shared.clone();
                     ahead_pool.submit(move || run_ahead(&shared, job));
+                }
+                if let Some(job) = served.cached {
+                    let shared = shared.clone();
+                    ahead_pool.submit(move || {
+                        shared.ahead.run_cached(&shared.tiers, job);
+                        shared.stats.ahead_jobs.fetch_add(1, Ordering::Relaxed);
+                    });
                 }
                 if let Some(span) = served.unfinished {
                     finish_interval(&shared, span);

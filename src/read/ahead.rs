@@ -85,12 +85,48 @@ struct State {
     running: HashMap<Interval, (u64, u64)>,
     /// Intervals inflated before (not claimed again).
     done: HashSet<Interval>,
-    /// Verified pieces waiting for their reader, oldest first in `order`.
-    ready: HashMap<[u8; 32], Arc<Vec<u8>>>,
+    /// Pieces waiting for their reader, oldest first in `order`.
+    ready: HashMap<[u8; 32], Held>,
+    /// Pieces a cached-piece job is reading.
+    running_keys: HashSet<[u8; 32]>,
     order: VecDeque<[u8; 32]>,
     ready_bytes: u64,
     /// Halves of pieces crossing an interval boundary, by (layer, piece offset in the layer).
     seams: HashMap<(u32, u64), Seam>,
+}
+
+/// A piece held for its reader.
+#[derive(Clone, Debug)]
+pub struct Held {
+    /// The bytes.
+    pub bytes: Arc<Vec<u8>>,
+    /// Whether the job already checked them against the piece's sha256.
+    pub verified: bool,
+}
+
+/// A read-ahead job for pieces already in the cache tiers: `(sha256, length)` of each, to
+/// be read and verified on another thread so that a sequential warm reader only copies.
+#[derive(Clone, Debug)]
+pub struct CachedJob {
+    /// The pieces, in file order.
+    pub pieces: Vec<([u8; 32], u64)>,
+}
+
+/// Un-marks a cached-piece job's keys when dropped (also on panic), waking readers.
+struct KeysClaim<'a> {
+    ahead: &'a ReadAhead,
+    keys: Vec<[u8; 32]>,
+}
+
+impl Drop for KeysClaim<'_> {
+    fn drop(&mut self) {
+        let mut s = self.ahead.lock();
+        for k in &self.keys {
+            s.running_keys.remove(k);
+        }
+        drop(s);
+        self.ahead.changed.notify_all();
+    }
 }
 
 /// The two halves of a piece that crosses the boundary at `boundary`.
@@ -212,13 +248,58 @@ impl ReadAhead {
         }
     }
 
-    /// The piece `sha256` if a job left it for its reader (taken out of memory). Not
-    /// verified: the caller checks it against `sha256` before using it.
-    pub fn take(&self, sha256: &[u8; 32]) -> Option<Arc<Vec<u8>>> {
+    /// Wait until no cached-piece job is reading the piece `sha256`.
+    pub fn wait_key(&self, sha256: &[u8; 32]) {
         let mut s = self.lock();
-        let piece = s.ready.remove(sha256)?;
-        s.ready_bytes -= piece.len() as u64;
-        Some(piece)
+        while s.running_keys.contains(sha256) {
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// The piece `sha256` if a job left it for its reader (taken out of memory). Unless
+    /// `verified` says so, the caller checks it against `sha256` before using it.
+    pub fn take(&self, sha256: &[u8; 32]) -> Option<Held> {
+        let mut s = self.lock();
+        let held = s.ready.remove(sha256)?;
+        s.ready_bytes -= held.bytes.len() as u64;
+        Some(held)
+    }
+
+    /// Claim `pieces` (sha256, length) that no job is reading or holding yet, for a
+    /// [`CachedJob`]; `None` when nothing is left to claim.
+    pub fn claim_cached(&self, pieces: impl IntoIterator<Item = ([u8; 32], u64)>) -> Option<CachedJob> {
+        let mut s = self.lock();
+        let mut claimed = Vec::new();
+        for (key, len) in pieces {
+            if !s.ready.contains_key(&key) && s.running_keys.insert(key) {
+                claimed.push((key, len));
+            }
+        }
+        (!claimed.is_empty()).then_some(CachedJob { pieces: claimed })
+    }
+
+    /// Run `job`: read each piece from the first tier that has it right (verified), copy
+    /// it into the tiers before that one, and hold it, verified, for its reader. Returns the
+    /// number of pieces held.
+    pub fn run_cached(&self, tiers: &[Arc<dyn Tier>], job: CachedJob) -> u64 {
+        let _claim = KeysClaim { ahead: self, keys: job.pieces.iter().map(|(k, _)| *k).collect() };
+        let mut held = 0;
+        for (key, len) in job.pieces {
+            for (i, t) in tiers.iter().enumerate() {
+                let Some(b) = t.get(&key) else { continue };
+                if b.len() as u64 != len || !verify(&b, &key) {
+                    continue; // the reader drops and counts it when it gets there
+                }
+                for lower in &tiers[..i] {
+                    lower.put(&key, &b);
+                }
+                let mut s = self.lock();
+                self.hold(&mut s, key, Held { bytes: Arc::new(b), verified: true });
+                held += 1;
+                break;
+            }
+        }
+        held
     }
 
     /// Run `job`: inflate its interval, hold the wanted pieces in memory for their reader
@@ -245,9 +326,9 @@ impl ReadAhead {
         let mut stats = JobStats { inflated: span.inflated, fetched: span.fetched(), ..JobStats::default() };
         read?;
         let wanted = |offset: u64| job.want.0 <= offset && offset < job.want.1;
-        let mut keep = |offset: u64, bytes: &[u8], ready: &mut Vec<([u8; 32], Arc<Vec<u8>>)>, sha256: &[u8; 32]| {
+        let mut keep = |offset: u64, bytes: &[u8], ready: &mut Vec<([u8; 32], Held)>, sha256: &[u8; 32]| {
             if wanted(offset) {
-                ready.push((*sha256, Arc::new(bytes.to_vec())));
+                ready.push((*sha256, Held { bytes: Arc::new(bytes.to_vec()), verified: false }));
                 return;
             }
             if !verify(bytes, sha256) {
@@ -313,14 +394,14 @@ impl ReadAhead {
         None
     }
 
-    /// Hold a verified piece for its reader, dropping the oldest past the budget.
-    fn hold(&self, s: &mut State, key: [u8; 32], piece: Arc<Vec<u8>>) {
-        let len = piece.len() as u64;
+    /// Hold a piece for its reader, dropping the oldest past the budget.
+    fn hold(&self, s: &mut State, key: [u8; 32], piece: Held) {
+        let len = piece.bytes.len() as u64;
         if len > self.ready_budget {
             return;
         }
         if let Some(old) = s.ready.insert(key, piece) {
-            s.ready_bytes -= old.len() as u64;
+            s.ready_bytes -= old.bytes.len() as u64;
         } else {
             s.order.push_back(key);
         }
@@ -328,7 +409,7 @@ impl ReadAhead {
         while s.ready_bytes > self.ready_budget {
             let Some(k) = s.order.pop_front() else { break };
             if let Some(old) = s.ready.remove(&k) {
-                s.ready_bytes -= old.len() as u64;
+                s.ready_bytes -= old.bytes.len() as u64;
             }
         }
         if s.order.len() > 4 * s.ready.len() + 64 {

@@ -1,6 +1,6 @@
 //! Serving verified pieces of regular files through cache tiers.
 
-use super::ahead::{Interval, Job, ReadAhead};
+use super::ahead::{CachedJob, Interval, Job, ReadAhead};
 use super::neighbours::Neighbours;
 use super::span::SpanReader;
 use crate::format::{FormatError, IndexFile, Kind, Piece};
@@ -165,6 +165,21 @@ impl FileReader {
         ahead.plan(index, self.layer, (from, to), cursor, (base, base + self.size), whole_piece)
     }
 
+    /// A job reading and verifying, on another thread, the pieces in the `window` bytes
+    /// after file offset `next` from the cache tiers, once this reader has read
+    /// sequentially for a while and found everything cached so far (see
+    /// [`ReadAhead::run_cached`]).
+    pub fn plan_cached_ahead(&self, next: u64) -> Option<CachedJob> {
+        let ahead = self.ahead.as_ref()?;
+        if self.cold || self.streak < SEQUENTIAL || next >= self.size {
+            return None;
+        }
+        let end = next.saturating_add(ahead.window());
+        let first = self.pieces.partition_point(|p| p.offset < next);
+        let pieces = self.pieces[first..].iter().take_while(|p| p.offset < end).map(|p| (p.sha256, p.len));
+        ahead.claim_cached(pieces)
+    }
+
     /// Note the checkpoint intervals of every piece this reader serves, for an access
     /// profile (see [`FileReader::take_touched`]).
     pub fn record_touches(mut self) -> FileReader {
@@ -235,7 +250,15 @@ impl FileReader {
         if let Some(ahead) = &self.ahead {
             let start = self.data_offset + p.offset;
             ahead.wait(self.layer, start, start + p.len);
-            if let Some(b) = ahead.take(&p.sha256) {
+            ahead.wait_key(&p.sha256);
+            if let Some(held) = ahead.take(&p.sha256) {
+                let b = held.bytes;
+                if held.verified && b.len() as u64 == p.len {
+                    // Read from the tiers and checked by a cached-piece job.
+                    self.ahead_hits += 1;
+                    self.last = Some((k, b.clone()));
+                    return Ok((b, Origin::ReadAhead));
+                }
                 if b.len() as u64 == p.len && verify(&b, &p.sha256) {
                     for t in tiers {
                         t.put(&p.sha256, &b);
