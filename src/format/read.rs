@@ -255,8 +255,23 @@ impl IndexFile {
     /// The last checkpoint of `layer` at or before uncompressed offset `out`.
     pub fn checkpoint_before(&self, layer: u32, out: u64) -> Result<Option<&ArchivedCheckpoint>, FormatError> {
         let cps = &self.layer(layer)?.checkpoints;
-        let n = cps.partition_point(|c| c.out_offset.to_native() <= out);
-        Ok(if n == 0 { None } else { Some(&cps[n - 1]) })
+        Ok(self.checkpoint_index_before(layer, out)?.map(|k| &cps[k]))
+    }
+
+    /// Number of the last checkpoint of `layer` at or before uncompressed offset `out`:
+    /// the checkpoint interval holding `out`.
+    pub fn checkpoint_index_before(&self, layer: u32, out: u64) -> Result<Option<usize>, FormatError> {
+        let cps = &self.layer(layer)?.checkpoints;
+        Ok(cps.partition_point(|c| c.out_offset.to_native() <= out).checked_sub(1))
+    }
+
+    /// Uncompressed range of the interval starting at checkpoint `k` of `layer`: up to the
+    /// next checkpoint, or the end of the layer (none past the last checkpoint).
+    pub fn interval_range(&self, layer: u32, k: usize) -> Result<Option<(u64, u64)>, FormatError> {
+        let l = self.layer(layer)?;
+        let Some(start) = l.checkpoints.get(k) else { return Ok(None) };
+        let end = l.checkpoints.get(k + 1).map_or(l.uncompressed_size.to_native(), |c| c.out_offset.to_native());
+        Ok(Some((start.out_offset.to_native(), end)))
     }
 }
 

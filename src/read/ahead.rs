@@ -33,9 +33,8 @@ impl Interval {
     /// The interval of `layer` holding uncompressed offset `offset` (none for a layer
     /// without checkpoints).
     pub fn containing(index: &IndexFile, layer: u32, offset: u64) -> Option<Interval> {
-        let cps = &index.layer(layer).ok()?.checkpoints;
-        let n = cps.partition_point(|c| c.out_offset.to_native() <= offset);
-        (n > 0).then(|| Interval { layer, checkpoint: (n - 1) as u32 })
+        let k = index.checkpoint_index_before(layer, offset).ok()??;
+        Some(Interval { layer, checkpoint: k as u32 })
     }
 }
 
@@ -194,19 +193,14 @@ impl ReadAhead {
         if cps.is_empty() || from >= to {
             return Vec::new();
         }
-        let containing = |off: u64| cps.partition_point(|c| c.out_offset.to_native() <= off).saturating_sub(1);
-        let first = containing(from);
+        let containing = |off: u64| index.checkpoint_index_before(layer, off).ok().flatten();
+        let first = containing(from).unwrap_or(0);
         let last = cps.partition_point(|c| c.out_offset.to_native() < to);
-        let skip = skip.map(containing);
-        let size = l.uncompressed_size.to_native();
-        let range = |j: usize| (cps[j].out_offset.to_native(), cps.get(j + 1).map_or(size, |c| c.out_offset.to_native()));
+        let skip = skip.and_then(containing);
         let mut s = self.lock();
         (first..last)
             .filter(|&j| Some(j) != skip)
-            .filter(|&j| {
-                let (a, b) = range(j);
-                useful(a, b)
-            })
+            .filter(|&j| index.interval_range(layer, j).ok().flatten().is_some_and(|(a, b)| useful(a, b)))
             .filter_map(|j| Self::try_claim(&mut s, index, Interval { layer, checkpoint: j as u32 }, want, u64::MAX))
             .collect()
     }
@@ -218,11 +212,8 @@ impl ReadAhead {
     }
 
     fn try_claim(s: &mut State, index: &IndexFile, interval: Interval, want: (u64, u64), until: u64) -> Option<Job> {
-        let l = index.layer(interval.layer).ok()?;
-        let cps = &l.checkpoints;
-        let j = interval.checkpoint as usize;
-        let start = cps.get(j)?.out_offset.to_native();
-        let end = cps.get(j + 1).map_or(l.uncompressed_size.to_native(), |c| c.out_offset.to_native()).min(until);
+        let (start, end) = index.interval_range(interval.layer, interval.checkpoint as usize).ok()??;
+        let end = end.min(until);
         if end <= start || end - start > MAX_INTERVAL || s.running.contains_key(&interval) || s.done.contains(&interval) {
             return None;
         }

@@ -167,10 +167,11 @@ impl SpanReader {
     pub fn finish_interval(&mut self, index: &IndexFile, passed: &mut dyn FnMut(u64, &[u8])) -> Result<(), ReadError> {
         if let Some(Cursor::Gzip(inner)) = &mut self.cursor {
             let pos = inner.position();
-            let layer = index.layer(self.layer)?;
-            let cps = &layer.checkpoints;
-            let next = cps.partition_point(|c| c.out_offset.to_native() <= pos);
-            let limit = cps.get(next).map_or(layer.uncompressed_size.to_native(), |c| c.out_offset.to_native());
+            let here = index.checkpoint_index_before(self.layer, pos)?;
+            let limit = match here {
+                Some(k) => index.interval_range(self.layer, k)?.map_or(pos, |(_, end)| end),
+                None => pos,
+            };
             let gap = limit.saturating_sub(pos);
             if gap > 0 && gap <= MAX_KEPT_GAP {
                 let bytes = inflate_exact(inner, gap as usize, self.layer)?;
