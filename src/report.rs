@@ -37,7 +37,7 @@ pub fn inspect_json(idx: &IndexFile) -> Result<serde_json::Value, FormatError> {
                 "compressed_size": l.compressed_size.to_native(),
                 "uncompressed_size": l.uncompressed_size.to_native(),
                 "checkpoints": l.checkpoints.len(),
-                "window_bytes": l.checkpoints.iter().map(|c| c.window.len() as u64).sum::<u64>(),
+                "window_bytes": l.checkpoints.iter().map(|c| c.window_stored_len.to_native() as u64).sum::<u64>(),
             })
         })
         .collect();

@@ -441,11 +441,11 @@ fn corrupt_index_files_give_clear_errors() {
     check(&good[..10], "truncated");
     check(b"not an index at all, just some text that is long enough for a header....", "not a clip index");
     let mut v = good.clone();
-    v[8] = 2;
-    check(&v, "version 2.0 is not supported");
+    v[8] = 1;
+    check(&v, "version 1.0 is not supported");
     let mut c = good.clone();
-    let n = c.len();
-    c[n - 100] ^= 0xff;
+    let payload_end = 64 + u64::from_le_bytes(good[24..32].try_into().unwrap()) as usize;
+    c[payload_end - 100] ^= 0xff;
     check(&c, "checksum");
     assert!(IndexFile::open(&index).unwrap().entry(NONE).is_err());
 }

@@ -45,21 +45,22 @@ fn reseal(b: &mut [u8]) {
 fn unknown_major_version_is_refused_with_a_clear_message() {
     let tmp = tempfile::tempdir().unwrap();
     let good = demo_bytes(tmp.path());
-    for major in [0u16, 2, 3, 0xffff] {
+    for major in [0u16, 1, 3, 0xffff] {
         let b = patched(&good, |b| b[8..10].copy_from_slice(&major.to_le_bytes()));
         let e = open_err(&b);
         assert!(matches!(e, FormatError::UnsupportedVersion { found_major, found_minor: 0 } if found_major == major), "{e:?}");
         let msg = e.to_string();
         assert!(msg.contains(&format!("version {major}.0 is not supported")), "{msg}");
-        assert!(msg.contains("reads version 1.x"), "{msg}");
+        assert!(msg.contains("reads version 2.x"), "{msg}");
     }
-    // Through the command line too, as a user sees it.
-    let p = tmp.path().join("v2.clip");
-    std::fs::write(&p, patched(&good, |b| b[8] = 2)).unwrap();
+    // Through the command line too, as a user sees it: an index of format version 1
+    // (windows inside the payload) is refused with what to do.
+    let p = tmp.path().join("v1.clip");
+    std::fs::write(&p, patched(&good, |b| b[8] = 1)).unwrap();
     let out = Command::new(bin("clip-build")).arg("inspect").arg(&p).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("index format version 2.0 is not supported"), "{err}");
+    assert!(err.contains("index format version 1.0 is not supported") && err.contains("rebuild the index"), "{err}");
 }
 
 #[test]
@@ -94,7 +95,7 @@ fn bad_magic_reserved_and_payload_offset_are_refused() {
     let e = open_err(&patched(&good, |b| b[0..8].copy_from_slice(b"GIF89a\0\0")));
     assert!(matches!(e, FormatError::BadMagic(_)), "{e:?}");
     assert!(e.to_string().contains("not a clip index"), "{e}");
-    for at in 48..64 {
+    for at in 56..64 {
         let e = open_err(&patched(&good, |b| b[at] = 1));
         assert!(matches!(e, FormatError::BadField { field: "reserved", .. }), "byte {at}: {e:?}");
     }
@@ -110,8 +111,9 @@ fn checksum_mismatch_is_refused() {
     let e = open_err(&patched(&good, |b| b[32] ^= 0x40));
     assert!(matches!(e, FormatError::Checksum { .. }), "{e:?}");
     assert!(e.to_string().contains("payload checksum"), "{e}");
-    // One bit anywhere in the payload: first byte, middle, the root object at the end.
-    for at in [64, good.len() / 2, good.len() - 1] {
+    // One bit anywhere in the payload: first byte, middle, the root object at its end.
+    let payload_end = 64 + u64::from_le_bytes(good[24..32].try_into().unwrap()) as usize;
+    for at in [64, payload_end / 2, payload_end - 1] {
         let e = open_err(&patched(&good, |b| b[at] ^= 1));
         assert!(matches!(e, FormatError::Checksum { .. }), "byte {at}: {e:?}");
     }
@@ -136,19 +138,27 @@ fn truncated_files_are_refused() {
         assert!(matches!(e, FormatError::Truncated { what: "header", .. }), "{len}: {e:?}");
         assert!(e.to_string().contains("truncated"), "{e}");
     }
-    for len in [64, 65, 100, good.len() / 2, good.len() - 8, good.len() - 1] {
+    let payload_end = 64 + u64::from_le_bytes(good[24..32].try_into().unwrap()) as usize;
+    assert!(payload_end < good.len(), "the demo index has a window area");
+    for len in [64, 65, 100, payload_end / 2, payload_end - 8, payload_end - 1] {
         let e = open_err(&good[..len]);
         assert!(matches!(e, FormatError::Truncated { what: "payload", .. }), "{len}: {e:?}");
     }
-    // A payload_len that overflows when added to the offset.
+    for len in [payload_end, payload_end + 1, good.len() - 1] {
+        let e = open_err(&good[..len]);
+        assert!(matches!(e, FormatError::Truncated { what: "window area", .. }), "{len}: {e:?}");
+    }
+    // A payload_len or windows_len that overflows when added to the offset.
     let e = open_err(&patched(&good, |b| b[24..32].copy_from_slice(&u64::MAX.to_le_bytes())));
     assert!(matches!(e, FormatError::Truncated { .. }), "{e:?}");
+    let e = open_err(&patched(&good, |b| b[48..56].copy_from_slice(&u64::MAX.to_le_bytes())));
+    assert!(matches!(e, FormatError::Truncated { what: "window area", .. }), "{e:?}");
     // Through the command line, on a file on disk (mmap path).
     let p = tmp.path().join("cut.clip");
     std::fs::write(&p, &good[..good.len() - 100]).unwrap();
     let e = IndexFile::open(&p).err().expect("truncated file opened");
     assert!(e.to_string().contains("index is truncated"), "{e}");
-    // Trailing bytes after the payload are ignored (the header says where the payload ends).
+    // Trailing bytes after the window area are ignored (the header says where it ends).
     let mut longer = good.clone();
     longer.extend_from_slice(&[0xAA; 24]);
     IndexFile::from_bytes(&longer).unwrap().verify().unwrap();
@@ -170,7 +180,39 @@ fn exercise(idx: &IndexFile) {
     for l in 0..idx.index().layers.len() as u32 {
         let _ = idx.checkpoint_before(l, 0);
         let _ = idx.checkpoint_before(l, u64::MAX);
+        for k in 0..idx.index().layers[l as usize].checkpoints.len() + 1 {
+            let _ = idx.stored_window(l, k);
+        }
     }
+}
+
+/// The window area is outside the payload checksum, so a damaged window still opens; the
+/// damage is found when that window is used (and by `verify`), never served as bytes.
+#[test]
+fn a_damaged_window_is_refused_when_used() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = demo_bytes(tmp.path());
+    let payload_end = 64 + u64::from_le_bytes(good[24..32].try_into().unwrap()) as usize;
+    let b = patched(&good, |b| b[payload_end + 100] ^= 0x10);
+    let idx = IndexFile::from_bytes(&b).expect("the payload is intact");
+    let (layer, k) = (0..idx.index().layers.len() as u32)
+        .flat_map(|l| (0..idx.index().layers[l as usize].checkpoints.len()).map(move |k| (l, k)))
+        .find(|&(l, k)| idx.stored_window(l, k).is_err())
+        .expect("some window covers the damaged byte");
+    let e = idx.stored_window(layer, k).unwrap_err();
+    assert!(matches!(e, FormatError::Window { .. }), "{e:?}");
+    assert!(e.to_string().contains("does not match its checksum") && e.to_string().contains("rebuild"), "{e}");
+    let e = idx.verify().unwrap_err();
+    assert!(matches!(e, FormatError::Window { .. }), "{e:?}");
+    // A window area cut short (header and file agree): the last window lies outside it.
+    let b = patched(&good, |b| {
+        let wlen = u64::from_le_bytes(b[48..56].try_into().unwrap()) - 1;
+        b[48..56].copy_from_slice(&wlen.to_le_bytes());
+        b.pop();
+    });
+    let idx = IndexFile::from_bytes(&b).expect("header and file size agree");
+    let e = idx.verify().unwrap_err();
+    assert!(e.to_string().contains("lies outside the window area"), "{e}");
 }
 
 /// Every byte of a small index, damaged two ways, both with the checksum left alone and

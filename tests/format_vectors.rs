@@ -146,8 +146,17 @@ fn worked_example_numbers() {
     let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
     assert_eq!(&b[..8], b"CLIPIDX\0");
     let plen = u64_at(24) as usize;
-    assert_eq!(b.len(), 64 + plen);
-    assert_eq!(u64_at(32), xxhash_rust::xxh3::xxh3_64(&b[64..]));
+    let wlen = u64_at(48) as usize;
+    assert_eq!(b.len(), 64 + plen + wlen);
+    assert_eq!(u64_at(32), xxhash_rust::xxh3::xxh3_64(&b[64..64 + plen]));
+    // Layer 0's second checkpoint holds the only non-empty window: the whole window area.
+    let layers_field = 64 + plen - 88 + 48;
+    let layers = (layers_field as i64 + u32_at(layers_field) as i32 as i64) as usize;
+    let cps_field = layers + 40;
+    let cps = (cps_field as i64 + u32_at(cps_field) as i32 as i64) as usize;
+    let cp1 = cps + 48;
+    assert_eq!((u64_at(cp1 + 16), u32_at(cp1 + 32) as usize), (0, wlen));
+    assert_eq!(u64_at(cp1 + 24), xxhash_rust::xxh3::xxh3_64(&b[64 + plen..]));
     assert_eq!((u32_at(40), u32_at(44)), (17, 2));
     let root = 64 + plen - 88;
     let entries_field = root + 56;

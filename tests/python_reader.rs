@@ -222,8 +222,9 @@ fn py_fails(args: &[&str]) -> String {
 #[test]
 fn python_reader_rejects_what_the_spec_says_to_reject() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_, index) = demo_index(tmp.path());
+    let (layout, index) = demo_index(tmp.path());
     let good = std::fs::read(&index).unwrap();
+    let payload_end = 64 + u64::from_le_bytes(good[24..32].try_into().unwrap()) as usize;
     let write = |name: &str, f: &dyn Fn(&mut Vec<u8>)| {
         let mut b = good.clone();
         f(&mut b);
@@ -231,19 +232,24 @@ fn python_reader_rejects_what_the_spec_says_to_reject() {
         std::fs::write(&p, b).unwrap();
         p.to_str().unwrap().to_string()
     };
-    let v2 = write("v2.clip", &|b| b[8..10].copy_from_slice(&2u16.to_le_bytes()));
-    assert!(py_fails(&["inspect", &v2]).contains("version 2.0 is not supported"));
+    let v1 = write("v1.clip", &|b| b[8..10].copy_from_slice(&1u16.to_le_bytes()));
+    assert!(py_fails(&["inspect", &v1]).contains("version 1.0 is not supported"));
     let minor = write("minor.clip", &|b| b[10..12].copy_from_slice(&7u16.to_le_bytes()));
-    assert!(text(&mut py(&["inspect", &minor])).starts_with("format:      1.7\n"));
+    assert!(text(&mut py(&["inspect", &minor])).starts_with("format:      2.7\n"));
     let flags = write("flags.clip", &|b| b[12] = 4);
     assert!(py_fails(&["inspect", &flags]).contains("unknown feature flags 0x4"));
     let magic = write("magic.clip", &|b| b[0] = b'X');
     assert!(py_fails(&["inspect", &magic]).contains("not a clip index"));
-    let flip = write("flip.clip", &|b| {
-        let n = b.len();
-        b[n - 100] ^= 1
-    });
+    let flip = write("flip.clip", &|b| b[payload_end - 100] ^= 1);
     assert!(py_fails(&["inspect", &flip]).contains("checksum"));
+    // A damaged window opens (it is outside the payload checksum) but fails its own
+    // checksum when inflation resumes from it.
+    let window = write("window.clip", &|b| b[payload_end + 100] ^= 1);
+    text(&mut py(&["inspect", &window]));
+    let err = py_fails(&["checkpoints", &window, "--layout", layout.to_str().unwrap()]);
+    assert!(err.contains("window of checkpoint") && err.contains("does not match its checksum"), "{err}");
+    let cut = write("cut-windows.clip", &|b| b.truncate(payload_end + 1));
+    assert!(py_fails(&["inspect", &cut]).contains("window area"));
     let cut = write("cut.clip", &|b| b.truncate(b.len() - 1));
     assert!(py_fails(&["inspect", &cut]).contains("truncated"));
     let short = write("short.clip", &|b| b.truncate(10));

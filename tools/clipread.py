@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""clipread: an independent reader of clip index files, format version 1.
+"""clipread: an independent reader of clip index files, format version 2.
 
 Written from format-spec/README.md with nothing but the Python 3.11 standard library
 (struct, mmap, zlib, hashlib, json, argparse). It exists to prove that the spec is
@@ -173,7 +173,7 @@ class ClipError(Exception):
 
 
 MAGIC = b"CLIPIDX\0"
-HEADER = struct.Struct("<8sHHIQQQII16s")
+HEADER = struct.Struct("<8sHHIQQQIIQ8s")
 NONE = 0xFFFFFFFF
 CHUNK_SIZE = 1 << 20
 KINDS = ["file", "dir", "symlink", "hardlink", "char", "block", "fifo"]
@@ -184,9 +184,9 @@ VEC = struct.Struct("<iI")
 # size, data_offset, mtime, name(2), link_target(2), sha256, 15 x u32, kind, reserved
 ENTRY = struct.Struct("<QQqiIiI32s15IB3s")
 LAYER = struct.Struct("<QQiIiIiIiIB7s")
-CHECKPOINT = struct.Struct("<QQiIIBB2s")
+CHECKPOINT = struct.Struct("<QQQQIIBB6s")
 XATTR = struct.Struct("<iIiI")
-assert (ENTRY.size, LAYER.size, CHECKPOINT.size, XATTR.size) == (136, 56, 32, 16)
+assert (ENTRY.size, LAYER.size, CHECKPOINT.size, XATTR.size) == (136, 56, 48, 16)
 
 
 class Entry:
@@ -208,16 +208,16 @@ class Index:
         self.file_size = size
         if size < 64:
             raise ClipError(f"index is truncated: the header needs 64 bytes but the file has {size}")
-        (magic, major, minor, flags, poff, plen, pxxh3, n_entries, n_layers, reserved) = HEADER.unpack_from(self.data, 0)
+        (magic, major, minor, flags, poff, plen, pxxh3, n_entries, n_layers, wlen, reserved) = HEADER.unpack_from(self.data, 0)
         if magic != MAGIC:
             raise ClipError(f"not a clip index (magic is {magic!r}, expected b'CLIPIDX\\x00')")
-        if major != 1:
-            raise ClipError(f"index format version {major}.{minor} is not supported: this reader reads version 1.x")
+        if major != 2:
+            raise ClipError(f"index format version {major}.{minor} is not supported: this reader reads version 2.x")
         if flags != 0:
             raise ClipError(f"index uses unknown feature flags {flags:#x}")
         if poff != 64:
             raise ClipError(f"index header field payload_offset has invalid value {poff}")
-        if reserved != bytes(16):
+        if reserved != bytes(8):
             raise ClipError("index header field reserved is not zero")
         if poff + plen > size:
             raise ClipError(f"index is truncated: the payload needs {poff + plen} bytes but the file has {size}")
@@ -225,9 +225,12 @@ class Index:
             raise ClipError(f"index header field payload_len has invalid value {plen}")
         if plen < ROOT_SIZE or plen % 8 != 0:
             raise ClipError("payload is too small or misaligned for the root object")
+        if poff + plen + wlen > size:
+            raise ClipError(f"index is truncated: the window area needs {poff + plen + wlen} bytes but the file has {size}")
         self.version = (major, minor)
         self.plen = plen
         self.p = memoryview(self.data)[64 : 64 + plen]
+        self.windows = memoryview(self.data)[64 + plen : 64 + plen + wlen]
         if verify_checksum:
             found = xxh3_64(self.p)
             if found != pxxh3:
@@ -251,7 +254,7 @@ class Index:
         if self.n_entries == 0:
             raise ClipError("index is corrupt: entry table is empty (no root)")
         if self.chunk_size != CHUNK_SIZE:
-            raise ClipError(f"index is corrupt: chunk_size is {self.chunk_size}, version 1 uses {CHUNK_SIZE}")
+            raise ClipError(f"index is corrupt: chunk_size is {self.chunk_size}, version 2 uses {CHUNK_SIZE}")
         self._entries = {}
 
     # -- rkyv primitives ----------------------------------------------------------------
@@ -302,6 +305,7 @@ class Index:
         f = LAYER.unpack_from(self.p, pos)
         cps_at, n_cps = self.vec_at(pos + 40, CHECKPOINT.size, 8)
         return {
+            "index": i,
             "compressed_size": f[0],
             "uncompressed_size": f[1],
             "digest": self.bytes_at(pos + 16),
@@ -315,19 +319,28 @@ class Index:
     def checkpoint(self, layer, k):
         pos = layer["checkpoints_at"] + k * CHECKPOINT.size
         f = CHECKPOINT.unpack_from(self.p, pos)
-        start, n = self.vec_at(pos + 16, 1, 1)
         return {
+            "layer": layer["index"],
+            "k": k,
             "in_offset": f[0],
             "out_offset": f[1],
-            "window": (start, n),
-            "window_len": f[4],
-            "bits": f[5],
-            "window_encoding": f[6],
+            "window_offset": f[2],
+            "window_xxh3": f[3],
+            "window_stored_len": f[4],
+            "window_len": f[5],
+            "bits": f[6],
+            "window_encoding": f[7],
         }
 
     def window(self, cp):
-        start, n = cp["window"]
-        stored = bytes(self.p[start : start + n])
+        """The decoded window of checkpoint `cp`, after its bounds and checksum checks."""
+        start, n = cp["window_offset"], cp["window_stored_len"]
+        where = f"the window of checkpoint {cp['k']} of layer {cp['layer']}"
+        if start + n > len(self.windows):
+            raise ClipError(f"index is corrupt: {where} lies outside the window area")
+        stored = bytes(self.windows[start : start + n])
+        if xxh3_64(stored) != cp["window_xxh3"]:
+            raise ClipError(f"index is corrupt: {where} does not match its checksum")
         want = cp["window_len"]
         if want > 32768:
             raise ClipError("index is corrupt: checkpoint window is longer than 32 KiB")
@@ -453,7 +466,7 @@ def inspect_json(ix):
     layers = []
     for li in range(ix.n_layers):
         l = ix.layer(li)
-        window_bytes = sum(ix.checkpoint(l, k)["window"][1] for k in range(l["n_checkpoints"]))
+        window_bytes = sum(ix.checkpoint(l, k)["window_stored_len"] for k in range(l["n_checkpoints"]))
         layers.append({
             "digest": s(l["digest"]),
             "diff_id": s(l["diff_id"]),

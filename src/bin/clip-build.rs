@@ -158,8 +158,8 @@ fn run(cli: Cli) -> Result<()> {
                 progress: !cli.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
             };
             let t = std::time::Instant::now();
-            let index = build(source.as_ref(), &reference, &opts)?;
-            let size = clip::format::write::write_file(&index, &output)?;
+            let clip::build::Built { index, windows } = build(source.as_ref(), &reference, &opts)?;
+            let size = clip::format::write::write_file(&index, &windows, &output)?;
             let bytes: u64 = index.layers.iter().map(|l| l.uncompressed_size).sum();
             let secs = t.elapsed().as_secs_f64();
             eprintln!(

@@ -60,7 +60,8 @@ struct Cli {
     /// Threads fetching --prefetch-profile intervals.
     #[arg(long, default_value_t = 4)]
     prefetch_threads: usize,
-    /// Skip the full structural validation of the index at startup.
+    /// Skip the structural validation of the index at startup (checkpoint windows are
+    /// always checked when they are used).
     #[arg(long)]
     no_verify: bool,
     /// Rewrite counters (JSON) to this file every --stats-interval seconds and at exit.
@@ -157,7 +158,7 @@ fn run(cli: Cli) -> Result<()> {
     );
     if !cli.no_verify {
         let t = Instant::now();
-        index.verify()?;
+        index.verify_payload()?;
         tracing::info!(ms = format!("{:.2}", t.elapsed().as_secs_f64() * 1e3), "index verified");
     }
     let layout = cli.layout.as_ref().map(|p| p.display().to_string());

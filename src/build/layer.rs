@@ -70,6 +70,8 @@ pub struct RawEntry {
 pub struct LayerResult {
     /// The layer record for the index.
     pub layer: Layer,
+    /// The stored windows of the layer's checkpoints (`window_offset` is relative to it).
+    pub windows: Vec<u8>,
     /// Entries in tar order.
     pub entries: Vec<RawEntry>,
 }
@@ -181,6 +183,7 @@ pub fn index_layer(
             compression: desc.compression as u8,
             reserved: [0; 7],
         },
+        windows: end.windows,
         entries,
     })
 }

@@ -42,15 +42,24 @@ pub struct BuildOptions {
     pub progress: bool,
 }
 
+/// A built index: the archived part and the window area its checkpoints point into
+/// (`format::write::write_file` takes both).
+pub struct Built {
+    /// Everything but the checkpoint windows.
+    pub index: Index,
+    /// The stored checkpoint windows of all layers, layer after layer.
+    pub windows: Vec<u8>,
+}
+
 /// Resolve `reference` in `source` and index the image.
-pub fn build(source: &dyn Source, reference: &str, opts: &BuildOptions) -> Result<Index, BuildError> {
+pub fn build(source: &dyn Source, reference: &str, opts: &BuildOptions) -> Result<Built, BuildError> {
     let platform = opts.platform.clone().unwrap_or_else(Platform::host);
     let image = oci::resolve(source, reference, &platform)?;
     build_resolved(source, &image, opts)
 }
 
 /// Index an already resolved image.
-pub fn build_resolved(source: &dyn Source, image: &ResolvedImage, opts: &BuildOptions) -> Result<Index, BuildError> {
+pub fn build_resolved(source: &dyn Source, image: &ResolvedImage, opts: &BuildOptions) -> Result<Built, BuildError> {
     let multi = indicatif::MultiProgress::new();
     let bars: Vec<indicatif::ProgressBar> = image
         .layers
@@ -79,13 +88,19 @@ pub fn build_resolved(source: &dyn Source, image: &ResolvedImage, opts: &BuildOp
         .map(|(l, pb)| layer::index_layer(source, l, opts.policy, pb))
         .collect::<Result<_, _>>()?;
     let mut layers = Vec::with_capacity(results.len());
+    let mut windows = Vec::with_capacity(results.iter().map(|r| r.windows.len()).sum());
     let mut tree = merge::Tree::new(image.created);
     for (i, mut r) in results.into_iter().enumerate() {
-        layers.push(std::mem::take(&mut r.layer));
+        let mut layer = std::mem::take(&mut r.layer);
+        for cp in &mut layer.checkpoints {
+            cp.window_offset += windows.len() as u64;
+        }
+        windows.append(&mut r.windows);
+        layers.push(layer);
         tree.apply(i as u32, r)?;
     }
     let merge::Flat { entries, xattrs, chunk_hashes } = tree.flatten()?;
-    Ok(Index {
+    let index = Index {
         image: Image {
             created: image.created,
             reference: image.reference.as_bytes().to_vec(),
@@ -100,5 +115,6 @@ pub fn build_resolved(source: &dyn Source, image: &ResolvedImage, opts: &BuildOp
         chunk_hashes,
         chunk_size: CHUNK_SIZE as u32,
         reserved: 0,
-    })
+    };
+    Ok(Built { index, windows })
 }

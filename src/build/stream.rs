@@ -57,6 +57,7 @@ pub struct LayerStream {
     pending: VecDeque<Boundary>,
     policy: CheckpointPolicy,
     checkpoints: Vec<Checkpoint>,
+    windows: Vec<u8>,
     candidate: Option<Boundary>,
     error: Option<BuildError>,
     progress: indicatif::ProgressBar,
@@ -154,6 +155,7 @@ impl LayerStream {
             pending: VecDeque::new(),
             policy,
             checkpoints: Vec::new(),
+            windows: Vec::new(),
             candidate: None,
             error: None,
             progress,
@@ -195,16 +197,19 @@ impl LayerStream {
 
     fn commit(&mut self, b: Boundary, window: Vec<u8>) {
         let window_len = window.len() as u32;
-        let (window, window_encoding) = encode_window(&window);
+        let (stored, window_encoding) = encode_window(&window);
         self.checkpoints.push(Checkpoint {
             in_offset: b.in_offset,
             out_offset: b.out_offset,
-            window,
+            window_offset: self.windows.len() as u64,
+            window_xxh3: xxhash_rust::xxh3::xxh3_64(&stored),
+            window_stored_len: stored.len() as u32,
             window_len,
             bits: b.bits,
             window_encoding,
-            reserved: [0; 2],
+            reserved: [0; 6],
         });
+        self.windows.extend_from_slice(&stored);
         self.candidate = None;
     }
 
@@ -299,6 +304,7 @@ impl LayerStream {
             uncompressed_size: self.position(),
             diff_id: end.diff_id,
             checkpoints: std::mem::take(&mut self.checkpoints),
+            windows: std::mem::take(&mut self.windows),
         })
     }
 }
@@ -313,8 +319,10 @@ pub struct StreamEnd {
     pub uncompressed_size: u64,
     /// `sha256:` of the tar stream.
     pub diff_id: String,
-    /// Checkpoints taken.
+    /// Checkpoints taken; their `window_offset`s point into `windows`.
     pub checkpoints: Vec<Checkpoint>,
+    /// The checkpoints' stored windows, back to back.
+    pub windows: Vec<u8>,
 }
 
 impl Read for LayerStream {

@@ -17,7 +17,7 @@ pub enum FormatError {
     #[error("not a clip index (magic is {0:02x?}, expected \"CLIPIDX\\0\")")]
     BadMagic([u8; 8]),
     /// Written by an incompatible format version.
-    #[error("index format version {found_major}.{found_minor} is not supported: this clip reads version 1.x; rebuild the index with this clip-build or use a matching clip")]
+    #[error("index format version {found_major}.{found_minor} is not supported: this clip reads version 2.x; rebuild the index with this clip-build or use a matching clip")]
     UnsupportedVersion {
         /// Major version found.
         found_major: u16,
@@ -54,7 +54,17 @@ pub enum FormatError {
         /// Underlying error.
         source: std::io::Error,
     },
+    /// A checkpoint's window is outside the window area or does not match its checksum.
+    #[error("index is corrupt: the window of checkpoint {checkpoint} of layer {layer} {problem}; rebuild it with clip-build")]
+    Window {
+        /// Layer index.
+        layer: u32,
+        /// Checkpoint index within the layer.
+        checkpoint: usize,
+        /// What is wrong.
+        problem: &'static str,
+    },
     /// The index would exceed the 2 GiB limit of 32-bit relative pointers.
-    #[error("index would be {0} bytes, over the 2 GiB limit of format version 1")]
+    #[error("index would be {0} bytes, over the 2 GiB payload limit of the index format")]
     TooLarge(u64),
 }

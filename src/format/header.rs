@@ -1,4 +1,4 @@
-//! The fixed 64-byte file header that precedes the rkyv payload.
+//! The fixed 64-byte file header that precedes the rkyv payload and the window area.
 
 use super::error::FormatError;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
@@ -6,7 +6,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 /// File magic: the first 8 bytes of every index.
 pub const MAGIC: [u8; 8] = *b"CLIPIDX\0";
 /// The format major version this code reads and writes. A reader refuses other majors.
-pub const VERSION_MAJOR: u16 = 1;
+pub const VERSION_MAJOR: u16 = 2;
 /// The format minor version this code writes. Readers accept any minor of their major.
 pub const VERSION_MINOR: u16 = 0;
 /// Size of the header in bytes; the payload starts right after it.
@@ -27,7 +27,8 @@ pub const KNOWN_FLAGS: u32 = 0;
 /// | 32 | 8 | payload_xxh3 (XXH3-64, seed 0, of the payload) |
 /// | 40 | 4 | entry_count |
 /// | 44 | 4 | layer_count |
-/// | 48 | 16 | reserved, zero |
+/// | 48 | 8 | windows_len (the window area follows the payload) |
+/// | 56 | 8 | reserved, zero |
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C)]
 pub struct Header {
@@ -49,15 +50,18 @@ pub struct Header {
     pub entry_count: u32,
     /// Number of layers (must equal the archived layer table's length).
     pub layer_count: u32,
+    /// Length of the window area, which starts right after the payload. It holds the
+    /// checkpoint windows and is not covered by `payload_xxh3` (each window has its own).
+    pub windows_len: u64,
     /// Reserved, zero.
-    pub reserved: [u8; 16],
+    pub reserved: [u8; 8],
 }
 
 const _: () = assert!(std::mem::size_of::<Header>() == HEADER_SIZE);
 
 impl Header {
-    /// Parse and validate the header at the start of `file`, checking that the payload it
-    /// describes lies inside `file`. Does not checksum the payload.
+    /// Parse and validate the header at the start of `file`, checking that the payload and
+    /// the window area it describes lie inside `file`. Does not checksum the payload.
     pub fn parse(file: &[u8]) -> Result<Header, FormatError> {
         if file.len() < HEADER_SIZE {
             return Err(FormatError::Truncated {
@@ -86,7 +90,7 @@ impl Header {
                 value: h.payload_offset,
             });
         }
-        if h.reserved != [0; 16] {
+        if h.reserved != [0; 8] {
             return Err(FormatError::BadField { field: "reserved", value: 0 });
         }
         let end = h.payload_offset.checked_add(h.payload_len);
@@ -103,6 +107,14 @@ impl Header {
         if h.payload_len > i32::MAX as u64 {
             return Err(FormatError::BadField { field: "payload_len", value: h.payload_len });
         }
+        let windows_end = (h.payload_offset + h.payload_len).checked_add(h.windows_len);
+        if windows_end.is_none_or(|end| end > file.len() as u64) {
+            return Err(FormatError::Truncated {
+                what: "window area",
+                need: (h.payload_offset + h.payload_len).saturating_add(h.windows_len),
+                have: file.len() as u64,
+            });
+        }
         Ok(h)
     }
 
@@ -118,6 +130,7 @@ impl Header {
             payload_xxh3: u64::from_le(self.payload_xxh3),
             entry_count: u32::from_le(self.entry_count),
             layer_count: u32::from_le(self.layer_count),
+            windows_len: u64::from_le(self.windows_len),
             reserved: self.reserved,
         }
     }

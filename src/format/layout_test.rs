@@ -23,7 +23,8 @@ fn header_layout() {
     assert_eq!(offset_of!(Header, payload_xxh3), 32);
     assert_eq!(offset_of!(Header, entry_count), 40);
     assert_eq!(offset_of!(Header, layer_count), 44);
-    assert_eq!(offset_of!(Header, reserved), 48);
+    assert_eq!(offset_of!(Header, windows_len), 48);
+    assert_eq!(offset_of!(Header, reserved), 56);
 }
 
 #[test]
@@ -82,15 +83,17 @@ fn layer_layout() {
 
 #[test]
 fn checkpoint_layout() {
-    assert_eq!(size_of::<ArchivedCheckpoint>(), 32);
+    assert_eq!(size_of::<ArchivedCheckpoint>(), 48);
     assert_eq!(align_of::<ArchivedCheckpoint>(), 8);
     assert_eq!(offset_of!(ArchivedCheckpoint, in_offset), 0);
     assert_eq!(offset_of!(ArchivedCheckpoint, out_offset), 8);
-    assert_eq!(offset_of!(ArchivedCheckpoint, window), 16);
-    assert_eq!(offset_of!(ArchivedCheckpoint, window_len), 24);
-    assert_eq!(offset_of!(ArchivedCheckpoint, bits), 28);
-    assert_eq!(offset_of!(ArchivedCheckpoint, window_encoding), 29);
-    assert_eq!(offset_of!(ArchivedCheckpoint, reserved), 30);
+    assert_eq!(offset_of!(ArchivedCheckpoint, window_offset), 16);
+    assert_eq!(offset_of!(ArchivedCheckpoint, window_xxh3), 24);
+    assert_eq!(offset_of!(ArchivedCheckpoint, window_stored_len), 32);
+    assert_eq!(offset_of!(ArchivedCheckpoint, window_len), 36);
+    assert_eq!(offset_of!(ArchivedCheckpoint, bits), 40);
+    assert_eq!(offset_of!(ArchivedCheckpoint, window_encoding), 41);
+    assert_eq!(offset_of!(ArchivedCheckpoint, reserved), 42);
 }
 
 #[test]
@@ -164,11 +167,13 @@ fn hand_decoding_matches_spec() {
             checkpoints: vec![Checkpoint {
                 in_offset: 3,
                 out_offset: 0,
-                window: b"win".to_vec(),
+                window_offset: 0x1122334455,
+                window_xxh3: 0x0a0b0c0d0e0f1011,
+                window_stored_len: 3,
                 window_len: 3,
                 bits: 5,
                 window_encoding: 0,
-                reserved: [0; 2],
+                reserved: [0; 6],
             }],
             compression: 1,
             reserved: [0; 7],
@@ -219,8 +224,8 @@ fn hand_decoding_matches_spec() {
     let (cps, ncp) = vec_at(layers + 40);
     assert_eq!((ncp, cps % 8), (1, 0));
     assert_eq!(u64_at(cps), 3);
-    assert_eq!(bytes_at(cps + 16), b"win");
-    assert_eq!((u32_at(cps + 24), p[cps + 28], p[cps + 29]), (3, 5, 0));
+    assert_eq!((u64_at(cps + 16), u64_at(cps + 24)), (0x1122334455, 0x0a0b0c0d0e0f1011));
+    assert_eq!((u32_at(cps + 32), u32_at(cps + 36), p[cps + 40], p[cps + 41]), (3, 3, 5, 0));
     let (entries, ne) = vec_at(root + 56);
     assert_eq!((ne, entries % 8), (2, 0));
     let e1 = entries + 136;

@@ -30,7 +30,8 @@ pub struct IndexFile {
 impl IndexFile {
     /// Map and open an index: checks the header and the payload checksum, nothing else.
     /// Cost is independent of the entry count except for the checksum, which runs at memory
-    /// speed. Use [`IndexFile::verify`] for full structural validation.
+    /// speed over the payload only (checkpoint windows, most of a large index, are checked
+    /// one by one when used). Use [`IndexFile::verify`] for full structural validation.
     pub fn open(path: &Path) -> Result<IndexFile, FormatError> {
         let io = |source| FormatError::Io { path: path.display().to_string(), source };
         let map = MappedFile::open(path).map_err(io)?;
@@ -97,9 +98,22 @@ impl IndexFile {
         self.try_index().expect("checked in from_backing")
     }
 
-    /// Full validation: rkyv's structural check of every pointer and length, then the
-    /// tree's invariants (parents, child ranges, sort order, references into every table).
+    /// Full validation: [`IndexFile::verify_payload`], then every checkpoint window's
+    /// bounds and checksum.
     pub fn verify(&self) -> Result<(), FormatError> {
+        self.verify_payload()?;
+        for (l, layer) in self.index().layers.iter().enumerate() {
+            for k in 0..layer.checkpoints.len() {
+                self.stored_window(l as u32, k)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Validation of the payload: rkyv's structural check of every pointer and length, then
+    /// the tree's invariants (parents, child ranges, sort order, references into every
+    /// table). The window area is not read: each window is checked when it is used.
+    pub fn verify_payload(&self) -> Result<(), FormatError> {
         rkyv::access::<ArchivedIndex, rkyv::rancor::Error>(self.payload())
             .map_err(|e| FormatError::Invalid(format!("structure check failed: {e}")))?;
         super::verify::check_tree(self.index())
@@ -263,6 +277,33 @@ impl IndexFile {
     pub fn checkpoint_index_before(&self, layer: u32, out: u64) -> Result<Option<usize>, FormatError> {
         let cps = &self.layer(layer)?.checkpoints;
         Ok(cps.partition_point(|c| c.out_offset.to_native() <= out).checked_sub(1))
+    }
+
+    /// The stored window of checkpoint `k` of `layer` (still encoded as its
+    /// `window_encoding` says), after checking that it lies inside the window area and
+    /// matches its XXH3 checksum.
+    pub fn stored_window(&self, layer: u32, k: usize) -> Result<&[u8], FormatError> {
+        let cp = self.layer(layer)?.checkpoints.get(k).ok_or_else(|| {
+            FormatError::Invalid(format!("checkpoint {k} of layer {layer} is out of range"))
+        })?;
+        let bad = |problem| FormatError::Window { layer, checkpoint: k, problem };
+        let area = self.window_area();
+        let start = cp.window_offset.to_native();
+        let stored = start
+            .checked_add(cp.window_stored_len.to_native() as u64)
+            .filter(|&end| end <= area.len() as u64)
+            .map(|end| &area[start as usize..end as usize])
+            .ok_or_else(|| bad("lies outside the window area"))?;
+        if xxhash_rust::xxh3::xxh3_64(stored) != cp.window_xxh3.to_native() {
+            return Err(bad("does not match its checksum"));
+        }
+        Ok(stored)
+    }
+
+    /// The window area: the bytes after the payload that hold the checkpoint windows.
+    fn window_area(&self) -> &[u8] {
+        let start = HEADER_SIZE + self.header.payload_len as usize;
+        &self.backing.bytes()[start..start + self.header.windows_len as usize]
     }
 
     /// Uncompressed range of the interval starting at checkpoint `k` of `layer`: up to the

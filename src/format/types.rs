@@ -1,4 +1,4 @@
-//! The archived types of index format version 1. Field order is the on-disk order (rkyv
+//! The archived types of index format version 2. Field order is the on-disk order (rkyv
 //! archives structs as `repr(C)`); fields are grouped by alignment so that no padding is
 //! needed except where `format-spec/` says so. Strings are byte vectors (`Vec<u8>`) because
 //! rkyv's archived `String` has an inline small-string form that is awkward for other readers.
@@ -87,7 +87,7 @@ pub struct Index {
     /// sha256 of each chunk of each file larger than `CHUNK_SIZE`, referenced by
     /// `Entry::first_chunk`.
     pub chunk_hashes: Vec<[u8; 32]>,
-    /// Chunk size used for `chunk_hashes` (always `CHUNK_SIZE` in version 1).
+    /// Chunk size used for `chunk_hashes` (always `CHUNK_SIZE` in version 2).
     pub chunk_size: u32,
     /// Reserved, zero.
     pub reserved: u32,
@@ -131,7 +131,9 @@ pub struct Layer {
     pub reserved: [u8; 7],
 }
 
-/// A point in a gzip layer where inflation can resume without anything before it.
+/// A point in a gzip layer where inflation can resume without anything before it. Its
+/// window is stored outside the archive, in the file's window area (see `header`), so that
+/// opening an index does not read or checksum the windows.
 #[derive(Archive, Serialize, Debug, Clone, Default)]
 pub struct Checkpoint {
     /// Offset in the compressed blob of the first byte not consumed at all; when `bits > 0`
@@ -139,16 +141,20 @@ pub struct Checkpoint {
     pub in_offset: u64,
     /// Offset in the uncompressed tar stream.
     pub out_offset: u64,
-    /// The up to 32 KiB of output before `out_offset`, raw or raw-deflate compressed.
-    pub window: Vec<u8>,
-    /// Length of the window once decompressed.
+    /// Offset of the stored window from the start of the window area.
+    pub window_offset: u64,
+    /// XXH3-64 (seed 0) of the `window_stored_len` stored window bytes.
+    pub window_xxh3: u64,
+    /// Length of the stored window (raw or raw-deflate compressed).
+    pub window_stored_len: u32,
+    /// Length of the window once decoded: the up to 32 KiB of output before `out_offset`.
     pub window_len: u32,
     /// Unused bits of the byte before `in_offset` that belong to the next block (0..=7).
     pub bits: u8,
-    /// 0: `window` is raw; 1: `window` is raw deflate (no zlib or gzip wrapper).
+    /// 0: the stored window is raw; 1: it is raw deflate (no zlib or gzip wrapper).
     pub window_encoding: u8,
     /// Reserved, zero.
-    pub reserved: [u8; 2],
+    pub reserved: [u8; 6],
 }
 
 /// One name in the merged tree.

@@ -17,7 +17,7 @@ pub(crate) fn check_tree(idx: &ArchivedIndex) -> Result<(), FormatError> {
         return Err(bad("entry table is empty".into()));
     }
     if idx.chunk_size.to_native() as u64 != CHUNK_SIZE {
-        return Err(bad(format!("chunk_size is {}, version 1 uses {CHUNK_SIZE}", idx.chunk_size)));
+        return Err(bad(format!("chunk_size is {}, this version uses {CHUNK_SIZE}", idx.chunk_size)));
     }
     let root = &entries[0];
     if root.kind != Kind::Dir as u8 || root.parent.to_native() != 0 || !root.name.is_empty() {

@@ -6,8 +6,9 @@ use super::types::Index;
 use std::io::Write;
 use std::path::Path;
 
-/// The complete file bytes for `index`: header followed by the rkyv payload.
-pub fn to_bytes(index: &Index) -> Result<Vec<u8>, FormatError> {
+/// The complete file bytes for `index`: header, rkyv payload, then `windows` (the window
+/// area that the checkpoints' `window_offset`s point into).
+pub fn to_bytes(index: &Index, windows: &[u8]) -> Result<Vec<u8>, FormatError> {
     let payload = rkyv::to_bytes::<rkyv::rancor::Error>(index)
         .map_err(|e| FormatError::Invalid(format!("serialization failed: {e}")))?;
     if payload.len() as u64 > i32::MAX as u64 {
@@ -23,17 +24,20 @@ pub fn to_bytes(index: &Index) -> Result<Vec<u8>, FormatError> {
         payload_xxh3: xxhash_rust::xxh3::xxh3_64(&payload),
         entry_count: index.entries.len() as u32,
         layer_count: index.layers.len() as u32,
-        reserved: [0; 16],
+        windows_len: windows.len() as u64,
+        reserved: [0; 8],
     };
-    let mut out = Vec::with_capacity(HEADER_SIZE + payload.len());
+    let mut out = Vec::with_capacity(HEADER_SIZE + payload.len() + windows.len());
     out.extend_from_slice(&header.to_bytes());
     out.extend_from_slice(&payload);
+    out.extend_from_slice(windows);
     Ok(out)
 }
 
-/// Write `index` to `path` atomically (temporary file in the same directory, then rename).
-pub fn write_file(index: &Index, path: &Path) -> Result<u64, FormatError> {
-    let bytes = to_bytes(index)?;
+/// Write `index` and its window area to `path` atomically (temporary file in the same
+/// directory, then rename).
+pub fn write_file(index: &Index, windows: &[u8], path: &Path) -> Result<u64, FormatError> {
+    let bytes = to_bytes(index, windows)?;
     let io = |source| FormatError::Io { path: path.display().to_string(), source };
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

@@ -138,10 +138,11 @@ impl SpanReader {
             let inner = Counted { inner: source.blob_from(digest, start, end, size)?, count };
             return Ok(Cursor::Plain { inner, pos: start });
         }
-        let cp = index
-            .checkpoint_before(self.layer, start)?
+        let k = index
+            .checkpoint_index_before(self.layer, start)?
             .ok_or_else(|| ReadError::Origin(format!("layer {} has no checkpoint before offset {start}", self.layer)))?;
-        let window = decode_window(cp.window.as_slice(), cp.window_encoding, cp.window_len.to_native() as usize)
+        let cp = &layer.checkpoints[k];
+        let window = decode_window(index.stored_window(self.layer, k)?, cp.window_encoding, cp.window_len.to_native() as usize)
             .map_err(|e| ReadError::Origin(e.to_string()))?;
         let point = ResumePoint {
             in_offset: cp.in_offset.to_native(),
