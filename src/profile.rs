@@ -116,6 +116,36 @@ impl Profile {
     }
 }
 
+/// `needed` grouped into runs of neighbouring intervals (same layer, consecutive
+/// checkpoints, at most `max` each), so that each run's compressed bytes can be fetched with
+/// one request. Runs are ordered by the first use of any of their intervals; an interval
+/// listed twice appears once.
+pub fn runs(needed: &[Needed], max: usize) -> Vec<Vec<Needed>> {
+    let mut first_use: HashMap<Interval, (usize, u64)> = HashMap::new();
+    for (i, n) in needed.iter().enumerate() {
+        let e = first_use.entry(n.interval).or_insert((i, n.until));
+        e.1 = e.1.max(n.until);
+    }
+    let mut sorted: Vec<(Interval, usize, u64)> = first_use.into_iter().map(|(iv, (i, until))| (iv, i, until)).collect();
+    sorted.sort_by_key(|&(iv, _, _)| (iv.layer, iv.checkpoint));
+    let mut runs: Vec<(usize, Vec<Needed>)> = Vec::new();
+    for (interval, first, until) in sorted {
+        let n = Needed { interval, until };
+        match runs.last_mut() {
+            Some((rank, run))
+                if run.len() < max.max(1)
+                    && run.last().is_some_and(|p| p.interval.layer == interval.layer && p.interval.checkpoint + 1 == interval.checkpoint) =>
+            {
+                *rank = (*rank).min(first);
+                run.push(n);
+            }
+            _ => runs.push((first, vec![n])),
+        }
+    }
+    runs.sort_by_key(|&(rank, _)| rank);
+    runs.into_iter().map(|(_, run)| run).collect()
+}
+
 /// Collects the intervals whose bytes a running mount serves, first use first.
 #[derive(Default)]
 pub struct Recorder {
@@ -146,6 +176,21 @@ impl Recorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_group_neighbouring_intervals_in_first_use_order() {
+        let n = |layer, checkpoint, until| Needed { interval: Interval { layer, checkpoint }, until };
+        let needed = [n(1, 7, 70), n(0, 3, 30), n(1, 5, 50), n(1, 6, 60), n(0, 9, 90), n(1, 8, 80), n(1, 5, 55), n(2, 0, 1)];
+        let got: Vec<Vec<(u32, u32, u64)>> = runs(&needed, 3)
+            .iter()
+            .map(|r| r.iter().map(|n| (n.interval.layer, n.interval.checkpoint, n.until)).collect())
+            .collect();
+        assert_eq!(
+            got,
+            [vec![(1, 5, 55), (1, 6, 60), (1, 7, 70)], vec![(0, 3, 30)], vec![(0, 9, 90)], vec![(1, 8, 80)], vec![(2, 0, 1)]],
+            "consecutive checkpoints of one layer, at most 3, ranked by their earliest use"
+        );
+    }
 
     #[test]
     fn a_profile_round_trips_and_refuses_other_images_and_garbage() {

@@ -138,7 +138,8 @@ fn a_deferred_interval_is_left_to_the_caller_and_counted() {
     let (inflated, fetched) = r.origin_stats();
     assert!(inflated >= out.len() as u64 && fetched > 0, "the read itself is counted: {inflated} {fetched}");
     assert!(mem.get(&idx.pieces(entry(&idx, "/home/user/file")).unwrap()[0].sha256).is_none(), "not finished yet");
-    let mut span = r.take_unfinished().expect("the interval is left to the caller");
+    let (mut span, claim) = r.take_unfinished().expect("the interval is left to the caller");
+    assert!(claim.is_none(), "no read-ahead, no claim");
     assert!(r.take_unfinished().is_none());
     let before = span.inflated;
     span.finish_interval(&idx, &mut |off, bytes| {
@@ -147,6 +148,50 @@ fn a_deferred_interval_is_left_to_the_caller_and_counted() {
     .unwrap();
     assert!(span.inflated > before);
     assert_eq!(read_all(&idx, &NoOrigin, &tiers, "/home/user/file", None), b"owned by 1000\n");
+}
+
+/// Two cold readers of files in the same checkpoint interval: the second waits for the
+/// first (which claimed the interval until it finished it) and then reads its file from the
+/// tiers, instead of fetching and inflating the same compressed range again.
+#[test]
+fn a_reader_waits_for_the_reader_inflating_its_interval_instead_of_fetching_it_again() {
+    let f = fixture();
+    let ahead = ReadAhead::new(4 << 20, 64 << 20);
+    let first = entry(&f.idx, "/many/file059");
+    let mut a = FileReader::new(&f.idx, first)
+        .unwrap()
+        .with_neighbours(f.neighbours.clone())
+        .with_read_ahead(ahead.clone())
+        .defer_interval_finish();
+    let mut out = vec![0u8; a.size() as usize];
+    a.read_at(&f.idx, &f.src, &f.tiers, 0, &mut out).unwrap();
+    let (mut span, claim) = a.take_unfinished().expect("the interval is left to the caller");
+    let claim = claim.expect("the reader claimed its interval");
+    let later = entry(&f.idx, "/home/user/file");
+    assert_eq!(
+        clip::read::ahead::Interval::containing(&f.idx, span_layer(&f.idx, "/home/user/file"), f.idx.entry(later).unwrap().data_offset.to_native()),
+        Some(claim.interval()),
+        "the fixture's files share an interval"
+    );
+    // The second reader starts while the interval is claimed; it has no origin at all.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut b = FileReader::new(&f.idx, later).unwrap().with_read_ahead(ahead.clone());
+            let mut out = vec![0u8; b.size() as usize];
+            b.read_at(&f.idx, &NoOrigin, &f.tiers, 0, &mut out).expect("served from the tiers");
+            done_tx.send(out).unwrap();
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(done_rx.try_recv().is_err(), "the second reader must wait for the claimed interval");
+        span.finish_interval(&f.idx, &mut |off, bytes| {
+            f.neighbours.keep(&f.idx, claim.interval().layer, off, bytes, &f.tiers);
+        })
+        .unwrap();
+        drop(claim);
+        let got = done_rx.recv_timeout(std::time::Duration::from_secs(10)).expect("released by the claim");
+        assert_eq!(got, b"owned by 1000\n");
+    });
 }
 
 fn entry(idx: &IndexFile, path: &str) -> u32 {

@@ -25,8 +25,8 @@
 # Usage: tools/bench-registry.sh
 # Env: BENCH_DIR (/tmp/bench), REGISTRY_PORT (5000), WORK ($BENCH_DIR/clip-bench-registry,
 # removed at the end unless KEEP_SCRATCH=1), RUNS (3 clip runs; median), PULL_RUNS (1 full
-# pull, ~30 s each), PREFETCH_THREADS (clip-serve's default), NO_BUILD=1 (use target/release
-# as it is).
+# pull, ~30 s each), PREFETCH_THREADS (clip-serve's default), BUILD_ARGS (extra clip-build
+# arguments, e.g. "--checkpoint-interval 1M"), NO_BUILD=1 (use target/release as it is).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -85,7 +85,7 @@ image_bytes=$(jq '[.layers[].size] + [.config.size] | add' <<<"$manifest")
 echo "image $REF_NAME: $(jq '.layers | length' <<<"$manifest") layers, $image_bytes compressed bytes (layers + config)"
 
 echo "== index from the registry (clip-build, once; reads every layer once)"
-t0=$(now); "$build" "$REF_NAME" -o "$W/image.clip" --quiet; build_ms=$(ms "$t0" "$(now)")
+t0=$(now); "$build" "$REF_NAME" -o "$W/image.clip" --quiet ${BUILD_ARGS:-}; build_ms=$(ms "$t0" "$(now)")
 echo "clip-build $REF_NAME: $build_ms ms, index $(stat -c %s "$W/image.clip") bytes, source $("$build" inspect --json "$W/image.clip" | jq -r .source)"
 
 # One cold clip run (empty cache, page cache dropped) with extra clip-serve arguments; prints

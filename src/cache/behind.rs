@@ -31,6 +31,11 @@ impl WriteBehind {
         let (tx, rx) = channel::<[u8; 32]>();
         let (p, t) = (pending.clone(), inner.clone());
         let worker = std::thread::Builder::new().name("clip-cache-writer".into()).spawn(move || {
+            // Writing is never what a reading process waits for (pending pieces are served
+            // from memory), so it gets the CPU after the threads serving reads.
+            if let Err(e) = crate::raw::sched::lower_current_thread_priority() {
+                tracing::debug!(error = %e, "cannot lower the cache writer's priority");
+            }
             for key in rx {
                 let piece = p.pieces.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
                 if let Some(piece) = piece {

@@ -279,6 +279,21 @@ impl IndexFile {
         Ok(cps.partition_point(|c| c.out_offset.to_native() <= out).checked_sub(1))
     }
 
+    /// The compressed bytes of gzip layer `layer` that inflating the uncompressed range
+    /// `[start, end)` reads: from checkpoint `k` (the one at or before `start`; one byte
+    /// early when it starts inside a byte) to just past the first checkpoint at or after
+    /// `end`, or to the end of the blob. `None` when no checkpoint precedes `start`.
+    pub fn compressed_span(&self, layer: u32, start: u64, end: u64) -> Result<Option<(usize, u64, u64)>, FormatError> {
+        let l = self.layer(layer)?;
+        let Some(k) = self.checkpoint_index_before(layer, start)? else { return Ok(None) };
+        let cp = &l.checkpoints[k];
+        let from = cp.in_offset.to_native() - (cp.bits > 0) as u64;
+        let size = l.compressed_size.to_native();
+        let next = l.checkpoints.partition_point(|c| c.out_offset.to_native() < end);
+        let to = l.checkpoints.get(next).map_or(size, |c| (c.in_offset.to_native() + 64).min(size));
+        Ok(Some((k, from.min(size), to.max(from.min(size)))))
+    }
+
     /// The stored window of checkpoint `k` of `layer` (still encoded as its
     /// `window_encoding` says), after checking that it lies inside the window area and
     /// matches its XXH3 checksum.

@@ -9,7 +9,7 @@ pub mod pool;
 
 use crate::format::{FormatError, IndexFile, Kind};
 use crate::profile::{Needed, Recorder};
-use crate::read::ahead::{CachedJob, Interval, Job};
+use crate::read::ahead::{CachedJob, Interval, Job, ReaderClaim};
 use crate::read::{FileReader, Neighbours, ReadAhead, ReadError, SpanReader, Tier};
 use crate::source::{Source, SourceError};
 use attr::{attr_of, entry_of, file_type, ino_of};
@@ -263,24 +263,27 @@ impl ClipFs {
 
     /// Fetch and inflate `intervals` (a recorded profile, first needed first, each only as
     /// far as it was needed) on `threads` background threads, holding their pieces for
-    /// readers. Readers that need an interval being fetched wait for it; one not started
-    /// yet they read themselves.
+    /// readers. Neighbouring intervals are fetched together, one request per run of up to
+    /// [`PREFETCH_RUN`] (see [`crate::profile::runs`]), and inflated each from its own
+    /// checkpoint. Readers that need an interval being fetched wait for it; one not
+    /// started yet they read themselves.
     pub fn prefetch(&self, intervals: Vec<Needed>, threads: usize) -> std::io::Result<()> {
-        let queue = Arc::new((intervals, AtomicU64::new(0), AtomicU64::new(0), std::time::Instant::now()));
+        let count = intervals.len();
+        let runs = crate::profile::runs(&intervals, PREFETCH_RUN);
+        let queue = Arc::new((runs, AtomicU64::new(0), AtomicU64::new(0), std::time::Instant::now()));
         for t in 0..threads.max(1) {
             let (shared, queue) = (self.shared.clone(), queue.clone());
             std::thread::Builder::new().name(format!("clip-prefetch-{t}")).spawn(move || {
-                let (intervals, next, finished, started) = &*queue;
+                let (runs, next, finished, started) = &*queue;
                 loop {
                     let k = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    let Some(&n) = intervals.get(k) else { break };
-                    if let Some(job) = shared.ahead.claim(&shared.index, n.interval, (0, u64::MAX), n.until) {
-                        run_ahead(&shared, job);
-                    }
+                    let Some(run) = runs.get(k) else { break };
+                    prefetch_run(&shared, run);
                 }
                 if finished.fetch_add(1, Ordering::Relaxed) + 1 == threads.max(1) as u64 {
                     tracing::info!(
-                        intervals = intervals.len(),
+                        intervals = count,
+                        requests = runs.len(),
                         ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
                         "profile prefetched"
                     );
@@ -389,7 +392,7 @@ impl ClipFs {
 /// finish once the reply is out (see [`finish_interval`]) and read-ahead jobs to start.
 struct Served {
     bytes: Vec<u8>,
-    unfinished: Option<SpanReader>,
+    unfinished: Option<(SpanReader, Option<ReaderClaim>)>,
     ahead: Vec<Job>,
     cached: Option<CachedJob>,
 }
@@ -423,15 +426,59 @@ fn serve_read(shared: &Shared, reader: &Mutex<FileReader>, offset: u64, size: u3
     Ok(Served { bytes: buf, unfinished: r.take_unfinished(), ahead, cached })
 }
 
+/// Most neighbouring profile intervals fetched with one request (2 MiB intervals: up to
+/// 16 MiB of layer, a few MB compressed).
+pub const PREFETCH_RUN: usize = 8;
+
+/// Claim the intervals of one profile run, fetch their compressed bytes with one request
+/// and inflate each from its checkpoint. If that request fails, each job fetches its own.
+fn prefetch_run(shared: &Shared, run: &[Needed]) {
+    let index = &shared.index;
+    let jobs: Vec<(Job, u64, u64)> = run
+        .iter()
+        .filter_map(|n| {
+            let (a, b) = index.interval_range(n.interval.layer, n.interval.checkpoint as usize).ok()??;
+            let job = shared.ahead.claim(index, n.interval, (0, u64::MAX), n.until)?;
+            Some((job, a, b.min(n.until)))
+        })
+        .collect();
+    let (Some(first), Some(last)) = (jobs.first(), jobs.last()) else { return };
+    let layer = first.0.interval.layer;
+    let buffered = index.compressed_span(layer, first.1, last.2).ok().flatten().and_then(|(_, from, to)| {
+        let l = index.layer(layer).ok()?;
+        let digest = std::str::from_utf8(l.digest.as_slice()).ok()?;
+        crate::source::buffered::Buffered::fetch(shared.source.clone(), digest, from, to, l.compressed_size.to_native())
+            .map_err(|e| tracing::debug!(error = %e, "profile run fetch failed; its intervals fetch their own bytes"))
+            .ok()
+    });
+    if let Some(b) = &buffered {
+        shared.stats.fetched.fetch_add(b.len(), Ordering::Relaxed);
+    }
+    for (job, _, _) in jobs {
+        match &buffered {
+            Some(b) => run_ahead_from(shared, b, job, false),
+            None => run_ahead(shared, job),
+        }
+    }
+}
+
 /// Run a read-ahead job (on the read-ahead pool) and count what it did.
 fn run_ahead(shared: &Shared, job: Job) {
-    let r = shared.ahead.run(&shared.index, shared.source.as_ref(), &shared.tiers, &shared.neighbours, job);
+    run_ahead_from(shared, shared.source.as_ref(), job, true)
+}
+
+/// Run a read-ahead job reading from `source`; `count_fetched`: whether the compressed
+/// bytes it reads crossed the network now (not when they come from a buffer counted before).
+fn run_ahead_from(shared: &Shared, source: &dyn Source, job: Job, count_fetched: bool) {
+    let r = shared.ahead.run(&shared.index, source, &shared.tiers, &shared.neighbours, job);
     match r {
         Ok(j) => {
             let s = &shared.stats;
             s.ahead_jobs.fetch_add(1, Ordering::Relaxed);
             s.inflated.fetch_add(j.inflated, Ordering::Relaxed);
-            s.fetched.fetch_add(j.fetched, Ordering::Relaxed);
+            if count_fetched {
+                s.fetched.fetch_add(j.fetched, Ordering::Relaxed);
+            }
             s.kept.fetch_add(j.kept, Ordering::Relaxed);
             s.kept_bytes.fetch_add(j.kept_bytes, Ordering::Relaxed);
         }
@@ -579,8 +626,10 @@ impl Filesystem for ClipFs {
                         shared.stats.ahead_jobs.fetch_add(1, Ordering::Relaxed);
                     });
                 }
-                if let Some(span) = served.unfinished {
+                if let Some((span, claim)) = served.unfinished {
                     finish_interval(&shared, span);
+                    // Readers of the interval's other files waited for this.
+                    drop(claim);
                 }
             }
             Err(e) => {

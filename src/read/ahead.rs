@@ -158,6 +158,28 @@ impl Drop for Claim<'_> {
     }
 }
 
+/// An interval a reader is inflating from the origin (see [`ReadAhead::claim_for_reader`]):
+/// other readers of pieces in it wait for it instead of fetching the same bytes again.
+/// Dropping the claim releases the interval and wakes them.
+pub struct ReaderClaim {
+    ahead: Arc<ReadAhead>,
+    interval: Interval,
+}
+
+impl ReaderClaim {
+    /// The claimed interval.
+    pub fn interval(&self) -> Interval {
+        self.interval
+    }
+}
+
+impl Drop for ReaderClaim {
+    fn drop(&mut self) {
+        self.ahead.lock().running.remove(&self.interval);
+        self.ahead.changed.notify_all();
+    }
+}
+
 impl ReadAhead {
     /// Read-ahead that keeps up to `window` bytes ahead of each cold sequential reader in
     /// flight and holds at most `ready_budget` bytes of pieces for readers.
@@ -221,6 +243,21 @@ impl ReadAhead {
         Some(Job { interval, want })
     }
 
+    /// Claim `interval` for a reader about to inflate the bytes `piece` (an uncompressed
+    /// range starting in it) from the origin, unless a job or another reader is inflating
+    /// any of them: then `None`, and the caller waits with [`ReadAhead::wait`] and looks in
+    /// the tiers again. Unlike [`ReadAhead::claim`], an interval inflated before can be
+    /// claimed again (its pieces may have left the caches since).
+    pub fn claim_for_reader(self: &Arc<Self>, index: &IndexFile, interval: Interval, piece: (u64, u64)) -> Option<ReaderClaim> {
+        let (start, end) = index.interval_range(interval.layer, interval.checkpoint as usize).ok()??;
+        let mut s = self.lock();
+        if s.running.contains_key(&interval) || Self::covered(&s, interval.layer, piece.0, piece.1) {
+            return None;
+        }
+        s.running.insert(interval, (start, end));
+        Some(ReaderClaim { ahead: self.clone(), interval })
+    }
+
     /// Note that `interval` was inflated to its end by someone else (a reader finishing
     /// its interval), so that no job does it again.
     pub fn mark_done(&self, interval: Interval) {
@@ -231,12 +268,17 @@ impl ReadAhead {
         s.done.insert(interval);
     }
 
-    /// Wait until no running job covers any byte of `[start, end)` of `layer`.
+    /// Wait until no running job or claiming reader covers any byte of `[start, end)` of
+    /// `layer`.
     pub fn wait(&self, layer: u32, start: u64, end: u64) {
         let mut s = self.lock();
-        while s.running.iter().any(|(iv, &(a, b))| iv.layer == layer && a < end && start < b) {
+        while Self::covered(&s, layer, start, end) {
             s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
         }
+    }
+
+    fn covered(s: &State, layer: u32, start: u64, end: u64) -> bool {
+        s.running.iter().any(|(iv, &(a, b))| iv.layer == layer && a < end && start < b)
     }
 
     /// Wait until no cached-piece job is reading the piece `sha256`.

@@ -1,6 +1,6 @@
 //! Serving verified pieces of regular files through cache tiers.
 
-use super::ahead::{CachedJob, Interval, Job, ReadAhead};
+use super::ahead::{CachedJob, Interval, Job, ReadAhead, ReaderClaim};
 use super::neighbours::Neighbours;
 use super::span::SpanReader;
 use crate::format::{FormatError, IndexFile, Kind, Piece};
@@ -80,7 +80,7 @@ pub struct FileReader {
     kept: (u64, u64),
     origin: (u64, u64),
     defer_finish: bool,
-    unfinished: Option<SpanReader>,
+    unfinished: Option<(SpanReader, Option<ReaderClaim>)>,
     ahead: Option<Arc<ReadAhead>>,
     ahead_hits: u64,
     cold: bool,
@@ -223,8 +223,10 @@ impl FileReader {
     }
 
     /// The span reader whose interval is still to be finished (see
-    /// [`FileReader::defer_interval_finish`] and [`SpanReader::finish_interval`]).
-    pub fn take_unfinished(&mut self) -> Option<SpanReader> {
+    /// [`FileReader::defer_interval_finish`] and [`SpanReader::finish_interval`]), with the
+    /// claim on that interval that makes other readers wait for it (with read-ahead): drop
+    /// it once the interval is finished.
+    pub fn take_unfinished(&mut self) -> Option<(SpanReader, Option<ReaderClaim>)> {
         self.unfinished.take()
     }
 
@@ -247,41 +249,30 @@ impl FileReader {
             }
         }
         let p = self.pieces[k];
+        let start = self.data_offset + p.offset;
         if let Some(ahead) = &self.ahead {
-            let start = self.data_offset + p.offset;
-            ahead.wait(self.layer, start, start + p.len);
+            // A cached-piece job reading this piece hands it over verified.
             ahead.wait_key(&p.sha256);
-            if let Some(held) = ahead.take(&p.sha256) {
-                let b = held.bytes;
-                if held.verified && b.len() as u64 == p.len {
-                    // Read from the tiers and checked by a cached-piece job.
-                    self.ahead_hits += 1;
-                    self.last = Some((k, b.clone()));
-                    return Ok((b, Origin::ReadAhead));
-                }
-                if b.len() as u64 == p.len && verify(&b, &p.sha256) {
-                    for t in tiers {
-                        t.put(&p.sha256, &b);
-                    }
-                    self.ahead_hits += 1;
-                    self.last = Some((k, b.clone()));
-                    return Ok((b, Origin::ReadAhead));
-                }
-                tracing::warn!(key = %p.key(), "read-ahead piece failed verification; reading it again");
-            }
         }
-        for (i, t) in tiers.iter().enumerate() {
-            if let Some(b) = t.get(&p.sha256) {
-                if b.len() as u64 == p.len && verify(&b, &p.sha256) {
-                    let b = Arc::new(b);
-                    for lower in &tiers[..i] {
-                        lower.put(&p.sha256, &b);
+        if let Some(hit) = self.stored(tiers, k) {
+            return Ok(hit);
+        }
+        // Claim the piece's interval for this origin read, so that other readers of pieces
+        // in it wait for the bytes it keeps instead of fetching the same range again; when
+        // someone else has it, wait for them and look again.
+        let mut claim = None;
+        if let Some(ahead) = self.ahead.clone() {
+            if let Some(iv) = Interval::containing(index, self.layer, start) {
+                loop {
+                    if let Some(c) = ahead.claim_for_reader(index, iv, (start, start + p.len)) {
+                        claim = Some(c);
+                        break;
                     }
-                    self.last = Some((k, b.clone()));
-                    return Ok((b, Origin::Tier(i)));
+                    ahead.wait(self.layer, start, start + p.len);
+                    if let Some(hit) = self.stored(tiers, k) {
+                        return Ok(hit);
+                    }
                 }
-                tracing::warn!(tier = t.name(), key = %p.key(), "cached piece failed verification; dropping it");
-                t.remove(&p.sha256);
             }
         }
         self.cold = true;
@@ -323,7 +314,7 @@ impl FileReader {
             // holds the files read next (a package's modules sit together in the tar). A
             // failure here only costs those files a fetch of their own.
             if self.defer_finish {
-                self.unfinished = self.span.take();
+                self.unfinished = self.span.take().map(|s| (s, claim.take()));
             } else {
                 let finished = span.finish_interval(index, &mut keep);
                 count(span);
@@ -336,6 +327,42 @@ impl FileReader {
         let b = Arc::new(buf);
         self.last = Some((k, b.clone()));
         Ok((b, Origin::Source))
+    }
+
+    /// Piece `k` from a read-ahead job's hand-over or from the tiers, verified.
+    fn stored(&mut self, tiers: &[Arc<dyn Tier>], k: usize) -> Option<(Arc<Vec<u8>>, Origin)> {
+        let p = self.pieces[k];
+        if let Some(held) = self.ahead.as_ref().and_then(|a| a.take(&p.sha256)) {
+            let b = held.bytes;
+            // A cached-piece job read it from the tiers and checked it already.
+            let ok = b.len() as u64 == p.len && (held.verified || verify(&b, &p.sha256));
+            if ok {
+                if !held.verified {
+                    for t in tiers {
+                        t.put(&p.sha256, &b);
+                    }
+                }
+                self.ahead_hits += 1;
+                self.last = Some((k, b.clone()));
+                return Some((b, Origin::ReadAhead));
+            }
+            tracing::warn!(key = %p.key(), "read-ahead piece failed verification; reading it again");
+        }
+        for (i, t) in tiers.iter().enumerate() {
+            if let Some(b) = t.get(&p.sha256) {
+                if b.len() as u64 == p.len && verify(&b, &p.sha256) {
+                    let b = Arc::new(b);
+                    for lower in &tiers[..i] {
+                        lower.put(&p.sha256, &b);
+                    }
+                    self.last = Some((k, b.clone()));
+                    return Some((b, Origin::Tier(i)));
+                }
+                tracing::warn!(tier = t.name(), key = %p.key(), "cached piece failed verification; dropping it");
+                t.remove(&p.sha256);
+            }
+        }
+        None
     }
 
     /// Read up to `out.len()` bytes at `offset` (short only at end of file).

@@ -138,8 +138,8 @@ impl SpanReader {
             let inner = Counted { inner: source.blob_from(digest, start, end, size)?, count };
             return Ok(Cursor::Plain { inner, pos: start });
         }
-        let k = index
-            .checkpoint_index_before(self.layer, start)?
+        let (k, _, c_end) = index
+            .compressed_span(self.layer, start, end)?
             .ok_or_else(|| ReadError::Origin(format!("layer {} has no checkpoint before offset {start}", self.layer)))?;
         let cp = &layer.checkpoints[k];
         let window = decode_window(index.stored_window(self.layer, k)?, cp.window_encoding, cp.window_len.to_native() as usize)
@@ -150,13 +150,6 @@ impl SpanReader {
             out_offset: cp.out_offset.to_native(),
             window,
         };
-        // Compressed end: just past the first checkpoint at or after `end`, or the blob end.
-        let cps = &layer.checkpoints;
-        let next = cps.partition_point(|c| c.out_offset.to_native() < end);
-        let c_end = cps
-            .get(next)
-            .map(|c| (c.in_offset.to_native() + 64).min(size))
-            .unwrap_or(size);
         let src = Counted { inner: source.blob_from(digest, point.read_from(), c_end, size)?, count };
         let inner = ResumeCursor::new(src, &point).map_err(|e| ReadError::Origin(e.to_string()))?;
         Ok(Cursor::Gzip(inner))

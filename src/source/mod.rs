@@ -4,6 +4,7 @@
 //! distribution registry ([`registry`]).
 
 pub mod auth;
+pub mod buffered;
 pub mod layout;
 pub mod reference;
 pub mod registry;
