@@ -33,7 +33,7 @@ impl WriteBehind {
         let worker = std::thread::Builder::new().name("clip-cache-writer".into()).spawn(move || {
             // Writing is never what a reading process waits for (pending pieces are served
             // from memory), so it gets the CPU after the threads serving reads.
-            if let Err(e) = crate::raw::sched::lower_current_thread_priority() {
+            if let Err(e) = crate::raw::sched::set_current_thread_nice(19) {
                 tracing::debug!(error = %e, "cannot lower the cache writer's priority");
             }
             for key in rx {
