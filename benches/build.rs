@@ -65,7 +65,7 @@ fn main() {
     let mut total_out = 0;
     let clip_all = best_of(runs, || {
         let idx = build(&src, &tag, &BuildOptions::default()).unwrap();
-        total_out = idx.layers.iter().map(|l| l.uncompressed_size).sum();
+        total_out = idx.index.layers.iter().map(|l| l.uncompressed_size).sum();
     });
     let all_mb = total_out as f64 / 1e6;
     println!(

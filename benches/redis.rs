@@ -165,7 +165,7 @@ fn main() {
         .iter()
         .map(|spec| {
             let (inner, _) = clip::source::open(spec).unwrap_or_else(|e| panic!("opening origin {spec}: {e}"));
-            Counting::new(inner)
+            Counting::new(std::sync::Arc::from(inner))
         })
         .collect();
     let origin = &origins[0];
@@ -206,7 +206,7 @@ fn main() {
     println!("image {image}: {} regular files; {} thread(s), median of {} runs", files.len(), o.threads, o.runs);
     println!("{:<40} {:>8} {:>9} {:>8} {:>13}", "read from", "MB", "seconds", "MB/s", "origin calls");
     for (name, src, tiers) in rows {
-        let before = src.calls();
+        let before = src.requests();
         let mut times = Vec::new();
         let mut bytes = 0;
         for _ in 0..o.runs {
@@ -214,7 +214,7 @@ fn main() {
             bytes = b;
             times.push(s);
         }
-        let calls = (src.calls() - before) / o.runs as u64;
+        let calls = (src.requests() - before) / o.runs as u64;
         let s = median(times);
         println!("{name:<40} {:>8.1} {s:>9.3} {:>8.0} {calls:>13}", bytes as f64 / 1e6, bytes as f64 / 1e6 / s);
     }

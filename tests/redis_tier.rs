@@ -11,7 +11,7 @@ use clip::oci::Platform;
 use clip::read::Tier;
 use clip::source::layout::{LayerInput, LayoutWriter};
 use clip::source::{Source, SourceError};
-use common::{bin, edge_index, files, Counting, free_port, mount_and_read_all, piece_keys, read_all, read_file, require_tool, run, test_pki, TestPki};
+use common::{bin, counting_layout, edge_index, files, free_port, mount_and_read_all, piece_keys, read_all, read_file, require_tool, run, test_pki, TestPki};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -189,10 +189,10 @@ fn second_reader_reads_everything_from_redis_and_nothing_from_the_origin() {
     let keys = piece_keys(&index);
     assert!(keys.len() > 20, "the edge image should have many pieces, has {}", keys.len());
 
-    let origin = Counting::layout(&layout);
+    let origin = counting_layout(&layout);
     let first = tier(&redis.url());
     let want = read_all(&index, &origin, &as_tiers(&first));
-    assert!(origin.calls() > 0);
+    assert!(origin.requests() > 0);
     flushed(&first);
     let s = first.stats();
     assert_eq!(s.hits, 0, "{s}");
@@ -252,11 +252,11 @@ fn two_images_with_identical_files_share_keys() {
     let redis = RedisServer::start(&tmp.path().join("redis"));
 
     let t = tier(&redis.url());
-    read_all(&edge, &Counting::layout(&edge_layout), &as_tiers(&t));
+    read_all(&edge, &counting_layout(&edge_layout), &as_tiers(&t));
     flushed(&t);
     assert_eq!(redis.dbsize(), ka.len() as u64);
 
-    let origin = Counting::layout(&twin_layout);
+    let origin = counting_layout(&twin_layout);
     let before = t.stats();
     let got = read_all(&twin, &origin, &as_tiers(&t));
     flushed(&t);
@@ -276,7 +276,7 @@ fn poisoned_values_are_detected_deleted_and_refetched() {
     let index = IndexFile::open(&index_path).unwrap();
     let redis = RedisServer::start(&tmp.path().join("redis"));
     let t = tier(&redis.url());
-    let want = read_all(&index, &Counting::layout(&layout), &as_tiers(&t));
+    let want = read_all(&index, &counting_layout(&layout), &as_tiers(&t));
     flushed(&t);
     drop(t);
 
@@ -287,7 +287,7 @@ fn poisoned_values_are_detected_deleted_and_refetched() {
     redis.set(&chunks[1].key(), &want["data/random.bin"][(1 << 20)..(1 << 20) + 1000]);
     redis.set(&chunks[3].key(), &vec![0x5a; 3 << 20]);
 
-    let origin = Counting::layout(&layout);
+    let origin = counting_layout(&layout);
     let t = tier(&redis.url());
     let tiers = as_tiers(&t);
     assert_eq!(read_file(&index, &origin, &tiers, host_entry(&index)), b"edge\n");
@@ -295,7 +295,7 @@ fn poisoned_values_are_detected_deleted_and_refetched() {
     flushed(&t);
     let s = t.stats();
     assert_eq!(s.verify_failures, 3, "wrong bytes, truncated, oversized: {s}");
-    assert!(origin.calls() > 0, "the right bytes come from the origin");
+    assert!(origin.requests() > 0, "the right bytes come from the origin");
     assert_eq!(redis.get(&host.key()).unwrap(), b"edge\n", "the refetched bytes replace the poisoned value");
     assert_eq!(redis.get(&chunks[1].key()).unwrap(), want["data/random.bin"][1 << 20..2 << 20]);
     assert_eq!(redis.get(&chunks[3].key()).unwrap(), want["data/random.bin"][3 << 20..4 << 20]);
@@ -322,11 +322,11 @@ fn killing_redis_mid_run_keeps_reads_working_and_it_is_used_again_after_a_restar
     let tmp = tempfile::tempdir().unwrap();
     let (layout, index_path) = edge_index(tmp.path());
     let index = IndexFile::open(&index_path).unwrap();
-    let want = read_all(&index, &Counting::layout(&layout), &[]);
+    let want = read_all(&index, &counting_layout(&layout), &[]);
     let mut redis = RedisServer::start(&tmp.path().join("redis"));
     let t = tier(&redis.url());
     let tiers = as_tiers(&t);
-    let origin = Counting::layout(&layout);
+    let origin = counting_layout(&layout);
     let all = files(&index);
     let half = all.len() / 2;
     for (i, p) in &all[..half] {
@@ -358,11 +358,11 @@ fn a_hung_redis_costs_at_most_one_timeout() {
     let tmp = tempfile::tempdir().unwrap();
     let (layout, index_path) = edge_index(tmp.path());
     let index = IndexFile::open(&index_path).unwrap();
-    let want = read_all(&index, &Counting::layout(&layout), &[]);
+    let want = read_all(&index, &counting_layout(&layout), &[]);
     let redis = RedisServer::start(&tmp.path().join("redis"));
     let t = tier(&redis.url());
     let tiers = as_tiers(&t);
-    let origin = Counting::layout(&layout);
+    let origin = counting_layout(&layout);
     read_all(&index, &origin, &tiers);
     flushed(&t);
     redis.signal("STOP");
@@ -379,7 +379,7 @@ fn a_missing_redis_at_start_is_a_warning_and_it_is_picked_up_later() {
     let tmp = tempfile::tempdir().unwrap();
     let (layout, index_path) = edge_index(tmp.path());
     let index = IndexFile::open(&index_path).unwrap();
-    let want = read_all(&index, &Counting::layout(&layout), &[]);
+    let want = read_all(&index, &counting_layout(&layout), &[]);
     let mut redis = RedisServer { port: free_port(), dir: tmp.path().join("redis"), child: None, extra: Vec::new() };
 
     let started = Instant::now();
@@ -387,7 +387,7 @@ fn a_missing_redis_at_start_is_a_warning_and_it_is_picked_up_later() {
     assert!(started.elapsed() < Duration::from_secs(1), "setting up against a missing Redis took {:?}", started.elapsed());
     assert!(!t.is_up());
     let tiers = as_tiers(&t);
-    let origin = Counting::layout(&layout);
+    let origin = counting_layout(&layout);
     timed_read_all(&index, &origin, &tiers, &want, Duration::from_secs(1));
     let s = t.stats();
     assert_eq!(s.hits + s.writes_done, 0, "{s}");
@@ -436,7 +436,7 @@ fn password_in_the_url_is_used_and_a_wrong_one_only_costs_a_fallback() {
     let (layout, index_path) = edge_index(tmp.path());
     let index = IndexFile::open(&index_path).unwrap();
     let redis = RedisServer::start_with(&tmp.path().join("redis"), &["--requirepass", "s3cret"]);
-    let origin = Counting::layout(&layout);
+    let origin = counting_layout(&layout);
 
     let wrong = tier(&format!("redis://:nope@127.0.0.1:{}/0", redis.port));
     assert!(!wrong.is_up(), "a wrong password marks Redis unavailable");
@@ -464,7 +464,7 @@ fn key_prefix_and_ttl_are_applied() {
     cfg.ttl = Some(Duration::from_secs(600));
     cfg.queue_bytes = 1 << 30;
     let t = Arc::new(RedisTier::connect(cfg).unwrap());
-    read_all(&index, &Counting::layout(&layout), &as_tiers(&t));
+    read_all(&index, &counting_layout(&layout), &as_tiers(&t));
     flushed(&t);
     let want: BTreeSet<String> = piece_keys(&index).into_iter().map(|k| format!("clip:{k}")).collect();
     assert_eq!(redis.keys(), want);
@@ -540,7 +540,7 @@ fn rediss_with_the_ca_fills_redis_and_serves_a_second_reader_without_the_origin(
     let pki = test_pki(&tmp.path().join("pki"));
     let (redis, tls_port) = start_tls(&tmp.path().join("redis"), &pki, false);
 
-    let origin = Counting::layout(&layout);
+    let origin = counting_layout(&layout);
     let first = tier_with(tls_config(tls_port, Some(&pki.ca)));
     assert!(first.is_up(), "the TLS handshake with the test CA must succeed: {}", first.stats());
     assert!(first.url().starts_with("rediss://"));
@@ -571,10 +571,10 @@ fn rediss_without_the_ca_falls_back_to_the_origin_with_one_warning() {
     let tmp = tempfile::tempdir().unwrap();
     let (layout, index_path) = edge_index(tmp.path());
     let index = IndexFile::open(&index_path).unwrap();
-    let want = read_all(&index, &Counting::layout(&layout), &[]);
+    let want = read_all(&index, &counting_layout(&layout), &[]);
     let pki = test_pki(&tmp.path().join("pki"));
     let (redis, tls_port) = start_tls(&tmp.path().join("redis"), &pki, false);
-    let origin = Counting::layout(&layout);
+    let origin = counting_layout(&layout);
 
     let started = Instant::now();
     let (t, log) = warnings_during(|| {
@@ -606,7 +606,7 @@ fn a_client_certificate_is_sent_when_the_server_requires_one() {
     let index = IndexFile::open(&index_path).unwrap();
     let pki = test_pki(&tmp.path().join("pki"));
     let (redis, tls_port) = start_tls(&tmp.path().join("redis"), &pki, true);
-    let origin = Counting::layout(&layout);
+    let origin = counting_layout(&layout);
 
     let anonymous = tier_with(tls_config(tls_port, Some(&pki.ca)));
     let want = read_all(&index, &origin, &as_tiers(&anonymous));
@@ -630,7 +630,7 @@ fn clip_serve_uses_rediss_with_a_ca_file() {
     let pki = test_pki(&tmp.path().join("pki"));
     let (redis, tls_port) = start_tls(&tmp.path().join("redis"), &pki, false);
     let fill = tier_with(tls_config(tls_port, Some(&pki.ca)));
-    let want = read_all(&index, &Counting::layout(&layout), &as_tiers(&fill));
+    let want = read_all(&index, &counting_layout(&layout), &as_tiers(&fill));
     flushed(&fill);
     drop(fill);
     assert_eq!(redis.keys(), piece_keys(&index));

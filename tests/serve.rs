@@ -426,6 +426,24 @@ fn a_recorded_access_profile_is_prefetched_by_the_next_mount() {
         assert!(t.elapsed() < Duration::from_secs(20), "no prefetch within 20 s:\n{}", second.log());
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Neighbouring intervals share one request (this image's profile has neighbours).
+    let mut log = String::new();
+    let mut in_escape = false;
+    for c in second.log().chars() {
+        match c {
+            '\x1b' => in_escape = true,
+            'm' if in_escape => in_escape = false,
+            _ if !in_escape => log.push(c),
+            _ => {}
+        }
+    }
+    let field = |name: &str| -> usize {
+        let line = log.lines().find(|l| l.contains("profile prefetched")).unwrap();
+        let rest = line.split(&format!("{name}=")).nth(1).unwrap_or_else(|| panic!("no {name} in {line}"));
+        rest.trim_start_matches(|c: char| !c.is_ascii_digit()).split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+    };
+    assert_eq!(field("intervals"), intervals, "{log}");
+    assert!((1..intervals).contains(&field("requests")), "{log}");
     // ... so the files read after the origin is gone come from what it fetched, intact.
     let gone = tmp.path().join("layout-gone");
     fs::rename(&layout, &gone).unwrap();

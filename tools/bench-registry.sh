@@ -89,7 +89,7 @@ t0=$(now); "$build" "$REF_NAME" -o "$W/image.clip" --quiet ${BUILD_ARGS:-}; buil
 echo "clip-build $REF_NAME: $build_ms ms, index $(stat -c %s "$W/image.clip") bytes, source $("$build" inspect --json "$W/image.clip" | jq -r .source)"
 
 # One cold clip run (empty cache, page cache dropped) with extra clip-serve arguments; prints
-# a line labelled $1 and sets R_TOTAL, R_MOUNT, R_IMPORT, R_FETCHED, R_INFLATED.
+# a line labelled $1 and sets R_TOTAL, R_MOUNT, R_IMPORT, R_FETCHED, R_INFLATED, R_REQUESTS.
 clip_run() {
     local label=$1; shift
     rm -rf "$W/cache" "$O" "$W/stats.json"; mkdir -p "$W/cache" "$O/upper" "$O/work" "$O/merged"
@@ -109,26 +109,27 @@ clip_run() {
     stop_serve
     R_TOTAL=$(ms "$t0" "$t3") R_MOUNT=$(ms "$t0" "$t1") R_IMPORT=$(ms "$t2" "$t3")
     R_FETCHED=$(jq .serve.fetched "$W/stats.json") R_INFLATED=$(jq .serve.inflated "$W/stats.json")
+    R_REQUESTS=$(jq .serve.requests "$W/stats.json")
     echo "$label: total $R_TOTAL ms (mounted after $R_MOUNT ms, overlay $(ms "$t1" "$t2") ms, import $R_IMPORT ms); $(jq -c .serve "$W/stats.json")"
 }
 
 echo "== clip: clip-serve start -> chroot MERGED ${CMD[*]} exits (cold: empty cache, page cache dropped)"
-tot=() mnt_ms=() imp=() fetched=() inflated=()
+tot=() mnt_ms=() imp=() fetched=() inflated=() requests=()
 for i in $(seq "$RUNS"); do
     clip_run "run $i"
-    tot+=("$R_TOTAL"); mnt_ms+=("$R_MOUNT"); imp+=("$R_IMPORT"); fetched+=("$R_FETCHED"); inflated+=("$R_INFLATED")
+    tot+=("$R_TOTAL"); mnt_ms+=("$R_MOUNT"); imp+=("$R_IMPORT"); fetched+=("$R_FETCHED"); inflated+=("$R_INFLATED"); requests+=("$R_REQUESTS")
 done
-clip_ms=$(median "${tot[@]}") clip_fetched=$(median "${fetched[@]}")
+clip_ms=$(median "${tot[@]}") clip_fetched=$(median "${fetched[@]}") clip_requests=$(median "${requests[@]}")
 
 echo "== clip with an access profile: one cold run records it (--record-profile), then cold runs prefetch it (--prefetch-profile)"
 clip_run "recording run" --record-profile "$W/profile"
 echo "profile: $(($(wc -l <"$W/profile") - 2)) intervals"
-ptot=() pfetched=()
+ptot=() pfetched=() prequests=()
 for i in $(seq "$RUNS"); do
     clip_run "profile run $i" --prefetch-profile "$W/profile" ${PREFETCH_THREADS:+--prefetch-threads "$PREFETCH_THREADS"}
-    ptot+=("$R_TOTAL"); pfetched+=("$R_FETCHED")
+    ptot+=("$R_TOTAL"); pfetched+=("$R_FETCHED"); prequests+=("$R_REQUESTS")
 done
-prof_ms=$(median "${ptot[@]}") prof_fetched=$(median "${pfetched[@]}")
+prof_ms=$(median "${ptot[@]}") prof_fetched=$(median "${pfetched[@]}") prof_requests=$(median "${prequests[@]}")
 
 echo "== full pull: skopeo copy + umoci raw unpack + chroot ROOTFS ${CMD[*]} (page cache dropped first)"
 pull=() cp_ms=() up_ms=() im_ms=() im_cold=()
@@ -160,6 +161,7 @@ pshare=$(awk -v f="$prof_fetched" -v s="$image_bytes" 'BEGIN { printf "%.3f", f 
 row "  same, with a recorded access profile prefetched (ms)" "$prof_ms" "$pull_ms (full pull)" "${pspeedup}x faster" ">= 20x faster" "$(judge "$pspeedup" ">=" 20)"
 row "bytes fetched from the registry vs image compressed size" "$clip_fetched" "$image_bytes" "$(awk -v s="$share" 'BEGIN { printf "%.1f%%", s * 100 }')" "<= 15%" "$(judge "$share" "<=" 0.15)"
 row "  same, with the access profile prefetched" "$prof_fetched" "$image_bytes" "$(awk -v s="$pshare" 'BEGIN { printf "%.1f%%", s * 100 }')" "<= 15%" "$(judge "$pshare" "<=" 0.15)"
+row "  clip: registry blob requests, without / with profile" "$clip_requests / $prof_requests" "-" "-" "info" "-"
 row "  clip: bytes inflated" "$(median "${inflated[@]}")" "-" "-" "info" "-"
 row "index build from the registry, once (ms)" "$build_ms" "-" "-" "info" "-"
 

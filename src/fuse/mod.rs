@@ -108,6 +108,7 @@ pub struct ServeStats {
     kept_bytes: AtomicU64,
     ahead_jobs: AtomicU64,
     ahead_hits: AtomicU64,
+    requests: Arc<AtomicU64>,
 }
 
 /// A snapshot of [`ServeStats`].
@@ -135,6 +136,8 @@ pub struct ServeSnapshot {
     pub ahead_jobs: u64,
     /// Pieces served from what read-ahead jobs held for their reader.
     pub ahead_hits: u64,
+    /// Blob requests made of the origin (each ranged read, prefetch run or read-ahead job).
+    pub requests: u64,
 }
 
 impl ServeStats {
@@ -153,6 +156,7 @@ impl ServeStats {
             kept_bytes: l(&self.kept_bytes),
             ahead_jobs: l(&self.ahead_jobs),
             ahead_hits: l(&self.ahead_hits),
+            requests: l(&self.requests),
         }
     }
 }
@@ -172,7 +176,7 @@ impl std::fmt::Display for ServeSnapshot {
             self.kept,
             self.kept_bytes
         )?;
-        write!(f, " ahead_jobs={} ahead_hits={}", self.ahead_jobs, self.ahead_hits)
+        write!(f, " ahead_jobs={} ahead_hits={} origin_requests={}", self.ahead_jobs, self.ahead_hits, self.requests)
     }
 }
 
@@ -224,15 +228,17 @@ impl ClipFs {
             .filter(|e| e.kind == Kind::File as u8)
             .map(|e| e.size.to_native().div_ceil(attr::BLKSIZE as u64))
             .sum();
+        let counting = crate::source::counting::Counting::new(source);
+        let stats = Arc::new(ServeStats { requests: counting.counter(), ..ServeStats::default() });
         Ok(ClipFs {
             shared: Arc::new(Shared {
                 neighbours: Neighbours::new(index.index().layers.len()),
                 ahead: ReadAhead::new(READ_AHEAD, READ_AHEAD_HELD),
                 recorder: None,
                 index,
-                source,
+                source: Arc::new(counting),
                 tiers,
-                stats: Arc::default(),
+                stats,
             }),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),

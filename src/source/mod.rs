@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod buffered;
+pub mod counting;
 pub mod layout;
 pub mod reference;
 pub mod registry;

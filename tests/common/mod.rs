@@ -9,9 +9,7 @@ use clip::oci::Platform;
 use clip::read::{FileReader, Tier};
 use clip::source::layout::{LayerInput, LayoutWriter};
 use clip::source::layout::LayoutSource;
-use clip::source::{Source, SourceError};
-use std::io::Read;
-use std::sync::atomic::{AtomicU64, Ordering};
+use clip::source::Source;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::collections::{BTreeMap, BTreeSet};
@@ -535,38 +533,10 @@ pub fn mount_and_read_all(tmp: &Path, name: &str, index: &Path, redis_args: &[&s
     (files, stats, read_log())
 }
 
-/// A source that counts blob requests (the origin calls a cache tier should have saved).
-pub struct Counting {
-    inner: Box<dyn Source>,
-    calls: AtomicU64,
-}
+pub use clip::source::counting::Counting;
 
-impl Counting {
-    /// Count the blob requests made of `inner`.
-    pub fn new(inner: Box<dyn Source>) -> Counting {
-        Counting { inner, calls: AtomicU64::new(0) }
-    }
-
-    /// Count the blob requests made of the OCI layout at `layout`.
-    pub fn layout(layout: &Path) -> Counting {
-        Counting::new(Box::new(LayoutSource::open(layout).unwrap()))
-    }
-
-    /// Blob requests so far.
-    pub fn calls(&self) -> u64 {
-        self.calls.load(Ordering::SeqCst)
-    }
-}
-
-impl Source for Counting {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-    fn manifest(&self, reference: &str) -> Result<(String, Vec<u8>, String), SourceError> {
-        self.inner.manifest(reference)
-    }
-    fn blob(&self, digest: &str, start: u64, end: Option<u64>) -> Result<Box<dyn Read + Send>, SourceError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        self.inner.blob(digest, start, end)
-    }
+/// A [`Counting`] source over the OCI layout at `layout` (the origin calls a cache tier
+/// should have saved).
+pub fn counting_layout(layout: &Path) -> Counting {
+    Counting::new(std::sync::Arc::new(LayoutSource::open(layout).unwrap()))
 }
