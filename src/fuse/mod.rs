@@ -414,7 +414,15 @@ fn serve_read(shared: &Shared, reader: &Mutex<FileReader>, offset: u64, size: u3
     let (inf0, fetch0) = r.origin_stats();
     let (kept0, kept_bytes0) = r.kept_stats();
     let hits0 = r.ahead_hits();
-    let n = r.read_at(&shared.index, shared.source.as_ref(), &shared.tiers, offset, &mut buf)?;
+    let n = match r.read_at(&shared.index, shared.source.as_ref(), &shared.tiers, offset, &mut buf) {
+        Ok(n) => n,
+        Err(e) => {
+            // An interval left unfinished by an earlier piece of this read is released now,
+            // not when the handle is next used: its claim makes other readers wait.
+            drop(r.take_unfinished());
+            return Err(e);
+        }
+    };
     let (inf1, fetch1) = r.origin_stats();
     let (kept1, kept_bytes1) = r.kept_stats();
     let s = &shared.stats;
