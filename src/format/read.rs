@@ -140,6 +140,12 @@ impl IndexFile {
             .ok_or_else(|| FormatError::Invalid(format!("layer {i} is out of range")))
     }
 
+    /// The blob digest of layer `i` (`sha256:…`), as text.
+    pub fn layer_digest(&self, i: u32) -> Result<&str, FormatError> {
+        std::str::from_utf8(self.layer(i)?.digest.as_slice())
+            .map_err(|_| FormatError::Invalid(format!("the digest of layer {i} is not UTF-8")))
+    }
+
     /// The child index range of directory `dir` (empty for non-directories).
     pub fn children(&self, dir: u32) -> Result<std::ops::Range<u32>, FormatError> {
         let e = self.entry(dir)?;

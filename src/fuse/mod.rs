@@ -459,9 +459,9 @@ fn prefetch_run(shared: &Shared, run: &[Needed]) {
     let (Some(first), Some(last)) = (jobs.first(), jobs.last()) else { return };
     let layer = first.0.interval.layer;
     let buffered = index.compressed_span(layer, first.1, last.2).ok().flatten().and_then(|(_, from, to)| {
-        let l = index.layer(layer).ok()?;
-        let digest = std::str::from_utf8(l.digest.as_slice()).ok()?;
-        crate::source::buffered::Buffered::fetch(shared.source.clone(), digest, from, to, l.compressed_size.to_native())
+        let size = index.layer(layer).ok()?.compressed_size.to_native();
+        let digest = index.layer_digest(layer).ok()?;
+        crate::source::buffered::Buffered::fetch(shared.source.clone(), digest, from, to, size)
             .map_err(|e| tracing::debug!(error = %e, "profile run fetch failed; its intervals fetch their own bytes"))
             .ok()
     });

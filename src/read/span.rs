@@ -130,8 +130,7 @@ impl SpanReader {
 
     fn open(&mut self, index: &IndexFile, source: &dyn Source, start: u64, end: u64) -> Result<Cursor, ReadError> {
         let layer = index.layer(self.layer)?;
-        let digest = std::str::from_utf8(layer.digest.as_slice())
-            .map_err(|_| ReadError::Origin("layer digest is not UTF-8".into()))?;
+        let digest = index.layer_digest(self.layer)?;
         let size = layer.compressed_size.to_native();
         let count = self.received.clone();
         if layer.compression == Compression::None as u8 {
