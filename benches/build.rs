@@ -23,42 +23,91 @@ fn best_of<F: FnMut()>(runs: usize, mut f: F) -> f64 {
 }
 
 fn tool(name: &str, blob: &PathBuf, runs: usize) -> Option<f64> {
-    let ok = Command::new(name).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
+    let ok = Command::new(name)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
     if !ok {
-        eprintln!("{name} not installed (apt-get install {}): no comparison", if name == "igzip" { "isal" } else { name });
+        eprintln!(
+            "{name} not installed (apt-get install {}): no comparison",
+            if name == "igzip" { "isal" } else { name }
+        );
         return None;
     }
     Some(best_of(runs, || {
-        let st = Command::new(name).arg("-dc").arg(blob).stdout(Stdio::null()).status().unwrap();
+        let st = Command::new(name)
+            .arg("-dc")
+            .arg(blob)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
         assert!(st.success());
     }))
 }
 
 fn main() {
-    let layout = PathBuf::from(std::env::var("CLIP_BENCH_LAYOUT").unwrap_or_else(|_| "/tmp/bench/oci".into()));
+    let layout = PathBuf::from(
+        std::env::var("CLIP_BENCH_LAYOUT").unwrap_or_else(|_| "/tmp/bench/oci".into()),
+    );
     let tag = std::env::var("CLIP_BENCH_TAG").unwrap_or_else(|_| "debian-python".into());
-    let runs: usize = std::env::var("CLIP_BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let runs: usize = std::env::var("CLIP_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     let src = LayoutSource::open(&layout).unwrap_or_else(|e| {
         panic!("{e}\nbuild the corpus first: sudo ../shared/bench/make-images.sh (or set CLIP_BENCH_LAYOUT)")
     });
     let image = resolve(&src, &tag, &Platform::host()).expect("resolving the benchmark image");
-    let largest = image.layers.iter().max_by_key(|l| l.size).expect("image has layers").clone();
+    let largest = image
+        .layers
+        .iter()
+        .max_by_key(|l| l.size)
+        .expect("image has layers")
+        .clone();
     let blob = src.blob_path(&largest.digest).unwrap();
     let mut uncompressed = 0;
-    println!("image {tag}: {} layers; largest layer {} ({:.1} MB gzip)", image.layers.len(), largest.digest, largest.size as f64 / 1e6);
+    println!(
+        "image {tag}: {} layers; largest layer {} ({:.1} MB gzip)",
+        image.layers.len(),
+        largest.digest,
+        largest.size as f64 / 1e6
+    );
 
     let gzip = tool("gzip", &blob, runs);
     let igzip = tool("igzip", &blob, runs);
     let clip_one = best_of(runs, || {
-        let r = index_layer(&src, &largest, CheckpointPolicy::default(), indicatif::ProgressBar::hidden()).unwrap();
+        let r = index_layer(
+            &src,
+            &largest,
+            CheckpointPolicy::default(),
+            indicatif::ProgressBar::hidden(),
+        )
+        .unwrap();
         uncompressed = r.layer.uncompressed_size;
     });
     let mb = uncompressed as f64 / 1e6;
-    println!("{:<28} {:>8} {:>10} {:>8}", "one layer", "seconds", "MB/s", "ratio");
-    println!("{:<28} {:>8.3} {:>10.0} {:>8}", "clip-build index_layer", clip_one, mb / clip_one, "1.00");
+    println!(
+        "{:<28} {:>8} {:>10} {:>8}",
+        "one layer", "seconds", "MB/s", "ratio"
+    );
+    println!(
+        "{:<28} {:>8.3} {:>10.0} {:>8}",
+        "clip-build index_layer",
+        clip_one,
+        mb / clip_one,
+        "1.00"
+    );
     for (name, t) in [("gzip -dc", gzip), ("igzip -dc", igzip)] {
         if let Some(t) = t {
-            println!("{:<28} {:>8.3} {:>10.0} {:>7.2}x  (clip speed / {name} speed)", name, t, mb / t, t / clip_one);
+            println!(
+                "{:<28} {:>8.3} {:>10.0} {:>7.2}x  (clip speed / {name} speed)",
+                name,
+                t,
+                mb / t,
+                t / clip_one
+            );
         }
     }
     let total: u64 = image.layers.iter().map(|l| l.size).sum();

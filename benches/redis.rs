@@ -21,9 +21,9 @@ mod common;
 use clip::cache::redis::{RedisConfig, RedisTier};
 use clip::cache::DiskCache;
 use clip::format::{IndexFile, Kind};
-use common::Counting;
 use clip::read::{FileReader, Tier};
 use clip::source::Source;
+use common::Counting;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -46,8 +46,18 @@ fn usage() -> ! {
 fn opts() -> Opts {
     let bench = std::env::var("BENCH_DIR").unwrap_or_else(|_| "/tmp/bench".into());
     let corpus = Path::new(&bench).join("oci");
-    let image = if corpus.join("index.json").is_file() { format!("{}:debian-python", corpus.display()) } else { String::new() };
-    let mut o = Opts { image, origins: Vec::new(), redis: None, runs: 3, threads: 1 };
+    let image = if corpus.join("index.json").is_file() {
+        format!("{}:debian-python", corpus.display())
+    } else {
+        String::new()
+    };
+    let mut o = Opts {
+        image,
+        origins: Vec::new(),
+        redis: None,
+        runs: 3,
+        threads: 1,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_else(|| usage());
@@ -80,11 +90,28 @@ impl Drop for Server {
 }
 
 fn start_redis(dir: &Path) -> (Server, String) {
-    let found = Command::new("sh").arg("-c").arg("command -v redis-server").output().map(|o| o.status.success());
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg("command -v redis-server")
+        .output()
+        .map(|o| o.status.success());
     assert!(found.unwrap_or(false), "redis-server is not installed; run .ci/run (it apt-get installs redis-server) or pass --redis URL");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .arg("--dir")
         .arg(dir)
         .stdout(Stdio::null())
@@ -95,25 +122,44 @@ fn start_redis(dir: &Path) -> (Server, String) {
     let url = format!("redis://127.0.0.1:{port}/0");
     let deadline = Instant::now() + Duration::from_secs(10);
     while redis_conn(&url).is_none() {
-        assert!(Instant::now() < deadline, "redis-server on port {port} did not come up in 10 s");
+        assert!(
+            Instant::now() < deadline,
+            "redis-server on port {port} did not come up in 10 s"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     (server, url)
 }
 
 fn redis_conn(url: &str) -> Option<redis::Connection> {
-    let mut c = redis::Client::open(url).ok()?.get_connection_with_timeout(Duration::from_secs(1)).ok()?;
+    let mut c = redis::Client::open(url)
+        .ok()?
+        .get_connection_with_timeout(Duration::from_secs(1))
+        .ok()?;
     redis::cmd("PING").query::<String>(&mut c).ok()?;
     Some(c)
 }
 
 /// Regular files of the index.
 fn files(index: &IndexFile) -> Vec<u32> {
-    (0..index.entry_count()).filter(|&i| index.entry(i).map(|e| e.kind == Kind::File as u8).unwrap_or(false)).collect()
+    (0..index.entry_count())
+        .filter(|&i| {
+            index
+                .entry(i)
+                .map(|e| e.kind == Kind::File as u8)
+                .unwrap_or(false)
+        })
+        .collect()
 }
 
 /// Read every file with fresh readers on `threads` threads; (bytes, seconds).
-fn pass(index: &IndexFile, files: &[u32], source: &dyn Source, tiers: &[Arc<dyn Tier>], threads: usize) -> (u64, f64) {
+fn pass(
+    index: &IndexFile,
+    files: &[u32],
+    source: &dyn Source,
+    tiers: &[Arc<dyn Tier>],
+    threads: usize,
+) -> (u64, f64) {
     let next = AtomicUsize::new(0);
     let bytes = AtomicU64::new(0);
     let start = Instant::now();
@@ -127,7 +173,9 @@ fn pass(index: &IndexFile, files: &[u32], source: &dyn Source, tiers: &[Arc<dyn 
                     let mut r = FileReader::new(index, f).expect("index entry");
                     let mut off = 0u64;
                     while off < r.size() {
-                        let n = r.read_at(index, source, tiers, off, &mut buf).unwrap_or_else(|e| panic!("reading entry {f}: {e}"));
+                        let n = r
+                            .read_at(index, source, tiers, off, &mut buf)
+                            .unwrap_or_else(|e| panic!("reading entry {f}: {e}"));
                         off += n as u64;
                     }
                     bytes.fetch_add(off, Ordering::Relaxed);
@@ -155,16 +203,27 @@ fn main() {
     };
     let index_path: PathBuf = tmp.path().join("image.clip");
     let t = Instant::now();
-    let st = Command::new(env!("CARGO_BIN_EXE_clip-build")).arg(&image).arg("-o").arg(&index_path).arg("--quiet").status().expect("running clip-build");
+    let st = Command::new(env!("CARGO_BIN_EXE_clip-build"))
+        .arg(&image)
+        .arg("-o")
+        .arg(&index_path)
+        .arg("--quiet")
+        .status()
+        .expect("running clip-build");
     assert!(st.success(), "clip-build {image} failed");
     eprintln!("indexed {image} in {:.2} s", t.elapsed().as_secs_f64());
     let index = IndexFile::open(&index_path).expect("opening the index");
     let files = files(&index);
-    let specs = if o.origins.is_empty() { vec![image.clone()] } else { o.origins.clone() };
+    let specs = if o.origins.is_empty() {
+        vec![image.clone()]
+    } else {
+        o.origins.clone()
+    };
     let origins: Vec<Counting> = specs
         .iter()
         .map(|spec| {
-            let (inner, _) = clip::source::open(spec).unwrap_or_else(|e| panic!("opening origin {spec}: {e}"));
+            let (inner, _) =
+                clip::source::open(spec).unwrap_or_else(|e| panic!("opening origin {spec}: {e}"));
             Counting::new(std::sync::Arc::from(inner))
         })
         .collect();
@@ -178,21 +237,39 @@ fn main() {
         }
     };
     let mut admin = redis_conn(&url).unwrap_or_else(|| panic!("cannot reach Redis at {url}"));
-    redis::cmd("FLUSHDB").query::<()>(&mut admin).expect("FLUSHDB");
+    redis::cmd("FLUSHDB")
+        .query::<()>(&mut admin)
+        .expect("FLUSHDB");
     let mut cfg = RedisConfig::new(url.clone());
     cfg.queue_bytes = 4 << 30;
     cfg.io_timeout = Duration::from_secs(2);
     let redis_tier = Arc::new(RedisTier::connect(cfg).expect("Redis tier"));
-    let disk = Arc::new(DiskCache::open(&tmp.path().join("disk"), u64::MAX / 2).expect("disk cache"));
+    let disk =
+        Arc::new(DiskCache::open(&tmp.path().join("disk"), u64::MAX / 2).expect("disk cache"));
 
     let t = Instant::now();
     let fill: Vec<Arc<dyn Tier>> = vec![disk.clone(), redis_tier.clone()];
     pass(&index, &files, origin, &fill, o.threads);
-    assert!(redis_tier.flush(Duration::from_secs(120)), "Redis writes did not drain");
+    assert!(
+        redis_tier.flush(Duration::from_secs(120)),
+        "Redis writes did not drain"
+    );
     let dbsize: u64 = redis::cmd("DBSIZE").query(&mut admin).unwrap_or(0);
-    let used: String = redis::cmd("INFO").arg("memory").query::<String>(&mut admin).unwrap_or_default();
-    let used = used.lines().find_map(|l| l.strip_prefix("used_memory_human:")).unwrap_or("?").trim().to_string();
-    eprintln!("filled disk cache and Redis in {:.2} s: {}; {dbsize} keys, {used}", t.elapsed().as_secs_f64(), redis_tier.stats());
+    let used: String = redis::cmd("INFO")
+        .arg("memory")
+        .query::<String>(&mut admin)
+        .unwrap_or_default();
+    let used = used
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory_human:"))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
+    eprintln!(
+        "filled disk cache and Redis in {:.2} s: {}; {dbsize} keys, {used}",
+        t.elapsed().as_secs_f64(),
+        redis_tier.stats()
+    );
 
     let only_redis: Vec<Arc<dyn Tier>> = vec![redis_tier.clone()];
     let only_disk: Vec<Arc<dyn Tier>> = vec![disk.clone()];
@@ -203,8 +280,16 @@ fn main() {
     rows.push(("redis".into(), origin, &only_redis));
     rows.push(("disk cache".into(), origin, &only_disk));
     println!();
-    println!("image {image}: {} regular files; {} thread(s), median of {} runs", files.len(), o.threads, o.runs);
-    println!("{:<40} {:>8} {:>9} {:>8} {:>13}", "read from", "MB", "seconds", "MB/s", "origin calls");
+    println!(
+        "image {image}: {} regular files; {} thread(s), median of {} runs",
+        files.len(),
+        o.threads,
+        o.runs
+    );
+    println!(
+        "{:<40} {:>8} {:>9} {:>8} {:>13}",
+        "read from", "MB", "seconds", "MB/s", "origin calls"
+    );
     for (name, src, tiers) in rows {
         let before = src.requests();
         let mut times = Vec::new();
@@ -216,7 +301,11 @@ fn main() {
         }
         let calls = (src.requests() - before) / o.runs as u64;
         let s = median(times);
-        println!("{name:<40} {:>8.1} {s:>9.3} {:>8.0} {calls:>13}", bytes as f64 / 1e6, bytes as f64 / 1e6 / s);
+        println!(
+            "{name:<40} {:>8.1} {s:>9.3} {:>8.0} {calls:>13}",
+            bytes as f64 / 1e6,
+            bytes as f64 / 1e6 / s
+        );
     }
     println!("{}", redis_tier.stats());
 }

@@ -40,7 +40,10 @@ impl TarBuilder {
     pub fn new() -> TarBuilder {
         let mut b = tar::Builder::new(Vec::new());
         b.mode(tar::HeaderMode::Complete);
-        TarBuilder { b, mtime: 1_747_699_200 }
+        TarBuilder {
+            b,
+            mtime: 1_747_699_200,
+        }
     }
 
     fn header(&self, kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
@@ -57,40 +60,65 @@ impl TarBuilder {
     /// Add a directory.
     pub fn dir(&mut self, path: &str, mode: u32) -> &mut Self {
         let mut h = self.header(tar::EntryType::Directory, mode, 0);
-        self.b.append_data(&mut h, path, std::io::empty()).expect("writing to memory");
+        self.b
+            .append_data(&mut h, path, std::io::empty())
+            .expect("writing to memory");
         self
     }
 
     /// Add a regular file.
     pub fn file(&mut self, path: &str, mode: u32, data: &[u8]) -> &mut Self {
         let mut h = self.header(tar::EntryType::Regular, mode, data.len() as u64);
-        self.b.append_data(&mut h, path, data).expect("writing to memory");
+        self.b
+            .append_data(&mut h, path, data)
+            .expect("writing to memory");
         self
     }
 
     /// Add a symlink or hardlink.
     pub fn link(&mut self, kind: tar::EntryType, path: &str, target: &str) -> &mut Self {
         let mut h = self.header(kind, 0o777, 0);
-        self.b.append_link(&mut h, path, target).expect("writing to memory");
+        self.b
+            .append_link(&mut h, path, target)
+            .expect("writing to memory");
         self
     }
 
     /// Add a file with PAX extended attributes.
-    pub fn file_with_xattrs(&mut self, path: &str, mode: u32, data: &[u8], xattrs: &[(&str, &[u8])]) -> &mut Self {
-        let pax: Vec<(String, &[u8])> = xattrs.iter().map(|(k, v)| (format!("SCHILY.xattr.{k}"), *v)).collect();
+    pub fn file_with_xattrs(
+        &mut self,
+        path: &str,
+        mode: u32,
+        data: &[u8],
+        xattrs: &[(&str, &[u8])],
+    ) -> &mut Self {
+        let pax: Vec<(String, &[u8])> = xattrs
+            .iter()
+            .map(|(k, v)| (format!("SCHILY.xattr.{k}"), *v))
+            .collect();
         let pax: Vec<(&str, &[u8])> = pax.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         self.pax_file(path, mode, data, &pax)
     }
 
     /// Add a file preceded by a PAX header with the given records (`mtime`, `uid`, …).
-    pub fn pax_file(&mut self, path: &str, mode: u32, data: &[u8], records: &[(&str, &[u8])]) -> &mut Self {
-        self.b.append_pax_extensions(records.iter().copied()).expect("writing to memory");
+    pub fn pax_file(
+        &mut self,
+        path: &str,
+        mode: u32,
+        data: &[u8],
+        records: &[(&str, &[u8])],
+    ) -> &mut Self {
+        self.b
+            .append_pax_extensions(records.iter().copied())
+            .expect("writing to memory");
         self.file(path, mode, data)
     }
 
     /// Add any entry with a prepared header.
     pub fn raw(&mut self, header: &mut tar::Header, path: &str, data: &[u8]) -> &mut Self {
-        self.b.append_data(header, path, data).expect("writing to memory");
+        self.b
+            .append_data(header, path, data)
+            .expect("writing to memory");
         self
     }
 
@@ -105,13 +133,22 @@ pub fn write_demo(dir: &Path) -> std::io::Result<()> {
     let mut l1 = TarBuilder::new();
     l1.dir("etc/", 0o755)
         .file("etc/hostname", 0o644, b"clip-demo\n")
-        .file("etc/motd", 0o644, b"Welcome to an image that was never pulled.\n")
+        .file(
+            "etc/motd",
+            0o644,
+            b"Welcome to an image that was never pulled.\n",
+        )
         .dir("usr/", 0o755)
         .dir("usr/bin/", 0o755)
         .file("usr/bin/hello", 0o755, b"#!/bin/sh\necho hello from clip\n")
         .link(tar::EntryType::Symlink, "usr/bin/hi", "hello")
         .link(tar::EntryType::Link, "usr/bin/hello-again", "usr/bin/hello")
-        .file_with_xattrs("usr/bin/ping", 0o755, b"not really ping\n", &[("user.demo", b"yes")])
+        .file_with_xattrs(
+            "usr/bin/ping",
+            0o755,
+            b"not really ping\n",
+            &[("user.demo", b"yes")],
+        )
         .dir("usr/share/", 0o755)
         .dir("usr/share/data/", 0o755)
         .file("usr/share/data/big.txt", 0o644, &noise(7, 3 << 20))

@@ -10,9 +10,9 @@ pub mod fuse;
 pub mod logging;
 pub mod oci;
 pub mod profile;
+#[allow(unsafe_code)]
+mod raw;
 pub mod read;
 pub mod report;
 pub mod source;
 pub mod zran;
-#[allow(unsafe_code)]
-mod raw;

@@ -67,7 +67,11 @@ impl Platform {
             "powerpc64" => "ppc64le",
             other => other,
         };
-        Platform { architecture: arch.into(), os: "linux".into(), variant: None }
+        Platform {
+            architecture: arch.into(),
+            os: "linux".into(),
+            variant: None,
+        }
     }
 
     /// Parse `os/arch[/variant]`.
@@ -79,7 +83,11 @@ impl Platform {
         if it.next().is_some() {
             return None;
         }
-        Some(Platform { architecture: arch.into(), os: os.into(), variant })
+        Some(Platform {
+            architecture: arch.into(),
+            os: os.into(),
+            variant,
+        })
     }
 
     /// Whether a manifest for `other` runs here (variant ignored when we did not ask for one).
@@ -203,7 +211,8 @@ pub fn digest_of(bytes: &[u8]) -> String {
 }
 
 fn parse_json<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T, SourceError> {
-    serde_json::from_slice(bytes).map_err(|e| SourceError::BadImage(format!("{what} is not valid JSON: {e}")))
+    serde_json::from_slice(bytes)
+        .map_err(|e| SourceError::BadImage(format!("{what} is not valid JSON: {e}")))
 }
 
 fn is_index(media_type: &str, bytes: &[u8]) -> bool {
@@ -216,7 +225,10 @@ fn is_index(media_type: &str, bytes: &[u8]) -> bool {
 }
 
 /// Pick the manifest for `want` from an image index.
-pub fn choose_platform<'a>(index: &'a ImageIndex, want: &Platform) -> Result<&'a Descriptor, SourceError> {
+pub fn choose_platform<'a>(
+    index: &'a ImageIndex,
+    want: &Platform,
+) -> Result<&'a Descriptor, SourceError> {
     index
         .manifests
         .iter()
@@ -235,7 +247,10 @@ pub fn choose_platform<'a>(index: &'a ImageIndex, want: &Platform) -> Result<&'a
                 .iter()
                 .filter_map(|d| d.platform.as_ref().map(|p| p.to_string()))
                 .collect();
-            SourceError::NoPlatform { want: want.to_string(), have: have.join(", ") }
+            SourceError::NoPlatform {
+                want: want.to_string(),
+                have: have.join(", "),
+            }
         })
 }
 
@@ -252,17 +267,26 @@ pub fn resolve(
     while is_index(&media_type, &bytes) {
         depth += 1;
         if depth > 4 {
-            return Err(SourceError::BadImage("image indexes nest more than 4 deep".into()));
+            return Err(SourceError::BadImage(
+                "image indexes nest more than 4 deep".into(),
+            ));
         }
         let index: ImageIndex = parse_json("image index", &bytes)?;
         let d = choose_platform(&index, platform)?.clone();
         let (mt, b, dg) = source.manifest(&d.digest)?;
-        media_type = if mt.is_empty() { d.media_type.clone() } else { mt };
+        media_type = if mt.is_empty() {
+            d.media_type.clone()
+        } else {
+            mt
+        };
         bytes = b;
         digest = dg;
     }
-    if !(media_type.is_empty() || media_type == MT_OCI_MANIFEST || media_type == MT_DOCKER_MANIFEST) {
-        return Err(SourceError::BadImage(format!("unsupported manifest media type {media_type}")));
+    if !(media_type.is_empty() || media_type == MT_OCI_MANIFEST || media_type == MT_DOCKER_MANIFEST)
+    {
+        return Err(SourceError::BadImage(format!(
+            "unsupported manifest media type {media_type}"
+        )));
     }
     let manifest: Manifest = parse_json("manifest", &bytes)?;
     let config_bytes = source.read_small_blob(&manifest.config.digest, manifest.config.size)?;
@@ -299,7 +323,11 @@ pub fn resolve(
             os: config.os.clone(),
             variant: None,
         },
-        created: config.created.as_deref().and_then(parse_rfc3339).unwrap_or(0),
+        created: config
+            .created
+            .as_deref()
+            .and_then(parse_rfc3339)
+            .unwrap_or(0),
         layers,
     })
 }
@@ -322,7 +350,8 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
         "Z" | "z" | "" => 0,
         r if r.len() == 6 => {
             let sign = if r.starts_with('-') { -1 } else { 1 };
-            sign * (r.get(1..3)?.parse::<i64>().ok()? * 3600 + r.get(4..6)?.parse::<i64>().ok()? * 60)
+            sign * (r.get(1..3)?.parse::<i64>().ok()? * 3600
+                + r.get(4..6)?.parse::<i64>().ok()? * 60)
         }
         _ => return None,
     };
@@ -345,7 +374,10 @@ mod tests {
     fn rfc3339() {
         assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
         assert_eq!(parse_rfc3339("2025-05-20T00:00:00Z"), Some(1747699200));
-        assert_eq!(parse_rfc3339("2025-05-20T02:00:00.123+02:00"), Some(1747699200));
+        assert_eq!(
+            parse_rfc3339("2025-05-20T02:00:00.123+02:00"),
+            Some(1747699200)
+        );
         assert_eq!(parse_rfc3339("garbage"), None);
     }
 

@@ -30,7 +30,9 @@ pub enum ProfileError {
         source: std::io::Error,
     },
     /// The file is not a profile of this version.
-    #[error("profile {path} line {line}: {what}; record it again with `clip-serve --record-profile`")]
+    #[error(
+        "profile {path} line {line}: {what}; record it again with `clip-serve --record-profile`"
+    )]
     Malformed {
         /// Path of the profile.
         path: String,
@@ -73,8 +75,15 @@ impl Profile {
     /// Read a profile and check that it belongs to the image `manifest`.
     pub fn load(path: &Path, manifest: &str) -> Result<Profile, ProfileError> {
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Io { path: p.clone(), source })?;
-        let bad = |line: usize, what: &str| ProfileError::Malformed { path: p.clone(), line, what: what.into() };
+        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        let bad = |line: usize, what: &str| ProfileError::Malformed {
+            path: p.clone(),
+            line,
+            what: what.into(),
+        };
         let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l.trim()));
         match lines.next() {
             Some((_, MAGIC)) => {}
@@ -85,7 +94,11 @@ impl Profile {
             _ => return Err(bad(2, "expected `manifest <digest>`")),
         };
         if found != manifest {
-            return Err(ProfileError::OtherImage { path: p, expected: manifest.into(), found });
+            return Err(ProfileError::OtherImage {
+                path: p,
+                expected: manifest.into(),
+                found,
+            });
         }
         let mut intervals = Vec::new();
         for (n, l) in lines.filter(|(_, l)| !l.is_empty()) {
@@ -94,21 +107,33 @@ impl Profile {
                 (Some(Ok(layer)), Some(Ok(checkpoint)), Some(Ok(until)), None)
                     if layer <= u32::MAX as u64 && checkpoint <= u32::MAX as u64 =>
                 {
-                    let interval = Interval { layer: layer as u32, checkpoint: checkpoint as u32 };
+                    let interval = Interval {
+                        layer: layer as u32,
+                        checkpoint: checkpoint as u32,
+                    };
                     intervals.push(Needed { interval, until });
                 }
                 _ => return Err(bad(n, "expected `<layer> <checkpoint> <until>`")),
             }
         }
-        Ok(Profile { manifest: found, intervals })
+        Ok(Profile {
+            manifest: found,
+            intervals,
+        })
     }
 
     /// Write the profile (to a temporary file renamed into place).
     pub fn save(&self, path: &Path) -> Result<(), ProfileError> {
-        let io = |source| ProfileError::Io { path: path.display().to_string(), source };
+        let io = |source| ProfileError::Io {
+            path: path.display().to_string(),
+            source,
+        };
         let mut text = format!("{MAGIC}\nmanifest {}\n", self.manifest);
         for n in &self.intervals {
-            text.push_str(&format!("{} {} {}\n", n.interval.layer, n.interval.checkpoint, n.until));
+            text.push_str(&format!(
+                "{} {} {}\n",
+                n.interval.layer, n.interval.checkpoint, n.until
+            ));
         }
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, text).map_err(io)?;
@@ -126,7 +151,10 @@ pub fn runs(needed: &[Needed], max: usize) -> Vec<Vec<Needed>> {
         let e = first_use.entry(n.interval).or_insert((i, n.until));
         e.1 = e.1.max(n.until);
     }
-    let mut sorted: Vec<(Interval, usize, u64)> = first_use.into_iter().map(|(iv, (i, until))| (iv, i, until)).collect();
+    let mut sorted: Vec<(Interval, usize, u64)> = first_use
+        .into_iter()
+        .map(|(iv, (i, until))| (iv, i, until))
+        .collect();
     sorted.sort_by_key(|&(iv, _, _)| (iv.layer, iv.checkpoint));
     let mut runs: Vec<(usize, Vec<Needed>)> = Vec::new();
     for (interval, first, until) in sorted {
@@ -134,7 +162,10 @@ pub fn runs(needed: &[Needed], max: usize) -> Vec<Vec<Needed>> {
         match runs.last_mut() {
             Some((rank, run))
                 if run.len() < max.max(1)
-                    && run.last().is_some_and(|p| p.interval.layer == interval.layer && p.interval.checkpoint + 1 == interval.checkpoint) =>
+                    && run.last().is_some_and(|p| {
+                        p.interval.layer == interval.layer
+                            && p.interval.checkpoint + 1 == interval.checkpoint
+                    }) =>
             {
                 *rank = (*rank).min(first);
                 run.push(n);
@@ -169,7 +200,10 @@ impl Recorder {
     /// The profile recorded so far for the image `manifest`.
     pub fn profile(&self, manifest: &str) -> Profile {
         let s = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        Profile { manifest: manifest.into(), intervals: s.1.clone() }
+        Profile {
+            manifest: manifest.into(),
+            intervals: s.1.clone(),
+        }
     }
 }
 
@@ -179,15 +213,37 @@ mod tests {
 
     #[test]
     fn runs_group_neighbouring_intervals_in_first_use_order() {
-        let n = |layer, checkpoint, until| Needed { interval: Interval { layer, checkpoint }, until };
-        let needed = [n(1, 7, 70), n(0, 3, 30), n(1, 5, 50), n(1, 6, 60), n(0, 9, 90), n(1, 8, 80), n(1, 5, 55), n(2, 0, 1)];
+        let n = |layer, checkpoint, until| Needed {
+            interval: Interval { layer, checkpoint },
+            until,
+        };
+        let needed = [
+            n(1, 7, 70),
+            n(0, 3, 30),
+            n(1, 5, 50),
+            n(1, 6, 60),
+            n(0, 9, 90),
+            n(1, 8, 80),
+            n(1, 5, 55),
+            n(2, 0, 1),
+        ];
         let got: Vec<Vec<(u32, u32, u64)>> = runs(&needed, 3)
             .iter()
-            .map(|r| r.iter().map(|n| (n.interval.layer, n.interval.checkpoint, n.until)).collect())
+            .map(|r| {
+                r.iter()
+                    .map(|n| (n.interval.layer, n.interval.checkpoint, n.until))
+                    .collect()
+            })
             .collect();
         assert_eq!(
             got,
-            [vec![(1, 5, 55), (1, 6, 60), (1, 7, 70)], vec![(0, 3, 30)], vec![(0, 9, 90)], vec![(1, 8, 80)], vec![(2, 0, 1)]],
+            [
+                vec![(1, 5, 55), (1, 6, 60), (1, 7, 70)],
+                vec![(0, 3, 30)],
+                vec![(0, 9, 90)],
+                vec![(1, 8, 80)],
+                vec![(2, 0, 1)]
+            ],
             "consecutive checkpoints of one layer, at most 3, ranked by their earliest use"
         );
     }
@@ -198,18 +254,41 @@ mod tests {
         let path = dir.path().join("p");
         let r = Recorder::default();
         for (l, c, until) in [(1, 5, 100), (0, 2, 7), (1, 5, 300), (1, 6, 50), (1, 5, 200)] {
-            r.record(Interval { layer: l, checkpoint: c }, until);
+            r.record(
+                Interval {
+                    layer: l,
+                    checkpoint: c,
+                },
+                until,
+            );
         }
         let p = r.profile("sha256:aa");
-        let got: Vec<_> = p.intervals.iter().map(|n| (n.interval.layer, n.interval.checkpoint, n.until)).collect();
-        assert_eq!(got, [(1, 5, 300), (0, 2, 7), (1, 6, 50)], "first use order, furthest offset");
+        let got: Vec<_> = p
+            .intervals
+            .iter()
+            .map(|n| (n.interval.layer, n.interval.checkpoint, n.until))
+            .collect();
+        assert_eq!(
+            got,
+            [(1, 5, 300), (0, 2, 7), (1, 6, 50)],
+            "first use order, furthest offset"
+        );
         p.save(&path).unwrap();
         assert_eq!(Profile::load(&path, "sha256:aa").unwrap(), p);
-        assert!(matches!(Profile::load(&path, "sha256:bb"), Err(ProfileError::OtherImage { .. })));
+        assert!(matches!(
+            Profile::load(&path, "sha256:bb"),
+            Err(ProfileError::OtherImage { .. })
+        ));
         std::fs::write(&path, "clip-profile 1\nmanifest sha256:aa\n1 2\n").unwrap();
         let e = Profile::load(&path, "sha256:aa").unwrap_err().to_string();
-        assert!(e.contains("line 3") && e.contains("--record-profile"), "{e}");
+        assert!(
+            e.contains("line 3") && e.contains("--record-profile"),
+            "{e}"
+        );
         std::fs::write(&path, "something else\n").unwrap();
-        assert!(matches!(Profile::load(&path, "sha256:aa"), Err(ProfileError::Malformed { line: 1, .. })));
+        assert!(matches!(
+            Profile::load(&path, "sha256:aa"),
+            Err(ProfileError::Malformed { line: 1, .. })
+        ));
     }
 }

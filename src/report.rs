@@ -10,7 +10,8 @@ fn s(b: &[u8]) -> String {
 
 fn kind_of(idx: &IndexFile, i: u32) -> Result<Kind, FormatError> {
     let e = idx.entry(i)?;
-    Kind::from_u8(e.kind).ok_or_else(|| FormatError::Invalid(format!("entry {i} has unknown kind {}", e.kind)))
+    Kind::from_u8(e.kind)
+        .ok_or_else(|| FormatError::Invalid(format!("entry {i} has unknown kind {}", e.kind)))
 }
 
 /// Counts and sizes for `inspect`.
@@ -92,7 +93,10 @@ pub fn inspect_text(idx: &IndexFile) -> Result<String, FormatError> {
         .map(|m| m.iter().map(|(k, v)| format!("{k} {v}")).collect())
         .unwrap_or_default();
     out += &format!("entries:     {} ({})\n", j["entries"], kinds.join(", "));
-    out += &format!("file bytes:  {}\n", mb(j["file_bytes"].as_u64().unwrap_or(0)));
+    out += &format!(
+        "file bytes:  {}\n",
+        mb(j["file_bytes"].as_u64().unwrap_or(0))
+    );
     out += &format!("chunk hashes: {}\n", j["chunk_hashes"]);
     Ok(out)
 }
@@ -118,7 +122,11 @@ pub fn ls_line(idx: &IndexFile, i: u32) -> Result<String, FormatError> {
         Kind::Symlink => line += &format!(" -> {}", s(e.link_target.as_slice())),
         Kind::Hardlink => line += &format!(" => {}", s(&idx.path_of(e.hardlink_to.to_native())?)),
         Kind::CharDevice | Kind::BlockDevice => {
-            line += &format!(" [{},{}]", e.rdev_major.to_native(), e.rdev_minor.to_native())
+            line += &format!(
+                " [{},{}]",
+                e.rdev_major.to_native(),
+                e.rdev_minor.to_native()
+            )
         }
         _ => {}
     }
@@ -129,7 +137,12 @@ pub fn ls_line(idx: &IndexFile, i: u32) -> Result<String, FormatError> {
 /// `recursive`), depth-first in name order.
 pub fn ls(idx: &IndexFile, start: u32, recursive: bool) -> Result<Vec<String>, FormatError> {
     let mut out = vec![ls_line(idx, start)?];
-    fn walk(idx: &IndexFile, dir: u32, recursive: bool, out: &mut Vec<String>) -> Result<(), FormatError> {
+    fn walk(
+        idx: &IndexFile,
+        dir: u32,
+        recursive: bool,
+        out: &mut Vec<String>,
+    ) -> Result<(), FormatError> {
         for c in idx.children(dir)? {
             out.push(ls_line(idx, c)?);
             if recursive && idx.entry(c)?.kind == Kind::Dir as u8 {
@@ -153,19 +166,36 @@ pub fn stat(idx: &IndexFile, i: u32) -> Result<String, FormatError> {
     out += &format!("mode: {:04o}\n", e.mode.to_native());
     out += &format!("uid: {}\ngid: {}\n", e.uid.to_native(), e.gid.to_native());
     out += &format!("size: {}\n", e.size.to_native());
-    out += &format!("mtime: {}.{:09}\n", e.mtime.to_native(), e.mtime_nsec.to_native());
+    out += &format!(
+        "mtime: {}.{:09}\n",
+        e.mtime.to_native(),
+        e.mtime_nsec.to_native()
+    );
     out += &format!("nlink: {}\n", e.nlink.to_native());
     match kind {
         Kind::Dir => out += &format!("children: {}\n", e.child_count.to_native()),
         Kind::Symlink => out += &format!("target: {}\n", s(e.link_target.as_slice())),
-        Kind::Hardlink => out += &format!("hardlink_to: {}\n", s(&idx.path_of(e.hardlink_to.to_native())?)),
+        Kind::Hardlink => {
+            out += &format!(
+                "hardlink_to: {}\n",
+                s(&idx.path_of(e.hardlink_to.to_native())?)
+            )
+        }
         Kind::CharDevice | Kind::BlockDevice => {
-            out += &format!("rdev: {},{}\n", e.rdev_major.to_native(), e.rdev_minor.to_native())
+            out += &format!(
+                "rdev: {},{}\n",
+                e.rdev_major.to_native(),
+                e.rdev_minor.to_native()
+            )
         }
         Kind::File => {
             out += &format!("sha256: {}\n", hex::encode(e.sha256));
             if e.size.to_native() > 0 {
-                out += &format!("layer: {}\ndata_offset: {}\n", e.layer.to_native(), e.data_offset.to_native());
+                out += &format!(
+                    "layer: {}\ndata_offset: {}\n",
+                    e.layer.to_native(),
+                    e.data_offset.to_native()
+                );
             }
             let pieces = idx.pieces(i)?;
             if pieces.len() > 1 {
@@ -175,7 +205,11 @@ pub fn stat(idx: &IndexFile, i: u32) -> Result<String, FormatError> {
         Kind::Fifo => {}
     }
     for x in idx.xattrs(i)? {
-        out += &format!("xattr: {}={}\n", s(x.name.as_slice()), hex::encode(x.value.as_slice()));
+        out += &format!(
+            "xattr: {}={}\n",
+            s(x.name.as_slice()),
+            hex::encode(x.value.as_slice())
+        );
     }
     Ok(out)
 }

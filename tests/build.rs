@@ -14,11 +14,16 @@ use std::path::Path;
 use std::process::Command;
 
 fn entry_of(idx: &IndexFile, path: &str) -> u32 {
-    idx.resolve(path.as_bytes()).unwrap().unwrap_or_else(|| panic!("{path} missing from the index"))
+    idx.resolve(path.as_bytes())
+        .unwrap()
+        .unwrap_or_else(|| panic!("{path} missing from the index"))
 }
 
 fn absent(idx: &IndexFile, path: &str) {
-    assert!(idx.resolve(path.as_bytes()).unwrap().is_none(), "{path} should be gone");
+    assert!(
+        idx.resolve(path.as_bytes()).unwrap().is_none(),
+        "{path} should be gone"
+    );
 }
 
 fn content(idx: &IndexFile, src: &LayoutSource, path: &str) -> Vec<u8> {
@@ -59,21 +64,45 @@ fn edge_image_merges_with_oci_semantics() {
     assert_eq!(kind(&idx, "/var/becomes-dir"), Kind::Dir);
     assert_eq!(content(&idx, &src, "/var/becomes-dir/inside"), b"inside\n");
     assert_eq!(kind(&idx, "/var/link-becomes-file"), Kind::File);
-    assert_eq!(idx.entry(entry_of(&idx, "/var/chmod-me")).unwrap().mode.to_native(), 0o600);
-    assert_eq!(content(&idx, &src, "/usr/share-file"), b"layer two rewrote this\n");
-    assert_eq!(content(&idx, &src, "/etc/from-plain-tar"), b"uncompressed layer\n");
+    assert_eq!(
+        idx.entry(entry_of(&idx, "/var/chmod-me"))
+            .unwrap()
+            .mode
+            .to_native(),
+        0o600
+    );
+    assert_eq!(
+        content(&idx, &src, "/usr/share-file"),
+        b"layer two rewrote this\n"
+    );
+    assert_eq!(
+        content(&idx, &src, "/etc/from-plain-tar"),
+        b"uncompressed layer\n"
+    );
 
     // Hardlinks: the surviving name of a whited-out original still works; a hardlink to a
     // copied-up file shares the new inode.
     absent(&idx, "/usr/bin/orig");
     assert_eq!(kind(&idx, "/usr/bin/second-name"), Kind::File);
-    assert_eq!(idx.entry(entry_of(&idx, "/usr/bin/second-name")).unwrap().nlink.to_native(), 1);
-    assert_eq!(content(&idx, &src, "/usr/bin/second-name"), b"hardlinked content\n");
+    assert_eq!(
+        idx.entry(entry_of(&idx, "/usr/bin/second-name"))
+            .unwrap()
+            .nlink
+            .to_native(),
+        1
+    );
+    assert_eq!(
+        content(&idx, &src, "/usr/bin/second-name"),
+        b"hardlinked content\n"
+    );
     let tool = idx.inode_of(entry_of(&idx, "/usr/bin/tool")).unwrap();
     let tool_link = idx.inode_of(entry_of(&idx, "/usr/bin/tool-link")).unwrap();
     assert_eq!(tool, tool_link);
     assert_eq!(idx.entry(tool).unwrap().nlink.to_native(), 2);
-    assert_eq!(content(&idx, &src, "/usr/bin/tool-link"), b"tool v2 copied up\n");
+    assert_eq!(
+        content(&idx, &src, "/usr/bin/tool-link"),
+        b"tool v2 copied up\n"
+    );
 
     // Attributes.
     let e = |p: &str| idx.entry(entry_of(&idx, p)).unwrap();
@@ -81,16 +110,34 @@ fn edge_image_merges_with_oci_semantics() {
     assert_eq!(e("/srv").mode.to_native(), 0o2775);
     assert_eq!(e("/usr/bin/su").mode.to_native(), 0o4755);
     let precise = e("/etc/precise");
-    assert_eq!((precise.mtime.to_native(), precise.mtime_nsec.to_native()), (1_700_000_000, 123_456_789));
-    assert_eq!((precise.uid.to_native(), precise.gid.to_native()), (3_000_000, 3_000_001));
+    assert_eq!(
+        (precise.mtime.to_native(), precise.mtime_nsec.to_native()),
+        (1_700_000_000, 123_456_789)
+    );
+    assert_eq!(
+        (precise.uid.to_native(), precise.gid.to_native()),
+        (3_000_000, 3_000_001)
+    );
     assert_eq!(e("/home/user/file").uid.to_native(), 1000);
     assert_eq!(kind(&idx, "/dev/null"), Kind::CharDevice);
-    assert_eq!((e("/dev/null").rdev_major.to_native(), e("/dev/null").rdev_minor.to_native()), (1, 3));
+    assert_eq!(
+        (
+            e("/dev/null").rdev_major.to_native(),
+            e("/dev/null").rdev_minor.to_native()
+        ),
+        (1, 3)
+    );
     assert_eq!(kind(&idx, "/dev/sda"), Kind::BlockDevice);
     assert_eq!(e("/dev/sda").rdev_major.to_native(), 8);
     assert_eq!(kind(&idx, "/dev/fifo"), Kind::Fifo);
-    assert_eq!(e("/usr/bin/abs-link").link_target.as_slice(), b"/etc/hostname");
-    assert_eq!(e("/usr/bin/rel-link").link_target.as_slice(), b"../../etc/hostname");
+    assert_eq!(
+        e("/usr/bin/abs-link").link_target.as_slice(),
+        b"/etc/hostname"
+    );
+    assert_eq!(
+        e("/usr/bin/rel-link").link_target.as_slice(),
+        b"../../etc/hostname"
+    );
     let xattrs: BTreeMap<Vec<u8>, Vec<u8>> = idx
         .xattrs(entry_of(&idx, "/usr/bin/ping"))
         .unwrap()
@@ -100,7 +147,14 @@ fn edge_image_merges_with_oci_semantics() {
     assert_eq!(xattrs[&b"security.capability".to_vec()][..4], [1, 0, 0, 2]);
     assert_eq!(xattrs[&b"user.note".to_vec()], b"hello");
     assert_eq!(content(&idx, &src, "/etc/empty"), b"");
-    assert_eq!(content(&idx, &src, "/unicode/h\u{e9}llo-w\u{f6}rld-\u{65e5}\u{672c}"), b"utf-8 name\n");
+    assert_eq!(
+        content(
+            &idx,
+            &src,
+            "/unicode/h\u{e9}llo-w\u{f6}rld-\u{65e5}\u{672c}"
+        ),
+        b"utf-8 name\n"
+    );
     let long = format!("/long/{}/{}", "d".repeat(90), "f".repeat(120));
     assert_eq!(content(&idx, &src, &long), b"long name\n");
     assert_eq!(idx.children(entry_of(&idx, "/many")).unwrap().len(), 60);
@@ -118,8 +172,16 @@ fn edge_image_merges_with_oci_semantics() {
             continue;
         }
         let kids: Vec<u32> = idx.children(i).unwrap().collect();
-        let subdirs = kids.iter().filter(|&&c| idx.entry(c).unwrap().kind == Kind::Dir as u8).count() as u32;
-        assert_eq!(d.nlink.to_native(), 2 + subdirs, "nlink of {}", String::from_utf8_lossy(&idx.path_of(i).unwrap()));
+        let subdirs = kids
+            .iter()
+            .filter(|&&c| idx.entry(c).unwrap().kind == Kind::Dir as u8)
+            .count() as u32;
+        assert_eq!(
+            d.nlink.to_native(),
+            2 + subdirs,
+            "nlink of {}",
+            String::from_utf8_lossy(&idx.path_of(i).unwrap())
+        );
     }
 }
 
@@ -133,14 +195,37 @@ fn large_files_have_checkpoints_and_random_reads_are_exact() {
     let e = idx.entry(i).unwrap();
     let start = e.data_offset.to_native();
     let layer = idx.layer(0).unwrap();
-    assert!(layer.checkpoints.len() >= 3, "layer 0 has only {} checkpoints", layer.checkpoints.len());
+    assert!(
+        layer.checkpoints.len() >= 3,
+        "layer 0 has only {} checkpoints",
+        layer.checkpoints.len()
+    );
     assert_eq!(layer.checkpoints[0].out_offset.to_native(), 0);
-    let cp = idx.checkpoint_before(0, start).unwrap().unwrap().out_offset.to_native();
-    assert!(start - cp < 512 << 10, "nearest checkpoint is {} bytes before the large file", start - cp);
+    let cp = idx
+        .checkpoint_before(0, start)
+        .unwrap()
+        .unwrap()
+        .out_offset
+        .to_native();
+    assert!(
+        start - cp < 512 << 10,
+        "nearest checkpoint is {} bytes before the large file",
+        start - cp
+    );
     // Incompressible data: deflate blocks are small, so the interval holds closely.
-    let cps: Vec<u64> = layer.checkpoints.iter().map(|c| c.out_offset.to_native()).collect();
-    let inside: Vec<&u64> = cps.iter().filter(|&&o| o > start && o < start + (5 << 20)).collect();
-    assert!(inside.len() >= 2, "expected interval checkpoints inside the 5 MiB file: {cps:?}");
+    let cps: Vec<u64> = layer
+        .checkpoints
+        .iter()
+        .map(|c| c.out_offset.to_native())
+        .collect();
+    let inside: Vec<&u64> = cps
+        .iter()
+        .filter(|&&o| o > start && o < start + (5 << 20))
+        .collect();
+    assert!(
+        inside.len() >= 2,
+        "expected interval checkpoints inside the 5 MiB file: {cps:?}"
+    );
     assert_eq!(idx.pieces(i).unwrap().len(), 5);
 
     let expected = clip::demo::noise(1, 5 << 20);
@@ -161,7 +246,10 @@ fn large_files_have_checkpoints_and_random_reads_are_exact() {
     let mut buf = vec![0u8; 4096];
     fresh.read_at(&idx, &src, &[], 4 << 20, &mut buf).unwrap();
     let (inflated, _) = fresh.origin_stats();
-    assert!(inflated <= (2 << 20) + (1 << 20) + (256 << 10), "inflated {inflated} bytes for a 4 KiB read");
+    assert!(
+        inflated <= (2 << 20) + (1 << 20) + (256 << 10),
+        "inflated {inflated} bytes for a 4 KiB read"
+    );
 }
 
 #[test]
@@ -172,8 +260,19 @@ fn smaller_checkpoint_interval_gives_more_checkpoints() {
         let p = tmp.path().join(out);
         run(Command::new(bin("clip-build"))
             .arg(format!("{}:{EDGE_TAG}", layout.display()))
-            .args(["-o", p.to_str().unwrap(), "--quiet", "--checkpoint-interval", interval]));
-        IndexFile::open(&p).unwrap().layer(0).unwrap().checkpoints.len()
+            .args([
+                "-o",
+                p.to_str().unwrap(),
+                "--quiet",
+                "--checkpoint-interval",
+                interval,
+            ]));
+        IndexFile::open(&p)
+            .unwrap()
+            .layer(0)
+            .unwrap()
+            .checkpoints
+            .len()
     };
     assert!(count("256K", "a.clip") > 2 * count("4M", "b.clip"));
 }
@@ -233,9 +332,17 @@ fn index_matches_umoci_reference_extraction() {
         if k != Kind::Symlink {
             assert_eq!(m.mode() & 0o7777, e.mode.to_native(), "{path}: mode");
         }
-        assert_eq!((m.uid(), m.gid()), (e.uid.to_native(), e.gid.to_native()), "{path}: owner");
+        assert_eq!(
+            (m.uid(), m.gid()),
+            (e.uid.to_native(), e.gid.to_native()),
+            "{path}: owner"
+        );
         if k != Kind::Dir {
-            assert_eq!((m.mtime(), m.mtime_nsec() as u32), (e.mtime.to_native(), e.mtime_nsec.to_native()), "{path}: mtime");
+            assert_eq!(
+                (m.mtime(), m.mtime_nsec() as u32),
+                (e.mtime.to_native(), e.mtime_nsec.to_native()),
+                "{path}: mtime"
+            );
         }
         match k {
             Kind::File => {
@@ -247,12 +354,23 @@ fn index_matches_umoci_reference_extraction() {
             }
             Kind::Symlink => {
                 let t = std::fs::read_link(rootfs.join(&path[1..])).unwrap();
-                assert_eq!(t.as_os_str().as_encoded_bytes(), e.link_target.as_slice(), "{path}: target");
+                assert_eq!(
+                    t.as_os_str().as_encoded_bytes(),
+                    e.link_target.as_slice(),
+                    "{path}: target"
+                );
             }
             Kind::CharDevice | Kind::BlockDevice => {
                 let rdev = m.rdev();
-                let (maj, min) = (((rdev >> 8) & 0xfff) as u32, ((rdev & 0xff) | ((rdev >> 12) & 0xfff00)) as u32);
-                assert_eq!((maj, min), (e.rdev_major.to_native(), e.rdev_minor.to_native()), "{path}: rdev");
+                let (maj, min) = (
+                    ((rdev >> 8) & 0xfff) as u32,
+                    ((rdev & 0xff) | ((rdev >> 12) & 0xfff00)) as u32,
+                );
+                assert_eq!(
+                    (maj, min),
+                    (e.rdev_major.to_native(), e.rdev_minor.to_native()),
+                    "{path}: rdev"
+                );
             }
             Kind::Dir => {
                 assert_eq!(m.nlink() as u32, e.nlink.to_native(), "{path}: dir nlink");
@@ -270,7 +388,10 @@ fn index_matches_umoci_reference_extraction() {
             let p = rootfs.join(&path[1..]);
             let mut want: Vec<(Vec<u8>, Vec<u8>)> = xattr::list(&p)
                 .unwrap()
-                .filter(|n| !n.to_string_lossy().starts_with("trusted.") && !n.to_string_lossy().starts_with("security.selinux"))
+                .filter(|n| {
+                    !n.to_string_lossy().starts_with("trusted.")
+                        && !n.to_string_lossy().starts_with("security.selinux")
+                })
                 .map(|n| {
                     let v = xattr::get(&p, &n).unwrap().unwrap_or_default();
                     (n.as_encoded_bytes().to_vec(), v)
@@ -282,11 +403,23 @@ fn index_matches_umoci_reference_extraction() {
     }
     // Same inode in the extraction ⇔ same inode in the index.
     for (ino, group) in &inode_groups {
-        assert!(group.windows(2).all(|w| w[0] == w[1]), "extraction inode {ino}: index inodes {group:?}");
+        assert!(
+            group.windows(2).all(|w| w[0] == w[1]),
+            "extraction inode {ino}: index inodes {group:?}"
+        );
     }
-    let index_inodes: std::collections::HashSet<u32> = inode_groups.values().map(|g| g[0]).collect();
-    assert_eq!(index_inodes.len(), inode_groups.len(), "two extraction inodes map to one index inode");
-    assert_eq!(seen + 1, idx.entry_count() as usize, "the index has entries umoci did not extract");
+    let index_inodes: std::collections::HashSet<u32> =
+        inode_groups.values().map(|g| g[0]).collect();
+    assert_eq!(
+        index_inodes.len(),
+        inode_groups.len(),
+        "two extraction inodes map to one index inode"
+    );
+    assert_eq!(
+        seen + 1,
+        idx.entry_count() as usize,
+        "the index has entries umoci did not extract"
+    );
 }
 
 #[test]
@@ -301,7 +434,14 @@ fn platform_is_chosen_from_an_image_index() {
     for (p, marker) in [("linux/amd64", "amd64"), ("linux/arm64/v8", "arm64")] {
         let mut t = TarBuilder::new();
         t.file("arch", 0o644, marker.as_bytes());
-        manifests.push(w.image(&[LayerInput::gzip(t.finish())], &Platform::parse(p).unwrap(), "2025-05-20T00:00:00Z").unwrap());
+        manifests.push(
+            w.image(
+                &[LayerInput::gzip(t.finish())],
+                &Platform::parse(p).unwrap(),
+                "2025-05-20T00:00:00Z",
+            )
+            .unwrap(),
+        );
     }
     let idx_desc = w.image_index(manifests).unwrap();
     w.tag(idx_desc, "multi");
@@ -310,18 +450,35 @@ fn platform_is_chosen_from_an_image_index() {
         let out = tmp.path().join(format!("{marker}.clip"));
         run(Command::new(bin("clip-build"))
             .arg(format!("{}:multi", dir.display()))
-            .args(["-o", out.to_str().unwrap(), "--quiet", "--platform", platform]));
-        let cat = run(Command::new(bin("clip-build")).arg("cat").arg(&out).arg("/arch"));
+            .args([
+                "-o",
+                out.to_str().unwrap(),
+                "--quiet",
+                "--platform",
+                platform,
+            ]));
+        let cat = run(Command::new(bin("clip-build"))
+            .arg("cat")
+            .arg(&out)
+            .arg("/arch"));
         assert_eq!(cat, marker.as_bytes());
     }
     let out = Command::new(bin("clip-build"))
         .arg(format!("{}:multi", dir.display()))
-        .args(["-o", tmp.path().join("x.clip").to_str().unwrap(), "--platform", "linux/s390x"])
+        .args([
+            "-o",
+            tmp.path().join("x.clip").to_str().unwrap(),
+            "--platform",
+            "linux/s390x",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("linux/s390x") && err.contains("linux/arm64/v8") && err.contains("--platform"), "{err}");
+    assert!(
+        err.contains("linux/s390x") && err.contains("linux/arm64/v8") && err.contains("--platform"),
+        "{err}"
+    );
 }
 
 /// Build a one-layer layout from raw tar bytes (or a raw blob) and run clip-build on it;
@@ -332,17 +489,35 @@ fn build_fails(tmp: &Path, name: &str, tar: Vec<u8>, blob: Option<Vec<u8>>) -> S
     let dir = tmp.join(name);
     let mut w = LayoutWriter::create(&dir).unwrap();
     let m = w
-        .image(&[LayerInput { tar, gzip: true, blob }], &Platform::host(), "2025-05-20T00:00:00Z")
+        .image(
+            &[LayerInput {
+                tar,
+                gzip: true,
+                blob,
+            }],
+            &Platform::host(),
+            "2025-05-20T00:00:00Z",
+        )
         .unwrap();
     w.tag(m, "bad");
     w.finish().unwrap();
     let out = Command::new(bin("clip-build"))
         .arg(format!("{}:bad", dir.display()))
-        .args(["-o", tmp.join(format!("{name}.clip")).to_str().unwrap(), "--quiet"])
+        .args([
+            "-o",
+            tmp.join(format!("{name}.clip")).to_str().unwrap(),
+            "--quiet",
+        ])
         .output()
         .unwrap();
-    assert!(!out.status.success(), "{name}: clip-build accepted bad input");
-    assert!(!tmp.join(format!("{name}.clip")).exists(), "{name}: an index was written");
+    assert!(
+        !out.status.success(),
+        "{name}: clip-build accepted bad input"
+    );
+    assert!(
+        !tmp.join(format!("{name}.clip")).exists(),
+        "{name}: an index was written"
+    );
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!err.contains("panicked"), "{name}: {err}");
     err
@@ -364,9 +539,22 @@ fn raw_tar(path: &[u8], size_field: u64, data: &[u8]) -> Vec<u8> {
 #[test]
 fn malicious_and_corrupt_input_is_rejected_clearly() {
     let tmp = tempfile::tempdir().unwrap();
-    let err = build_fails(tmp.path(), "escape", raw_tar(b"../../etc/passwd", 4, b"evil"), None);
-    assert!(err.contains("escape") && err.contains("../../etc/passwd"), "{err}");
-    let err = build_fails(tmp.path(), "absurd", raw_tar(b"big", 1 << 40, b"tiny"), None);
+    let err = build_fails(
+        tmp.path(),
+        "escape",
+        raw_tar(b"../../etc/passwd", 4, b"evil"),
+        None,
+    );
+    assert!(
+        err.contains("escape") && err.contains("../../etc/passwd"),
+        "{err}"
+    );
+    let err = build_fails(
+        tmp.path(),
+        "absurd",
+        raw_tar(b"big", 1 << 40, b"tiny"),
+        None,
+    );
     assert!(err.contains("layer sha256:"), "{err}");
 
     let mut t = clip::demo::TarBuilder::new();
@@ -405,12 +593,21 @@ fn tampered_blob_fails_its_digest() {
     let idx: clip::oci::Manifest = {
         let (_, bytes, _) = {
             use clip::source::Source;
-            LayoutSource::open(&layout).unwrap().manifest(EDGE_TAG).unwrap()
+            LayoutSource::open(&layout)
+                .unwrap()
+                .manifest(EDGE_TAG)
+                .unwrap()
         };
         serde_json::from_slice(&bytes).unwrap()
     };
-    let plain = idx.layers.iter().find(|l| l.media_type.ends_with(".tar")).unwrap();
-    let p = layout.join("blobs/sha256").join(plain.digest.trim_start_matches("sha256:"));
+    let plain = idx
+        .layers
+        .iter()
+        .find(|l| l.media_type.ends_with(".tar"))
+        .unwrap();
+    let p = layout
+        .join("blobs/sha256")
+        .join(plain.digest.trim_start_matches("sha256:"));
     let mut b = std::fs::read(&p).unwrap();
     b[600] ^= 1;
     std::fs::write(&p, b).unwrap();
@@ -421,7 +618,10 @@ fn tampered_blob_fails_its_digest() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&plain.digest) && err.contains("does not match"), "{err}");
+    assert!(
+        err.contains(&plain.digest) && err.contains("does not match"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -432,14 +632,24 @@ fn corrupt_index_files_give_clear_errors() {
     let check = |bytes: &[u8], needle: &str| {
         let p = tmp.path().join("bad.clip");
         std::fs::write(&p, bytes).unwrap();
-        let out = Command::new(bin("clip-build")).arg("inspect").arg(&p).output().unwrap();
+        let out = Command::new(bin("clip-build"))
+            .arg("inspect")
+            .arg(&p)
+            .output()
+            .unwrap();
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(needle) && !err.contains("panicked"), "expected {needle:?} in {err}");
+        assert!(
+            err.contains(needle) && !err.contains("panicked"),
+            "expected {needle:?} in {err}"
+        );
     };
     check(&good[..good.len() / 2], "truncated");
     check(&good[..10], "truncated");
-    check(b"not an index at all, just some text that is long enough for a header....", "not a clip index");
+    check(
+        b"not an index at all, just some text that is long enough for a header....",
+        "not a clip index",
+    );
     let mut v = good.clone();
     v[8] = 1;
     check(&v, "version 1.0 is not supported");

@@ -16,7 +16,11 @@ fn demo_bytes(tmp: &Path) -> Vec<u8> {
     let layout = tmp.join("demo");
     let index = tmp.join("demo.clip");
     run(Command::new(bin("clip-build")).arg("demo").arg(&layout));
-    run(Command::new(bin("clip-build")).arg(format!("{}:demo", layout.display())).arg("-o").arg(&index).arg("-q"));
+    run(Command::new(bin("clip-build"))
+        .arg(format!("{}:demo", layout.display()))
+        .arg("-o")
+        .arg(&index)
+        .arg("-q"));
     std::fs::read(index).unwrap()
 }
 
@@ -48,19 +52,33 @@ fn unknown_major_version_is_refused_with_a_clear_message() {
     for major in [0u16, 1, 3, 0xffff] {
         let b = patched(&good, |b| b[8..10].copy_from_slice(&major.to_le_bytes()));
         let e = open_err(&b);
-        assert!(matches!(e, FormatError::UnsupportedVersion { found_major, found_minor: 0 } if found_major == major), "{e:?}");
+        assert!(
+            matches!(e, FormatError::UnsupportedVersion { found_major, found_minor: 0 } if found_major == major),
+            "{e:?}"
+        );
         let msg = e.to_string();
-        assert!(msg.contains(&format!("version {major}.0 is not supported")), "{msg}");
+        assert!(
+            msg.contains(&format!("version {major}.0 is not supported")),
+            "{msg}"
+        );
         assert!(msg.contains("reads version 2.x"), "{msg}");
     }
     // Through the command line too, as a user sees it: an index of format version 1
     // (windows inside the payload) is refused with what to do.
     let p = tmp.path().join("v1.clip");
     std::fs::write(&p, patched(&good, |b| b[8] = 1)).unwrap();
-    let out = Command::new(bin("clip-build")).arg("inspect").arg(&p).output().unwrap();
+    let out = Command::new(bin("clip-build"))
+        .arg("inspect")
+        .arg(&p)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("index format version 1.0 is not supported") && err.contains("rebuild the index"), "{err}");
+    assert!(
+        err.contains("index format version 1.0 is not supported")
+            && err.contains("rebuild the index"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -72,7 +90,10 @@ fn higher_minor_version_is_accepted() {
         let idx = IndexFile::from_bytes(&b).unwrap_or_else(|e| panic!("minor {minor}: {e}"));
         assert_eq!(idx.header().version_minor, minor);
         idx.verify().unwrap();
-        assert_eq!(idx.resolve(b"/usr/bin/hello").unwrap(), idx.resolve(b"usr/bin/hello").unwrap());
+        assert_eq!(
+            idx.resolve(b"/usr/bin/hello").unwrap(),
+            idx.resolve(b"usr/bin/hello").unwrap()
+        );
     }
 }
 
@@ -81,9 +102,14 @@ fn unknown_flags_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let good = demo_bytes(tmp.path());
     for bit in [0u32, 1, 7, 31] {
-        let b = patched(&good, |b| b[12..16].copy_from_slice(&(1u32 << bit).to_le_bytes()));
+        let b = patched(&good, |b| {
+            b[12..16].copy_from_slice(&(1u32 << bit).to_le_bytes())
+        });
         let e = open_err(&b);
-        assert!(matches!(e, FormatError::UnknownFlags(f) if f == 1 << bit), "{e:?}");
+        assert!(
+            matches!(e, FormatError::UnknownFlags(f) if f == 1 << bit),
+            "{e:?}"
+        );
         assert!(e.to_string().contains("unknown feature flags"), "{e}");
     }
 }
@@ -97,10 +123,28 @@ fn bad_magic_reserved_and_payload_offset_are_refused() {
     assert!(e.to_string().contains("not a clip index"), "{e}");
     for at in 56..64 {
         let e = open_err(&patched(&good, |b| b[at] = 1));
-        assert!(matches!(e, FormatError::BadField { field: "reserved", .. }), "byte {at}: {e:?}");
+        assert!(
+            matches!(
+                e,
+                FormatError::BadField {
+                    field: "reserved",
+                    ..
+                }
+            ),
+            "byte {at}: {e:?}"
+        );
     }
     let e = open_err(&patched(&good, |b| b[16] = 72));
-    assert!(matches!(e, FormatError::BadField { field: "payload_offset", .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            FormatError::BadField {
+                field: "payload_offset",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -115,7 +159,10 @@ fn checksum_mismatch_is_refused() {
     let payload_end = 64 + u64::from_le_bytes(good[24..32].try_into().unwrap()) as usize;
     for at in [64, payload_end / 2, payload_end - 1] {
         let e = open_err(&patched(&good, |b| b[at] ^= 1));
-        assert!(matches!(e, FormatError::Checksum { .. }), "byte {at}: {e:?}");
+        assert!(
+            matches!(e, FormatError::Checksum { .. }),
+            "byte {at}: {e:?}"
+        );
     }
 }
 
@@ -135,24 +182,65 @@ fn truncated_files_are_refused() {
     let good = demo_bytes(tmp.path());
     for len in [0, 1, 8, 63] {
         let e = open_err(&good[..len]);
-        assert!(matches!(e, FormatError::Truncated { what: "header", .. }), "{len}: {e:?}");
+        assert!(
+            matches!(e, FormatError::Truncated { what: "header", .. }),
+            "{len}: {e:?}"
+        );
         assert!(e.to_string().contains("truncated"), "{e}");
     }
     let payload_end = 64 + u64::from_le_bytes(good[24..32].try_into().unwrap()) as usize;
     assert!(payload_end < good.len(), "the demo index has a window area");
-    for len in [64, 65, 100, payload_end / 2, payload_end - 8, payload_end - 1] {
+    for len in [
+        64,
+        65,
+        100,
+        payload_end / 2,
+        payload_end - 8,
+        payload_end - 1,
+    ] {
         let e = open_err(&good[..len]);
-        assert!(matches!(e, FormatError::Truncated { what: "payload", .. }), "{len}: {e:?}");
+        assert!(
+            matches!(
+                e,
+                FormatError::Truncated {
+                    what: "payload",
+                    ..
+                }
+            ),
+            "{len}: {e:?}"
+        );
     }
     for len in [payload_end, payload_end + 1, good.len() - 1] {
         let e = open_err(&good[..len]);
-        assert!(matches!(e, FormatError::Truncated { what: "window area", .. }), "{len}: {e:?}");
+        assert!(
+            matches!(
+                e,
+                FormatError::Truncated {
+                    what: "window area",
+                    ..
+                }
+            ),
+            "{len}: {e:?}"
+        );
     }
     // A payload_len or windows_len that overflows when added to the offset.
-    let e = open_err(&patched(&good, |b| b[24..32].copy_from_slice(&u64::MAX.to_le_bytes())));
+    let e = open_err(&patched(&good, |b| {
+        b[24..32].copy_from_slice(&u64::MAX.to_le_bytes())
+    }));
     assert!(matches!(e, FormatError::Truncated { .. }), "{e:?}");
-    let e = open_err(&patched(&good, |b| b[48..56].copy_from_slice(&u64::MAX.to_le_bytes())));
-    assert!(matches!(e, FormatError::Truncated { what: "window area", .. }), "{e:?}");
+    let e = open_err(&patched(&good, |b| {
+        b[48..56].copy_from_slice(&u64::MAX.to_le_bytes())
+    }));
+    assert!(
+        matches!(
+            e,
+            FormatError::Truncated {
+                what: "window area",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     // Through the command line, on a file on disk (mmap path).
     let p = tmp.path().join("cut.clip");
     std::fs::write(&p, &good[..good.len() - 100]).unwrap();
@@ -201,7 +289,10 @@ fn a_damaged_window_is_refused_when_used() {
         .expect("some window covers the damaged byte");
     let e = idx.stored_window(layer, k).unwrap_err();
     assert!(matches!(e, FormatError::Window { .. }), "{e:?}");
-    assert!(e.to_string().contains("does not match its checksum") && e.to_string().contains("rebuild"), "{e}");
+    assert!(
+        e.to_string().contains("does not match its checksum") && e.to_string().contains("rebuild"),
+        "{e}"
+    );
     let e = idx.verify().unwrap_err();
     assert!(matches!(e, FormatError::Window { .. }), "{e:?}");
     // A window area cut short (header and file agree): the last window lies outside it.
@@ -212,7 +303,10 @@ fn a_damaged_window_is_refused_when_used() {
     });
     let idx = IndexFile::from_bytes(&b).expect("header and file size agree");
     let e = idx.verify().unwrap_err();
-    assert!(e.to_string().contains("lies outside the window area"), "{e}");
+    assert!(
+        e.to_string().contains("lies outside the window area"),
+        "{e}"
+    );
 }
 
 /// Every byte of a small index, damaged two ways, both with the checksum left alone and
@@ -222,7 +316,11 @@ fn a_damaged_window_is_refused_when_used() {
 fn no_corrupted_byte_causes_a_panic() {
     let tmp = tempfile::tempdir().unwrap();
     let good = demo_bytes(tmp.path());
-    assert!(good.len() < 64 * 1024, "the demo index is small: {}", good.len());
+    assert!(
+        good.len() < 64 * 1024,
+        "the demo index is small: {}",
+        good.len()
+    );
     let (mut opened, mut verified) = (0, 0);
     for at in 0..good.len() {
         for (mask, reseal_it) in [(0x01u8, false), (0xffu8, true), (0x80u8, true)] {
@@ -244,5 +342,8 @@ fn no_corrupted_byte_causes_a_panic() {
         }
     }
     // Some damage is harmless (a mode bit, a timestamp) and must still open.
-    assert!(opened > 0 && verified > 0, "opened {opened}, verified {verified}");
+    assert!(
+        opened > 0 && verified > 0,
+        "opened {opened}, verified {verified}"
+    );
 }

@@ -56,19 +56,33 @@ fn clip_build(args: &[&str]) -> Vec<u8> {
 
 fn clipread(args: &[&str]) -> Vec<u8> {
     require_tool("python3");
-    run(Command::new("python3").arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/clipread.py")).args(args))
+    run(Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/clipread.py"))
+        .args(args))
 }
 
 fn read_vector(name: &str) -> Vec<u8> {
     let p = vectors().join(name);
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}; regenerate with CLIP_UPDATE_VECTORS=1", p.display()))
+    std::fs::read(&p).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; regenerate with CLIP_UPDATE_VECTORS=1",
+            p.display()
+        )
+    })
 }
 
 /// Build the demo index exactly as the vector was made: from a layout directory named
 /// `layout`, given as a relative path, so the recorded `source` is `layout`.
 fn rebuild(tmp: &Path) -> Vec<u8> {
-    run(Command::new(bin("clip-build")).current_dir(tmp).args(["demo", "layout"]));
-    run(Command::new(bin("clip-build")).current_dir(tmp).args(["layout:demo", "-o", "demo.clip", "-q"]));
+    run(Command::new(bin("clip-build"))
+        .current_dir(tmp)
+        .args(["demo", "layout"]));
+    run(Command::new(bin("clip-build")).current_dir(tmp).args([
+        "layout:demo",
+        "-o",
+        "demo.clip",
+        "-q",
+    ]));
     std::fs::read(tmp.join("demo.clip")).unwrap()
 }
 
@@ -78,7 +92,10 @@ fn rebuilding_the_demo_reproduces_the_committed_vector() {
     let fresh = rebuild(tmp.path());
     let host = clip::oci::Platform::host();
     if updating() {
-        assert_eq!(host.architecture, "amd64", "vectors are made on linux/amd64 (the platform is recorded)");
+        assert_eq!(
+            host.architecture, "amd64",
+            "vectors are made on linux/amd64 (the platform is recorded)"
+        );
         std::fs::create_dir_all(vectors()).unwrap();
         std::fs::write(vectors().join("demo.clip"), &fresh).unwrap();
         for (name, text) in decoded(&tmp.path().join("demo.clip"), &clip_build) {
@@ -97,12 +114,19 @@ fn rebuilding_the_demo_reproduces_the_committed_vector() {
                 committed.len()
             );
         }
-        assert_eq!(fresh.len(), committed.len(), "the rebuilt demo index has a different size");
+        assert_eq!(
+            fresh.len(),
+            committed.len(),
+            "the rebuilt demo index has a different size"
+        );
     } else {
         // The demo image is made for the host platform, so its manifest and config digests
         // (and the platform string) differ on other architectures. The tree must not.
         let p = tmp.path().join("demo.clip");
-        let (fresh_text, committed_text) = (decoded(&p, &clip_build), decoded(&vectors().join("demo.clip"), &clip_build));
+        let (fresh_text, committed_text) = (
+            decoded(&p, &clip_build),
+            decoded(&vectors().join("demo.clip"), &clip_build),
+        );
         for ((name, a), (_, b)) in fresh_text.iter().zip(&committed_text) {
             if name.starts_with("demo.ls") || name.starts_with("demo.stat") {
                 assert_eq!(a, b, "{name} of the rebuilt demo differs from the vector");
@@ -117,7 +141,10 @@ fn committed_vector_decodes_to_committed_text() {
         return;
     }
     let index = vectors().join("demo.clip");
-    for (who, reader) in [("clip-build", &clip_build as &dyn Fn(&[&str]) -> Vec<u8>), ("clipread.py", &clipread)] {
+    for (who, reader) in [
+        ("clip-build", &clip_build as &dyn Fn(&[&str]) -> Vec<u8>),
+        ("clipread.py", &clipread),
+    ] {
         for (name, got) in decoded(&index, reader) {
             let want = read_vector(name);
             if name.ends_with(".json") {
@@ -156,7 +183,10 @@ fn worked_example_numbers() {
     let cps = (cps_field as i64 + u32_at(cps_field) as i32 as i64) as usize;
     let cp1 = cps + 48;
     assert_eq!((u64_at(cp1 + 16), u32_at(cp1 + 32) as usize), (0, wlen));
-    assert_eq!(u64_at(cp1 + 24), xxhash_rust::xxh3::xxh3_64(&b[64 + plen..]));
+    assert_eq!(
+        u64_at(cp1 + 24),
+        xxhash_rust::xxh3::xxh3_64(&b[64 + plen..])
+    );
     assert_eq!((u32_at(40), u32_at(44)), (17, 2));
     let root = 64 + plen - 88;
     let entries_field = root + 56;

@@ -35,9 +35,18 @@ fn text(cmd: &mut Command) -> String {
 /// Compare two outputs line by line so a failure names the first differing line.
 fn assert_same_text(what: &str, rust: &str, python: &str) {
     for (n, (r, p)) in rust.lines().zip(python.lines()).enumerate() {
-        assert_eq!(r, p, "{what}: line {} differs (left: clip-build, right: clipread.py)", n + 1);
+        assert_eq!(
+            r,
+            p,
+            "{what}: line {} differs (left: clip-build, right: clipread.py)",
+            n + 1
+        );
     }
-    assert_eq!(rust.lines().count(), python.lines().count(), "{what}: line counts differ");
+    assert_eq!(
+        rust.lines().count(),
+        python.lines().count(),
+        "{what}: line counts differ"
+    );
     assert_eq!(rust, python, "{what}: outputs differ (trailing newline?)");
 }
 
@@ -69,14 +78,22 @@ fn compare_readers(index: &Path, layout: &Path) -> usize {
     let mut rust_stat = String::new();
     let mut rust_cat = Vec::new();
     for i in 0..idx.entry_count() {
-        let path = String::from_utf8(idx.path_of(i).unwrap()).expect("test images have UTF-8 paths");
+        let path =
+            String::from_utf8(idx.path_of(i).unwrap()).expect("test images have UTF-8 paths");
         let r = text(&mut clip(&["stat", ix, &path]));
-        assert!(r.starts_with(&format!("path: {path}\nindex: {i}\n")), "stat {path}: {r}");
+        assert!(
+            r.starts_with(&format!("path: {path}\nindex: {i}\n")),
+            "stat {path}: {r}"
+        );
         rust_stat += &r;
         let kind = Kind::from_u8(idx.entry(i).unwrap().kind).unwrap();
         if matches!(kind, Kind::File | Kind::Hardlink) {
             let r = run(&mut clip(&["cat", ix, &path, "--layout", lay]));
-            let size = idx.entry(idx.inode_of(i).unwrap()).unwrap().size.to_native();
+            let size = idx
+                .entry(idx.inode_of(i).unwrap())
+                .unwrap()
+                .size
+                .to_native();
             assert_eq!(r.len() as u64, size, "clip-build cat {path}: wrong length");
             files.push((path.clone(), r.len()));
             rust_cat.extend(r);
@@ -98,7 +115,11 @@ fn compare_readers(index: &Path, layout: &Path) -> usize {
         assert!(r == q, "cat {path}: clipread.py's bytes differ from clip-build's ({len} bytes at {at} of the concatenation)");
         at += len;
     }
-    assert_eq!(p.len(), rust_cat.len(), "cat: clipread.py printed a different total length");
+    assert_eq!(
+        p.len(),
+        rust_cat.len(),
+        "cat: clipread.py printed a different total length"
+    );
     files.len()
 }
 
@@ -106,7 +127,12 @@ fn demo_index(tmp: &Path) -> (PathBuf, PathBuf) {
     let layout = tmp.join("demo");
     let index = tmp.join("demo.clip");
     run(&mut clip(&["demo", layout.to_str().unwrap()]));
-    run(&mut clip(&[&format!("{}:demo", layout.display()), "-o", index.to_str().unwrap(), "--quiet"]));
+    run(&mut clip(&[
+        &format!("{}:demo", layout.display()),
+        "-o",
+        index.to_str().unwrap(),
+        "--quiet",
+    ]));
     (layout, index)
 }
 
@@ -115,7 +141,10 @@ fn python_reader_matches_on_the_edge_image() {
     let tmp = tempfile::tempdir().unwrap();
     let (layout, index) = edge_index(tmp.path());
     let files = compare_readers(&index, &layout);
-    assert!(files >= 80, "expected the edge image's files to be compared, got {files}");
+    assert!(
+        files >= 80,
+        "expected the edge image's files to be compared, got {files}"
+    );
 }
 
 #[test]
@@ -143,17 +172,34 @@ fn python_reader_resumes_at_every_checkpoint() {
         "8K",
         "--quiet",
     ]));
-    let out = text(&mut py(&["checkpoints", index.to_str().unwrap(), "--layout", layout.to_str().unwrap()]));
+    let out = text(&mut py(&[
+        "checkpoints",
+        index.to_str().unwrap(),
+        "--layout",
+        layout.to_str().unwrap(),
+    ]));
     let mut seen = [0usize; 8];
     for line in out.lines() {
         assert!(line.ends_with(": ok"), "{line}");
-        let bits: usize = line.split(" bits ").nth(1).unwrap().trim_end_matches(": ok").parse().unwrap();
+        let bits: usize = line
+            .split(" bits ")
+            .nth(1)
+            .unwrap()
+            .trim_end_matches(": ok")
+            .parse()
+            .unwrap();
         seen[bits] += 1;
     }
-    assert!(seen.iter().all(|&n| n > 0), "not every bit offset was exercised: {seen:?}");
+    assert!(
+        seen.iter().all(|&n| n > 0),
+        "not every bit offset was exercised: {seen:?}"
+    );
     // Layer 1 is two gzip members: `checkpoints` also inflates from the last checkpoint of
     // each layer to its end, which crosses into the second member here.
-    assert!(out.lines().any(|l| l.starts_with("layer 1 checkpoint 0 ")), "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("layer 1 checkpoint 0 ")),
+        "{out}"
+    );
     // And the readers still agree on file contents read from those checkpoints.
     compare_readers(&index, &layout);
 
@@ -167,8 +213,18 @@ fn python_reader_resumes_at_every_checkpoint() {
     let blob = common::two_member_gzip(&tar);
     let layout2 = tmp.path().join("members");
     let mut w = clip::source::layout::LayoutWriter::create(&layout2).unwrap();
-    let input = clip::source::layout::LayerInput { tar: tar.clone(), gzip: true, blob: Some(blob.clone()) };
-    let m = w.image(&[input], &clip::oci::Platform::host(), "2025-05-20T00:00:00Z").unwrap();
+    let input = clip::source::layout::LayerInput {
+        tar: tar.clone(),
+        gzip: true,
+        blob: Some(blob.clone()),
+    };
+    let m = w
+        .image(
+            &[input],
+            &clip::oci::Platform::host(),
+            "2025-05-20T00:00:00Z",
+        )
+        .unwrap();
     w.tag(m, "m");
     w.finish().unwrap();
     let index2 = tmp.path().join("members.clip");
@@ -180,30 +236,54 @@ fn python_reader_resumes_at_every_checkpoint() {
         "4K",
         "--quiet",
     ]));
-    let out = text(&mut py(&["checkpoints", index2.to_str().unwrap(), "--layout", layout2.to_str().unwrap()]));
+    let out = text(&mut py(&[
+        "checkpoints",
+        index2.to_str().unwrap(),
+        "--layout",
+        layout2.to_str().unwrap(),
+    ]));
     let in_second = out
         .lines()
         .filter(|l| {
-            let in_offset: usize = l.split(" in ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+            let in_offset: usize = l
+                .split(" in ")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
             in_offset > blob.len() / 2
         })
         .count();
-    assert!(in_second > 0, "no checkpoint inside the second gzip member:\n{out}");
+    assert!(
+        in_second > 0,
+        "no checkpoint inside the second gzip member:\n{out}"
+    );
     assert_eq!(compare_readers(&index2, &layout2), 6);
 }
 
 #[test]
 fn python_xxh3_matches_the_rust_crate_for_all_lengths() {
     let tmp = tempfile::tempdir().unwrap();
-    let data: Vec<u8> = (0..70_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..70_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     let mut lens: Vec<usize> = (0..=300).collect();
-    lens.extend([511, 512, 513, 1023, 1024, 1025, 1087, 1088, 1089, 2047, 2048, 2049, 4096, 65_536, 70_000]);
+    lens.extend([
+        511, 512, 513, 1023, 1024, 1025, 1087, 1088, 1089, 2047, 2048, 2049, 4096, 65_536, 70_000,
+    ]);
     let mut names = Vec::new();
     let mut expected = String::new();
     for n in &lens {
         let p = tmp.path().join(format!("in{n}"));
         std::fs::write(&p, &data[..*n]).unwrap();
-        expected += &format!("{:016x}  {}\n", xxhash_rust::xxh3::xxh3_64(&data[..*n]), p.display());
+        expected += &format!(
+            "{:016x}  {}\n",
+            xxhash_rust::xxh3::xxh3_64(&data[..*n]),
+            p.display()
+        );
         names.push(p.to_str().unwrap().to_string());
     }
     let mut args = vec!["xxh3"];
@@ -232,9 +312,13 @@ fn python_reader_rejects_what_the_spec_says_to_reject() {
         std::fs::write(&p, b).unwrap();
         p.to_str().unwrap().to_string()
     };
-    let v1 = write("v1.clip", &|b| b[8..10].copy_from_slice(&1u16.to_le_bytes()));
+    let v1 = write("v1.clip", &|b| {
+        b[8..10].copy_from_slice(&1u16.to_le_bytes())
+    });
     assert!(py_fails(&["inspect", &v1]).contains("version 1.0 is not supported"));
-    let minor = write("minor.clip", &|b| b[10..12].copy_from_slice(&7u16.to_le_bytes()));
+    let minor = write("minor.clip", &|b| {
+        b[10..12].copy_from_slice(&7u16.to_le_bytes())
+    });
     assert!(text(&mut py(&["inspect", &minor])).starts_with("format:      2.7\n"));
     let flags = write("flags.clip", &|b| b[12] = 4);
     assert!(py_fails(&["inspect", &flags]).contains("unknown feature flags 0x4"));
@@ -247,7 +331,10 @@ fn python_reader_rejects_what_the_spec_says_to_reject() {
     let window = write("window.clip", &|b| b[payload_end + 100] ^= 1);
     text(&mut py(&["inspect", &window]));
     let err = py_fails(&["checkpoints", &window, "--layout", layout.to_str().unwrap()]);
-    assert!(err.contains("window of checkpoint") && err.contains("does not match its checksum"), "{err}");
+    assert!(
+        err.contains("window of checkpoint") && err.contains("does not match its checksum"),
+        "{err}"
+    );
     let cut = write("cut-windows.clip", &|b| b.truncate(payload_end + 1));
     assert!(py_fails(&["inspect", &cut]).contains("window area"));
     let cut = write("cut.clip", &|b| b.truncate(b.len() - 1));

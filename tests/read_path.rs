@@ -4,8 +4,8 @@
 mod common;
 
 use clip::format::IndexFile;
-use clip::read::{FileReader, Neighbours, ReadAhead, Tier};
 use clip::oci::Platform;
+use clip::read::{FileReader, Neighbours, ReadAhead, Tier};
 use clip::source::layout::{LayerInput, LayoutSource, LayoutWriter};
 use clip::source::{Source, SourceError};
 use common::*;
@@ -46,7 +46,13 @@ impl Source for NoOrigin {
     }
 }
 
-fn read_all(idx: &IndexFile, src: &dyn Source, tiers: &[Arc<dyn Tier>], path: &str, n: Option<Arc<Neighbours>>) -> Vec<u8> {
+fn read_all(
+    idx: &IndexFile,
+    src: &dyn Source,
+    tiers: &[Arc<dyn Tier>],
+    path: &str,
+    n: Option<Arc<Neighbours>>,
+) -> Vec<u8> {
     let i = idx.resolve(path.as_bytes()).unwrap().unwrap();
     let mut r = FileReader::new(idx, i).unwrap();
     if let Some(n) = n {
@@ -80,38 +86,75 @@ const BIG: usize = 13 << 20 | 12345;
 fn big_fixture() -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let mut t = clip::demo::TarBuilder::new();
-    t.dir("./", 0o755).file("a.txt", 0o644, b"before\n").file("big.bin", 0o644, &clip::demo::noise(7, BIG));
+    t.dir("./", 0o755).file("a.txt", 0o644, b"before\n").file(
+        "big.bin",
+        0o644,
+        &clip::demo::noise(7, BIG),
+    );
     t.file("z.txt", 0o644, b"after\n");
     let layout = tmp.path().join("layout");
     let mut w = LayoutWriter::create(&layout).unwrap();
-    let m = w.image(&[LayerInput::gzip(t.finish())], &Platform::host(), "2025-05-20T00:00:00Z").unwrap();
+    let m = w
+        .image(
+            &[LayerInput::gzip(t.finish())],
+            &Platform::host(),
+            "2025-05-20T00:00:00Z",
+        )
+        .unwrap();
     w.tag(m, "big");
     w.finish().unwrap();
     let index = tmp.path().join("big.clip");
-    run(std::process::Command::new(bin("clip-build")).arg(format!("{}:big", layout.display())).arg("-o").arg(&index).arg("--quiet"));
+    run(std::process::Command::new(bin("clip-build"))
+        .arg(format!("{}:big", layout.display()))
+        .arg("-o")
+        .arg(&index)
+        .arg("--quiet"));
     fixture_at(tmp, &layout, &index)
 }
 
-fn fixture_at(tmp: tempfile::TempDir, layout: &std::path::Path, index: &std::path::Path) -> Fixture {
+fn fixture_at(
+    tmp: tempfile::TempDir,
+    layout: &std::path::Path,
+    index: &std::path::Path,
+) -> Fixture {
     let idx = IndexFile::open(index).unwrap();
     let src = LayoutSource::open(layout).unwrap();
     let mem = Arc::new(MemTier::default());
     let tiers: Vec<Arc<dyn Tier>> = vec![mem.clone()];
     let neighbours = Neighbours::new(idx.index().layers.len());
-    Fixture { _tmp: tmp, idx, src, mem, tiers, neighbours }
+    Fixture {
+        _tmp: tmp,
+        idx,
+        src,
+        mem,
+        tiers,
+        neighbours,
+    }
 }
 
 #[test]
 fn a_cold_read_keeps_the_small_files_of_its_checkpoint_interval() {
-    let Fixture { _tmp, idx, src, mem, tiers, neighbours } = fixture();
+    let Fixture {
+        _tmp,
+        idx,
+        src,
+        mem,
+        tiers,
+        neighbours,
+    } = fixture();
 
     let i = idx.resolve(b"/many/file059").unwrap().unwrap();
-    let mut r = FileReader::new(&idx, i).unwrap().with_neighbours(neighbours.clone());
+    let mut r = FileReader::new(&idx, i)
+        .unwrap()
+        .with_neighbours(neighbours.clone());
     let mut out = vec![0u8; r.size() as usize];
     r.read_at(&idx, &src, &tiers, 0, &mut out).unwrap();
     assert_eq!(out, b"small file 59\n");
     let (kept, kept_bytes) = r.kept_stats();
-    assert!(kept >= 10, "only {kept} pieces kept on the way to /many/file059");
+    assert!(
+        kept >= 10,
+        "only {kept} pieces kept on the way to /many/file059"
+    );
     assert!(kept_bytes > 0);
     // Everything kept is right, and files before it now come from the tier alone.
     for (k, v) in mem.0.lock().unwrap().iter() {
@@ -120,7 +163,10 @@ fn a_cold_read_keeps_the_small_files_of_its_checkpoint_interval() {
     let from_tier = read_all(&idx, &NoOrigin, &tiers, "/many/file058", None);
     assert_eq!(from_tier, b"small file 58\n");
     // The rest of the checkpoint interval after the file was kept too.
-    assert_eq!(read_all(&idx, &NoOrigin, &tiers, "/home/user/file", None), b"owned by 1000\n");
+    assert_eq!(
+        read_all(&idx, &NoOrigin, &tiers, "/home/user/file", None),
+        b"owned by 1000\n"
+    );
     // Without neighbours nothing but the file itself is stored.
     let mem2 = Arc::new(MemTier::default());
     let tiers2: Vec<Arc<dyn Tier>> = vec![mem2.clone()];
@@ -130,24 +176,52 @@ fn a_cold_read_keeps_the_small_files_of_its_checkpoint_interval() {
 
 #[test]
 fn a_deferred_interval_is_left_to_the_caller_and_counted() {
-    let Fixture { _tmp, idx, src, mem, tiers, neighbours } = fixture();
+    let Fixture {
+        _tmp,
+        idx,
+        src,
+        mem,
+        tiers,
+        neighbours,
+    } = fixture();
     let i = idx.resolve(b"/many/file059").unwrap().unwrap();
-    let mut r = FileReader::new(&idx, i).unwrap().with_neighbours(neighbours.clone()).defer_interval_finish();
+    let mut r = FileReader::new(&idx, i)
+        .unwrap()
+        .with_neighbours(neighbours.clone())
+        .defer_interval_finish();
     let mut out = vec![0u8; r.size() as usize];
     r.read_at(&idx, &src, &tiers, 0, &mut out).unwrap();
     let (inflated, fetched) = r.origin_stats();
-    assert!(inflated >= out.len() as u64 && fetched > 0, "the read itself is counted: {inflated} {fetched}");
-    assert!(mem.get(&idx.pieces(entry(&idx, "/home/user/file")).unwrap()[0].sha256).is_none(), "not finished yet");
-    let (mut span, claim) = r.take_unfinished().expect("the interval is left to the caller");
+    assert!(
+        inflated >= out.len() as u64 && fetched > 0,
+        "the read itself is counted: {inflated} {fetched}"
+    );
+    assert!(
+        mem.get(&idx.pieces(entry(&idx, "/home/user/file")).unwrap()[0].sha256)
+            .is_none(),
+        "not finished yet"
+    );
+    let (mut span, claim) = r
+        .take_unfinished()
+        .expect("the interval is left to the caller");
     assert!(claim.is_none(), "no read-ahead, no claim");
     assert!(r.take_unfinished().is_none());
     let before = span.inflated;
     span.finish_interval(&idx, &mut |off, bytes| {
-        neighbours.keep(&idx, span_layer(&idx, "/home/user/file"), off, bytes, &tiers);
+        neighbours.keep(
+            &idx,
+            span_layer(&idx, "/home/user/file"),
+            off,
+            bytes,
+            &tiers,
+        );
     })
     .unwrap();
     assert!(span.inflated > before);
-    assert_eq!(read_all(&idx, &NoOrigin, &tiers, "/home/user/file", None), b"owned by 1000\n");
+    assert_eq!(
+        read_all(&idx, &NoOrigin, &tiers, "/home/user/file", None),
+        b"owned by 1000\n"
+    );
 }
 
 /// Two cold readers of files in the same checkpoint interval: the second waits for the
@@ -165,11 +239,17 @@ fn a_reader_waits_for_the_reader_inflating_its_interval_instead_of_fetching_it_a
         .defer_interval_finish();
     let mut out = vec![0u8; a.size() as usize];
     a.read_at(&f.idx, &f.src, &f.tiers, 0, &mut out).unwrap();
-    let (mut span, claim) = a.take_unfinished().expect("the interval is left to the caller");
+    let (mut span, claim) = a
+        .take_unfinished()
+        .expect("the interval is left to the caller");
     let claim = claim.expect("the reader claimed its interval");
     let later = entry(&f.idx, "/home/user/file");
     assert_eq!(
-        clip::read::ahead::Interval::containing(&f.idx, span_layer(&f.idx, "/home/user/file"), f.idx.entry(later).unwrap().data_offset.to_native()),
+        clip::read::ahead::Interval::containing(
+            &f.idx,
+            span_layer(&f.idx, "/home/user/file"),
+            f.idx.entry(later).unwrap().data_offset.to_native()
+        ),
         Some(claim.interval()),
         "the fixture's files share an interval"
     );
@@ -177,19 +257,28 @@ fn a_reader_waits_for_the_reader_inflating_its_interval_instead_of_fetching_it_a
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::scope(|s| {
         s.spawn(|| {
-            let mut b = FileReader::new(&f.idx, later).unwrap().with_read_ahead(ahead.clone());
+            let mut b = FileReader::new(&f.idx, later)
+                .unwrap()
+                .with_read_ahead(ahead.clone());
             let mut out = vec![0u8; b.size() as usize];
-            b.read_at(&f.idx, &NoOrigin, &f.tiers, 0, &mut out).expect("served from the tiers");
+            b.read_at(&f.idx, &NoOrigin, &f.tiers, 0, &mut out)
+                .expect("served from the tiers");
             done_tx.send(out).unwrap();
         });
         std::thread::sleep(std::time::Duration::from_millis(200));
-        assert!(done_rx.try_recv().is_err(), "the second reader must wait for the claimed interval");
+        assert!(
+            done_rx.try_recv().is_err(),
+            "the second reader must wait for the claimed interval"
+        );
         span.finish_interval(&f.idx, &mut |off, bytes| {
-            f.neighbours.keep(&f.idx, claim.interval().layer, off, bytes, &f.tiers);
+            f.neighbours
+                .keep(&f.idx, claim.interval().layer, off, bytes, &f.tiers);
         })
         .unwrap();
         drop(claim);
-        let got = done_rx.recv_timeout(std::time::Duration::from_secs(10)).expect("released by the claim");
+        let got = done_rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("released by the claim");
         assert_eq!(got, b"owned by 1000\n");
     });
 }
@@ -204,7 +293,12 @@ fn span_layer(idx: &IndexFile, path: &str) -> u32 {
 
 /// Read `path` sequentially in `step`-byte requests the way the FUSE layer does, running
 /// every planned read-ahead job at once on another thread; returns the bytes and the reader.
-fn read_with_ahead(f: &Fixture, ahead: &Arc<ReadAhead>, path: &str, step: usize) -> (Vec<u8>, FileReader) {
+fn read_with_ahead(
+    f: &Fixture,
+    ahead: &Arc<ReadAhead>,
+    path: &str,
+    step: usize,
+) -> (Vec<u8>, FileReader) {
     let mut r = FileReader::new(&f.idx, entry(&f.idx, path))
         .unwrap()
         .with_neighbours(f.neighbours.clone())
@@ -214,13 +308,21 @@ fn read_with_ahead(f: &Fixture, ahead: &Arc<ReadAhead>, path: &str, step: usize)
     let mut at = 0;
     while at < out.len() {
         let end = (at + step).min(out.len());
-        assert_eq!(r.read_at(&f.idx, &f.src, &f.tiers, at as u64, &mut out[at..end]).unwrap(), end - at);
+        assert_eq!(
+            r.read_at(&f.idx, &f.src, &f.tiers, at as u64, &mut out[at..end])
+                .unwrap(),
+            end - at
+        );
         at = end;
         let planned = r.plan_ahead(&f.idx, at as u64);
         std::thread::scope(|s| {
             for job in planned {
                 jobs += 1;
-                s.spawn(move || ahead.run(&f.idx, &f.src, &f.tiers, &f.neighbours, job).unwrap());
+                s.spawn(move || {
+                    ahead
+                        .run(&f.idx, &f.src, &f.tiers, &f.neighbours, job)
+                        .unwrap()
+                });
             }
         });
     }
@@ -235,27 +337,46 @@ fn read_ahead_inflates_the_next_intervals_and_stitches_pieces_across_their_bound
     let (out, r) = read_with_ahead(&f, &ahead, "/big.bin", 128 << 10);
     assert_eq!(out, clip::demo::noise(7, BIG));
     let pieces = r.pieces().len() as u64;
-    assert!(r.ahead_hits() + 4 >= pieces, "only {} of {pieces} pieces came from read-ahead", r.ahead_hits());
+    assert!(
+        r.ahead_hits() + 4 >= pieces,
+        "only {} of {pieces} pieces came from read-ahead",
+        r.ahead_hits()
+    );
     let (inflated, _) = r.origin_stats();
-    assert!(inflated < 5 << 20, "the reader inflated {inflated} bytes itself; read-ahead should have done most");
+    assert!(
+        inflated < 5 << 20,
+        "the reader inflated {inflated} bytes itself; read-ahead should have done most"
+    );
     // A piece crossing an interval boundary was put together from two jobs' halves.
     let i = entry(&f.idx, "/big.bin");
     let e = f.idx.entry(i).unwrap();
     let layer = f.idx.layer(e.layer.to_native()).unwrap();
     let base = e.data_offset.to_native();
-    let cps: Vec<u64> = layer.checkpoints.iter().map(|c| c.out_offset.to_native()).collect();
+    let cps: Vec<u64> = layer
+        .checkpoints
+        .iter()
+        .map(|c| c.out_offset.to_native())
+        .collect();
     let crossing: Vec<_> = r
         .pieces()
         .iter()
         .filter(|p| {
             let (a, b) = (base + p.offset, base + p.offset + p.len);
-            cps.iter().any(|&c| a < c && c < b) && cps.iter().filter(|&&c| a < c && c < b).count() == 1
+            cps.iter().any(|&c| a < c && c < b)
+                && cps.iter().filter(|&&c| a < c && c < b).count() == 1
         })
         .collect();
-    assert!(!crossing.is_empty(), "the test image should have a piece crossing a checkpoint");
+    assert!(
+        !crossing.is_empty(),
+        "the test image should have a piece crossing a checkpoint"
+    );
     for p in &crossing {
         let got = f.mem.get(&p.sha256);
-        assert!(got.is_some_and(|b| clip::read::file::verify(&b, &p.sha256)), "crossing piece at {} not kept", p.offset);
+        assert!(
+            got.is_some_and(|b| clip::read::file::verify(&b, &p.sha256)),
+            "crossing piece at {} not kept",
+            p.offset
+        );
     }
     // A second reader finds everything in the tier: no origin at all.
     assert_eq!(read_all(&f.idx, &NoOrigin, &f.tiers, "/big.bin", None), out);
@@ -267,17 +388,22 @@ fn read_ahead_of_a_lying_origin_never_serves_wrong_bytes() {
     let ahead = ReadAhead::new(4 << 20, 64 << 20);
     // Jobs that cannot read leave their intervals to the reader, which then fails cleanly.
     let i = entry(&f.idx, "/big.bin");
-    let mut r = FileReader::new(&f.idx, i).unwrap().with_read_ahead(ahead.clone());
+    let mut r = FileReader::new(&f.idx, i)
+        .unwrap()
+        .with_read_ahead(ahead.clone());
     let mut head = vec![0u8; 2 << 20];
     r.read_at(&f.idx, &f.src, &f.tiers, 0, &mut head).unwrap();
     let jobs = r.plan_ahead(&f.idx, head.len() as u64);
     assert!(!jobs.is_empty());
     for job in jobs {
-        assert!(ahead.run(&f.idx, &NoOrigin, &f.tiers, &f.neighbours, job).is_err());
+        assert!(ahead
+            .run(&f.idx, &NoOrigin, &f.tiers, &f.neighbours, job)
+            .is_err());
     }
     // Nothing was held or claimed: the reader reads on by itself, bytes intact.
     let mut rest = vec![0u8; (r.size() - head.len() as u64) as usize];
-    r.read_at(&f.idx, &f.src, &f.tiers, head.len() as u64, &mut rest).unwrap();
+    r.read_at(&f.idx, &f.src, &f.tiers, head.len() as u64, &mut rest)
+        .unwrap();
     head.extend(rest);
     assert_eq!(head, clip::demo::noise(7, BIG));
     assert_eq!(r.ahead_hits(), 0);
@@ -291,15 +417,38 @@ fn read_ahead_refuses_intervals_the_index_does_not_have() {
     let n = layer.checkpoints.len() as u32;
     let iv = |layer, checkpoint| clip::read::ahead::Interval { layer, checkpoint };
     // A profile from a tampered file may name anything: nothing is claimed, nothing runs.
-    assert!(ahead.claim(&f.idx, iv(0, n), (0, u64::MAX), u64::MAX).is_none());
-    assert!(ahead.claim(&f.idx, iv(7, 0), (0, u64::MAX), u64::MAX).is_none());
+    assert!(ahead
+        .claim(&f.idx, iv(0, n), (0, u64::MAX), u64::MAX)
+        .is_none());
+    assert!(ahead
+        .claim(&f.idx, iv(7, 0), (0, u64::MAX), u64::MAX)
+        .is_none());
     let start = layer.checkpoints[1].out_offset.to_native();
-    assert!(ahead.claim(&f.idx, iv(0, 1), (0, u64::MAX), start).is_none(), "stops before it starts");
+    assert!(
+        ahead
+            .claim(&f.idx, iv(0, 1), (0, u64::MAX), start)
+            .is_none(),
+        "stops before it starts"
+    );
     // A real one is claimed once, runs, and is not claimed again.
-    let job = ahead.claim(&f.idx, iv(0, 1), (0, u64::MAX), u64::MAX).expect("claimable");
-    assert!(ahead.claim(&f.idx, iv(0, 1), (0, u64::MAX), u64::MAX).is_none(), "running");
-    ahead.run(&f.idx, &f.src, &f.tiers, &f.neighbours, job).unwrap();
-    assert!(ahead.claim(&f.idx, iv(0, 1), (0, u64::MAX), u64::MAX).is_none(), "done");
+    let job = ahead
+        .claim(&f.idx, iv(0, 1), (0, u64::MAX), u64::MAX)
+        .expect("claimable");
+    assert!(
+        ahead
+            .claim(&f.idx, iv(0, 1), (0, u64::MAX), u64::MAX)
+            .is_none(),
+        "running"
+    );
+    ahead
+        .run(&f.idx, &f.src, &f.tiers, &f.neighbours, job)
+        .unwrap();
+    assert!(
+        ahead
+            .claim(&f.idx, iv(0, 1), (0, u64::MAX), u64::MAX)
+            .is_none(),
+        "done"
+    );
 }
 
 #[test]
@@ -307,7 +456,9 @@ fn read_ahead_plans_only_intervals_holding_whole_pieces_not_read_yet() {
     let f = big_fixture();
     let ahead = ReadAhead::new(8 << 20, 64 << 20);
     let i = entry(&f.idx, "/big.bin");
-    let mut r = FileReader::new(&f.idx, i).unwrap().with_read_ahead(ahead.clone());
+    let mut r = FileReader::new(&f.idx, i)
+        .unwrap()
+        .with_read_ahead(ahead.clone());
     let next = 3 << 20;
     let mut head = vec![0u8; next];
     r.read_at(&f.idx, &f.src, &f.tiers, 0, &mut head).unwrap();
@@ -316,13 +467,24 @@ fn read_ahead_plans_only_intervals_holding_whole_pieces_not_read_yet() {
     let e = f.idx.entry(i).unwrap();
     let base = e.data_offset.to_native();
     let layer = f.idx.layer(e.layer.to_native()).unwrap();
-    let cps: Vec<u64> = layer.checkpoints.iter().map(|c| c.out_offset.to_native()).collect();
+    let cps: Vec<u64> = layer
+        .checkpoints
+        .iter()
+        .map(|c| c.out_offset.to_native())
+        .collect();
     for job in jobs {
         let j = job.interval.checkpoint as usize;
-        let (a, b) = (cps[j], cps.get(j + 1).copied().unwrap_or(layer.uncompressed_size.to_native()));
+        let (a, b) = (
+            cps[j],
+            cps.get(j + 1)
+                .copied()
+                .unwrap_or(layer.uncompressed_size.to_native()),
+        );
         let from = a.max(base + next as u64);
         assert!(
-            r.pieces().iter().any(|p| base + p.offset >= from && base + p.offset + p.len <= b),
+            r.pieces()
+                .iter()
+                .any(|p| base + p.offset >= from && base + p.offset + p.len <= b),
             "interval {j} [{a}, {b}) holds no whole piece past the reader"
         );
     }
@@ -339,16 +501,21 @@ fn cached_pieces_are_read_and_verified_ahead_of_a_warm_sequential_reader() {
     f.mem.put(&bad.sha256, &vec![b'x'; bad.len as usize]);
 
     let ahead = ReadAhead::new(4 << 20, 64 << 20);
-    let mut r = FileReader::new(&f.idx, i).unwrap().with_read_ahead(ahead.clone());
+    let mut r = FileReader::new(&f.idx, i)
+        .unwrap()
+        .with_read_ahead(ahead.clone());
     let mut out = vec![0u8; r.size() as usize];
     let (mut at, mut jobs) = (0, 0);
     while at < out.len() {
         let end = (at + (128 << 10)).min(out.len());
-        r.read_at(&f.idx, &f.src, &f.tiers, at as u64, &mut out[at..end]).unwrap();
+        r.read_at(&f.idx, &f.src, &f.tiers, at as u64, &mut out[at..end])
+            .unwrap();
         at = end;
         // Past the poisoned piece the reader needed the origin: inflation jobs from then on.
         for job in r.plan_ahead(&f.idx, at as u64) {
-            ahead.run(&f.idx, &f.src, &f.tiers, &f.neighbours, job).unwrap();
+            ahead
+                .run(&f.idx, &f.src, &f.tiers, &f.neighbours, job)
+                .unwrap();
         }
         if let Some(job) = r.plan_cached_ahead(at as u64) {
             jobs += 1;
@@ -357,6 +524,14 @@ fn cached_pieces_are_read_and_verified_ahead_of_a_warm_sequential_reader() {
     }
     assert_eq!(out, want);
     assert!(jobs > 0);
-    assert!(r.ahead_hits() + 4 >= pieces.len() as u64, "{} of {} pieces", r.ahead_hits(), pieces.len());
-    assert!(clip::read::file::verify(&f.mem.get(&bad.sha256).unwrap(), &bad.sha256), "the poisoned piece was replaced");
+    assert!(
+        r.ahead_hits() + 4 >= pieces.len() as u64,
+        "{} of {} pieces",
+        r.ahead_hits(),
+        pieces.len()
+    );
+    assert!(
+        clip::read::file::verify(&f.mem.get(&bad.sha256).unwrap(), &bad.sha256),
+        "the poisoned piece was replaced"
+    );
 }

@@ -11,7 +11,10 @@ use clip::oci::Platform;
 use clip::read::Tier;
 use clip::source::layout::{LayerInput, LayoutWriter};
 use clip::source::{Source, SourceError};
-use common::{bin, counting_layout, edge_index, files, free_port, mount_and_read_all, piece_keys, read_all, read_file, require_tool, run, test_pki, TestPki};
+use common::{
+    bin, counting_layout, edge_index, files, free_port, mount_and_read_all, piece_keys, read_all,
+    read_file, require_tool, run, test_pki, TestPki,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -34,7 +37,12 @@ impl RedisServer {
     }
 
     fn start_with(dir: &Path, extra: &[&str]) -> RedisServer {
-        let mut s = RedisServer { port: free_port(), dir: dir.to_path_buf(), child: None, extra: extra.iter().map(|a| a.to_string()).collect() };
+        let mut s = RedisServer {
+            port: free_port(),
+            dir: dir.to_path_buf(),
+            child: None,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
+        };
         s.restart();
         s
     }
@@ -48,7 +56,16 @@ impl RedisServer {
         require_tool("redis-server");
         std::fs::create_dir_all(&self.dir).unwrap();
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(&self.dir)
             .args(&self.extra)
@@ -59,12 +76,18 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(mut c) = redis::Client::open(self.admin_url()).and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200))) {
+            if let Ok(mut c) = redis::Client::open(self.admin_url())
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+            {
                 if redis::cmd("PING").query::<String>(&mut c).is_ok() {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "redis-server on port {} did not answer PING within 10 s", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not answer PING within 10 s",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -85,12 +108,21 @@ impl RedisServer {
     }
 
     fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().expect("redis-server is not running").id();
-        run(Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()));
+        let pid = self
+            .child
+            .as_ref()
+            .expect("redis-server is not running")
+            .id();
+        run(Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string()));
     }
 
     fn conn(&self) -> redis::Connection {
-        let c = redis::Client::open(self.admin_url()).unwrap().get_connection_with_timeout(Duration::from_secs(2)).unwrap();
+        let c = redis::Client::open(self.admin_url())
+            .unwrap()
+            .get_connection_with_timeout(Duration::from_secs(2))
+            .unwrap();
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         c
     }
@@ -100,7 +132,12 @@ impl RedisServer {
     }
 
     fn keys(&self) -> BTreeSet<String> {
-        redis::cmd("KEYS").arg("*").query::<Vec<String>>(&mut self.conn()).unwrap().into_iter().collect()
+        redis::cmd("KEYS")
+            .arg("*")
+            .query::<Vec<String>>(&mut self.conn())
+            .unwrap()
+            .into_iter()
+            .collect()
     }
 
     fn get(&self, key: &str) -> Option<Vec<u8>> {
@@ -108,7 +145,11 @@ impl RedisServer {
     }
 
     fn set(&self, key: &str, value: &[u8]) {
-        redis::cmd("SET").arg(key).arg(value).query::<()>(&mut self.conn()).unwrap();
+        redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query::<()>(&mut self.conn())
+            .unwrap();
     }
 }
 
@@ -116,11 +157,29 @@ impl RedisServer {
 /// port; its plain port stays open for inspecting the database.
 fn start_tls(dir: &Path, pki: &TestPki, auth_clients: bool) -> (RedisServer, u16) {
     let port = free_port();
-    let tls_port = std::iter::repeat_with(free_port).find(|&p| p != port).unwrap();
+    let tls_port = std::iter::repeat_with(free_port)
+        .find(|&p| p != port)
+        .unwrap();
     let path = |p: &Path| p.to_str().unwrap().to_string();
     let auth = if auth_clients { "yes" } else { "no" };
-    let extra = vec!["--tls-port".into(), tls_port.to_string(), "--tls-cert-file".into(), path(&pki.server_cert), "--tls-key-file".into(), path(&pki.server_key), "--tls-ca-cert-file".into(), path(&pki.ca), "--tls-auth-clients".into(), auth.into()];
-    let mut server = RedisServer { port, dir: dir.to_path_buf(), child: None, extra };
+    let extra = vec![
+        "--tls-port".into(),
+        tls_port.to_string(),
+        "--tls-cert-file".into(),
+        path(&pki.server_cert),
+        "--tls-key-file".into(),
+        path(&pki.server_key),
+        "--tls-ca-cert-file".into(),
+        path(&pki.ca),
+        "--tls-auth-clients".into(),
+        auth.into(),
+    ];
+    let mut server = RedisServer {
+        port,
+        dir: dir.to_path_buf(),
+        child: None,
+        extra,
+    };
     server.restart();
     (server, tls_port)
 }
@@ -128,7 +187,10 @@ fn start_tls(dir: &Path, pki: &TestPki, auth_clients: bool) -> (RedisServer, u16
 impl Drop for RedisServer {
     fn drop(&mut self) {
         if let Some(pid) = self.child.as_ref().map(|c| c.id()) {
-            let _ = Command::new("kill").arg("-CONT").arg(pid.to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-CONT")
+                .arg(pid.to_string())
+                .status();
         }
         self.kill();
     }
@@ -146,17 +208,29 @@ impl Source for Failing {
     }
     fn manifest(&self, reference: &str) -> Result<(String, Vec<u8>, String), SourceError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        Err(SourceError::NotFound(format!("the test origin refuses manifest {reference}")))
+        Err(SourceError::NotFound(format!(
+            "the test origin refuses manifest {reference}"
+        )))
     }
-    fn blob(&self, digest: &str, _start: u64, _end: Option<u64>) -> Result<Box<dyn Read + Send>, SourceError> {
+    fn blob(
+        &self,
+        digest: &str,
+        _start: u64,
+        _end: Option<u64>,
+    ) -> Result<Box<dyn Read + Send>, SourceError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        Err(SourceError::NotFound(format!("the test origin refuses blob {digest}")))
+        Err(SourceError::NotFound(format!(
+            "the test origin refuses blob {digest}"
+        )))
     }
 }
 
 /// Number of (file, piece) reads a full pass does.
 fn piece_reads(index: &IndexFile) -> u64 {
-    files(index).iter().map(|(i, _)| index.pieces(*i).unwrap().len() as u64).sum()
+    files(index)
+        .iter()
+        .map(|(i, _)| index.pieces(*i).unwrap().len() as u64)
+        .sum()
 }
 
 /// A tier with short retry delays so recovery is quick in tests.
@@ -177,7 +251,11 @@ fn as_tiers(t: &Arc<RedisTier>) -> Vec<Arc<dyn Tier>> {
 }
 
 fn flushed(t: &RedisTier) {
-    assert!(t.flush(Duration::from_secs(10)), "Redis writes did not drain in 10 s: {}", t.stats());
+    assert!(
+        t.flush(Duration::from_secs(10)),
+        "Redis writes did not drain in 10 s: {}",
+        t.stats()
+    );
 }
 
 #[test]
@@ -187,7 +265,11 @@ fn second_reader_reads_everything_from_redis_and_nothing_from_the_origin() {
     let index = IndexFile::open(&index_path).unwrap();
     let redis = RedisServer::start(&tmp.path().join("redis"));
     let keys = piece_keys(&index);
-    assert!(keys.len() > 20, "the edge image should have many pieces, has {}", keys.len());
+    assert!(
+        keys.len() > 20,
+        "the edge image should have many pieces, has {}",
+        keys.len()
+    );
 
     let origin = counting_layout(&layout);
     let first = tier(&redis.url());
@@ -196,26 +278,47 @@ fn second_reader_reads_everything_from_redis_and_nothing_from_the_origin() {
     flushed(&first);
     let s = first.stats();
     assert_eq!(s.hits, 0, "{s}");
-    assert_eq!(s.writes_queued, piece_reads(&index), "every origin fill is queued: {s}");
+    assert_eq!(
+        s.writes_queued,
+        piece_reads(&index),
+        "every origin fill is queued: {s}"
+    );
     assert_eq!(s.writes_done, s.writes_queued, "{s}");
     assert_eq!(s.writes_dropped + s.errors + s.verify_failures, 0, "{s}");
     drop(first);
 
     let stored = redis.keys();
-    assert_eq!(stored, keys, "Redis must hold exactly the pieces' hex sha256 keys, nothing else");
-    assert!(stored.iter().all(|k| k.len() == 64 && k.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))));
+    assert_eq!(
+        stored, keys,
+        "Redis must hold exactly the pieces' hex sha256 keys, nothing else"
+    );
+    assert!(stored.iter().all(|k| k.len() == 64
+        && k.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))));
     let random = index.resolve(b"data/random.bin").unwrap().unwrap();
     let chunk = index.pieces(random).unwrap()[2];
-    assert_eq!(redis.get(&chunk.key()).unwrap(), want["data/random.bin"][2 << 20..3 << 20], "values are the raw piece bytes");
+    assert_eq!(
+        redis.get(&chunk.key()).unwrap(),
+        want["data/random.bin"][2 << 20..3 << 20],
+        "values are the raw piece bytes"
+    );
 
     let dead = Failing::default();
     let second = tier(&redis.url());
     let got = read_all(&index, &dead, &as_tiers(&second));
-    assert_eq!(dead.calls.load(Ordering::SeqCst), 0, "the second reader must not touch the origin");
+    assert_eq!(
+        dead.calls.load(Ordering::SeqCst),
+        0,
+        "the second reader must not touch the origin"
+    );
     assert_eq!(got, want);
     let s = second.stats();
     assert_eq!(s.hits, piece_reads(&index), "{s}");
-    assert_eq!(s.misses + s.errors + s.verify_failures + s.writes_queued, 0, "{s}");
+    assert_eq!(
+        s.misses + s.errors + s.verify_failures + s.writes_queued,
+        0,
+        "{s}"
+    );
 }
 
 /// A second image: one layer with some files byte-identical to the edge image's, under
@@ -231,11 +334,21 @@ fn twin_index(tmp: &Path) -> (PathBuf, PathBuf) {
         .file("opt/own.txt", 0o644, b"only in the twin image\n");
     let dir = tmp.join("twin-layout");
     let mut w = LayoutWriter::create(&dir).unwrap();
-    let m = w.image(&[LayerInput::gzip(t.finish())], &Platform::host(), "2025-05-21T00:00:00Z").unwrap();
+    let m = w
+        .image(
+            &[LayerInput::gzip(t.finish())],
+            &Platform::host(),
+            "2025-05-21T00:00:00Z",
+        )
+        .unwrap();
     w.tag(m, "twin");
     w.finish().unwrap();
     let index = tmp.join("twin.clip");
-    run(Command::new(bin("clip-build")).arg(format!("{}:twin", dir.display())).arg("-o").arg(&index).arg("--quiet"));
+    run(Command::new(bin("clip-build"))
+        .arg(format!("{}:twin", dir.display()))
+        .arg("-o")
+        .arg(&index)
+        .arg("--quiet"));
     (dir, index)
 }
 
@@ -248,7 +361,11 @@ fn two_images_with_identical_files_share_keys() {
     let twin = IndexFile::open(&twin_path).unwrap();
     let (ka, kb) = (piece_keys(&edge), piece_keys(&twin));
     let shared: BTreeSet<_> = ka.intersection(&kb).cloned().collect();
-    assert_eq!(shared.len(), 5 + 2, "5 chunks of random.bin, hostname, small file 42");
+    assert_eq!(
+        shared.len(),
+        5 + 2,
+        "5 chunks of random.bin, hostname, small file 42"
+    );
     let redis = RedisServer::start(&tmp.path().join("redis"));
 
     let t = tier(&redis.url());
@@ -260,11 +377,23 @@ fn two_images_with_identical_files_share_keys() {
     let before = t.stats();
     let got = read_all(&twin, &origin, &as_tiers(&t));
     flushed(&t);
-    assert_eq!(redis.dbsize(), ka.union(&kb).count() as u64, "shared content is stored once");
+    assert_eq!(
+        redis.dbsize(),
+        ka.union(&kb).count() as u64,
+        "shared content is stored once"
+    );
     assert_eq!(redis.keys(), ka.union(&kb).cloned().collect());
     let s = t.stats();
-    assert_eq!(s.hits - before.hits, shared.len() as u64, "the twin's shared pieces come from Redis: {s}");
-    assert_eq!(s.misses - before.misses, (kb.len() - shared.len()) as u64, "{s}");
+    assert_eq!(
+        s.hits - before.hits,
+        shared.len() as u64,
+        "the twin's shared pieces come from Redis: {s}"
+    );
+    assert_eq!(
+        s.misses - before.misses,
+        (kb.len() - shared.len()) as u64,
+        "{s}"
+    );
     assert_eq!(got["opt/same-random.bin"], noise(1, 5 << 20));
     assert_eq!(got["opt/hostname-copy"], b"edge\n");
 }
@@ -280,26 +409,56 @@ fn poisoned_values_are_detected_deleted_and_refetched() {
     flushed(&t);
     drop(t);
 
-    let host = index.pieces(index.resolve(b"etc/hostname").unwrap().unwrap()).unwrap()[0];
+    let host = index
+        .pieces(index.resolve(b"etc/hostname").unwrap().unwrap())
+        .unwrap()[0];
     let random = index.resolve(b"data/random.bin").unwrap().unwrap();
     let chunks = index.pieces(random).unwrap();
     redis.set(&host.key(), b"evil\n");
-    redis.set(&chunks[1].key(), &want["data/random.bin"][(1 << 20)..(1 << 20) + 1000]);
+    redis.set(
+        &chunks[1].key(),
+        &want["data/random.bin"][(1 << 20)..(1 << 20) + 1000],
+    );
     redis.set(&chunks[3].key(), &vec![0x5a; 3 << 20]);
 
     let origin = counting_layout(&layout);
     let t = tier(&redis.url());
     let tiers = as_tiers(&t);
-    assert_eq!(read_file(&index, &origin, &tiers, host_entry(&index)), b"edge\n");
-    assert_eq!(read_file(&index, &origin, &tiers, random), want["data/random.bin"]);
+    assert_eq!(
+        read_file(&index, &origin, &tiers, host_entry(&index)),
+        b"edge\n"
+    );
+    assert_eq!(
+        read_file(&index, &origin, &tiers, random),
+        want["data/random.bin"]
+    );
     flushed(&t);
     let s = t.stats();
-    assert_eq!(s.verify_failures, 3, "wrong bytes, truncated, oversized: {s}");
-    assert!(origin.requests() > 0, "the right bytes come from the origin");
-    assert_eq!(redis.get(&host.key()).unwrap(), b"edge\n", "the refetched bytes replace the poisoned value");
-    assert_eq!(redis.get(&chunks[1].key()).unwrap(), want["data/random.bin"][1 << 20..2 << 20]);
-    assert_eq!(redis.get(&chunks[3].key()).unwrap(), want["data/random.bin"][3 << 20..4 << 20]);
-    assert_eq!(s.writes_done, 3, "only the three bad pieces are rewritten: {s}");
+    assert_eq!(
+        s.verify_failures, 3,
+        "wrong bytes, truncated, oversized: {s}"
+    );
+    assert!(
+        origin.requests() > 0,
+        "the right bytes come from the origin"
+    );
+    assert_eq!(
+        redis.get(&host.key()).unwrap(),
+        b"edge\n",
+        "the refetched bytes replace the poisoned value"
+    );
+    assert_eq!(
+        redis.get(&chunks[1].key()).unwrap(),
+        want["data/random.bin"][1 << 20..2 << 20]
+    );
+    assert_eq!(
+        redis.get(&chunks[3].key()).unwrap(),
+        want["data/random.bin"][3 << 20..4 << 20]
+    );
+    assert_eq!(
+        s.writes_done, 3,
+        "only the three bad pieces are rewritten: {s}"
+    );
 }
 
 fn host_entry(index: &IndexFile) -> u32 {
@@ -307,12 +466,22 @@ fn host_entry(index: &IndexFile) -> u32 {
 }
 
 /// Read every file, asserting each file takes less than `per_file` and returning the time.
-fn timed_read_all(index: &IndexFile, source: &dyn Source, tiers: &[Arc<dyn Tier>], want: &BTreeMap<String, Vec<u8>>, per_file: Duration) -> Duration {
+fn timed_read_all(
+    index: &IndexFile,
+    source: &dyn Source,
+    tiers: &[Arc<dyn Tier>],
+    want: &BTreeMap<String, Vec<u8>>,
+    per_file: Duration,
+) -> Duration {
     let start = Instant::now();
     for (i, p) in files(index) {
         let t = Instant::now();
         assert_eq!(read_file(index, source, tiers, i), want[&p], "{p}");
-        assert!(t.elapsed() < per_file, "reading {p} took {:?} with Redis unavailable", t.elapsed());
+        assert!(
+            t.elapsed() < per_file,
+            "reading {p} took {:?} with Redis unavailable",
+            t.elapsed()
+        );
     }
     start.elapsed()
 }
@@ -336,10 +505,16 @@ fn killing_redis_mid_run_keeps_reads_working_and_it_is_used_again_after_a_restar
     redis.kill();
 
     let took = timed_read_all(&index, &origin, &tiers, &want, Duration::from_secs(1));
-    assert!(took < Duration::from_secs(10), "a full pass with Redis dead took {took:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "a full pass with Redis dead took {took:?}"
+    );
     let s = t.stats();
     assert!(s.errors >= 1, "{s}");
-    assert!(s.bypassed > 0, "reads after the failure skip Redis without waiting: {s}");
+    assert!(
+        s.bypassed > 0,
+        "reads after the failure skip Redis without waiting: {s}"
+    );
     assert!(!t.is_up() || s.errors > 1, "{s}");
 
     redis.restart();
@@ -349,7 +524,10 @@ fn killing_redis_mid_run_keeps_reads_working_and_it_is_used_again_after_a_restar
     flushed(&t);
     let s = t.stats();
     assert!(t.is_up(), "the tier reconnects after Redis comes back: {s}");
-    assert!(s.writes_done > before.writes_done, "writes resume after the restart: {s}");
+    assert!(
+        s.writes_done > before.writes_done,
+        "writes resume after the restart: {s}"
+    );
     assert!(redis.dbsize() > 0);
 }
 
@@ -368,7 +546,10 @@ fn a_hung_redis_costs_at_most_one_timeout() {
     redis.signal("STOP");
 
     let took = timed_read_all(&index, &origin, &tiers, &want, Duration::from_secs(1));
-    assert!(took < Duration::from_secs(10), "a full pass with Redis stopped took {took:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "a full pass with Redis stopped took {took:?}"
+    );
     let s = t.stats();
     assert!(s.errors >= 1 && s.bypassed > 0, "{s}");
     redis.signal("CONT");
@@ -380,11 +561,20 @@ fn a_missing_redis_at_start_is_a_warning_and_it_is_picked_up_later() {
     let (layout, index_path) = edge_index(tmp.path());
     let index = IndexFile::open(&index_path).unwrap();
     let want = read_all(&index, &counting_layout(&layout), &[]);
-    let mut redis = RedisServer { port: free_port(), dir: tmp.path().join("redis"), child: None, extra: Vec::new() };
+    let mut redis = RedisServer {
+        port: free_port(),
+        dir: tmp.path().join("redis"),
+        child: None,
+        extra: Vec::new(),
+    };
 
     let started = Instant::now();
     let t = tier(&redis.url());
-    assert!(started.elapsed() < Duration::from_secs(1), "setting up against a missing Redis took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "setting up against a missing Redis took {:?}",
+        started.elapsed()
+    );
     assert!(!t.is_up());
     let tiers = as_tiers(&t);
     let origin = counting_layout(&layout);
@@ -397,12 +587,20 @@ fn a_missing_redis_at_start_is_a_warning_and_it_is_picked_up_later() {
     read_all(&index, &origin, &tiers);
     flushed(&t);
     assert!(t.is_up());
-    assert_eq!(redis.keys(), piece_keys(&index), "once Redis is up, fills reach it");
+    assert_eq!(
+        redis.keys(),
+        piece_keys(&index),
+        "once Redis is up, fills reach it"
+    );
 }
 
 /// The `redis: N hits` count from the daemon's exit log.
 fn logged_redis_hits(log: &str) -> u64 {
-    let line = log.lines().rev().find(|l| l.contains("redis: ") && l.contains(" hits")).unwrap_or_else(|| panic!("no Redis counters in the log:\n{log}"));
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("redis: ") && l.contains(" hits"))
+        .unwrap_or_else(|| panic!("no Redis counters in the log:\n{log}"));
     let after = &line[line.find("redis: ").unwrap() + 7..];
     after.split_whitespace().next().unwrap().parse().unwrap()
 }
@@ -414,19 +612,44 @@ fn second_mount_on_an_empty_disk_cache_fetches_nothing_from_the_origin() {
     let index = IndexFile::open(&index_path).unwrap();
     let redis = RedisServer::start(&tmp.path().join("redis"));
 
-    let (first, s1, log1) = mount_and_read_all(tmp.path(), "first", &index_path, &["--redis", &redis.url()]);
-    assert!(s1["serve"]["fetched"].as_u64().unwrap() > 0, "the first mount reads the origin: {s1}");
+    let (first, s1, log1) =
+        mount_and_read_all(tmp.path(), "first", &index_path, &["--redis", &redis.url()]);
+    assert!(
+        s1["serve"]["fetched"].as_u64().unwrap() > 0,
+        "the first mount reads the origin: {s1}"
+    );
     assert_eq!(logged_redis_hits(&log1), 0, "{log1}");
-    assert_eq!(redis.keys(), piece_keys(&index), "the first mount filled Redis with every piece: {}\n{log1}", s1["redis"]);
+    assert_eq!(
+        redis.keys(),
+        piece_keys(&index),
+        "the first mount filled Redis with every piece: {}\n{log1}",
+        s1["redis"]
+    );
 
-    let (second, s2, log2) = mount_and_read_all(tmp.path(), "second", &index_path, &["--redis", &redis.url()]);
+    let (second, s2, log2) = mount_and_read_all(
+        tmp.path(),
+        "second",
+        &index_path,
+        &["--redis", &redis.url()],
+    );
     assert_eq!(second, first);
     assert!(first.len() > 50 && first.contains_key("data/random.bin"));
-    assert_eq!(s2["serve"]["fetched"].as_u64(), Some(0), "the second mount must fetch nothing from the origin: {s2}");
+    assert_eq!(
+        s2["serve"]["fetched"].as_u64(),
+        Some(0),
+        "the second mount must fetch nothing from the origin: {s2}"
+    );
     assert_eq!(s2["serve"]["inflated"].as_u64(), Some(0), "{s2}");
     assert_eq!(s2["serve"]["read_errors"].as_u64(), Some(0), "{s2}");
-    assert!(logged_redis_hits(&log2) >= piece_keys(&index).len() as u64, "{log2}");
-    assert_eq!(s2["redis"]["hits"].as_u64(), Some(logged_redis_hits(&log2)), "the stats file carries the Redis counters: {s2}");
+    assert!(
+        logged_redis_hits(&log2) >= piece_keys(&index).len() as u64,
+        "{log2}"
+    );
+    assert_eq!(
+        s2["redis"]["hits"].as_u64(),
+        Some(logged_redis_hits(&log2)),
+        "the stats file carries the Redis counters: {s2}"
+    );
     assert_eq!(s1["redis"]["hits"].as_u64(), Some(0), "{s1}");
 }
 
@@ -443,7 +666,11 @@ fn password_in_the_url_is_used_and_a_wrong_one_only_costs_a_fallback() {
     let want = read_all(&index, &origin, &as_tiers(&wrong));
     let s = wrong.stats();
     assert!(s.errors >= 1 && s.hits + s.writes_done == 0, "{s}");
-    assert!(!wrong.url().contains("nope"), "the password is masked: {}", wrong.url());
+    assert!(
+        !wrong.url().contains("nope"),
+        "the password is masked: {}",
+        wrong.url()
+    );
     assert_eq!(redis.dbsize(), 0);
 
     let right = tier(&redis.admin_url());
@@ -466,7 +693,10 @@ fn key_prefix_and_ttl_are_applied() {
     let t = Arc::new(RedisTier::connect(cfg).unwrap());
     read_all(&index, &counting_layout(&layout), &as_tiers(&t));
     flushed(&t);
-    let want: BTreeSet<String> = piece_keys(&index).into_iter().map(|k| format!("clip:{k}")).collect();
+    let want: BTreeSet<String> = piece_keys(&index)
+        .into_iter()
+        .map(|k| format!("clip:{k}"))
+        .collect();
     assert_eq!(redis.keys(), want);
     let k = want.iter().next().unwrap();
     let ttl: i64 = redis::cmd("TTL").arg(k).query(&mut redis.conn()).unwrap();
@@ -474,7 +704,12 @@ fn key_prefix_and_ttl_are_applied() {
     let s = t.stats();
     let dead = Failing::default();
     read_all(&index, &dead, &as_tiers(&t));
-    assert_eq!(dead.calls.load(Ordering::SeqCst), 0, "prefixed keys are read back: {}", t.stats());
+    assert_eq!(
+        dead.calls.load(Ordering::SeqCst),
+        0,
+        "prefixed keys are read back: {}",
+        t.stats()
+    );
     assert_eq!(t.stats().hits - s.hits, piece_reads(&index));
 }
 
@@ -497,8 +732,14 @@ fn a_full_write_queue_drops_writes_without_blocking() {
     t.put(&[0xff; 32], &vec![1u8; (1 << 20) + 1]);
     flushed(&t);
     let s = t.stats();
-    assert!(took < Duration::from_secs(2), "200 puts of 1 MiB took {took:?}: put must not wait for Redis");
-    assert!(s.writes_dropped > 0, "a queue of 2 cannot take 200 MiB at once: {s}");
+    assert!(
+        took < Duration::from_secs(2),
+        "200 puts of 1 MiB took {took:?}: put must not wait for Redis"
+    );
+    assert!(
+        s.writes_dropped > 0,
+        "a queue of 2 cannot take 200 MiB at once: {s}"
+    );
     assert_eq!(s.writes_queued + s.writes_dropped, 200, "{s}");
     assert_eq!(s.writes_done, s.writes_queued, "{s}");
     assert_eq!(s.writes_too_large, 1, "{s}");
@@ -520,7 +761,11 @@ fn warnings_during<T>(f: impl FnOnce() -> T) -> (T, String) {
     }
     let out = Captured::default();
     let w = out.clone();
-    let subscriber = tracing_subscriber::fmt().with_max_level(tracing::Level::WARN).with_ansi(false).with_writer(move || w.clone()).finish();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || w.clone())
+        .finish();
     let v = tracing::subscriber::with_default(subscriber, f);
     let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
     (v, text)
@@ -542,12 +787,20 @@ fn rediss_with_the_ca_fills_redis_and_serves_a_second_reader_without_the_origin(
 
     let origin = counting_layout(&layout);
     let first = tier_with(tls_config(tls_port, Some(&pki.ca)));
-    assert!(first.is_up(), "the TLS handshake with the test CA must succeed: {}", first.stats());
+    assert!(
+        first.is_up(),
+        "the TLS handshake with the test CA must succeed: {}",
+        first.stats()
+    );
     assert!(first.url().starts_with("rediss://"));
     let want = read_all(&index, &origin, &as_tiers(&first));
     flushed(&first);
     let s = first.stats();
-    assert_eq!(s.writes_done, piece_reads(&index), "every origin fill is stored over TLS: {s}");
+    assert_eq!(
+        s.writes_done,
+        piece_reads(&index),
+        "every origin fill is stored over TLS: {s}"
+    );
     assert_eq!(s.errors + s.writes_dropped, 0, "{s}");
     drop(first);
     assert_eq!(redis.keys(), piece_keys(&index));
@@ -555,15 +808,25 @@ fn rediss_with_the_ca_fills_redis_and_serves_a_second_reader_without_the_origin(
     let dead = Failing::default();
     let second = tier_with(tls_config(tls_port, Some(&pki.ca)));
     let got = read_all(&index, &dead, &as_tiers(&second));
-    assert_eq!(dead.calls.load(Ordering::SeqCst), 0, "the second reader must not touch the origin");
+    assert_eq!(
+        dead.calls.load(Ordering::SeqCst),
+        0,
+        "the second reader must not touch the origin"
+    );
     assert_eq!(got, want);
     let s = second.stats();
     assert_eq!(s.hits, piece_reads(&index), "{s}");
     assert_eq!(s.misses + s.errors + s.verify_failures, 0, "{s}");
 
     let plain = tier_with(tls_config(redis.port, Some(&pki.ca)));
-    assert!(!plain.is_up(), "rediss:// to a port without TLS must fail, proving the tier really speaks TLS");
-    assert_eq!(read_file(&index, &origin, &as_tiers(&plain), host_entry(&index)), b"edge\n");
+    assert!(
+        !plain.is_up(),
+        "rediss:// to a port without TLS must fail, proving the tier really speaks TLS"
+    );
+    assert_eq!(
+        read_file(&index, &origin, &as_tiers(&plain), host_entry(&index)),
+        b"edge\n"
+    );
 }
 
 #[test]
@@ -579,23 +842,49 @@ fn rediss_without_the_ca_falls_back_to_the_origin_with_one_warning() {
     let started = Instant::now();
     let (t, log) = warnings_during(|| {
         let t = tier_with(tls_config(tls_port, None));
-        timed_read_all(&index, &origin, &as_tiers(&t), &want, Duration::from_secs(1));
+        timed_read_all(
+            &index,
+            &origin,
+            &as_tiers(&t),
+            &want,
+            Duration::from_secs(1),
+        );
         // Read again after the retry delay until a retry has happened (bounded).
         for _ in 0..20 {
             std::thread::sleep(Duration::from_millis(300));
-            timed_read_all(&index, &origin, &as_tiers(&t), &want, Duration::from_secs(1));
+            timed_read_all(
+                &index,
+                &origin,
+                &as_tiers(&t),
+                &want,
+                Duration::from_secs(1),
+            );
             if t.stats().errors >= 2 {
                 break;
             }
         }
         t
     });
-    assert!(started.elapsed() < Duration::from_secs(20), "falling back took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "falling back took {:?}",
+        started.elapsed()
+    );
     assert!(!t.is_up(), "the built-in roots do not trust the test CA");
     let s = t.stats();
-    assert!(s.errors >= 2 && s.bypassed > 0 && s.hits + s.writes_done == 0, "retries happened and all failed: {s}");
-    assert_eq!(log.matches("Redis connect failed").count(), 1, "one warning per outage, not per retry:\n{log}");
-    assert!(log.contains("not trusted") && log.contains("--redis-ca-file"), "the warning says what to do:\n{log}");
+    assert!(
+        s.errors >= 2 && s.bypassed > 0 && s.hits + s.writes_done == 0,
+        "retries happened and all failed: {s}"
+    );
+    assert_eq!(
+        log.matches("Redis connect failed").count(),
+        1,
+        "one warning per outage, not per retry:\n{log}"
+    );
+    assert!(
+        log.contains("not trusted") && log.contains("--redis-ca-file"),
+        "the warning says what to do:\n{log}"
+    );
     assert_eq!(redis.dbsize(), 0);
 }
 
@@ -610,7 +899,11 @@ fn a_client_certificate_is_sent_when_the_server_requires_one() {
 
     let anonymous = tier_with(tls_config(tls_port, Some(&pki.ca)));
     let want = read_all(&index, &origin, &as_tiers(&anonymous));
-    assert!(!anonymous.is_up() && anonymous.stats().writes_done == 0, "the server demands a client certificate: {}", anonymous.stats());
+    assert!(
+        !anonymous.is_up() && anonymous.stats().writes_done == 0,
+        "the server demands a client certificate: {}",
+        anonymous.stats()
+    );
 
     let mut cfg = tls_config(tls_port, Some(&pki.ca));
     cfg.client_cert = Some(pki.client_cert.clone());
@@ -636,15 +929,35 @@ fn clip_serve_uses_rediss_with_a_ca_file() {
     assert_eq!(redis.keys(), piece_keys(&index));
     let url = format!("rediss://127.0.0.1:{tls_port}/0");
 
-    let args = ["--redis", url.as_str(), "--redis-ca-file", pki.ca.to_str().unwrap()];
+    let args = [
+        "--redis",
+        url.as_str(),
+        "--redis-ca-file",
+        pki.ca.to_str().unwrap(),
+    ];
     let (got, s, log) = mount_and_read_all(tmp.path(), "with-ca", &index_path, &args);
     assert_eq!(got["data/random.bin"], want["data/random.bin"]);
-    assert_eq!(s["serve"]["fetched"].as_u64(), Some(0), "the mount reads everything from Redis over TLS: {s}");
-    assert!(logged_redis_hits(&log) >= piece_keys(&index).len() as u64, "{log}");
+    assert_eq!(
+        s["serve"]["fetched"].as_u64(),
+        Some(0),
+        "the mount reads everything from Redis over TLS: {s}"
+    );
+    assert!(
+        logged_redis_hits(&log) >= piece_keys(&index).len() as u64,
+        "{log}"
+    );
 
-    let (without, s, log) = mount_and_read_all(tmp.path(), "no-ca", &index_path, &["--redis", &url]);
-    assert_eq!(without, got, "without the CA the mount still works, from the origin");
+    let (without, s, log) =
+        mount_and_read_all(tmp.path(), "no-ca", &index_path, &["--redis", &url]);
+    assert_eq!(
+        without, got,
+        "without the CA the mount still works, from the origin"
+    );
     assert!(s["serve"]["fetched"].as_u64().unwrap() > 0, "{s}");
     assert_eq!(s["redis"]["hits"].as_u64(), Some(0), "{s}");
-    assert_eq!(log.matches("--redis-ca-file").count(), 1, "one warning that names the fix:\n{log}");
+    assert_eq!(
+        log.matches("--redis-ca-file").count(),
+        1,
+        "one warning that names the fix:\n{log}"
+    );
 }

@@ -20,7 +20,11 @@ use std::time::{Duration, Instant};
 
 /// A free loopback port (bound then released; the registry binds it right after).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// How the registry authenticates clients.
@@ -29,7 +33,12 @@ enum Auth {
     /// htpasswd file.
     Basic(PathBuf),
     /// Token auth: realm URL, issuer, service, PEM bundle of the signing certificate.
-    Token { realm: String, issuer: String, service: String, bundle: PathBuf },
+    Token {
+        realm: String,
+        issuer: String,
+        service: String,
+        bundle: PathBuf,
+    },
 }
 
 /// A `docker-registry serve` process on 127.0.0.1, killed on drop.
@@ -50,7 +59,11 @@ impl Registry {
             dir.join("data").display()
         );
         if let Some((cert, key)) = tls {
-            cfg += &format!("  tls:\n    certificate: {}\n    key: {}\n", cert.display(), key.display());
+            cfg += &format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            );
         }
         match auth {
             Auth::None => {}
@@ -72,13 +85,21 @@ impl Registry {
             .stdin(Stdio::null())
             .spawn()
             .expect("start docker-registry");
-        let mut r = Registry { child, port, dir: dir.to_path_buf() };
+        let mut r = Registry {
+            child,
+            port,
+            dir: dir.to_path_buf(),
+        };
         let t = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Some(status) = r.child.try_wait().unwrap() {
                 panic!("docker-registry exited with {status}: {}", r.log());
             }
-            assert!(t.elapsed() < Duration::from_secs(15), "docker-registry did not listen in 15 s: {}", r.log());
+            assert!(
+                t.elapsed() < Duration::from_secs(15),
+                "docker-registry did not listen in 15 s: {}",
+                r.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         r
@@ -101,14 +122,25 @@ impl Registry {
     fn push(&self, layout: &Path, tag: &str, repo: &str, creds: Option<&str>) -> String {
         let digestfile = self.dir.join("pushed-digest");
         let mut cmd = Command::new("skopeo");
-        cmd.args(["copy", "--quiet", "--all", "--dest-tls-verify=false"]).arg("--digestfile").arg(&digestfile);
+        cmd.args(["copy", "--quiet", "--all", "--dest-tls-verify=false"])
+            .arg("--digestfile")
+            .arg(&digestfile);
         if let Some(c) = creds {
             cmd.arg(format!("--dest-creds={c}"));
         }
-        cmd.arg(format!("oci:{}:{tag}", layout.display())).arg(format!("docker://{}/{repo}", self.host()));
+        cmd.arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{}/{repo}", self.host()));
         let out = cmd.output().expect("run skopeo");
-        assert!(out.status.success(), "skopeo copy failed: {}\nregistry log:\n{}", String::from_utf8_lossy(&out.stderr), self.log());
-        std::fs::read_to_string(&digestfile).unwrap().trim().to_string()
+        assert!(
+            out.status.success(),
+            "skopeo copy failed: {}\nregistry log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        std::fs::read_to_string(&digestfile)
+            .unwrap()
+            .trim()
+            .to_string()
     }
 }
 
@@ -140,22 +172,42 @@ fn clip_build(env: &[(&str, &str)]) -> Command {
 }
 
 fn build_ok(image: &str, out: &Path, env: &[(&str, &str)], extra: &[&str]) -> String {
-    let o = clip_build(env).arg(image).arg("-o").arg(out).arg("--quiet").args(extra).output().unwrap();
+    let o = clip_build(env)
+        .arg(image)
+        .arg("-o")
+        .arg(out)
+        .arg("--quiet")
+        .args(extra)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(o.status.success(), "clip-build {image} failed: {stderr}");
     stderr
 }
 
 fn build_err(image: &str, out: &Path, env: &[(&str, &str)]) -> String {
-    let o = clip_build(env).arg(image).arg("-o").arg(out).arg("--quiet").output().unwrap();
+    let o = clip_build(env)
+        .arg(image)
+        .arg("-o")
+        .arg(out)
+        .arg("--quiet")
+        .output()
+        .unwrap();
     assert!(!o.status.success(), "clip-build {image} should fail");
     let e = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert_eq!(e.trim().lines().count(), 1, "the error should be one line: {e}");
+    assert_eq!(
+        e.trim().lines().count(),
+        1,
+        "the error should be one line: {e}"
+    );
     e
 }
 
 fn ls(index: &Path) -> Vec<u8> {
-    run(Command::new(bin("clip-build")).arg("ls").arg("-R").arg(index))
+    run(Command::new(bin("clip-build"))
+        .arg("ls")
+        .arg("-R")
+        .arg(index))
 }
 
 fn source_of(index: &Path) -> String {
@@ -167,28 +219,61 @@ fn source_of(index: &Path) -> String {
 /// it, must equal the same file read from `local` (the layout-built index) and its layout.
 /// skopeo compresses plain tar layers on push, so the two indexes may differ in layers but
 /// not in content.
-fn cat_all_matches_layout(index: &Path, local: &Path, layout: &Path, env: &[(&str, &str)]) -> usize {
+fn cat_all_matches_layout(
+    index: &Path,
+    local: &Path,
+    layout: &Path,
+    env: &[(&str, &str)],
+) -> usize {
     let idx = IndexFile::open(index).unwrap();
     let mut files = 0;
     for line in String::from_utf8(ls(index)).unwrap().lines() {
         let path = line.rsplit(' ').next().unwrap();
-        let Ok(Some(i)) = idx.resolve(path.as_bytes()) else { continue };
+        let Ok(Some(i)) = idx.resolve(path.as_bytes()) else {
+            continue;
+        };
         if idx.entry(i).unwrap().kind != Kind::File as u8 {
             continue;
         }
-        let o = clip_build(env).arg("cat").arg(index).arg(path).output().unwrap();
-        assert!(o.status.success(), "cat {path}: {}", String::from_utf8_lossy(&o.stderr));
-        let want = run(Command::new(bin("clip-build")).arg("cat").arg(local).arg(path).arg("--layout").arg(layout));
-        assert!(o.stdout == want, "{path} differs between the registry and the layout");
+        let o = clip_build(env)
+            .arg("cat")
+            .arg(index)
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "cat {path}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let want = run(Command::new(bin("clip-build"))
+            .arg("cat")
+            .arg(local)
+            .arg(path)
+            .arg("--layout")
+            .arg(layout));
+        assert!(
+            o.stdout == want,
+            "{path} differs between the registry and the layout"
+        );
         files += 1;
     }
     files
 }
 
 fn verify_content(index: &Path, env: &[(&str, &str)]) -> String {
-    let o = clip_build(env).arg("verify").arg("--content").arg(index).output().unwrap();
+    let o = clip_build(env)
+        .arg("verify")
+        .arg("--content")
+        .arg(index)
+        .output()
+        .unwrap();
     let e = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(o.status.success(), "verify --content {}: {e}", index.display());
+    assert!(
+        o.status.success(),
+        "verify --content {}: {e}",
+        index.display()
+    );
     e
 }
 
@@ -206,22 +291,48 @@ fn build_by_tag_and_digest_matches_the_layout() {
 
     let by_tag = tmp.path().join("tag.clip");
     build_ok(&format!("{}/team/edge:v1", reg.host()), &by_tag, &[], &[]);
-    assert_eq!(ls(&by_tag), ls(&local), "the registry-built tree differs from the layout-built one");
-    assert_eq!(source_of(&by_tag), format!("registry+http://{}/team/edge", reg.host()));
+    assert_eq!(
+        ls(&by_tag),
+        ls(&local),
+        "the registry-built tree differs from the layout-built one"
+    );
+    assert_eq!(
+        source_of(&by_tag),
+        format!("registry+http://{}/team/edge", reg.host())
+    );
     let idx = IndexFile::open(&by_tag).unwrap();
-    assert_eq!(idx.index().image.manifest_digest.as_slice(), digest.as_bytes());
-    assert_eq!(idx.index().image.reference.as_slice(), format!("{}/team/edge:v1", reg.host()).as_bytes());
+    assert_eq!(
+        idx.index().image.manifest_digest.as_slice(),
+        digest.as_bytes()
+    );
+    assert_eq!(
+        idx.index().image.reference.as_slice(),
+        format!("{}/team/edge:v1", reg.host()).as_bytes()
+    );
     drop(idx);
 
     let by_digest = tmp.path().join("digest.clip");
-    build_ok(&format!("docker://{}/team/edge@{digest}", reg.host()), &by_digest, &[], &[]);
+    build_ok(
+        &format!("docker://{}/team/edge@{digest}", reg.host()),
+        &by_digest,
+        &[],
+        &[],
+    );
     assert_eq!(ls(&by_digest), ls(&local));
     let idx = IndexFile::open(&by_digest).unwrap();
-    assert_eq!(idx.index().image.manifest_digest.as_slice(), digest.as_bytes());
+    assert_eq!(
+        idx.index().image.manifest_digest.as_slice(),
+        digest.as_bytes()
+    );
 
     // A tag and a digest that disagree: the digest wins and is verified.
     let both = tmp.path().join("both.clip");
-    build_ok(&format!("{}/team/edge:nonexistent-tag@{digest}", reg.host()), &both, &[], &[]);
+    build_ok(
+        &format!("{}/team/edge:nonexistent-tag@{digest}", reg.host()),
+        &both,
+        &[],
+        &[],
+    );
     assert_eq!(ls(&both), ls(&local));
 
     let files = cat_all_matches_layout(&by_tag, &local, &layout, &[]);
@@ -241,9 +352,17 @@ fn multi_platform_index_picks_the_platform() {
     let mut manifests = Vec::new();
     for arch in ["amd64", "arm64"] {
         let mut t = TarBuilder::new();
-        t.dir("etc/", 0o755).file("etc/arch", 0o644, format!("{arch}\n").as_bytes());
-        let p = Platform { architecture: arch.into(), os: "linux".into(), variant: None };
-        manifests.push(w.image(&[LayerInput::gzip(t.finish())], &p, "2025-05-20T00:00:00Z").unwrap());
+        t.dir("etc/", 0o755)
+            .file("etc/arch", 0o644, format!("{arch}\n").as_bytes());
+        let p = Platform {
+            architecture: arch.into(),
+            os: "linux".into(),
+            variant: None,
+        };
+        manifests.push(
+            w.image(&[LayerInput::gzip(t.finish())], &p, "2025-05-20T00:00:00Z")
+                .unwrap(),
+        );
     }
     let index = w.image_index(manifests).unwrap();
     w.tag(index, "multi");
@@ -252,20 +371,49 @@ fn multi_platform_index_picks_the_platform() {
 
     for arch in ["amd64", "arm64"] {
         let out = tmp.path().join(format!("{arch}.clip"));
-        build_ok(&format!("{}/multi:1", reg.host()), &out, &[], &["--platform", &format!("linux/{arch}")]);
+        build_ok(
+            &format!("{}/multi:1", reg.host()),
+            &out,
+            &[],
+            &["--platform", &format!("linux/{arch}")],
+        );
         let idx = IndexFile::open(&out).unwrap();
-        assert_eq!(idx.index().image.platform.as_slice(), format!("linux/{arch}").as_bytes());
-        assert_ne!(idx.index().image.manifest_digest.as_slice(), index_digest.as_bytes(), "the platform manifest is pinned, not the index");
+        assert_eq!(
+            idx.index().image.platform.as_slice(),
+            format!("linux/{arch}").as_bytes()
+        );
+        assert_ne!(
+            idx.index().image.manifest_digest.as_slice(),
+            index_digest.as_bytes(),
+            "the platform manifest is pinned, not the index"
+        );
         let got = run(clip_build(&[]).arg("cat").arg(&out).arg("/etc/arch"));
         assert_eq!(got, format!("{arch}\n").into_bytes());
     }
     // By the index digest, too.
     let out = tmp.path().join("pinned.clip");
-    build_ok(&format!("{}/multi@{index_digest}", reg.host()), &out, &[], &["--platform", "linux/arm64"]);
-    assert_eq!(run(clip_build(&[]).arg("cat").arg(&out).arg("/etc/arch")), b"arm64\n");
-    let o = clip_build(&[]).arg(format!("{}/multi:1", reg.host())).arg("-o").arg(tmp.path().join("y.clip")).args(["--platform", "linux/s390x"]).output().unwrap();
+    build_ok(
+        &format!("{}/multi@{index_digest}", reg.host()),
+        &out,
+        &[],
+        &["--platform", "linux/arm64"],
+    );
+    assert_eq!(
+        run(clip_build(&[]).arg("cat").arg(&out).arg("/etc/arch")),
+        b"arm64\n"
+    );
+    let o = clip_build(&[])
+        .arg(format!("{}/multi:1", reg.host()))
+        .arg("-o")
+        .arg(tmp.path().join("y.clip"))
+        .args(["--platform", "linux/s390x"])
+        .output()
+        .unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && e.contains("linux/s390x") && e.contains("linux/arm64"), "{e}");
+    assert!(
+        !o.status.success() && e.contains("linux/s390x") && e.contains("linux/arm64"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -277,17 +425,39 @@ fn errors_name_the_reference_and_what_to_do() {
     let out = tmp.path().join("x.clip");
 
     let e = build_err(&format!("{}/absent:v1", reg.host()), &out, &[]);
-    assert!(e.contains("repository") && e.contains(&format!("{}/absent", reg.host())) && e.contains("does not exist"), "{e}");
+    assert!(
+        e.contains("repository")
+            && e.contains(&format!("{}/absent", reg.host()))
+            && e.contains("does not exist"),
+        "{e}"
+    );
     let e = build_err(&format!("{}/present:v2", reg.host()), &out, &[]);
-    assert!(e.contains("v2") && e.contains(&format!("{}/present", reg.host())) && e.contains("unknown tag"), "{e}");
+    assert!(
+        e.contains("v2")
+            && e.contains(&format!("{}/present", reg.host()))
+            && e.contains("unknown tag"),
+        "{e}"
+    );
     let missing = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
     let e = build_err(&format!("{}/present@{missing}", reg.host()), &out, &[]);
     assert!(e.contains(missing), "{e}");
 
     let dead = free_port();
     let e = build_err(&format!("127.0.0.1:{dead}/app:v1"), &out, &[]);
-    assert!(e.contains(&format!("127.0.0.1:{dead}")) && e.contains("connection refused") && e.contains("running"), "{e}");
-    let e = build_err(&format!("127.0.0.1:{}/Bad:v1", reg.host().rsplit(':').next().unwrap()), &out, &[]);
+    assert!(
+        e.contains(&format!("127.0.0.1:{dead}"))
+            && e.contains("connection refused")
+            && e.contains("running"),
+        "{e}"
+    );
+    let e = build_err(
+        &format!(
+            "127.0.0.1:{}/Bad:v1",
+            reg.host().rsplit(':').next().unwrap()
+        ),
+        &out,
+        &[],
+    );
     assert!(e.contains("invalid image reference"), "{e}");
     assert!(!out.exists());
 }
@@ -332,7 +502,12 @@ impl Proxy {
                 });
             }
         });
-        Proxy { port, ranges, cut, requests }
+        Proxy {
+            port,
+            ranges,
+            cut,
+            requests,
+        }
     }
 
     fn serve(
@@ -357,7 +532,10 @@ impl Proxy {
             }
             let name = line.split(':').next().unwrap_or("").to_ascii_lowercase();
             if name == "range" && blob {
-                ranges.lock().unwrap().push(line.split_once(':').unwrap().1.trim().to_string());
+                ranges
+                    .lock()
+                    .unwrap()
+                    .push(line.split_once(':').unwrap().1.trim().to_string());
             }
             let drop = name == "connection"
                 || (name == "range" && mode.strip_range)
@@ -402,9 +580,20 @@ fn range_ignoring_server_and_cut_connections_still_read_exactly() {
     reg.push(&layout, EDGE_TAG, "edge:v1", None);
 
     // Ranges stripped: every read gets the whole blob and must skip and truncate.
-    let strip = Proxy::start(reg.port, ProxyMode { strip_range: true, ..Default::default() });
+    let strip = Proxy::start(
+        reg.port,
+        ProxyMode {
+            strip_range: true,
+            ..Default::default()
+        },
+    );
     let via_strip = tmp.path().join("strip.clip");
-    build_ok(&format!("127.0.0.1:{}/edge:v1", strip.port), &via_strip, &[], &[]);
+    build_ok(
+        &format!("127.0.0.1:{}/edge:v1", strip.port),
+        &via_strip,
+        &[],
+        &[],
+    );
     assert_eq!(ls(&via_strip), ls(&local));
     assert!(cat_all_matches_layout(&via_strip, &local, &layout, &[]) > 60);
     let ranges = strip.ranges.lock().unwrap().clone();
@@ -414,20 +603,47 @@ fn range_ignoring_server_and_cut_connections_still_read_exactly() {
     );
 
     // Bodies cut after 100 KB, five times: the build resumes with Range from where it was.
-    let cutter = Proxy::start(reg.port, ProxyMode { cuts: 5, cut_after: 100_000, ..Default::default() });
+    let cutter = Proxy::start(
+        reg.port,
+        ProxyMode {
+            cuts: 5,
+            cut_after: 100_000,
+            ..Default::default()
+        },
+    );
     let via_cut = tmp.path().join("cut.clip");
-    build_ok(&format!("127.0.0.1:{}/edge:v1", cutter.port), &via_cut, &[], &[]);
-    assert_eq!(cutter.cut.load(Ordering::SeqCst), 5, "the proxy should have cut five bodies");
+    build_ok(
+        &format!("127.0.0.1:{}/edge:v1", cutter.port),
+        &via_cut,
+        &[],
+        &[],
+    );
+    assert_eq!(
+        cutter.cut.load(Ordering::SeqCst),
+        5,
+        "the proxy should have cut five bodies"
+    );
     assert_eq!(ls(&via_cut), ls(&local));
     let resumed = cutter.ranges.lock().unwrap().clone();
-    assert!(resumed.iter().any(|r| r.starts_with("bytes=100000-")), "no resume from byte 100000: {resumed:?}");
+    assert!(
+        resumed.iter().any(|r| r.starts_with("bytes=100000-")),
+        "no resume from byte 100000: {resumed:?}"
+    );
     // Reads through a cutting proxy are exact too (verify hashes every file).
-    let cutter2 = Proxy::start(reg.port, ProxyMode { cuts: 3, cut_after: 5_000, ..Default::default() });
+    let cutter2 = Proxy::start(
+        reg.port,
+        ProxyMode {
+            cuts: 3,
+            cut_after: 5_000,
+            ..Default::default()
+        },
+    );
     let idx_bytes = std::fs::read(&via_cut).unwrap();
     let via_cut2 = tmp.path().join("cut2.clip");
     std::fs::write(&via_cut2, &idx_bytes).unwrap();
     let src = clip::source::registry::RegistrySource::open(
-        &clip::source::reference::Reference::parse(&format!("127.0.0.1:{}/edge", cutter2.port)).unwrap(),
+        &clip::source::reference::Reference::parse(&format!("127.0.0.1:{}/edge", cutter2.port))
+            .unwrap(),
         &Default::default(),
     )
     .unwrap();
@@ -439,25 +655,49 @@ fn range_ignoring_server_and_cut_connections_still_read_exactly() {
         }
         let mut r = clip::read::FileReader::new(&idx, i).unwrap();
         for k in 0..r.pieces().len() {
-            r.piece(&idx, &src, &[], k).unwrap_or_else(|e| panic!("entry {i} piece {k}: {e}"));
+            r.piece(&idx, &src, &[], k)
+                .unwrap_or_else(|e| panic!("entry {i} piece {k}: {e}"));
         }
         files += 1;
     }
     assert!(files > 60);
     assert_eq!(cutter2.cut.load(Ordering::SeqCst), 3);
     // A server that always cuts: bounded retries, then a clear error.
-    let always = Proxy::start(reg.port, ProxyMode { cuts: usize::MAX, cut_after: 1000, ..Default::default() });
+    let always = Proxy::start(
+        reg.port,
+        ProxyMode {
+            cuts: usize::MAX,
+            cut_after: 1000,
+            ..Default::default()
+        },
+    );
     let src = clip::source::registry::RegistrySource::open(
-        &clip::source::reference::Reference::parse(&format!("127.0.0.1:{}/edge", always.port)).unwrap(),
-        &clip::source::registry::RegistryOptions { retries: 2, backoff: Duration::from_millis(10), ..Default::default() },
+        &clip::source::reference::Reference::parse(&format!("127.0.0.1:{}/edge", always.port))
+            .unwrap(),
+        &clip::source::registry::RegistryOptions {
+            retries: 2,
+            backoff: Duration::from_millis(10),
+            ..Default::default()
+        },
     )
     .unwrap();
     let layer = String::from_utf8(idx.layer(0).unwrap().digest.as_slice().to_vec()).unwrap();
     let mut sink = Vec::new();
-    let err = src.blob(&layer, 0, None).unwrap().read_to_end(&mut sink).unwrap_err().to_string();
-    assert!(err.contains(&layer) && err.contains("resuming failed"), "{err}");
+    let err = src
+        .blob(&layer, 0, None)
+        .unwrap()
+        .read_to_end(&mut sink)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&layer) && err.contains("resuming failed"),
+        "{err}"
+    );
     let n = always.requests.load(Ordering::SeqCst);
-    assert!((2..=18).contains(&n), "resumes must be bounded: {n} requests");
+    assert!(
+        (2..=18).contains(&n),
+        "resumes must be bounded: {n} requests"
+    );
 }
 
 #[test]
@@ -482,7 +722,14 @@ fn clip_serve_mounts_a_registry_built_index_and_reads_through_the_registry() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let mounted = |m: &Path| Command::new("mountpoint").arg("-q").arg(m).status().map(|s| s.success()).unwrap_or(false);
+    let mounted = |m: &Path| {
+        Command::new("mountpoint")
+            .arg("-q")
+            .arg(m)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
     let t = std::time::Instant::now();
     while !mounted(&mnt) {
         if t.elapsed() > Duration::from_secs(20) || daemon.try_wait().unwrap().is_some() {
@@ -494,16 +741,26 @@ fn clip_serve_mounts_a_registry_built_index_and_reads_through_the_registry() {
     // No --layout: the bytes come from the registry recorded in the index.
     let random = std::fs::read(mnt.join("data/random.bin"));
     let hostname = std::fs::read(mnt.join("etc/hostname"));
-    let _ = Command::new("kill").arg("-TERM").arg(daemon.id().to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(daemon.id().to_string())
+        .status();
     let status = daemon.wait().unwrap();
     if mounted(&mnt) {
-        let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&mnt).status();
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&mnt)
+            .status();
     }
     assert_eq!(random.unwrap(), clip::demo::noise(1, 5 << 20));
     assert_eq!(hostname.unwrap(), b"edge\n");
     assert!(status.success(), "clip-serve exited with {status}");
     let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
-    assert!(s["serve"]["fetched"].as_u64().unwrap() > 0, "read from the registry: {s}");
+    assert!(
+        s["serve"]["fetched"].as_u64().unwrap() > 0,
+        "read from the registry: {s}"
+    );
 }
 
 /// Requested (start, end exclusive) byte ranges of blob `digest` seen by `proxy`.
@@ -525,7 +782,8 @@ fn cold_reads_fetch_growing_ranges_not_the_rest_of_the_blob() {
     reg.push(&layout, EDGE_TAG, "edge:v1", None);
     let proxy = Proxy::start(reg.port, ProxyMode::default());
     let src = clip::source::registry::RegistrySource::open(
-        &clip::source::reference::Reference::parse(&format!("127.0.0.1:{}/edge", proxy.port)).unwrap(),
+        &clip::source::reference::Reference::parse(&format!("127.0.0.1:{}/edge", proxy.port))
+            .unwrap(),
         &Default::default(),
     )
     .unwrap();
@@ -544,7 +802,10 @@ fn cold_reads_fetch_growing_ranges_not_the_rest_of_the_blob() {
     assert_eq!(bytes, b"edge\n");
     let ranges = blob_ranges(&proxy, before);
     assert_eq!(ranges.len(), 1, "{ranges:?}");
-    assert!(ranges[0].1 - ranges[0].0 < blob_size / 2, "asked for {ranges:?} of a {blob_size}-byte blob");
+    assert!(
+        ranges[0].1 - ranges[0].0 < blob_size / 2,
+        "asked for {ranges:?} of a {blob_size}-byte blob"
+    );
     assert!(fetched <= ranges[0].1 - ranges[0].0);
     // A 5 MiB file read through: growing ranges, together about the file's compressed size.
     let before = proxy.ranges.lock().unwrap().len();
@@ -552,11 +813,22 @@ fn cold_reads_fetch_growing_ranges_not_the_rest_of_the_blob() {
     assert_eq!(bytes, clip::demo::noise(1, 5 << 20));
     let ranges = blob_ranges(&proxy, before);
     assert!(ranges.len() >= 2, "{ranges:?}");
-    assert!(ranges.windows(2).all(|w| w[1].0 == w[0].1), "ranges follow each other: {ranges:?}");
+    assert!(
+        ranges.windows(2).all(|w| w[1].0 == w[0].1),
+        "ranges follow each other: {ranges:?}"
+    );
     let lens: Vec<u64> = ranges.iter().map(|r| r.1 - r.0).collect();
-    assert!(lens.windows(2).take(lens.len().saturating_sub(2)).all(|w| w[1] >= w[0]), "ranges grow: {lens:?}");
+    assert!(
+        lens.windows(2)
+            .take(lens.len().saturating_sub(2))
+            .all(|w| w[1] >= w[0]),
+        "ranges grow: {lens:?}"
+    );
     let asked: u64 = lens.iter().sum();
-    assert!(asked < (5 << 20) * 2, "asked for {asked} bytes to read a 5 MiB file");
+    assert!(
+        asked < (5 << 20) * 2,
+        "asked for {asked} bytes to read a 5 MiB file"
+    );
 }
 
 fn openssl(args: &[&str], dir: &Path) {
@@ -567,12 +839,43 @@ fn openssl(args: &[&str], dir: &Path) {
 /// A test CA and a server certificate for 127.0.0.1 signed by it: (ca.pem, cert, key).
 fn test_tls(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     std::fs::create_dir_all(dir).unwrap();
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=clip test CA", "-keyout", "ca.key", "-out", "ca.pem"];
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec![
+        "req",
+        "-x509",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=clip test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ];
     ca.extend(ec);
-    ca.extend(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+    ca.extend([
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
     openssl(&ca, dir);
-    let mut csr = vec!["req", "-new", "-subj", "/CN=127.0.0.1", "-keyout", "srv.key", "-out", "srv.csr"];
+    let mut csr = vec![
+        "req",
+        "-new",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "srv.key",
+        "-out",
+        "srv.csr",
+    ];
     csr.extend(ec);
     openssl(&csr, dir);
     std::fs::write(
@@ -581,7 +884,23 @@ fn test_tls(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     )
     .unwrap();
     openssl(
-        &["x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "srv.pem"],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "srv.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "srv.pem",
+        ],
         dir,
     );
     (dir.join("ca.pem"), dir.join("srv.pem"), dir.join("srv.key"))
@@ -596,38 +915,82 @@ fn basic_auth_over_tls_with_env_docker_config_and_credential_helper() {
     let htpasswd = tmp.path().join("htpasswd");
     let out = run(Command::new("htpasswd").args(["-Bbn", "alice", "s3cret-pw"]));
     std::fs::write(&htpasswd, out).unwrap();
-    let reg = Registry::start(&tmp.path().join("reg"), Auth::Basic(htpasswd), Some((&cert, &key)));
+    let reg = Registry::start(
+        &tmp.path().join("reg"),
+        Auth::Basic(htpasswd),
+        Some((&cert, &key)),
+    );
     let (layout, local) = edge_reference(tmp.path());
-    reg.push(&layout, EDGE_TAG, "private/edge:v1", Some("alice:s3cret-pw"));
+    reg.push(
+        &layout,
+        EDGE_TAG,
+        "private/edge:v1",
+        Some("alice:s3cret-pw"),
+    );
     let image = format!("{}/private/edge:v1", reg.host());
     let ca_s = ca.to_str().unwrap();
-    let tls = [("CLIP_REGISTRY_PLAIN_HTTP", "0"), ("CLIP_REGISTRY_CA_FILE", ca_s)];
+    let tls = [
+        ("CLIP_REGISTRY_PLAIN_HTTP", "0"),
+        ("CLIP_REGISTRY_CA_FILE", ca_s),
+    ];
     let x = tmp.path().join("x.clip");
 
     // Without a login: denied, and the message says how to log in.
     let e = build_err(&image, &x, &tls);
-    assert!(e.contains(&format!("{}/private/edge", reg.host())) && e.contains("docker login") && e.contains("CLIP_REGISTRY_USERNAME"), "{e}");
+    assert!(
+        e.contains(&format!("{}/private/edge", reg.host()))
+            && e.contains("docker login")
+            && e.contains("CLIP_REGISTRY_USERNAME"),
+        "{e}"
+    );
     // Without the CA: a TLS error that names the fix.
-    let e = build_err(&image, &x, &[("CLIP_REGISTRY_PLAIN_HTTP", "0"), ("CLIP_REGISTRY_USERNAME", "alice"), ("CLIP_REGISTRY_PASSWORD", "s3cret-pw")]);
-    assert!(e.contains("TLS") && e.contains("CLIP_REGISTRY_CA_FILE"), "{e}");
+    let e = build_err(
+        &image,
+        &x,
+        &[
+            ("CLIP_REGISTRY_PLAIN_HTTP", "0"),
+            ("CLIP_REGISTRY_USERNAME", "alice"),
+            ("CLIP_REGISTRY_PASSWORD", "s3cret-pw"),
+        ],
+    );
+    assert!(
+        e.contains("TLS") && e.contains("CLIP_REGISTRY_CA_FILE"),
+        "{e}"
+    );
     // A wrong password.
     let mut bad = tls.to_vec();
-    bad.extend([("CLIP_REGISTRY_USERNAME", "alice"), ("CLIP_REGISTRY_PASSWORD", "wrong")]);
+    bad.extend([
+        ("CLIP_REGISTRY_USERNAME", "alice"),
+        ("CLIP_REGISTRY_PASSWORD", "wrong"),
+    ]);
     let e = build_err(&image, &x, &bad);
     assert!(e.contains("denied") && !e.contains("wrong"), "{e}");
 
     // Login from the environment, with debug logs that must not show the secret.
     let mut env = tls.to_vec();
-    env.extend([("CLIP_REGISTRY_USERNAME", "alice"), ("CLIP_REGISTRY_PASSWORD", "s3cret-pw"), ("RUST_LOG", "debug")]);
+    env.extend([
+        ("CLIP_REGISTRY_USERNAME", "alice"),
+        ("CLIP_REGISTRY_PASSWORD", "s3cret-pw"),
+        ("RUST_LOG", "debug"),
+    ]);
     let by_env = tmp.path().join("env.clip");
     let logs = build_ok(&image, &by_env, &env, &[]);
     assert_eq!(ls(&by_env), ls(&local));
-    assert_eq!(source_of(&by_env), format!("registry://{}/private/edge", reg.host()));
+    assert_eq!(
+        source_of(&by_env),
+        format!("registry://{}/private/edge", reg.host())
+    );
     let basic = base64::engine::general_purpose::STANDARD.encode("alice:s3cret-pw");
-    assert!(!logs.contains("s3cret-pw") && !logs.contains(&basic), "secret in the logs:\n{logs}");
+    assert!(
+        !logs.contains("s3cret-pw") && !logs.contains(&basic),
+        "secret in the logs:\n{logs}"
+    );
     let bytes = std::fs::read(&by_env).unwrap();
     for s in ["s3cret-pw", basic.as_str(), "alice"] {
-        assert!(!bytes.windows(s.len()).any(|w| w == s.as_bytes()), "{s} is in the index file");
+        assert!(
+            !bytes.windows(s.len()).any(|w| w == s.as_bytes()),
+            "{s} is in the index file"
+        );
     }
     verify_content(&by_env, &env);
 
@@ -659,14 +1022,29 @@ fn basic_auth_over_tls_with_env_docker_config_and_credential_helper() {
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let cfg2 = tmp.path().join("docker2");
     std::fs::create_dir_all(&cfg2).unwrap();
-    std::fs::write(cfg2.join("config.json"), serde_json::json!({"credHelpers": {reg.host(): "cliptest"}}).to_string()).unwrap();
-    let path = format!("{}:{}", helper_dir.display(), std::env::var("PATH").unwrap_or_default());
+    std::fs::write(
+        cfg2.join("config.json"),
+        serde_json::json!({"credHelpers": {reg.host(): "cliptest"}}).to_string(),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        helper_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let mut env = tls.to_vec();
-    env.extend([("DOCKER_CONFIG", cfg2.to_str().unwrap()), ("PATH", path.as_str())]);
+    env.extend([
+        ("DOCKER_CONFIG", cfg2.to_str().unwrap()),
+        ("PATH", path.as_str()),
+    ]);
     let by_helper = tmp.path().join("helper.clip");
     build_ok(&image, &by_helper, &env, &[]);
     assert_eq!(ls(&by_helper), ls(&local));
-    assert_eq!(std::fs::read_to_string(&asked).unwrap(), reg.host(), "the helper is asked for the registry host");
+    assert_eq!(
+        std::fs::read_to_string(&asked).unwrap(),
+        reg.host(),
+        "the helper is asked for the registry host"
+    );
 }
 
 /// A token issuer for distribution's `auth: token`: RS256 JWTs signed with `openssl dgst`,
@@ -707,10 +1085,36 @@ impl TokenIssuer {
         use sha2::Digest;
         std::fs::create_dir_all(dir).unwrap();
         openssl(
-            &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=clip token issuer", "-keyout", "tok.key", "-out", "tok.pem"],
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=clip token issuer",
+                "-keyout",
+                "tok.key",
+                "-out",
+                "tok.pem",
+            ],
             dir,
         );
-        openssl(&["pkey", "-in", "tok.key", "-pubout", "-outform", "DER", "-out", "tok.pub.der"], dir);
+        openssl(
+            &[
+                "pkey",
+                "-in",
+                "tok.key",
+                "-pubout",
+                "-outform",
+                "DER",
+                "-out",
+                "tok.pub.der",
+            ],
+            dir,
+        );
         let spki = std::fs::read(dir.join("tok.pub.der")).unwrap();
         let hash = sha2::Sha256::digest(&spki);
         // libtrust key id: base32 of the first 240 bits, in groups of four.
@@ -719,8 +1123,19 @@ impl TokenIssuer {
         for b in &hash[..30] {
             bits.push_str(&format!("{b:08b}"));
         }
-        let b32: String = bits.as_bytes().chunks(5).map(|c| ALPHABET[usize::from_str_radix(std::str::from_utf8(c).unwrap(), 2).unwrap()] as char).collect();
-        let kid = b32.as_bytes().chunks(4).map(|c| std::str::from_utf8(c).unwrap()).collect::<Vec<_>>().join(":");
+        let b32: String = bits
+            .as_bytes()
+            .chunks(5)
+            .map(|c| {
+                ALPHABET[usize::from_str_radix(std::str::from_utf8(c).unwrap(), 2).unwrap()] as char
+            })
+            .collect();
+        let kid = b32
+            .as_bytes()
+            .chunks(4)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect::<Vec<_>>()
+            .join(":");
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let issued = Arc::new(AtomicUsize::new(0));
@@ -739,31 +1154,51 @@ impl TokenIssuer {
                         break;
                     }
                     use base64::Engine;
-                    let want = format!("authorization: basic {}", base64::engine::general_purpose::STANDARD.encode("alice:tok-pw"));
+                    let want = format!(
+                        "authorization: basic {}",
+                        base64::engine::general_purpose::STANDARD.encode("alice:tok-pw")
+                    );
                     authorized |= line.trim().eq_ignore_ascii_case(&want);
                 }
                 if !authorized {
                     let _ = conn.write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
                     continue;
                 }
-                let query = request.split(' ').nth(1).unwrap_or("").split_once('?').map(|(_, q)| q.to_string()).unwrap_or_default();
+                let query = request
+                    .split(' ')
+                    .nth(1)
+                    .unwrap_or("")
+                    .split_once('?')
+                    .map(|(_, q)| q.to_string())
+                    .unwrap_or_default();
                 let mut access = Vec::new();
                 for kv in query.split('&') {
                     if let Some(("scope", v)) = kv.split_once('=') {
                         let v = percent_decode(v);
                         let mut parts = v.splitn(3, ':');
-                        let (kind, name, actions) = (parts.next().unwrap(), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                        let (kind, name, actions) = (
+                            parts.next().unwrap(),
+                            parts.next().unwrap_or(""),
+                            parts.next().unwrap_or(""),
+                        );
                         access.push(serde_json::json!({"type": kind, "name": name, "actions": actions.split(',').collect::<Vec<_>>()}));
                     }
                 }
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs();
                 let id = n.fetch_add(1, Ordering::SeqCst);
                 let header = serde_json::json!({"typ": "JWT", "alg": "RS256", "kid": kid});
                 let claims = serde_json::json!({
                     "iss": ISSUER, "sub": "alice", "aud": SERVICE, "exp": now + 300, "nbf": now - 10,
                     "iat": now, "jti": format!("token-{id}"), "access": access,
                 });
-                let input = format!("{}.{}", b64url(header.to_string().as_bytes()), b64url(claims.to_string().as_bytes()));
+                let input = format!(
+                    "{}.{}",
+                    b64url(header.to_string().as_bytes()),
+                    b64url(claims.to_string().as_bytes())
+                );
                 let mut sign = Command::new("openssl")
                     .args(["dgst", "-sha256", "-sign"])
                     .arg(&key)
@@ -771,7 +1206,11 @@ impl TokenIssuer {
                     .stdout(Stdio::piped())
                     .spawn()
                     .unwrap();
-                sign.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+                sign.stdin
+                    .take()
+                    .unwrap()
+                    .write_all(input.as_bytes())
+                    .unwrap();
                 let sig = sign.wait_with_output().unwrap().stdout;
                 let jwt = format!("{input}.{}", b64url(&sig));
                 let body = serde_json::json!({"token": jwt, "expires_in": 300}).to_string();
@@ -781,7 +1220,11 @@ impl TokenIssuer {
                 );
             }
         });
-        TokenIssuer { port, issued, bundle: dir.join("tok.pem") }
+        TokenIssuer {
+            port,
+            issued,
+            bundle: dir.join("tok.pem"),
+        }
     }
 }
 
@@ -804,22 +1247,49 @@ fn token_auth_fetches_caches_and_refreshes_tokens() {
     let image = format!("{}/tok/edge:v1", reg.host());
 
     let e = build_err(&image, &tmp.path().join("x.clip"), &[]);
-    assert!(e.contains("token service") && e.contains("docker login"), "{e}");
-    let e = build_err(&image, &tmp.path().join("x.clip"), &[("CLIP_REGISTRY_USERNAME", "alice"), ("CLIP_REGISTRY_PASSWORD", "nope")]);
+    assert!(
+        e.contains("token service") && e.contains("docker login"),
+        "{e}"
+    );
+    let e = build_err(
+        &image,
+        &tmp.path().join("x.clip"),
+        &[
+            ("CLIP_REGISTRY_USERNAME", "alice"),
+            ("CLIP_REGISTRY_PASSWORD", "nope"),
+        ],
+    );
     assert!(e.contains("rejected the login"), "{e}");
 
-    let env = [("CLIP_REGISTRY_USERNAME", "alice"), ("CLIP_REGISTRY_PASSWORD", "tok-pw"), ("RUST_LOG", "debug")];
+    let env = [
+        ("CLIP_REGISTRY_USERNAME", "alice"),
+        ("CLIP_REGISTRY_PASSWORD", "tok-pw"),
+        ("RUST_LOG", "debug"),
+    ];
     let before = issuer.issued.load(Ordering::SeqCst);
     let out = tmp.path().join("tok.clip");
     let logs = build_ok(&image, &out, &env, &[]);
-    assert!(!logs.contains("tok-pw") && !logs.contains("eyJ"), "a secret or token is in the logs:\n{logs}");
+    assert!(
+        !logs.contains("tok-pw") && !logs.contains("eyJ"),
+        "a secret or token is in the logs:\n{logs}"
+    );
     assert_eq!(ls(&out), ls(&local));
-    assert_eq!(issuer.issued.load(Ordering::SeqCst) - before, 1, "one token is fetched and reused for every request");
+    assert_eq!(
+        issuer.issued.load(Ordering::SeqCst) - before,
+        1,
+        "one token is fetched and reused for every request"
+    );
     verify_content(&out, &env);
 
     // A 401 while holding a token (the proxy drops the token of the third request): the
     // client fetches a new token and carries on.
-    let proxy = Proxy::start(reg.port, ProxyMode { drop_auth_of: 3, ..Default::default() });
+    let proxy = Proxy::start(
+        reg.port,
+        ProxyMode {
+            drop_auth_of: 3,
+            ..Default::default()
+        },
+    );
     let opts = clip::source::registry::RegistryOptions {
         credentials: Some(clip::source::auth::Credentials::Basic {
             username: "alice".into(),
@@ -828,14 +1298,22 @@ fn token_auth_fetches_caches_and_refreshes_tokens() {
         ..Default::default()
     };
     let src = clip::source::registry::RegistrySource::open(
-        &clip::source::reference::Reference::parse(&format!("127.0.0.1:{}/tok/edge", proxy.port)).unwrap(),
+        &clip::source::reference::Reference::parse(&format!("127.0.0.1:{}/tok/edge", proxy.port))
+            .unwrap(),
         &opts,
     )
     .unwrap();
     let before = issuer.issued.load(Ordering::SeqCst);
     let image = clip::oci::resolve(&src, "v1", &clip::oci::Platform::host()).unwrap();
-    assert_eq!(issuer.issued.load(Ordering::SeqCst) - before, 2, "a new token after the 401");
+    assert_eq!(
+        issuer.issued.load(Ordering::SeqCst) - before,
+        2,
+        "a new token after the 401"
+    );
     let mut blob = Vec::new();
-    src.blob(&image.layers[0].digest, 0, None).unwrap().read_to_end(&mut blob).unwrap();
+    src.blob(&image.layers[0].digest, 0, None)
+        .unwrap()
+        .read_to_end(&mut blob)
+        .unwrap();
     assert_eq!(clip::oci::digest_of(&blob), image.layers[0].digest);
 }

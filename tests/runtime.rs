@@ -21,7 +21,10 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 fn runtime_index(tmp: &Path) -> (PathBuf, Vec<u8>, Vec<u8>) {
     let large = noise(11, 24 << 20);
     let (index, big) = busybox_index_with(tmp, |t| {
-        t.dir("proc/", 0o555).dir("sys/", 0o555).dir("dev/", 0o755).file("data/large", 0o644, &large);
+        t.dir("proc/", 0o555)
+            .dir("sys/", 0o555)
+            .dir("dev/", 0o755)
+            .file("data/large", 0o644, &large);
     });
     (index, big, large)
 }
@@ -50,7 +53,10 @@ struct Container {
 
 impl Drop for Container {
     fn drop(&mut self) {
-        let _ = Command::new("runc").args(["delete", "-f", &self.id]).stderr(Stdio::null()).status();
+        let _ = Command::new("runc")
+            .args(["delete", "-f", &self.id])
+            .stderr(Stdio::null())
+            .status();
         let _ = self.runc.kill();
         let _ = self.runc.wait();
     }
@@ -84,11 +90,19 @@ fn run_container(bundle: &Path, name: &str) -> Outcome {
             break st;
         }
         if t.elapsed() > TIMEOUT {
-            panic!("container {} still running after {TIMEOUT:?}:\n{}", container.id, fs::read_to_string(&err).unwrap_or_default());
+            panic!(
+                "container {} still running after {TIMEOUT:?}:\n{}",
+                container.id,
+                fs::read_to_string(&err).unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    Outcome { code: status.code(), stdout: fs::read(&out).unwrap(), stderr: fs::read_to_string(&err).unwrap() }
+    Outcome {
+        code: status.code(),
+        stdout: fs::read(&out).unwrap(),
+        stderr: fs::read_to_string(&err).unwrap(),
+    }
 }
 
 #[test]
@@ -101,8 +115,15 @@ fn runc_runs_busybox_on_an_overlay_over_the_mount() {
     for d in [&upper, &work, &merged] {
         fs::create_dir_all(d).unwrap();
     }
-    let opts = format!("lowerdir={},upperdir={},workdir={}", served.mnt.display(), upper.display(), work.display());
-    run(Command::new("mount").args(["-t", "overlay", "overlay", "-o", &opts]).arg(&merged));
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        served.mnt.display(),
+        upper.display(),
+        work.display()
+    );
+    run(Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(&merged));
     let _overlay = Unmount(merged.clone());
 
     let script = "cat /etc/motd /data/big; sha256sum /data/large; \
@@ -110,21 +131,59 @@ fn runc_runs_busybox_on_an_overlay_over_the_mount() {
                   cat /etc/created; exit 7";
     let dir = bundle(&tmp.join("bundle"), &merged, false, script);
     let ran = run_container(&dir, "overlay");
-    assert_eq!(ran.code, Some(7), "the container's exit code is runc's; stderr:\n{}", ran.stderr);
+    assert_eq!(
+        ran.code,
+        Some(7),
+        "the container's exit code is runc's; stderr:\n{}",
+        ran.stderr
+    );
 
     let image_bytes = [&b"hello from clip\n"[..], &big].concat();
-    assert!(ran.stdout.len() > image_bytes.len(), "short stdout ({} bytes); stderr:\n{}", ran.stdout.len(), ran.stderr);
+    assert!(
+        ran.stdout.len() > image_bytes.len(),
+        "short stdout ({} bytes); stderr:\n{}",
+        ran.stdout.len(),
+        ran.stderr
+    );
     let (cat, rest) = ran.stdout.split_at(image_bytes.len());
-    assert!(cat == image_bytes, "`cat /etc/motd /data/big` in the container differs from the image's bytes");
+    assert!(
+        cat == image_bytes,
+        "`cat /etc/motd /data/big` in the container differs from the image's bytes"
+    );
     let rest = String::from_utf8(rest.to_vec()).unwrap();
-    assert_eq!(rest, format!("{}  /data/large\nwritten in the container\n", sha256_hex(&large)), "stderr:\n{}", ran.stderr);
+    assert_eq!(
+        rest,
+        format!(
+            "{}  /data/large\nwritten in the container\n",
+            sha256_hex(&large)
+        ),
+        "stderr:\n{}",
+        ran.stderr
+    );
 
-    assert_eq!(fs::read(upper.join("etc/created")).unwrap(), b"written in the container\n", "new file in the upper dir");
-    assert_eq!(fs::read(upper.join("etc/motd")).unwrap(), b"hello from clip\nappended\n", "modified file copied up");
+    assert_eq!(
+        fs::read(upper.join("etc/created")).unwrap(),
+        b"written in the container\n",
+        "new file in the upper dir"
+    );
+    assert_eq!(
+        fs::read(upper.join("etc/motd")).unwrap(),
+        b"hello from clip\nappended\n",
+        "modified file copied up"
+    );
     let whiteout = fs::symlink_metadata(upper.join("bin/rm")).unwrap();
-    assert!(whiteout.file_type().is_char_device() && whiteout.rdev() == 0, "deletion is a whiteout in the upper dir");
-    assert!(!served.mnt.join("etc/created").exists(), "the clip mount is not written");
-    assert_eq!(fs::read(served.mnt.join("etc/motd")).unwrap(), b"hello from clip\n");
+    assert!(
+        whiteout.file_type().is_char_device() && whiteout.rdev() == 0,
+        "deletion is a whiteout in the upper dir"
+    );
+    assert!(
+        !served.mnt.join("etc/created").exists(),
+        "the clip mount is not written"
+    );
+    assert_eq!(
+        fs::read(served.mnt.join("etc/motd")).unwrap(),
+        b"hello from clip\n"
+    );
     assert!(served.mnt.join("bin/rm").symlink_metadata().is_ok());
 }
 
@@ -142,17 +201,31 @@ fn runc_runs_busybox_on_the_mount_as_a_read_only_root() {
 
     let entry = |name: &str| {
         let named = |l: &&str| l.split_whitespace().skip(8).collect::<Vec<_>>().join(" ") == name;
-        out.lines().find(named).unwrap_or_else(|| panic!("no `{name}` in ls -l:\n{out}"))
+        out.lines()
+            .find(named)
+            .unwrap_or_else(|| panic!("no `{name}` in ls -l:\n{out}"))
     };
     for dir in ["bin", "data", "etc"] {
-        assert!(entry(dir).starts_with("drwxr-xr-x") && entry(dir).contains(" May 20  2025 "), "mode and mtime from the image: {out}");
+        assert!(
+            entry(dir).starts_with("drwxr-xr-x") && entry(dir).contains(" May 20  2025 "),
+            "mode and mtime from the image: {out}"
+        );
     }
     assert!(entry("tmp").starts_with("drwxrwxrwt"), "sticky /tmp: {out}");
-    assert!(entry("sh -> busybox").starts_with("lrwxrwxrwx"), "applet symlink: {out}");
+    assert!(
+        entry("sh -> busybox").starts_with("lrwxrwxrwx"),
+        "applet symlink: {out}"
+    );
     let busybox_size = fs::metadata("/bin/busybox").unwrap().len();
     let bb = entry("busybox");
-    assert!(bb.starts_with("-rwxr-xr-x") && bb.contains(&format!(" {busybox_size} ")), "busybox: {bb}");
+    assert!(
+        bb.starts_with("-rwxr-xr-x") && bb.contains(&format!(" {busybox_size} ")),
+        "busybox: {bb}"
+    );
     assert!(out.contains("\nhello from clip\n"), "cat /etc/motd: {out}");
-    assert!(out.contains("Read-only file system") && out.trim_end().ends_with("touch refused"), "writes refused: {out}");
+    assert!(
+        out.contains("Read-only file system") && out.trim_end().ends_with("touch refused"),
+        "writes refused: {out}"
+    );
     assert!(!served.mnt.join("etc/new").exists());
 }

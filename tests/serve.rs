@@ -7,7 +7,10 @@ mod common;
 use clip::demo::{noise, TarBuilder};
 use clip::oci::Platform;
 use clip::source::layout::{LayerInput, LayoutWriter};
-use common::{bin, busybox_index, edge_index, is_mounted, require_fuse, require_tool, run, sha256_hex, umoci_unpack, Served, Unmount, EDGE_TAG};
+use common::{
+    bin, busybox_index, edge_index, is_mounted, require_fuse, require_tool, run, sha256_hex,
+    umoci_unpack, Served, Unmount, EDGE_TAG,
+};
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
@@ -37,7 +40,9 @@ fn walk(root: &Path) -> BTreeSet<PathBuf> {
 /// name -> hex value.
 fn xattrs(p: &Path) -> BTreeMap<String, String> {
     require_tool("getfattr");
-    let out = run(Command::new("getfattr").args(["--absolute-names", "-d", "-m", "-", "-e", "hex"]).arg(p));
+    let out = run(Command::new("getfattr")
+        .args(["--absolute-names", "-d", "-m", "-", "-e", "hex"])
+        .arg(p));
     String::from_utf8(out)
         .unwrap()
         .lines()
@@ -77,81 +82,183 @@ fn mounted_edge_image_matches_umoci_extraction() {
 
     let want = walk(&reference);
     let got = walk(mnt);
-    assert_eq!(got, want, "the mounted tree has different paths than the reference");
-    assert!(want.len() > 100, "the edge image should have many entries, got {}", want.len());
+    assert_eq!(
+        got, want,
+        "the mounted tree has different paths than the reference"
+    );
+    assert!(
+        want.len() > 100,
+        "the edge image should have many entries, got {}",
+        want.len()
+    );
 
     let mut ref_inodes: HashMap<u64, PathBuf> = HashMap::new();
     let mut mnt_inodes: HashMap<u64, PathBuf> = HashMap::new();
     let mut bad = Vec::new();
     let mut check = |what: &str, rel: &Path, got: String, want: String| {
         if got != want {
-            bad.push(format!("{}: {what}: mount has {got}, reference has {want}", rel.display()));
+            bad.push(format!(
+                "{}: {what}: mount has {got}, reference has {want}",
+                rel.display()
+            ));
         }
     };
     for rel in std::iter::once(PathBuf::new()).chain(want.iter().cloned()) {
         let (r, m) = (reference.join(&rel), mnt.join(&rel));
-        let (rm, mm) = (fs::symlink_metadata(&r).unwrap(), fs::symlink_metadata(&m).unwrap());
-        check("mode", &rel, format!("{:o}", mm.mode()), format!("{:o}", rm.mode()));
-        check("owner", &rel, format!("{}:{}", mm.uid(), mm.gid()), format!("{}:{}", rm.uid(), rm.gid()));
+        let (rm, mm) = (
+            fs::symlink_metadata(&r).unwrap(),
+            fs::symlink_metadata(&m).unwrap(),
+        );
+        check(
+            "mode",
+            &rel,
+            format!("{:o}", mm.mode()),
+            format!("{:o}", rm.mode()),
+        );
+        check(
+            "owner",
+            &rel,
+            format!("{}:{}", mm.uid(), mm.gid()),
+            format!("{}:{}", rm.uid(), rm.gid()),
+        );
         // umoci leaves the rootfs directory itself and the parents it had to create (not in
         // any layer) with the extraction time; every other mtime comes from the image.
         let synthesized = rm.is_dir() && (rel.as_os_str().is_empty() || !explicit.contains(&rel));
         if !synthesized {
-            check("mtime", &rel, format!("{}.{:09}", mm.mtime(), mm.mtime_nsec()), format!("{}.{:09}", rm.mtime(), rm.mtime_nsec()));
+            check(
+                "mtime",
+                &rel,
+                format!("{}.{:09}", mm.mtime(), mm.mtime_nsec()),
+                format!("{}.{:09}", rm.mtime(), rm.mtime_nsec()),
+            );
         }
-        check("nlink", &rel, mm.nlink().to_string(), rm.nlink().to_string());
+        check(
+            "nlink",
+            &rel,
+            mm.nlink().to_string(),
+            rm.nlink().to_string(),
+        );
         let ft = rm.file_type();
         if ft.is_dir() {
             check("directory size", &rel, mm.size().to_string(), "4096".into());
         } else {
             check("size", &rel, mm.size().to_string(), rm.size().to_string());
-            check("blocks", &rel, mm.blocks().to_string(), mm.size().div_ceil(512).to_string());
+            check(
+                "blocks",
+                &rel,
+                mm.blocks().to_string(),
+                mm.size().div_ceil(512).to_string(),
+            );
         }
         check("blksize", &rel, mm.blksize().to_string(), "4096".into());
         if ft.is_symlink() {
-            check("symlink target", &rel, format!("{:?}", fs::read_link(&m).unwrap()), format!("{:?}", fs::read_link(&r).unwrap()));
+            check(
+                "symlink target",
+                &rel,
+                format!("{:?}", fs::read_link(&m).unwrap()),
+                format!("{:?}", fs::read_link(&r).unwrap()),
+            );
         }
         if ft.is_char_device() || ft.is_block_device() {
-            check("rdev", &rel, format!("{:#x}", mm.rdev()), format!("{:#x}", rm.rdev()));
+            check(
+                "rdev",
+                &rel,
+                format!("{:#x}", mm.rdev()),
+                format!("{:#x}", rm.rdev()),
+            );
         }
         if ft.is_file() {
             let same = fs::read(&m).unwrap() == fs::read(&r).unwrap();
-            check("content", &rel, if same { "same bytes" } else { "different bytes" }.into(), "same bytes".into());
+            check(
+                "content",
+                &rel,
+                if same {
+                    "same bytes"
+                } else {
+                    "different bytes"
+                }
+                .into(),
+                "same bytes".into(),
+            );
             // Hardlink identity: two names share an inode in the mount iff they do in the
             // reference.
             let prev_ref = ref_inodes.insert(rm.ino(), rel.clone());
             let prev_mnt = mnt_inodes.insert(mm.ino(), rel.clone());
-            check("same inode as", &rel, format!("{prev_mnt:?}"), format!("{prev_ref:?}"));
+            check(
+                "same inode as",
+                &rel,
+                format!("{prev_mnt:?}"),
+                format!("{prev_ref:?}"),
+            );
         }
         if !ft.is_symlink() {
-            check("xattrs", &rel, format!("{:?}", xattrs(&m)), format!("{:?}", xattrs(&r)));
+            check(
+                "xattrs",
+                &rel,
+                format!("{:?}", xattrs(&m)),
+                format!("{:?}", xattrs(&r)),
+            );
         }
     }
-    assert!(bad.is_empty(), "{} differences:\n{}", bad.len(), bad.join("\n"));
-    let files = want.iter().filter(|p| mnt.join(p).symlink_metadata().unwrap().is_file()).count();
-    assert!(mnt_inodes.len() < files, "the edge image has hardlinks; none were seen");
+    assert!(
+        bad.is_empty(),
+        "{} differences:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+    let files = want
+        .iter()
+        .filter(|p| mnt.join(p).symlink_metadata().unwrap().is_file())
+        .count();
+    assert!(
+        mnt_inodes.len() < files,
+        "the edge image has hardlinks; none were seen"
+    );
 
     let ping = xattrs(&mnt.join("usr/bin/ping"));
-    assert_eq!(ping.keys().collect::<Vec<_>>(), ["security.capability", "user.note"], "xattrs of ping");
+    assert_eq!(
+        ping.keys().collect::<Vec<_>>(),
+        ["security.capability", "user.note"],
+        "xattrs of ping"
+    );
     let caps = run(Command::new("getcap").arg(mnt.join("usr/bin/ping")));
-    assert!(String::from_utf8_lossy(&caps).contains("cap_net_raw"), "getcap output: {}", String::from_utf8_lossy(&caps));
+    assert!(
+        String::from_utf8_lossy(&caps).contains("cap_net_raw"),
+        "getcap output: {}",
+        String::from_utf8_lossy(&caps)
+    );
 
     // Writes are refused: the mount is read-only.
     let err = fs::write(mnt.join("etc/new"), b"x").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
     let err = fs::remove_file(mnt.join("etc/hostname")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
-    let err = fs::OpenOptions::new().write(true).open(mnt.join("etc/hostname")).unwrap_err();
+    let err = fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("etc/hostname"))
+        .unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
-    assert_eq!(fs::metadata(mnt.join("no/such")).unwrap_err().kind(), std::io::ErrorKind::NotFound);
+    assert_eq!(
+        fs::metadata(mnt.join("no/such")).unwrap_err().kind(),
+        std::io::ErrorKind::NotFound
+    );
 
     let st = nix::sys::statvfs::statvfs(mnt.as_path()).unwrap();
-    assert!(st.files() as usize > want.len(), "statfs counts the entries");
+    assert!(
+        st.files() as usize > want.len(),
+        "statfs counts the entries"
+    );
 }
 
 fn chroot(root: &Path, script: &str) -> String {
     require_tool("chroot");
-    String::from_utf8(run(Command::new("chroot").arg(root).arg("/bin/busybox").arg("sh").arg("-c").arg(script))).unwrap()
+    String::from_utf8(run(Command::new("chroot")
+        .arg(root)
+        .arg("/bin/busybox")
+        .arg("sh")
+        .arg("-c")
+        .arg(script)))
+    .unwrap()
 }
 
 #[test]
@@ -159,15 +266,29 @@ fn static_busybox_runs_in_a_chroot_of_the_mount() {
     let tmp = tempfile::tempdir().unwrap();
     let (index, data) = busybox_index(tmp.path());
     let served = Served::start(tmp.path(), "mnt", &index, &tmp.path().join("cache"), &[]);
-    let out = chroot(&served.mnt, "ls /bin; cat /etc/motd; find / | wc -l; sha256sum /data/big");
+    let out = chroot(
+        &served.mnt,
+        "ls /bin; cat /etc/motd; find / | wc -l; sha256sum /data/big",
+    );
     let lines: Vec<&str> = out.lines().collect();
-    assert!(lines.contains(&"busybox") && lines.contains(&"sha256sum"), "ls /bin: {out}");
+    assert!(
+        lines.contains(&"busybox") && lines.contains(&"sha256sum"),
+        "ls /bin: {out}"
+    );
     assert!(lines.contains(&"hello from clip"), "cat: {out}");
     // /, bin, busybox, 9 applet links, etc, motd, data, big, tmp.
     assert!(lines.contains(&"17"), "find | wc -l: {out}");
-    assert!(out.contains(&format!("{}  /data/big", sha256_hex(&data))), "sha256sum: {out}");
+    assert!(
+        out.contains(&format!("{}  /data/big", sha256_hex(&data))),
+        "sha256sum: {out}"
+    );
     // The shell found through a symlink works too.
-    let out = String::from_utf8(run(Command::new("chroot").arg(&served.mnt).arg("/bin/sh").arg("-c").arg("echo via-symlink"))).unwrap();
+    let out = String::from_utf8(run(Command::new("chroot")
+        .arg(&served.mnt)
+        .arg("/bin/sh")
+        .arg("-c")
+        .arg("echo via-symlink")))
+    .unwrap();
     assert_eq!(out.trim(), "via-symlink");
 }
 
@@ -182,13 +303,22 @@ fn an_image_without_xattrs_reports_them_unsupported() {
     // Twice: the first answer (ENOSYS) makes the kernel stop asking the daemon; both must
     // read as "not supported", the answer of a filesystem without xattrs.
     for _ in 0..2 {
-        let out = Command::new("getfattr").arg("-n").arg("user.anything").arg(&motd).output().unwrap();
+        let out = Command::new("getfattr")
+            .arg("-n")
+            .arg("user.anything")
+            .arg(&motd)
+            .output()
+            .unwrap();
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("Operation not supported"), "getfattr: {err}");
     }
     let caps = run(Command::new("getcap").arg(served.mnt.join("bin/busybox")));
-    assert!(caps.is_empty(), "getcap: {}", String::from_utf8_lossy(&caps));
+    assert!(
+        caps.is_empty(),
+        "getcap: {}",
+        String::from_utf8_lossy(&caps)
+    );
     let ls = run(Command::new("ls").arg("-l").arg(served.mnt.join("etc")));
     assert!(String::from_utf8_lossy(&ls).contains("motd"));
 }
@@ -198,12 +328,23 @@ fn overlayfs_with_the_mount_as_lowerdir() {
     let tmp = tempfile::tempdir().unwrap();
     let (index, data) = busybox_index(tmp.path());
     let served = Served::start(tmp.path(), "lower", &index, &tmp.path().join("cache"), &[]);
-    let (upper, work, merged) = (tmp.path().join("upper"), tmp.path().join("work"), tmp.path().join("merged"));
+    let (upper, work, merged) = (
+        tmp.path().join("upper"),
+        tmp.path().join("work"),
+        tmp.path().join("merged"),
+    );
     for d in [&upper, &work, &merged] {
         fs::create_dir_all(d).unwrap();
     }
-    let opts = format!("lowerdir={},upperdir={},workdir={}", served.mnt.display(), upper.display(), work.display());
-    run(Command::new("mount").args(["-t", "overlay", "overlay", "-o", &opts]).arg(&merged));
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        served.mnt.display(),
+        upper.display(),
+        work.display()
+    );
+    run(Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(&merged));
     let _overlay = Unmount(merged.clone());
 
     fs::write(merged.join("etc/new"), b"written in the merged view\n").unwrap();
@@ -212,21 +353,40 @@ fn overlayfs_with_the_mount_as_lowerdir() {
     fs::write(merged.join("etc/motd"), &motd).unwrap();
     fs::remove_file(merged.join("bin/rm")).unwrap();
     fs::rename(merged.join("data/big"), merged.join("data/moved")).unwrap();
-    assert_eq!(fs::read(merged.join("data/moved")).unwrap(), data, "renamed file keeps its bytes (copied up)");
+    assert_eq!(
+        fs::read(merged.join("data/moved")).unwrap(),
+        data,
+        "renamed file keeps its bytes (copied up)"
+    );
     assert!(!merged.join("data/big").exists());
 
-    let out = chroot(&merged, "cat /etc/new /etc/motd; ls /bin; sha256sum /data/moved; echo chroot >> /tmp/x; cat /tmp/x");
-    assert!(out.contains("written in the merged view\nhello from clip\nappended\n"), "{out}");
-    assert!(!out.lines().any(|l| l == "rm"), "rm was deleted in the merged view: {out}");
+    let out = chroot(
+        &merged,
+        "cat /etc/new /etc/motd; ls /bin; sha256sum /data/moved; echo chroot >> /tmp/x; cat /tmp/x",
+    );
+    assert!(
+        out.contains("written in the merged view\nhello from clip\nappended\n"),
+        "{out}"
+    );
+    assert!(
+        !out.lines().any(|l| l == "rm"),
+        "rm was deleted in the merged view: {out}"
+    );
     assert!(out.contains(&sha256_hex(&data)), "{out}");
     assert!(out.trim_end().ends_with("chroot"), "{out}");
 
     // The lower layer (the clip mount) is untouched.
-    assert_eq!(fs::read(served.mnt.join("etc/motd")).unwrap(), b"hello from clip\n");
+    assert_eq!(
+        fs::read(served.mnt.join("etc/motd")).unwrap(),
+        b"hello from clip\n"
+    );
     assert!(served.mnt.join("bin/rm").symlink_metadata().is_ok());
     assert_eq!(fs::read(served.mnt.join("data/big")).unwrap(), data);
     assert!(!served.mnt.join("etc/new").exists());
-    assert!(upper.join("etc/new").is_file(), "new files land in the upper dir");
+    assert!(
+        upper.join("etc/new").is_file(),
+        "new files land in the upper dir"
+    );
 }
 
 /// A gzip image of `n` large files (several chunks each) and many small ones; returns the
@@ -240,24 +400,38 @@ fn many_files_index(tmp: &Path, n: usize) -> (PathBuf, Vec<(String, Vec<u8>)>) {
         files.push((format!("big/f{i}"), data));
     }
     for i in 0..200 {
-        files.push((format!("small/s{i:03}"), noise(1000 + i as u64, 100 + i * 97)));
+        files.push((
+            format!("small/s{i:03}"),
+            noise(1000 + i as u64, 100 + i * 97),
+        ));
     }
     for (p, d) in &files {
         t.file(p, 0o644, d);
     }
     let layout = tmp.join("many-layout");
     let mut w = LayoutWriter::create(&layout).unwrap();
-    let m = w.image(&[LayerInput::gzip(t.finish())], &Platform::host(), "2025-05-20T00:00:00Z").unwrap();
+    let m = w
+        .image(
+            &[LayerInput::gzip(t.finish())],
+            &Platform::host(),
+            "2025-05-20T00:00:00Z",
+        )
+        .unwrap();
     w.tag(m, "many");
     w.finish().unwrap();
     let index = tmp.join("many.clip");
-    run(Command::new(bin("clip-build")).arg(format!("{}:many", layout.display())).arg("-o").arg(&index).arg("--quiet"));
+    run(Command::new(bin("clip-build"))
+        .arg(format!("{}:many", layout.display()))
+        .arg("-o")
+        .arg(&index)
+        .arg("--quiet"));
     (index, files)
 }
 
 /// Drop the kernel's cached pages of `f` so the next read goes to the daemon.
 fn drop_page_cache(f: &File) {
-    nix::fcntl::posix_fadvise(f, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED).unwrap();
+    nix::fcntl::posix_fadvise(f, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED)
+        .unwrap();
 }
 
 #[test]
@@ -265,7 +439,13 @@ fn concurrent_random_reads_return_correct_bytes() {
     let tmp = tempfile::tempdir().unwrap();
     let (index, files) = many_files_index(tmp.path(), 6);
     // A cache smaller than the image: pieces are evicted and refetched while reading.
-    let served = Served::start(tmp.path(), "mnt", &index, &tmp.path().join("cache"), &["--cache-size", "3M"]);
+    let served = Served::start(
+        tmp.path(),
+        "mnt",
+        &index,
+        &tmp.path().join("cache"),
+        &["--cache-size", "3M"],
+    );
     let files = std::sync::Arc::new(files);
     let threads: Vec<_> = (0..8u64)
         .map(|seed| {
@@ -280,7 +460,10 @@ fn concurrent_random_reads_return_correct_bytes() {
                         let len = rng.gen_range(1..=(data.len() - off).min(300_000));
                         let mut buf = vec![0u8; len];
                         f.read_exact_at(&mut buf, off as u64).unwrap();
-                        assert!(buf == data[off..off + len], "{path} at {off}+{len}: wrong bytes");
+                        assert!(
+                            buf == data[off..off + len],
+                            "{path} at {off}+{len}: wrong bytes"
+                        );
                         drop_page_cache(&f);
                     }
                 }
@@ -292,8 +475,14 @@ fn concurrent_random_reads_return_correct_bytes() {
     }
     let stats = served.stats();
     assert_eq!(stats["serve"]["read_errors"], 0, "{stats}");
-    assert!(stats["disk_cache"]["evictions"].as_u64().unwrap() > 0, "the small cache evicted: {stats}");
-    assert!(stats["disk_cache"]["bytes"].as_u64().unwrap() <= 3 << 20, "{stats}");
+    assert!(
+        stats["disk_cache"]["evictions"].as_u64().unwrap() > 0,
+        "the small cache evicted: {stats}"
+    );
+    assert!(
+        stats["disk_cache"]["bytes"].as_u64().unwrap() <= 3 << 20,
+        "{stats}"
+    );
 }
 
 fn daemon_fds_and_rss(pid: u32) -> (usize, u64) {
@@ -330,8 +519,14 @@ fn open_read_close_loop_leaks_no_handles_or_memory() {
     round(3000);
     std::thread::sleep(Duration::from_millis(300));
     let (fds1, rss1) = daemon_fds_and_rss(served.pid());
-    assert_eq!(fds1, fds0, "daemon fd count changed over 3000 open/read/close");
-    assert!(rss1 < rss0 + 16 * 1024, "daemon RSS grew from {rss0} kB to {rss1} kB");
+    assert_eq!(
+        fds1, fds0,
+        "daemon fd count changed over 3000 open/read/close"
+    );
+    assert!(
+        rss1 < rss0 + 16 * 1024,
+        "daemon RSS grew from {rss0} kB to {rss1} kB"
+    );
     let stats = served.stats();
     assert_eq!(stats["serve"]["open_handles"], 0, "{stats}");
     assert_eq!(stats["serve"]["opens"], 3300, "{stats}");
@@ -350,8 +545,12 @@ fn warm_reads_come_from_the_disk_cache_and_bad_objects_are_refetched() {
     let mut cold = Served::start(tmp.path(), "cold", &index, &cache, &[]);
     read_all(&cold.mnt);
     assert!(cold.terminate().success());
-    let cold_stats: serde_json::Value = serde_json::from_slice(&fs::read(&cold.stats).unwrap()).unwrap();
-    assert!(cold_stats["serve"]["inflated"].as_u64().unwrap() > 0, "{cold_stats}");
+    let cold_stats: serde_json::Value =
+        serde_json::from_slice(&fs::read(&cold.stats).unwrap()).unwrap();
+    assert!(
+        cold_stats["serve"]["inflated"].as_u64().unwrap() > 0,
+        "{cold_stats}"
+    );
     let stored = cold_stats["disk_cache"]["stores"].as_u64().unwrap();
     assert!(stored >= files.len() as u64, "{cold_stats}");
 
@@ -367,8 +566,15 @@ fn warm_reads_come_from_the_disk_cache_and_bad_objects_are_refetched() {
     assert_eq!(s["disk_cache"]["verify_failures"], 1, "{s}");
     assert!(s["disk_cache"]["hits"].as_u64().unwrap() >= stored, "{s}");
     assert_eq!(s["disk_cache"]["misses"], 0, "{s}");
-    assert!(s["serve"]["inflated"].as_u64().unwrap() < 64 << 10, "only the bad object is inflated again: {s}");
-    assert_eq!(fs::read(&obj).unwrap(), *small, "the bad object was replaced");
+    assert!(
+        s["serve"]["inflated"].as_u64().unwrap() < 64 << 10,
+        "only the bad object is inflated again: {s}"
+    );
+    assert_eq!(
+        fs::read(&obj).unwrap(),
+        *small,
+        "the bad object was replaced"
+    );
 }
 
 #[test]
@@ -384,23 +590,43 @@ fn stale_mount_is_reported_and_sigterm_unmounts_cleanly() {
     let stale = nix::sys::statvfs::statvfs(mnt.as_path()).unwrap_err();
     assert_eq!(stale, nix::Error::ENOTCONN, "mount is stale after SIGKILL");
 
-    let out = Command::new(bin("clip-serve")).arg(&index).arg(&mnt).arg("--cache-dir").arg(&cache).output().unwrap();
+    let out = Command::new(bin("clip-serve"))
+        .arg(&index)
+        .arg(&mnt)
+        .arg("--cache-dir")
+        .arg(&cache)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("stale") && err.contains(&format!("fusermount3 -u {}", mnt.display())), "{err}");
+    assert!(
+        err.contains("stale") && err.contains(&format!("fusermount3 -u {}", mnt.display())),
+        "{err}"
+    );
 
     run(Command::new("fusermount3").arg("-u").arg(&mnt));
     assert!(!is_mounted(&mnt));
     drop(crashed);
 
     let mut served = Served::start(tmp.path(), "mnt", &index, &cache, &[]);
-    assert_eq!(fs::read(served.mnt.join("etc/hostname")).unwrap(), b"edge\n");
+    assert_eq!(
+        fs::read(served.mnt.join("etc/hostname")).unwrap(),
+        b"edge\n"
+    );
     let status = served.terminate();
-    assert!(status.success(), "exit status after SIGTERM: {status}\n{}", served.log());
+    assert!(
+        status.success(),
+        "exit status after SIGTERM: {status}\n{}",
+        served.log()
+    );
     assert!(!is_mounted(&served.mnt), "SIGTERM unmounted");
     let log = served.log();
-    assert!(log.contains("hits=") && log.contains("misses="), "counters printed at exit:\n{log}");
-    let stats: serde_json::Value = serde_json::from_slice(&fs::read(&served.stats).unwrap()).unwrap();
+    assert!(
+        log.contains("hits=") && log.contains("misses="),
+        "counters printed at exit:\n{log}"
+    );
+    let stats: serde_json::Value =
+        serde_json::from_slice(&fs::read(&served.stats).unwrap()).unwrap();
     assert!(stats["serve"]["opens"].as_u64().unwrap() >= 1, "{stats}");
 }
 
@@ -412,18 +638,40 @@ fn a_recorded_access_profile_is_prefetched_by_the_next_mount() {
     let wanted = ["many/file059", "data/random.bin", "home/user/file"];
 
     // Recording: a cold mount reads three files; the intervals they needed are written at exit.
-    let mut first = Served::start(tmp.path(), "rec", &index, &tmp.path().join("cache1"), &["--record-profile", profile.to_str().unwrap()]);
-    let expected: Vec<Vec<u8>> = wanted.iter().map(|p| fs::read(first.mnt.join(p)).unwrap()).collect();
+    let mut first = Served::start(
+        tmp.path(),
+        "rec",
+        &index,
+        &tmp.path().join("cache1"),
+        &["--record-profile", profile.to_str().unwrap()],
+    );
+    let expected: Vec<Vec<u8>> = wanted
+        .iter()
+        .map(|p| fs::read(first.mnt.join(p)).unwrap())
+        .collect();
     assert!(first.terminate().success());
     let text = fs::read_to_string(&profile).unwrap();
     let intervals = text.lines().skip(2).count();
-    assert!(text.starts_with("clip-profile 1\nmanifest sha256:") && intervals >= 2, "profile:\n{text}");
+    assert!(
+        text.starts_with("clip-profile 1\nmanifest sha256:") && intervals >= 2,
+        "profile:\n{text}"
+    );
 
     // Replay: a fresh mount with an empty cache fetches those intervals by itself ...
-    let second = Served::start(tmp.path(), "replay", &index, &tmp.path().join("cache2"), &["--prefetch-profile", profile.to_str().unwrap()]);
+    let second = Served::start(
+        tmp.path(),
+        "replay",
+        &index,
+        &tmp.path().join("cache2"),
+        &["--prefetch-profile", profile.to_str().unwrap()],
+    );
     let t = std::time::Instant::now();
     while !second.log().contains("profile prefetched") {
-        assert!(t.elapsed() < Duration::from_secs(20), "no prefetch within 20 s:\n{}", second.log());
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no prefetch within 20 s:\n{}",
+            second.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // Neighbouring intervals share one request (this image's profile has neighbours).
@@ -438,9 +686,20 @@ fn a_recorded_access_profile_is_prefetched_by_the_next_mount() {
         }
     }
     let field = |name: &str| -> usize {
-        let line = log.lines().find(|l| l.contains("profile prefetched")).unwrap();
-        let rest = line.split(&format!("{name}=")).nth(1).unwrap_or_else(|| panic!("no {name} in {line}"));
-        rest.trim_start_matches(|c: char| !c.is_ascii_digit()).split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+        let line = log
+            .lines()
+            .find(|l| l.contains("profile prefetched"))
+            .unwrap();
+        let rest = line
+            .split(&format!("{name}="))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no {name} in {line}"));
+        rest.trim_start_matches(|c: char| !c.is_ascii_digit())
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
     };
     assert_eq!(field("intervals"), intervals, "{log}");
     assert!((1..intervals).contains(&field("requests")), "{log}");
@@ -454,7 +713,11 @@ fn a_recorded_access_profile_is_prefetched_by_the_next_mount() {
     fs::rename(&gone, &layout).unwrap();
 
     // A profile of another image is refused at start with a clear message.
-    fs::write(&profile, text.replacen("manifest sha256:", "manifest sha256:0", 1)).unwrap();
+    fs::write(
+        &profile,
+        text.replacen("manifest sha256:", "manifest sha256:0", 1),
+    )
+    .unwrap();
     let out = Command::new(bin("clip-serve"))
         .arg(&index)
         .arg(tmp.path().join("rec"))
@@ -464,5 +727,8 @@ fn a_recorded_access_profile_is_prefetched_by_the_next_mount() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("was recorded on image") && err.contains("record it again"), "{err}");
+    assert!(
+        err.contains("was recorded on image") && err.contains("record it again"),
+        "{err}"
+    );
 }

@@ -106,8 +106,12 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
         Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
         _ => (s, 1),
     };
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size like 2M or 512K"))?;
-    n.checked_mul(mul).filter(|&v| v > 0).ok_or_else(|| format!("{s:?} is out of range"))
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 2M or 512K"))?;
+    n.checked_mul(mul)
+        .filter(|&v| v > 0)
+        .ok_or_else(|| format!("{s:?} is out of range"))
 }
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -133,10 +137,15 @@ fn resolve(idx: &IndexFile, path: &str) -> Result<u32> {
         .ok_or_else(|| format!("{path}: no such file or directory in the image").into())
 }
 
-fn layout_source(idx: &IndexFile, layout: Option<PathBuf>) -> Result<Box<dyn clip::source::Source>> {
+fn layout_source(
+    idx: &IndexFile,
+    layout: Option<PathBuf>,
+) -> Result<Box<dyn clip::source::Source>> {
     Ok(match layout {
         Some(dir) => Box::new(clip::source::layout::LayoutSource::open(&dir)?),
-        None => clip::source::open_recorded(&String::from_utf8_lossy(idx.index().image.source.as_slice()))?,
+        None => clip::source::open_recorded(&String::from_utf8_lossy(
+            idx.index().image.source.as_slice(),
+        ))?,
     })
 }
 
@@ -148,13 +157,19 @@ fn run(cli: Cli) -> Result<()> {
             let image = cli.image.expect("required by clap");
             let output = cli.output.expect("required by clap");
             let platform = match &cli.platform {
-                Some(p) => Some(Platform::parse(p).ok_or_else(|| format!("--platform {p:?} is not os/arch[/variant]"))?),
+                Some(p) => Some(
+                    Platform::parse(p)
+                        .ok_or_else(|| format!("--platform {p:?} is not os/arch[/variant]"))?,
+                ),
                 None => None,
             };
             let (source, reference) = clip::source::open(&image)?;
             let opts = BuildOptions {
                 platform,
-                policy: CheckpointPolicy { interval: cli.checkpoint_interval, large_file: cli.large_file_threshold },
+                policy: CheckpointPolicy {
+                    interval: cli.checkpoint_interval,
+                    large_file: cli.large_file_threshold,
+                },
                 progress: !cli.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
             };
             let t = std::time::Instant::now();
@@ -177,12 +192,20 @@ fn run(cli: Cli) -> Result<()> {
         Some(Cmd::Inspect { index, json }) => {
             let idx = open(&index)?;
             if json {
-                writeln!(out, "{}", serde_json::to_string_pretty(&clip::report::inspect_json(&idx)?)?)?;
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&clip::report::inspect_json(&idx)?)?
+                )?;
             } else {
                 write!(out, "{}", clip::report::inspect_text(&idx)?)?;
             }
         }
-        Some(Cmd::Ls { index, path, recursive }) => {
+        Some(Cmd::Ls {
+            index,
+            path,
+            recursive,
+        }) => {
             let idx = open(&index)?;
             let i = resolve(&idx, &path)?;
             for line in clip::report::ls(&idx, i, recursive)? {
@@ -193,7 +216,11 @@ fn run(cli: Cli) -> Result<()> {
             let idx = open(&index)?;
             write!(out, "{}", clip::report::stat(&idx, resolve(&idx, &path)?)?)?;
         }
-        Some(Cmd::Cat { index, path, layout }) => {
+        Some(Cmd::Cat {
+            index,
+            path,
+            layout,
+        }) => {
             let idx = open(&index)?;
             let i = resolve(&idx, &path)?;
             let src = layout_source(&idx, layout)?;
@@ -203,11 +230,19 @@ fn run(cli: Cli) -> Result<()> {
                 out.write_all(&bytes)?;
             }
         }
-        Some(Cmd::Verify { index, content, layout }) => {
+        Some(Cmd::Verify {
+            index,
+            content,
+            layout,
+        }) => {
             let idx = open(&index)?;
             let t = std::time::Instant::now();
             idx.verify()?;
-            eprintln!("structure OK ({} entries, {:.1} ms)", idx.entry_count(), t.elapsed().as_secs_f64() * 1e3);
+            eprintln!(
+                "structure OK ({} entries, {:.1} ms)",
+                idx.entry_count(),
+                t.elapsed().as_secs_f64() * 1e3
+            );
             if content {
                 let src = layout_source(&idx, layout)?;
                 let mut files = 0u64;
@@ -227,7 +262,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         Some(Cmd::Demo { dir }) => {
             clip::demo::write_demo(&dir)?;
-            eprintln!("wrote the demo image to {} (tag {})", dir.display(), clip::demo::DEMO_TAG);
+            eprintln!(
+                "wrote the demo image to {} (tag {})",
+                dir.display(),
+                clip::demo::DEMO_TAG
+            );
         }
     }
     out.flush()?;

@@ -99,7 +99,9 @@ fn default_cache_dir() -> PathBuf {
     if nix::unistd::geteuid().is_root() {
         return PathBuf::from("/var/cache/clip");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("clip")
 }
 
@@ -122,7 +124,10 @@ impl Counters<'_> {
     }
 
     fn log(&self) {
-        let cache = self.disk.map(|d| d.stats().to_string()).unwrap_or_else(|| "disabled".into());
+        let cache = self
+            .disk
+            .map(|d| d.stats().to_string())
+            .unwrap_or_else(|| "disabled".into());
         tracing::info!("stats: {}; disk cache: {cache}", self.serve.snapshot());
         if let Some(r) = self.redis {
             tracing::info!("{}", r.stats());
@@ -142,7 +147,12 @@ fn run(cli: Cli) -> Result<()> {
     // Block the shutdown signals before any thread starts so that every thread inherits the
     // mask and only the waiting thread below receives them.
     let mut signals = SigSet::empty();
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGUSR1] {
+    for s in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+    ] {
         signals.add(s);
     }
     signals.thread_block()?;
@@ -159,7 +169,10 @@ fn run(cli: Cli) -> Result<()> {
     if !cli.no_verify {
         let t = Instant::now();
         index.verify_payload()?;
-        tracing::info!(ms = format!("{:.2}", t.elapsed().as_secs_f64() * 1e3), "index verified");
+        tracing::info!(
+            ms = format!("{:.2}", t.elapsed().as_secs_f64() * 1e3),
+            "index verified"
+        );
     }
     let layout = cli.layout.as_ref().map(|p| p.display().to_string());
     let source = fuse::open_source(&index, layout.as_deref())?;
@@ -188,7 +201,8 @@ fn run(cli: Cli) -> Result<()> {
         None => None,
     };
 
-    let manifest = String::from_utf8_lossy(index.index().image.manifest_digest.as_slice()).into_owned();
+    let manifest =
+        String::from_utf8_lossy(index.index().image.manifest_digest.as_slice()).into_owned();
     let prefetch = match &cli.prefetch_profile {
         Some(p) => Some(Profile::load(p, &manifest)?),
         None => None,
@@ -196,7 +210,11 @@ fn run(cli: Cli) -> Result<()> {
     let mut fs = ClipFs::new(index, source, tiers, cli.threads)?.with_read_ahead(cli.read_ahead);
     let recorder = cli.record_profile.as_ref().map(|_| fs.record_profile());
     if let Some(profile) = prefetch {
-        tracing::info!(intervals = profile.intervals.len(), threads = cli.prefetch_threads, "prefetching the access profile");
+        tracing::info!(
+            intervals = profile.intervals.len(),
+            threads = cli.prefetch_threads,
+            "prefetching the access profile"
+        );
         fs.prefetch(profile.intervals, cli.prefetch_threads)?;
     }
     let serve_stats = fs.stats();
@@ -209,17 +227,23 @@ fn run(cli: Cli) -> Result<()> {
     tracing::info!(mountpoint = %cli.mountpoint.display(), "mounted; stop with SIGINT or SIGTERM, SIGUSR1 logs counters");
 
     let (tx, rx) = channel();
-    std::thread::Builder::new().name("signals".into()).spawn(move || {
-        while let Ok(sig) = signals.wait() {
-            if tx.send(sig).is_err() {
-                return;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            while let Ok(sig) = signals.wait() {
+                if tx.send(sig).is_err() {
+                    return;
+                }
             }
-        }
-    })?;
+        })?;
 
     let interval = Duration::from_secs(cli.stats_interval.max(1));
     let mut next_write = Instant::now();
-    let counters = Counters { serve: &serve_stats, disk: disk.as_ref().map(|(d, _)| &**d), redis: redis.as_deref() };
+    let counters = Counters {
+        serve: &serve_stats,
+        disk: disk.as_ref().map(|(d, _)| &**d),
+        redis: redis.as_deref(),
+    };
     let shutdown = loop {
         if let Some(p) = &cli.stats_file {
             if Instant::now() >= next_write {

@@ -140,7 +140,12 @@ pub fn index_layer(
 ) -> Result<LayerResult, BuildError> {
     let layer_err = |msg: String| BuildError::Layer(format!("layer {}: {msg}", desc.digest));
     let blob = source.blob(&desc.digest, 0, None)?;
-    let stream = Rc::new(RefCell::new(LayerStream::start(blob, desc.compression, policy, progress)));
+    let stream = Rc::new(RefCell::new(LayerStream::start(
+        blob,
+        desc.compression,
+        policy,
+        progress,
+    )));
     let mut entries = Vec::new();
     let walk = walk_tar(&stream, &mut entries);
     let mut stream = Rc::try_unwrap(stream)
@@ -164,7 +169,10 @@ pub fn index_layer(
         return Err(digest_mismatch(desc, end.digest));
     }
     if end.compressed_size != desc.size {
-        return Err(layer_err(format!("blob is {} bytes but the manifest says {}", end.compressed_size, desc.size)));
+        return Err(layer_err(format!(
+            "blob is {} bytes but the manifest says {}",
+            end.compressed_size, desc.size
+        )));
     }
     if end.diff_id != desc.diff_id {
         return Err(layer_err(format!(
@@ -237,8 +245,12 @@ fn walk_tar(stream: &Rc<RefCell<LayerStream>>, out: &mut Vec<RawEntry>) -> Resul
         let mut mtime_nsec = 0u32;
         let (major, minor) = if matches!(etype, T::Char | T::Block) {
             (
-                h.device_major().map_err(|e| bad(e.to_string()))?.unwrap_or(0),
-                h.device_minor().map_err(|e| bad(e.to_string()))?.unwrap_or(0),
+                h.device_major()
+                    .map_err(|e| bad(e.to_string()))?
+                    .unwrap_or(0),
+                h.device_minor()
+                    .map_err(|e| bad(e.to_string()))?
+                    .unwrap_or(0),
             )
         } else {
             (0, 0)
@@ -249,12 +261,17 @@ fn walk_tar(stream: &Rc<RefCell<LayerStream>>, out: &mut Vec<RawEntry>) -> Resul
             for ext in exts {
                 let ext = ext.map_err(|e| bad(format!("bad PAX record: {e}")))?;
                 let (k, v) = (ext.key_bytes(), ext.value_bytes());
-                let num = || std::str::from_utf8(v).ok().and_then(|s| s.parse::<u32>().ok());
+                let num = || {
+                    std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|s| s.parse::<u32>().ok())
+                };
                 match k {
                     b"uid" => uid = num().ok_or_else(|| bad("bad PAX uid".into()))?,
                     b"gid" => gid = num().ok_or_else(|| bad("bad PAX gid".into()))?,
                     b"mtime" => {
-                        (mtime, mtime_nsec) = parse_pax_time(v).ok_or_else(|| bad("bad PAX mtime".into()))?
+                        (mtime, mtime_nsec) =
+                            parse_pax_time(v).ok_or_else(|| bad("bad PAX mtime".into()))?
                     }
                     _ => {
                         if let Some(name) = k.strip_prefix(b"SCHILY.xattr.") {
@@ -303,10 +320,13 @@ fn walk_tar(stream: &Rc<RefCell<LayerStream>>, out: &mut Vec<RawEntry>) -> Resul
         e.kind = match etype {
             T::Regular | T::Continuous => RawKind::File,
             T::Directory => RawKind::Dir,
-            T::Symlink => RawKind::Symlink(link.ok_or_else(|| bad("symlink without target".into()))?),
+            T::Symlink => {
+                RawKind::Symlink(link.ok_or_else(|| bad("symlink without target".into()))?)
+            }
             T::Link => {
                 let target = link.ok_or_else(|| bad("hardlink without target".into()))?;
-                let target = normalize(&target).map_err(|m| bad(format!("hardlink target: {m}")))?;
+                let target =
+                    normalize(&target).map_err(|m| bad(format!("hardlink target: {m}")))?;
                 if target.is_empty() {
                     return Err(bad("hardlink to the root".into()));
                 }
@@ -316,7 +336,12 @@ fn walk_tar(stream: &Rc<RefCell<LayerStream>>, out: &mut Vec<RawEntry>) -> Resul
             T::Block => RawKind::BlockDevice,
             T::Fifo => RawKind::Fifo,
             T::GNUSparse => return Err(bad("GNU sparse files are not supported".into())),
-            other => return Err(bad(format!("unsupported tar entry type {:?}", other.as_byte() as char))),
+            other => {
+                return Err(bad(format!(
+                    "unsupported tar entry type {:?}",
+                    other.as_byte() as char
+                )))
+            }
         };
         if e.path.is_empty() && e.kind != RawKind::Dir {
             return Err(bad("the root must be a directory".into()));
@@ -334,7 +359,9 @@ fn walk_tar(stream: &Rc<RefCell<LayerStream>>, out: &mut Vec<RawEntry>) -> Resul
                 let mut in_chunk = 0u64;
                 let mut total = 0u64;
                 loop {
-                    let n = entry.read(&mut buf).map_err(|e| bad(format!("reading content: {e}")))?;
+                    let n = entry
+                        .read(&mut buf)
+                        .map_err(|e| bad(format!("reading content: {e}")))?;
                     if n == 0 {
                         break;
                     }
@@ -356,7 +383,9 @@ fn walk_tar(stream: &Rc<RefCell<LayerStream>>, out: &mut Vec<RawEntry>) -> Resul
                     }
                 }
                 if total != size {
-                    return Err(bad(format!("content is {total} bytes but the header says {size}")));
+                    return Err(bad(format!(
+                        "content is {total} bytes but the header says {size}"
+                    )));
                 }
                 if size > CHUNK_SIZE && in_chunk > 0 {
                     e.chunks.push(chunk.finalize().into());

@@ -59,7 +59,11 @@ fn show(path: &[u8]) -> String {
 impl Tree {
     /// An empty tree whose synthesized directories get time `created`.
     pub fn new(created: i64) -> Tree {
-        let mut t = Tree { nodes: Vec::new(), next_inode: 0, created };
+        let mut t = Tree {
+            nodes: Vec::new(),
+            next_inode: 0,
+            created,
+        };
         let root = t.synthetic_dir();
         t.nodes.push(root);
         t
@@ -148,11 +152,19 @@ impl Tree {
         let mut node = match &e.kind {
             RawKind::Hardlink(target) => {
                 let t = self.find(target).ok_or_else(|| {
-                    BuildError::Merge(format!("hardlink {} points at {}, which does not exist", show(&e.path), show(target)))
+                    BuildError::Merge(format!(
+                        "hardlink {} points at {}, which does not exist",
+                        show(&e.path),
+                        show(target)
+                    ))
                 })?;
                 let tn = &self.nodes[t];
                 if tn.kind == Kind::Dir {
-                    return Err(BuildError::Merge(format!("hardlink {} points at directory {}", show(&e.path), show(target))));
+                    return Err(BuildError::Merge(format!(
+                        "hardlink {} points at directory {}",
+                        show(&e.path),
+                        show(target)
+                    )));
                 }
                 tn.clone()
             }
@@ -247,7 +259,10 @@ impl Tree {
         let mut groups: HashMap<u64, Vec<u32>> = HashMap::new();
         for (i, (id, _, _)) in order.iter().enumerate() {
             if self.nodes[*id].kind == Kind::File {
-                groups.entry(self.nodes[*id].inode).or_default().push(i as u32);
+                groups
+                    .entry(self.nodes[*id].inode)
+                    .or_default()
+                    .push(i as u32);
             }
         }
         let mut entries = Vec::with_capacity(order.len());
@@ -277,7 +292,9 @@ impl Tree {
                 xattr_count: 0,
                 ..Default::default()
             };
-            let group = groups.get(&n.inode).filter(|g| g.len() > 1 && g[0] != i as u32);
+            let group = groups
+                .get(&n.inode)
+                .filter(|g| g.len() > 1 && g[0] != i as u32);
             if let Some(group) = group {
                 // Another name of an inode held by an earlier entry: fixed-size attributes
                 // are copied, content location, chunk hashes and xattrs live only there.
@@ -294,14 +311,21 @@ impl Tree {
             if !n.xattrs.is_empty() {
                 e.first_xattr = xattrs.len() as u32;
                 e.xattr_count = n.xattrs.len() as u32;
-                xattrs.extend(n.xattrs.iter().map(|(k, v)| Xattr { name: k.clone(), value: v.clone() }));
+                xattrs.extend(n.xattrs.iter().map(|(k, v)| Xattr {
+                    name: k.clone(),
+                    value: v.clone(),
+                }));
             }
             if e.child_count == 0 {
                 e.first_child = NONE;
             }
             match n.kind {
                 Kind::Dir => {
-                    let subdirs = n.children.values().filter(|&&c| self.nodes[c].kind == Kind::Dir).count();
+                    let subdirs = n
+                        .children
+                        .values()
+                        .filter(|&&c| self.nodes[c].kind == Kind::Dir)
+                        .count();
                     e.nlink = 2 + subdirs as u32;
                 }
                 Kind::Symlink => e.size = n.link_target.len() as u64,
@@ -323,6 +347,10 @@ impl Tree {
             }
             entries.push(e);
         }
-        Ok(Flat { entries, xattrs, chunk_hashes: chunks })
+        Ok(Flat {
+            entries,
+            xattrs,
+            chunk_hashes: chunks,
+        })
     }
 }

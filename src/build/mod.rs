@@ -52,14 +52,22 @@ pub struct Built {
 }
 
 /// Resolve `reference` in `source` and index the image.
-pub fn build(source: &dyn Source, reference: &str, opts: &BuildOptions) -> Result<Built, BuildError> {
+pub fn build(
+    source: &dyn Source,
+    reference: &str,
+    opts: &BuildOptions,
+) -> Result<Built, BuildError> {
     let platform = opts.platform.clone().unwrap_or_else(Platform::host);
     let image = oci::resolve(source, reference, &platform)?;
     build_resolved(source, &image, opts)
 }
 
 /// Index an already resolved image.
-pub fn build_resolved(source: &dyn Source, image: &ResolvedImage, opts: &BuildOptions) -> Result<Built, BuildError> {
+pub fn build_resolved(
+    source: &dyn Source,
+    image: &ResolvedImage,
+    opts: &BuildOptions,
+) -> Result<Built, BuildError> {
     let multi = indicatif::MultiProgress::new();
     let bars: Vec<indicatif::ProgressBar> = image
         .layers
@@ -99,7 +107,11 @@ pub fn build_resolved(source: &dyn Source, image: &ResolvedImage, opts: &BuildOp
         layers.push(layer);
         tree.apply(i as u32, r)?;
     }
-    let merge::Flat { entries, xattrs, chunk_hashes } = tree.flatten()?;
+    let merge::Flat {
+        entries,
+        xattrs,
+        chunk_hashes,
+    } = tree.flatten()?;
     let index = Index {
         image: Image {
             created: image.created,

@@ -29,7 +29,10 @@ pub struct CheckpointPolicy {
 
 impl Default for CheckpointPolicy {
     fn default() -> Self {
-        CheckpointPolicy { interval: 2 << 20, large_file: 512 << 10 }
+        CheckpointPolicy {
+            interval: 2 << 20,
+            large_file: 512 << 10,
+        }
     }
 }
 
@@ -93,10 +96,16 @@ impl LayerStream {
                         (hex(blob), hex(tar))
                     })
                     .expect("spawning a thread");
-                let mut hashing = HashingReader { inner: blob, digest: htx.clone(), count: 0, progress: pb };
+                let mut hashing = HashingReader {
+                    inner: blob,
+                    digest: htx.clone(),
+                    count: 0,
+                    progress: pb,
+                };
                 let send = |data: Vec<u8>, boundaries: Vec<Boundary>| -> bool {
                     let data = Arc::new(data);
-                    htx.send(Hashed::Tar(data.clone())).is_ok() && tx.send(Ok(Chunk { data, boundaries })).is_ok()
+                    htx.send(Hashed::Tar(data.clone())).is_ok()
+                        && tx.send(Ok(Chunk { data, boundaries })).is_ok()
                 };
                 let result: Result<(), BuildError> = (|| {
                     match compression {
@@ -134,14 +143,19 @@ impl LayerStream {
                 let compressed_size = hashing.count;
                 drop(hashing);
                 drop(htx);
-                let (digest, diff_id) =
-                    hasher.join().map_err(|_| BuildError::Layer("the hashing thread panicked".into()))?;
+                let (digest, diff_id) = hasher
+                    .join()
+                    .map_err(|_| BuildError::Layer("the hashing thread panicked".into()))?;
                 if let Err(e) = result {
                     let msg = e.to_string();
                     let _ = tx.send(Err(e));
                     return Err(BuildError::Layer(msg));
                 }
-                Ok(ProducerEnd { compressed_size, digest, diff_id })
+                Ok(ProducerEnd {
+                    compressed_size,
+                    digest,
+                    diff_id,
+                })
             })
             .expect("spawning a thread");
         LayerStream {
@@ -221,7 +235,9 @@ impl LayerStream {
                 break;
             }
             self.pending.pop_front();
-            let since = self.last_checkpoint_out().map(|l| b.out_offset.saturating_sub(l));
+            let since = self
+                .last_checkpoint_out()
+                .map(|l| b.out_offset.saturating_sub(l));
             let due = match since {
                 None => true,
                 Some(0) => false,
@@ -245,7 +261,9 @@ impl LayerStream {
             return;
         }
         let pos = self.position();
-        let far = self.last_checkpoint_out().is_none_or(|l| pos - l >= self.policy.large_file);
+        let far = self
+            .last_checkpoint_out()
+            .is_none_or(|l| pos - l >= self.policy.large_file);
         if far {
             if let Some(b) = self.candidate.take() {
                 if let Some(w) = self.window_before(b.out_offset) {
@@ -290,7 +308,12 @@ impl LayerStream {
             match self.read(&mut sink) {
                 Ok(0) => break,
                 Ok(_) => {}
-                Err(e) => return Err(self.error.take().unwrap_or(BuildError::Layer(e.to_string()))),
+                Err(e) => {
+                    return Err(self
+                        .error
+                        .take()
+                        .unwrap_or(BuildError::Layer(e.to_string())))
+                }
             }
         }
         let producer = self.producer.take().expect("finish is called once");

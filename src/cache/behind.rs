@@ -27,25 +27,44 @@ pub struct WriteBehind {
 impl WriteBehind {
     /// Wrap `inner`, letting at most `budget` bytes wait in memory.
     pub fn new(inner: Arc<dyn Tier>, budget: u64) -> std::io::Result<WriteBehind> {
-        let pending = Arc::new(Pending { pieces: Mutex::new(HashMap::new()), bytes: AtomicU64::new(0) });
+        let pending = Arc::new(Pending {
+            pieces: Mutex::new(HashMap::new()),
+            bytes: AtomicU64::new(0),
+        });
         let (tx, rx) = channel::<[u8; 32]>();
         let (p, t) = (pending.clone(), inner.clone());
-        let worker = std::thread::Builder::new().name("clip-cache-writer".into()).spawn(move || {
-            // Writing is never what a reading process waits for (pending pieces are served
-            // from memory), so it gets the CPU after the threads serving reads.
-            if let Err(e) = crate::raw::sched::set_current_thread_nice(19) {
-                tracing::debug!(error = %e, "cannot lower the cache writer's priority");
-            }
-            for key in rx {
-                let piece = p.pieces.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
-                if let Some(piece) = piece {
-                    t.put(&key, &piece);
-                    p.pieces.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
-                    p.bytes.fetch_sub(piece.len() as u64, Ordering::Relaxed);
+        let worker = std::thread::Builder::new()
+            .name("clip-cache-writer".into())
+            .spawn(move || {
+                // Writing is never what a reading process waits for (pending pieces are served
+                // from memory), so it gets the CPU after the threads serving reads.
+                if let Err(e) = crate::raw::sched::set_current_thread_nice(19) {
+                    tracing::debug!(error = %e, "cannot lower the cache writer's priority");
                 }
-            }
-        })?;
-        Ok(WriteBehind { inner, pending, budget, tx: Mutex::new(Some(tx)), worker: Mutex::new(Some(worker)) })
+                for key in rx {
+                    let piece = p
+                        .pieces
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&key)
+                        .cloned();
+                    if let Some(piece) = piece {
+                        t.put(&key, &piece);
+                        p.pieces
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&key);
+                        p.bytes.fetch_sub(piece.len() as u64, Ordering::Relaxed);
+                    }
+                }
+            })?;
+        Ok(WriteBehind {
+            inner,
+            pending,
+            budget,
+            tx: Mutex::new(Some(tx)),
+            worker: Mutex::new(Some(worker)),
+        })
     }
 
     /// Write everything still waiting and stop the writer.
@@ -63,7 +82,13 @@ impl Tier for WriteBehind {
     }
 
     fn get(&self, key: &[u8; 32]) -> Option<Vec<u8>> {
-        let waiting = self.pending.pieces.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned();
+        let waiting = self
+            .pending
+            .pieces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned();
         match waiting {
             Some(piece) => Some(piece.to_vec()),
             None => self.inner.get(key),
@@ -75,7 +100,11 @@ impl Tier for WriteBehind {
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let queued = match tx {
             Some(tx) if self.pending.bytes.load(Ordering::Relaxed) + len <= self.budget => {
-                let mut pieces = self.pending.pieces.lock().unwrap_or_else(|e| e.into_inner());
+                let mut pieces = self
+                    .pending
+                    .pieces
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 if pieces.contains_key(key) {
                     return;
                 }
@@ -92,8 +121,16 @@ impl Tier for WriteBehind {
     }
 
     fn remove(&self, key: &[u8; 32]) {
-        if let Some(p) = self.pending.pieces.lock().unwrap_or_else(|e| e.into_inner()).remove(key) {
-            self.pending.bytes.fetch_sub(p.len() as u64, Ordering::Relaxed);
+        if let Some(p) = self
+            .pending
+            .pieces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key)
+        {
+            self.pending
+                .bytes
+                .fetch_sub(p.len() as u64, Ordering::Relaxed);
         }
         self.inner.remove(key);
     }

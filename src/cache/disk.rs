@@ -70,7 +70,11 @@ impl Lru {
 }
 
 fn parse_key(name: &str) -> Option<[u8; 32]> {
-    if name.len() != 64 || !name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if name.len() != 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return None;
     }
     let mut key = [0u8; 32];
@@ -95,11 +99,21 @@ impl DiskCache {
         let mut found = Vec::new();
         for fan in fs::read_dir(root).map_err(err(root))?.flatten() {
             let fan_name = fan.file_name();
-            let Some(fan_name) = fan_name.to_str().filter(|n| n.len() == 2) else { continue };
-            let Ok(objects) = fs::read_dir(fan.path()) else { continue };
+            let Some(fan_name) = fan_name.to_str().filter(|n| n.len() == 2) else {
+                continue;
+            };
+            let Ok(objects) = fs::read_dir(fan.path()) else {
+                continue;
+            };
             for obj in objects.flatten() {
                 let name = obj.file_name();
-                let Some(key) = name.to_str().filter(|n| n.starts_with(fan_name)).and_then(parse_key) else { continue };
+                let Some(key) = name
+                    .to_str()
+                    .filter(|n| n.starts_with(fan_name))
+                    .and_then(parse_key)
+                else {
+                    continue;
+                };
                 let Ok(meta) = obj.metadata() else { continue };
                 let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
                 found.push((mtime, key, meta.len()));
@@ -169,7 +183,9 @@ impl DiskCache {
                     self.evictions.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => tracing::warn!(key = %hex::encode(key), error = %e, "cannot evict cache object"),
+                Err(e) => {
+                    tracing::warn!(key = %hex::encode(key), error = %e, "cannot evict cache object")
+                }
             }
         }
     }
@@ -186,7 +202,10 @@ impl DiskCache {
     fn write_object(&self, key: &[u8; 32], bytes: &[u8]) -> std::io::Result<()> {
         let hex = hex::encode(key);
         let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.root.join("tmp").join(format!("{hex}.{}.{seq}", std::process::id()));
+        let tmp = self
+            .root
+            .join("tmp")
+            .join(format!("{hex}.{}.{seq}", std::process::id()));
         let result = (|| {
             let mut f = File::create(&tmp)?;
             f.write_all(bytes)?;
@@ -211,7 +230,10 @@ impl Tier for DiskCache {
         match self.read_object(key) {
             Ok(bytes) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
-                self.lru.lock().expect("cache lock poisoned").touch(*key, bytes.len() as u64);
+                self.lru
+                    .lock()
+                    .expect("cache lock poisoned")
+                    .touch(*key, bytes.len() as u64);
                 Some(bytes)
             }
             Err(e) => {
@@ -229,16 +251,28 @@ impl Tier for DiskCache {
         if self.limit == 0 || bytes.len() as u64 > self.limit {
             return;
         }
-        if self.lru.lock().expect("cache lock poisoned").map.contains_key(key) && self.path_of(key).is_file() {
+        if self
+            .lru
+            .lock()
+            .expect("cache lock poisoned")
+            .map
+            .contains_key(key)
+            && self.path_of(key).is_file()
+        {
             return;
         }
         match self.write_object(key, bytes) {
             Ok(()) => {
                 self.stores.fetch_add(1, Ordering::Relaxed);
-                self.lru.lock().expect("cache lock poisoned").touch(*key, bytes.len() as u64);
+                self.lru
+                    .lock()
+                    .expect("cache lock poisoned")
+                    .touch(*key, bytes.len() as u64);
                 self.evict();
             }
-            Err(e) => tracing::warn!(dir = %self.root.display(), error = %e, "cannot write cache object"),
+            Err(e) => {
+                tracing::warn!(dir = %self.root.display(), error = %e, "cannot write cache object")
+            }
         }
     }
 
@@ -272,9 +306,16 @@ mod tests {
         assert_eq!(c.get(&k).as_deref(), Some(&b"hello"[..]));
         let hex = hex::encode(k);
         assert!(dir.path().join(&hex[..2]).join(&hex).is_file());
-        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "no temp files left");
+        assert_eq!(
+            fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0,
+            "no temp files left"
+        );
         let s = c.stats();
-        assert_eq!((s.hits, s.misses, s.stores, s.objects, s.bytes), (1, 1, 1, 1, 5));
+        assert_eq!(
+            (s.hits, s.misses, s.stores, s.objects, s.bytes),
+            (1, 1, 1, 1, 5)
+        );
     }
 
     #[test]
@@ -308,7 +349,11 @@ mod tests {
         let c = DiskCache::open(dir.path(), 2500).unwrap();
         let s = c.stats();
         assert_eq!((s.objects, s.bytes), (2, 2000));
-        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "temp files cleaned");
+        assert_eq!(
+            fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0,
+            "temp files cleaned"
+        );
     }
 
     #[test]

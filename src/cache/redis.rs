@@ -116,7 +116,11 @@ pub struct RedisArgs {
     /// Shared Redis Cluster cache instead of a single Redis: comma-separated seed nodes
     /// redis://[:PASSWORD@]HOST:PORT or rediss://… (all the same scheme and password; the other
     /// nodes are discovered), or set CLIP_REDIS_CLUSTER. Not together with --redis.
-    #[arg(long = "redis-cluster", value_name = "URL[,URL...]", value_delimiter = ',')]
+    #[arg(
+        long = "redis-cluster",
+        value_name = "URL[,URL...]",
+        value_delimiter = ','
+    )]
     pub cluster: Vec<String>,
     /// PEM CA certificate(s) to trust for rediss:// instead of the built-in public roots
     /// (or set CLIP_REDIS_CA_FILE).
@@ -146,9 +150,15 @@ impl RedisArgs {
     /// `--redis`, `CLIP_REDIS_URL`, `--redis-cluster`, `CLIP_REDIS_CLUSTER`). Giving both a
     /// single Redis and a cluster is an error.
     pub fn config(&self) -> Result<Option<RedisConfig>, RedisTierError> {
-        let single = self.url.clone().or_else(|| std::env::var(REDIS_URL_ENV).ok().filter(|u| !u.trim().is_empty()));
+        let single = self.url.clone().or_else(|| {
+            std::env::var(REDIS_URL_ENV)
+                .ok()
+                .filter(|u| !u.trim().is_empty())
+        });
         let seeds: Vec<String> = if self.cluster.is_empty() {
-            std::env::var(REDIS_CLUSTER_ENV).map(|v| split_seeds(&v)).unwrap_or_default()
+            std::env::var(REDIS_CLUSTER_ENV)
+                .map(|v| split_seeds(&v))
+                .unwrap_or_default()
         } else {
             self.cluster.iter().flat_map(|v| split_seeds(v)).collect()
         };
@@ -164,7 +174,11 @@ impl RedisArgs {
         };
         cfg.key_prefix = self.key_prefix.clone();
         cfg.ttl = match self.ttl {
-            Some(0) => return Err(RedisTierError::BadSetting("--redis-ttl must be at least 1 second (leave it out for no expiry)".into())),
+            Some(0) => {
+                return Err(RedisTierError::BadSetting(
+                    "--redis-ttl must be at least 1 second (leave it out for no expiry)".into(),
+                ))
+            }
             Some(s) => Some(Duration::from_secs(s)),
             None => None,
         };
@@ -178,12 +192,20 @@ impl RedisArgs {
 
 /// The non-empty, trimmed URLs of a comma-separated list.
 fn split_seeds(list: &str) -> Vec<String> {
-    list.split(',').map(str::trim).filter(|u| !u.is_empty()).map(String::from).collect()
+    list.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 /// The flag's path, else a non-empty environment variable.
 fn path_or_env(flag: &Option<PathBuf>, env: &str) -> Option<PathBuf> {
-    flag.clone().or_else(|| std::env::var_os(env).filter(|v| !v.is_empty()).map(PathBuf::from))
+    flag.clone().or_else(|| {
+        std::env::var_os(env)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    })
 }
 
 /// Default [`RedisConfig::max_value`]: one piece (1 MiB).
@@ -242,7 +264,9 @@ impl RedisConfig {
 
     /// The same defaults for the Redis Cluster reached through the seed URLs `seeds`.
     pub fn cluster(seeds: impl IntoIterator<Item = impl Into<String>>) -> RedisConfig {
-        RedisConfig::with_target(RedisTarget::Cluster(seeds.into_iter().map(Into::into).collect()))
+        RedisConfig::with_target(RedisTarget::Cluster(
+            seeds.into_iter().map(Into::into).collect(),
+        ))
     }
 
     fn with_target(target: RedisTarget) -> RedisConfig {
@@ -378,13 +402,20 @@ const SLOTS: u16 = 16384;
 fn key_slot(key: &[u8]) -> u16 {
     let tag = key.iter().position(|&b| b == b'{').and_then(|open| {
         let rest = &key[open + 1..];
-        rest.iter().position(|&b| b == b'}').filter(|&close| close > 0).map(|close| &rest[..close])
+        rest.iter()
+            .position(|&b| b == b'}')
+            .filter(|&close| close > 0)
+            .map(|close| &rest[..close])
     });
     let mut crc: u16 = 0;
     for &b in tag.unwrap_or(key) {
         crc ^= u16::from(b) << 8;
         for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
         }
     }
     crc % SLOTS
@@ -392,12 +423,18 @@ fn key_slot(key: &[u8]) -> u16 {
 
 /// The slot ranges of a `CLUSTER SLOTS` reply with the address of each range's primary.
 fn slot_owners(reply: &redis::Value) -> Vec<(u16, u16, String)> {
-    let redis::Value::Array(ranges) = reply else { return Vec::new() };
+    let redis::Value::Array(ranges) = reply else {
+        return Vec::new();
+    };
     let range = |r: &redis::Value| -> Option<(u16, u16, String)> {
-        let redis::Value::Array(fields) = r else { return None };
+        let redis::Value::Array(fields) = r else {
+            return None;
+        };
         let start = redis::from_redis_value_ref(fields.first()?).ok()?;
         let end = redis::from_redis_value_ref(fields.get(1)?).ok()?;
-        let redis::Value::Array(primary) = fields.get(2)? else { return None };
+        let redis::Value::Array(primary) = fields.get(2)? else {
+            return None;
+        };
         let host: String = redis::from_redis_value_ref(primary.first()?).ok()?;
         let port: u16 = redis::from_redis_value_ref(primary.get(1)?).ok()?;
         Some((start, end, format!("{host}:{port}")))
@@ -415,14 +452,23 @@ impl ClusterConn {
             self.owners = Some(slot_owners(&reply));
         }
         let owners = self.owners.as_deref().unwrap_or_default();
-        let mut groups: std::collections::BTreeMap<&str, redis::Pipeline> = std::collections::BTreeMap::new();
+        let mut groups: std::collections::BTreeMap<&str, redis::Pipeline> =
+            std::collections::BTreeMap::new();
         for (key, cmd) in sets {
             let slot = key_slot(key.as_bytes());
-            let owner = owners.iter().find(|(start, end, _)| (*start..=*end).contains(&slot)).map_or("", |(_, _, node)| node.as_str());
+            let owner = owners
+                .iter()
+                .find(|(start, end, _)| (*start..=*end).contains(&slot))
+                .map_or("", |(_, _, node)| node.as_str());
             groups.entry(owner).or_default().add_command(cmd.clone());
         }
         for pipe in groups.values() {
-            redis::ConnectionLike::req_packed_commands(&mut self.conn, &pipe.get_packed_pipeline(), 0, pipe.len())?;
+            redis::ConnectionLike::req_packed_commands(
+                &mut self.conn,
+                &pipe.get_packed_pipeline(),
+                0,
+                pipe.len(),
+            )?;
         }
         Ok(())
     }
@@ -459,7 +505,10 @@ impl Conn {
 struct TimedNode(redis::Connection);
 
 impl redis::cluster::Connect for TimedNode {
-    fn connect<T: redis::IntoConnectionInfo>(info: T, timeout: Option<Duration>) -> redis::RedisResult<TimedNode> {
+    fn connect<T: redis::IntoConnectionInfo>(
+        info: T,
+        timeout: Option<Duration>,
+    ) -> redis::RedisResult<TimedNode> {
         let client = redis::Client::open(info)?;
         let c = match timeout {
             Some(t) => client.get_connection_with_timeout(t)?,
@@ -492,7 +541,12 @@ impl redis::ConnectionLike for TimedNode {
         self.0.req_packed_command(cmd)
     }
 
-    fn req_packed_commands(&mut self, cmd: &[u8], offset: usize, count: usize) -> redis::RedisResult<Vec<redis::Value>> {
+    fn req_packed_commands(
+        &mut self,
+        cmd: &[u8],
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisResult<Vec<redis::Value>> {
         self.0.req_packed_commands(cmd, offset, count)
     }
 
@@ -545,12 +599,17 @@ impl Inner {
 
     fn backoff(&self, failures: u32) -> Duration {
         let shift = failures.saturating_sub(1).min(16);
-        self.cfg.retry_min.saturating_mul(1 << shift).min(self.cfg.retry_max)
+        self.cfg
+            .retry_min
+            .saturating_mul(1 << shift)
+            .min(self.cfg.retry_max)
     }
 
     /// Whether Redis is currently marked down (no state change).
     fn is_down(&self) -> bool {
-        lock(&self.breaker).retry_at.is_some_and(|t| Instant::now() < t)
+        lock(&self.breaker)
+            .retry_at
+            .is_some_and(|t| Instant::now() < t)
     }
 
     /// Whether to try Redis now. While down, the first caller after the retry time becomes
@@ -582,7 +641,10 @@ impl Inner {
         bump(&self.counters.errors, 1);
         // Errors about one key (wrong type), writes to a replica or a slot that moved since
         // the connection learnt the cluster's layout leave reads working.
-        if matches!(err.code(), Some("WRONGTYPE") | Some("READONLY") | Some("MOVED") | Some("ASK")) {
+        if matches!(
+            err.code(),
+            Some("WRONGTYPE") | Some("READONLY") | Some("MOVED") | Some("ASK")
+        ) {
             if !self.warned_key_error.swap(true, Ordering::Relaxed) {
                 tracing::warn!(redis = %self.shown_url, error = %err, "Redis {what} failed; check that clip has this Redis (or --redis-key-prefix) to itself and that it is a writable primary");
             } else {
@@ -593,8 +655,14 @@ impl Inner {
         lock(&self.pool).clear();
         let mut b = lock(&self.breaker);
         let now = Instant::now();
-        let same_outage = b.last_failure.is_some_and(|t| now.duration_since(t) < self.cfg.retry_max.saturating_mul(2));
-        b.failures = if same_outage { b.failures.saturating_add(1) } else { 1 };
+        let same_outage = b
+            .last_failure
+            .is_some_and(|t| now.duration_since(t) < self.cfg.retry_max.saturating_mul(2));
+        b.failures = if same_outage {
+            b.failures.saturating_add(1)
+        } else {
+            1
+        };
         b.last_failure = Some(now);
         let delay = self.backoff(b.failures);
         if b.failures == 1 {
@@ -653,7 +721,11 @@ impl Inner {
     }
 
     /// Run `f` on a pooled connection unless Redis is marked down.
-    fn with_connection<T>(&self, what: &str, f: impl FnOnce(&mut Conn) -> redis::RedisResult<T>) -> Outcome<T> {
+    fn with_connection<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&mut Conn) -> redis::RedisResult<T>,
+    ) -> Outcome<T> {
         if !self.allow() {
             return Outcome::Skipped;
         }
@@ -691,15 +763,24 @@ impl Inner {
                 (key, cmd)
             })
             .collect();
-        let stored = matches!(self.with_connection("write", |c| c.store(&sets)), Outcome::Done(()));
+        let stored = matches!(
+            self.with_connection("write", |c| c.store(&sets)),
+            Outcome::Done(())
+        );
         if stored {
             bump(&self.counters.writes_done, n);
-            bump(&self.counters.bytes_written, batch.iter().map(|(_, v)| v.len() as u64).sum());
+            bump(
+                &self.counters.bytes_written,
+                batch.iter().map(|(_, v)| v.len() as u64).sum(),
+            );
         } else {
             bump(&self.counters.writes_dropped, n);
         }
         self.counters.pending.fetch_sub(n, Ordering::Relaxed);
-        self.counters.pending_bytes.fetch_sub(batch.iter().map(|(_, v)| v.len() as u64).sum(), Ordering::Relaxed);
+        self.counters.pending_bytes.fetch_sub(
+            batch.iter().map(|(_, v)| v.len() as u64).sum(),
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -724,8 +805,16 @@ fn writer(inner: Arc<Inner>, rx: Receiver<Write>) {
 /// Whether `url` asks for TLS; errors for schemes clip does not use (`cluster`: a seed of
 /// `--redis-cluster`).
 fn url_tls(url: &str, shown_url: &str, cluster: bool) -> Result<bool, RedisTierError> {
-    let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase()).unwrap_or_default();
-    let bad = |reason: &str| Err(RedisTierError::BadUrl { url: shown_url.to_string(), reason: reason.into() });
+    let scheme = url
+        .split_once("://")
+        .map(|(s, _)| s.to_ascii_lowercase())
+        .unwrap_or_default();
+    let bad = |reason: &str| {
+        Err(RedisTierError::BadUrl {
+            url: shown_url.to_string(),
+            reason: reason.into(),
+        })
+    };
     match scheme.as_str() {
         "redis" => Ok(false),
         "rediss" => Ok(true),
@@ -752,10 +841,14 @@ fn refuse_insecure(info: &redis::ConnectionInfo, shown_url: &str) -> Result<(), 
 fn node_backend(url: &str, cfg: &RedisConfig) -> Result<(Backend, String, bool), RedisTierError> {
     let shown_url = redact_url(url);
     let tls = url_tls(url, &shown_url, false)?;
-    let client = redis::Client::open(url).map_err(|e| RedisTierError::BadUrl { url: shown_url.clone(), reason: e.to_string() })?;
+    let client = redis::Client::open(url).map_err(|e| RedisTierError::BadUrl {
+        url: shown_url.clone(),
+        reason: e.to_string(),
+    })?;
     refuse_insecure(client.get_connection_info(), &shown_url)?;
     let client = match tls_certificates(cfg, tls)? {
-        Some(certs) => redis::Client::build_with_tls(client.get_connection_info().clone(), certs).map_err(|e| RedisTierError::BadTls(e.to_string()))?,
+        Some(certs) => redis::Client::build_with_tls(client.get_connection_info().clone(), certs)
+            .map_err(|e| RedisTierError::BadTls(e.to_string()))?,
         None => client,
     };
     Ok((Backend::Node(client), shown_url, tls))
@@ -765,8 +858,15 @@ fn node_backend(url: &str, cfg: &RedisConfig) -> Result<(Backend, String, bool),
 /// connections use the configured timeouts; a command follows one `MOVED`/`ASK` redirect
 /// or retries once after a short wait, so a FUSE read waits at most about two command
 /// timeouts.
-fn cluster_backend(seeds: &[String], cfg: &RedisConfig) -> Result<(Backend, String, bool), RedisTierError> {
-    let shown_url = seeds.iter().map(|u| redact_url(u)).collect::<Vec<_>>().join(",");
+fn cluster_backend(
+    seeds: &[String],
+    cfg: &RedisConfig,
+) -> Result<(Backend, String, bool), RedisTierError> {
+    let shown_url = seeds
+        .iter()
+        .map(|u| redact_url(u))
+        .collect::<Vec<_>>()
+        .join(",");
     if seeds.is_empty() {
         return Err(RedisTierError::BadSetting("--redis-cluster needs at least one seed URL, e.g. redis://10.0.0.1:6379,redis://10.0.0.2:6379".into()));
     }
@@ -778,10 +878,19 @@ fn cluster_backend(seeds: &[String], cfg: &RedisConfig) -> Result<(Backend, Stri
             return Err(RedisTierError::BadUrl { url: shown_url, reason: "the seed nodes mix redis:// and rediss://; give every seed with the scheme the cluster speaks".into() });
         }
         tls = Some(seed_tls);
-        let info = redis::IntoConnectionInfo::into_connection_info(seed.as_str()).map_err(|e| RedisTierError::BadUrl { url: shown.clone(), reason: e.to_string() })?;
+        let info = redis::IntoConnectionInfo::into_connection_info(seed.as_str()).map_err(|e| {
+            RedisTierError::BadUrl {
+                url: shown.clone(),
+                reason: e.to_string(),
+            }
+        })?;
         refuse_insecure(&info, &shown)?;
         if info.redis_settings().db() != 0 {
-            return Err(RedisTierError::BadUrl { url: shown, reason: "a Redis Cluster only has database 0; drop the /DB from the seed URLs".into() });
+            return Err(RedisTierError::BadUrl {
+                url: shown,
+                reason: "a Redis Cluster only has database 0; drop the /DB from the seed URLs"
+                    .into(),
+            });
         }
     }
     let tls = tls.unwrap_or(false);
@@ -793,9 +902,15 @@ fn cluster_backend(seeds: &[String], cfg: &RedisConfig) -> Result<(Backend, Stri
             .min_retry_wait(10)
             .max_retry_wait(50)
     };
-    let client = builder().build().map_err(|e| RedisTierError::BadUrl { url: shown_url.clone(), reason: e.to_string() })?;
+    let client = builder().build().map_err(|e| RedisTierError::BadUrl {
+        url: shown_url.clone(),
+        reason: e.to_string(),
+    })?;
     let client = match tls_certificates(cfg, tls)? {
-        Some(certs) => builder().certs(certs).build().map_err(|e| RedisTierError::BadTls(e.to_string()))?,
+        Some(certs) => builder()
+            .certs(certs)
+            .build()
+            .map_err(|e| RedisTierError::BadTls(e.to_string()))?,
         None => client,
     };
     Ok((Backend::Cluster(client), shown_url, tls))
@@ -803,7 +918,10 @@ fn cluster_backend(seeds: &[String], cfg: &RedisConfig) -> Result<(Backend, Stri
 
 /// Read the TLS files of `cfg`, if any. They are only allowed with a `rediss://` URL, and a
 /// client certificate needs its key (and the other way round).
-fn tls_certificates(cfg: &RedisConfig, tls: bool) -> Result<Option<redis::TlsCertificates>, RedisTierError> {
+fn tls_certificates(
+    cfg: &RedisConfig,
+    tls: bool,
+) -> Result<Option<redis::TlsCertificates>, RedisTierError> {
     if !tls {
         if cfg.ca_file.is_some() || cfg.client_cert.is_some() || cfg.client_key.is_some() {
             return Err(RedisTierError::BadSetting(
@@ -812,31 +930,53 @@ fn tls_certificates(cfg: &RedisConfig, tls: bool) -> Result<Option<redis::TlsCer
         }
         return Ok(None);
     }
-    let read = |what: &'static str, path: &Path| std::fs::read(path).map_err(|source| RedisTierError::TlsFile { what, path: path.to_path_buf(), source });
+    let read = |what: &'static str, path: &Path| {
+        std::fs::read(path).map_err(|source| RedisTierError::TlsFile {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })
+    };
     let root_cert = match &cfg.ca_file {
         Some(p) => {
             let pem = read("CA file", p)?;
             if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
-                return Err(RedisTierError::BadTls(format!("the CA file {} holds no PEM certificate", p.display())));
+                return Err(RedisTierError::BadTls(format!(
+                    "the CA file {} holds no PEM certificate",
+                    p.display()
+                )));
             }
             Some(pem)
         }
         None => None,
     };
     let client_tls = match (&cfg.client_cert, &cfg.client_key) {
-        (Some(c), Some(k)) => Some(redis::ClientTlsConfig { client_cert: read("client certificate", c)?, client_key: read("client key", k)? }),
+        (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
+            client_cert: read("client certificate", c)?,
+            client_key: read("client key", k)?,
+        }),
         (None, None) => None,
-        _ => return Err(RedisTierError::BadSetting("--redis-client-cert and --redis-client-key go together; give both or neither".into())),
+        _ => {
+            return Err(RedisTierError::BadSetting(
+                "--redis-client-cert and --redis-client-key go together; give both or neither"
+                    .into(),
+            ))
+        }
     };
     if root_cert.is_none() && client_tls.is_none() {
         return Ok(None);
     }
-    Ok(Some(redis::TlsCertificates { client_tls, root_cert }))
+    Ok(Some(redis::TlsCertificates {
+        client_tls,
+        root_cert,
+    }))
 }
 
 /// Mask the password of a Redis URL for logs.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => rest.split_at(i),
         None => (rest, ""),
@@ -864,7 +1004,9 @@ impl RedisTier {
     /// bad URL or settings.
     pub fn connect(cfg: RedisConfig) -> Result<RedisTier, RedisTierError> {
         if cfg.max_value == 0 || cfg.queue_bytes == 0 {
-            return Err(RedisTierError::BadSetting("the Redis max value size and queue capacity must be at least 1".into()));
+            return Err(RedisTierError::BadSetting(
+                "the Redis max value size and queue capacity must be at least 1".into(),
+            ));
         }
         let (backend, shown_url, tls) = match &cfg.target {
             RedisTarget::Node(url) => node_backend(url, &cfg)?,
@@ -886,10 +1028,21 @@ impl RedisTier {
             .name("clip-redis-writer".into())
             .spawn(move || writer(w, rx))
             .map_err(RedisTierError::Thread)?;
-        let tier = RedisTier { inner, tx: Mutex::new(Some(tx)), worker: Mutex::new(Some(worker)) };
-        match tier.inner.with_connection("PING", |c| c.query::<redis::Value>(&redis::cmd("PING"))) {
-            Outcome::Done(_) => tracing::info!(redis = %tier.inner.shown_url, "using Redis as a shared cache tier"),
-            Outcome::Skipped | Outcome::Failed => tracing::info!(redis = %tier.inner.shown_url, "starting without Redis; it is used as soon as a retry reaches it"),
+        let tier = RedisTier {
+            inner,
+            tx: Mutex::new(Some(tx)),
+            worker: Mutex::new(Some(worker)),
+        };
+        match tier
+            .inner
+            .with_connection("PING", |c| c.query::<redis::Value>(&redis::cmd("PING")))
+        {
+            Outcome::Done(_) => {
+                tracing::info!(redis = %tier.inner.shown_url, "using Redis as a shared cache tier")
+            }
+            Outcome::Skipped | Outcome::Failed => {
+                tracing::info!(redis = %tier.inner.shown_url, "starting without Redis; it is used as soon as a retry reaches it")
+            }
         }
         Ok(tier)
     }
@@ -949,9 +1102,9 @@ impl Tier for RedisTier {
         let end = self.inner.cfg.max_value as u64;
         // GETRANGE bounds the reply to max_value + 1 bytes; an oversized value comes back
         // truncated, fails verification and is deleted by the caller's `remove`.
-        let got = self
-            .inner
-            .with_connection("read", |con| con.query::<Vec<u8>>(redis::cmd("GETRANGE").arg(&k).arg(0).arg(end)));
+        let got = self.inner.with_connection("read", |con| {
+            con.query::<Vec<u8>>(redis::cmd("GETRANGE").arg(&k).arg(0).arg(end))
+        });
         match got {
             Outcome::Skipped => {
                 bump(&c.bypassed, 1);
@@ -1010,7 +1163,8 @@ impl Tier for RedisTier {
         bump(&self.inner.counters.verify_failures, 1);
         let k = self.inner.key(key);
         tracing::warn!(redis = %self.inner.shown_url, key = %k, "Redis held wrong bytes for this key; deleting it");
-        self.inner.with_connection("delete", |c| c.query::<i64>(redis::cmd("DEL").arg(&k)));
+        self.inner
+            .with_connection("delete", |c| c.query::<i64>(redis::cmd("DEL").arg(&k)));
     }
 }
 
@@ -1032,18 +1186,36 @@ mod tests {
 
     #[test]
     fn redacts_passwords() {
-        assert_eq!(redact_url("redis://:secret@host:6379/2"), "redis://:***@host:6379/2");
-        assert_eq!(redact_url("redis://user:secret@host/0"), "redis://user:***@host/0");
+        assert_eq!(
+            redact_url("redis://:secret@host:6379/2"),
+            "redis://:***@host:6379/2"
+        );
+        assert_eq!(
+            redact_url("redis://user:secret@host/0"),
+            "redis://user:***@host/0"
+        );
         assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
     }
 
     #[test]
     fn rejects_cluster_insecure_tls_and_other_schemes_with_advice() {
-        let e = RedisTier::connect(RedisConfig::new("redis+cluster://h:1")).err().unwrap().to_string();
+        let e = RedisTier::connect(RedisConfig::new("redis+cluster://h:1"))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("--redis-cluster"), "{e}");
-        let e = RedisTier::connect(RedisConfig::new("rediss://:pw@h:1/0#insecure")).err().unwrap().to_string();
-        assert!(e.contains("#insecure") && e.contains("--redis-ca-file") && !e.contains("pw@"), "{e}");
-        let e = RedisTier::connect(RedisConfig::new("http://h:1")).err().unwrap().to_string();
+        let e = RedisTier::connect(RedisConfig::new("rediss://:pw@h:1/0#insecure"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("#insecure") && e.contains("--redis-ca-file") && !e.contains("pw@"),
+            "{e}"
+        );
+        let e = RedisTier::connect(RedisConfig::new("http://h:1"))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("redis://") && e.contains("rediss://"), "{e}");
     }
 
@@ -1069,17 +1241,41 @@ mod tests {
         assert!(e.contains("no PEM certificate"), "{e}");
         let e = tls(None, Some(&not_pem), None, "rediss://127.0.0.1:1/0").unwrap();
         assert!(e.contains("give both or neither"), "{e}");
-        let e = tls(None, Some(&not_pem), Some(&not_pem), "rediss://127.0.0.1:1/0").unwrap();
+        let e = tls(
+            None,
+            Some(&not_pem),
+            Some(&not_pem),
+            "rediss://127.0.0.1:1/0",
+        )
+        .unwrap();
         assert!(e.contains("PEM private key"), "{e}");
-        assert_eq!(tls(None, None, None, "rediss://127.0.0.1:1/0"), None, "rediss:// without files uses the built-in roots");
+        assert_eq!(
+            tls(None, None, None, "rediss://127.0.0.1:1/0"),
+            None,
+            "rediss:// without files uses the built-in roots"
+        );
     }
 
     #[test]
     fn args_take_the_url_from_the_flag_or_the_environment() {
         let _env = lock(&ENV);
-        let mut a = RedisArgs { url: Some("redis://h:1/2".into()), key_prefix: "p:".into(), ttl: Some(60), max_value: 4096, ..RedisArgs::default() };
+        let mut a = RedisArgs {
+            url: Some("redis://h:1/2".into()),
+            key_prefix: "p:".into(),
+            ttl: Some(60),
+            max_value: 4096,
+            ..RedisArgs::default()
+        };
         let c = a.config().unwrap().unwrap();
-        assert_eq!((&c.target, c.key_prefix.as_str(), c.ttl, c.max_value), (&RedisTarget::Node("redis://h:1/2".into()), "p:", Some(Duration::from_secs(60)), 4096));
+        assert_eq!(
+            (&c.target, c.key_prefix.as_str(), c.ttl, c.max_value),
+            (
+                &RedisTarget::Node("redis://h:1/2".into()),
+                "p:",
+                Some(Duration::from_secs(60)),
+                4096
+            )
+        );
         a.ttl = Some(0);
         assert!(a.config().unwrap_err().to_string().contains("--redis-ttl"));
         a.url = None;
@@ -1087,8 +1283,14 @@ mod tests {
         std::env::set_var(REDIS_URL_ENV, "redis://:pw@env-host:7/0");
         let c = a.config().unwrap().unwrap();
         std::env::remove_var(REDIS_URL_ENV);
-        assert_eq!(c.target, RedisTarget::Node("redis://:pw@env-host:7/0".into()));
-        assert!(a.config().unwrap().is_none(), "no flag and no environment: no Redis tier");
+        assert_eq!(
+            c.target,
+            RedisTarget::Node("redis://:pw@env-host:7/0".into())
+        );
+        assert!(
+            a.config().unwrap().is_none(),
+            "no flag and no environment: no Redis tier"
+        );
         a.url = Some("rediss://h:1/0".into());
         a.client_key = Some("/flag/key.pem".into());
         std::env::set_var(REDIS_CA_FILE_ENV, "/env/ca.pem");
@@ -1097,19 +1299,32 @@ mod tests {
         std::env::remove_var(REDIS_CA_FILE_ENV);
         std::env::remove_var(REDIS_CLIENT_KEY_ENV);
         assert_eq!(c.ca_file.as_deref(), Some(Path::new("/env/ca.pem")));
-        assert_eq!(c.client_key.as_deref(), Some(Path::new("/flag/key.pem")), "the flag wins over the environment");
+        assert_eq!(
+            c.client_key.as_deref(),
+            Some(Path::new("/flag/key.pem")),
+            "the flag wins over the environment"
+        );
         assert_eq!(c.client_cert, None);
     }
 
     #[test]
     fn cluster_seeds_come_from_the_flag_or_the_environment_and_do_not_mix_with_redis() {
         let _env = lock(&ENV);
-        let mut a = RedisArgs { cluster: vec!["redis://a:1".into(), " redis://b:2 ,".into()], ..RedisArgs::default() };
+        let mut a = RedisArgs {
+            cluster: vec!["redis://a:1".into(), " redis://b:2 ,".into()],
+            ..RedisArgs::default()
+        };
         let c = a.config().unwrap().unwrap();
-        assert_eq!(c.target, RedisTarget::Cluster(vec!["redis://a:1".into(), "redis://b:2".into()]));
+        assert_eq!(
+            c.target,
+            RedisTarget::Cluster(vec!["redis://a:1".into(), "redis://b:2".into()])
+        );
         a.url = Some("redis://h:1/0".into());
         let e = a.config().unwrap_err().to_string();
-        assert!(e.contains("--redis ") && e.contains("--redis-cluster") && e.contains("keep one"), "{e}");
+        assert!(
+            e.contains("--redis ") && e.contains("--redis-cluster") && e.contains("keep one"),
+            "{e}"
+        );
         a.cluster.clear();
         std::env::set_var(REDIS_CLUSTER_ENV, "redis://e:1,redis://f:2");
         let mixed = a.config().map(|_| ()).unwrap_err().to_string();
@@ -1117,12 +1332,19 @@ mod tests {
         let c = a.config().unwrap().unwrap();
         std::env::remove_var(REDIS_CLUSTER_ENV);
         assert!(mixed.contains("CLIP_REDIS_CLUSTER"), "{mixed}");
-        assert_eq!(c.target, RedisTarget::Cluster(vec!["redis://e:1".into(), "redis://f:2".into()]));
+        assert_eq!(
+            c.target,
+            RedisTarget::Cluster(vec!["redis://e:1".into(), "redis://f:2".into()])
+        );
     }
 
     #[test]
     fn cluster_seed_urls_are_checked_with_advice() {
-        let err = |seeds: &[&str]| RedisTier::connect(RedisConfig::cluster(seeds.iter().copied())).err().map(|e| e.to_string());
+        let err = |seeds: &[&str]| {
+            RedisTier::connect(RedisConfig::cluster(seeds.iter().copied()))
+                .err()
+                .map(|e| e.to_string())
+        };
         let e = err(&["redis+unix:///tmp/r.sock"]).unwrap();
         assert!(e.contains("over TCP"), "{e}");
         let e = err(&["redis://127.0.0.1:1", "rediss://127.0.0.1:2"]).unwrap();
@@ -1137,7 +1359,8 @@ mod tests {
         cfg.ca_file = Some("/nonexistent/ca.pem".into());
         let e = RedisTier::connect(cfg).err().unwrap().to_string();
         assert!(e.contains("only apply to rediss://"), "{e}");
-        let mut cfg = RedisConfig::cluster(["redis://:secret@127.0.0.1:1", "redis://:secret@127.0.0.1:2"]);
+        let mut cfg =
+            RedisConfig::cluster(["redis://:secret@127.0.0.1:1", "redis://:secret@127.0.0.1:2"]);
         cfg.connect_timeout = Duration::from_millis(20);
         let t = RedisTier::connect(cfg).unwrap();
         assert!(!t.is_up(), "no cluster listens on port 1");
@@ -1151,17 +1374,49 @@ mod tests {
         assert_eq!(key_slot(b"foo"), 12182);
         assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
         assert_eq!(key_slot(b"foo{{bar}}zap"), key_slot(b"{bar"));
-        for key in [&b"clip:"[..], b"{}x", b"foo{}{bar}", b"foo{{bar}}zap", b"a{b}c", b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"] {
-            assert_eq!(format!("{:?}", redis::cluster_routing::Slot::for_key(key)), format!("Slot({})", key_slot(key)), "{key:?}");
+        for key in [
+            &b"clip:"[..],
+            b"{}x",
+            b"foo{}{bar}",
+            b"foo{{bar}}zap",
+            b"a{b}c",
+            b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ] {
+            assert_eq!(
+                format!("{:?}", redis::cluster_routing::Slot::for_key(key)),
+                format!("Slot({})", key_slot(key)),
+                "{key:?}"
+            );
         }
     }
 
     #[test]
     fn cluster_slots_replies_are_parsed() {
         use redis::Value::{Array, BulkString, Int};
-        let node = |host: &str, port: i64| Array(vec![BulkString(host.into()), Int(port), BulkString(b"id".to_vec())]);
-        let reply = Array(vec![Array(vec![Int(0), Int(5460), node("10.0.0.1", 7000), node("10.0.0.4", 7003)]), Array(vec![Int(5461), Int(16383), node("10.0.0.2", 7001)]), Int(3)]);
-        assert_eq!(slot_owners(&reply), vec![(0, 5460, "10.0.0.1:7000".to_string()), (5461, 16383, "10.0.0.2:7001".to_string())]);
+        let node = |host: &str, port: i64| {
+            Array(vec![
+                BulkString(host.into()),
+                Int(port),
+                BulkString(b"id".to_vec()),
+            ])
+        };
+        let reply = Array(vec![
+            Array(vec![
+                Int(0),
+                Int(5460),
+                node("10.0.0.1", 7000),
+                node("10.0.0.4", 7003),
+            ]),
+            Array(vec![Int(5461), Int(16383), node("10.0.0.2", 7001)]),
+            Int(3),
+        ]);
+        assert_eq!(
+            slot_owners(&reply),
+            vec![
+                (0, 5460, "10.0.0.1:7000".to_string()),
+                (5461, 16383, "10.0.0.2:7001".to_string())
+            ]
+        );
         assert!(slot_owners(&Int(1)).is_empty());
     }
 
@@ -1173,6 +1428,9 @@ mod tests {
         assert_eq!(t.inner.backoff(1), Duration::from_millis(250));
         assert_eq!(t.inner.backoff(3), Duration::from_secs(1));
         assert_eq!(t.inner.backoff(40), Duration::from_secs(10));
-        assert!(!t.is_up(), "port 1 refuses connections, the tier must start down");
+        assert!(
+            !t.is_up(),
+            "port 1 refuses connections, the tier must start down"
+        );
     }
 }

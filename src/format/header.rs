@@ -91,7 +91,10 @@ impl Header {
             });
         }
         if h.reserved != [0; 8] {
-            return Err(FormatError::BadField { field: "reserved", value: 0 });
+            return Err(FormatError::BadField {
+                field: "reserved",
+                value: 0,
+            });
         }
         let end = h.payload_offset.checked_add(h.payload_len);
         match end {
@@ -105,7 +108,10 @@ impl Header {
             }
         }
         if h.payload_len > i32::MAX as u64 {
-            return Err(FormatError::BadField { field: "payload_len", value: h.payload_len });
+            return Err(FormatError::BadField {
+                field: "payload_len",
+                value: h.payload_len,
+            });
         }
         let windows_end = (h.payload_offset + h.payload_len).checked_add(h.windows_len);
         if windows_end.is_none_or(|end| end > file.len() as u64) {

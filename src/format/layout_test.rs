@@ -4,8 +4,8 @@
 
 use super::header::{Header, HEADER_SIZE};
 use super::types::{
-    ArchivedCheckpoint, ArchivedEntry, ArchivedImage, ArchivedIndex, ArchivedLayer, ArchivedXattr, Checkpoint,
-    Entry, Image, Index, Layer, Xattr,
+    ArchivedCheckpoint, ArchivedEntry, ArchivedImage, ArchivedIndex, ArchivedLayer, ArchivedXattr,
+    Checkpoint, Entry, Image, Index, Layer, Xattr,
 };
 use core::mem::{align_of, offset_of, size_of};
 use rkyv::vec::ArchivedVec;
@@ -39,7 +39,11 @@ fn vec_layout() {
     assert_eq!(&v[..3], &[7, 8, 9]);
     let off = i32::from_le_bytes(v[4..8].try_into().unwrap());
     let len = u32::from_le_bytes(v[8..12].try_into().unwrap());
-    assert_eq!((off, len), (-4, 3), "offset is relative to the offset field itself");
+    assert_eq!(
+        (off, len),
+        (-4, 3),
+        "offset is relative to the offset field itself"
+    );
 }
 
 #[test]
@@ -179,7 +183,15 @@ fn hand_decoding_matches_spec() {
             reserved: [0; 7],
         }],
         entries: vec![
-            Entry { name: vec![], kind: 1, first_child: 1, child_count: 1, nlink: 2, mode: 0o755, ..Default::default() },
+            Entry {
+                name: vec![],
+                kind: 1,
+                first_child: 1,
+                child_count: 1,
+                nlink: 2,
+                mode: 0o755,
+                ..Default::default()
+            },
             Entry {
                 name: b"a".to_vec(),
                 size: 0x0102030405060708,
@@ -192,7 +204,10 @@ fn hand_decoding_matches_spec() {
                 ..Default::default()
             },
         ],
-        xattrs: vec![Xattr { name: b"user.x".to_vec(), value: b"yes".to_vec() }],
+        xattrs: vec![Xattr {
+            name: b"user.x".to_vec(),
+            value: b"yes".to_vec(),
+        }],
         chunk_hashes: vec![[0x11; 32]],
         chunk_size: 1 << 20,
         reserved: 0,
@@ -224,8 +239,14 @@ fn hand_decoding_matches_spec() {
     let (cps, ncp) = vec_at(layers + 40);
     assert_eq!((ncp, cps % 8), (1, 0));
     assert_eq!(u64_at(cps), 3);
-    assert_eq!((u64_at(cps + 16), u64_at(cps + 24)), (0x1122334455, 0x0a0b0c0d0e0f1011));
-    assert_eq!((u32_at(cps + 32), u32_at(cps + 36), p[cps + 40], p[cps + 41]), (3, 3, 5, 0));
+    assert_eq!(
+        (u64_at(cps + 16), u64_at(cps + 24)),
+        (0x1122334455, 0x0a0b0c0d0e0f1011)
+    );
+    assert_eq!(
+        (u32_at(cps + 32), u32_at(cps + 36), p[cps + 40], p[cps + 41]),
+        (3, 3, 5, 0)
+    );
     let (entries, ne) = vec_at(root + 56);
     assert_eq!((ne, entries % 8), (2, 0));
     let e1 = entries + 136;
@@ -236,7 +257,10 @@ fn hand_decoding_matches_spec() {
     assert_eq!(u32_at(e1 + 120), u32::MAX);
     assert_eq!(u32_at(e1 + 128), 1);
     assert_eq!(p[e1 + 132], 0);
-    assert_eq!((u32_at(entries + 76), u32_at(entries + 80), p[entries + 132]), (1, 1, 1));
+    assert_eq!(
+        (u32_at(entries + 76), u32_at(entries + 80), p[entries + 132]),
+        (1, 1, 1)
+    );
     let (xs, nx) = vec_at(root + 64);
     assert_eq!(nx, 1);
     assert_eq!(bytes_at(xs), b"user.x");

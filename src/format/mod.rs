@@ -11,12 +11,15 @@
 
 pub mod error;
 pub mod header;
+#[cfg(test)]
+mod layout_test;
 pub mod read;
 pub mod types;
 mod verify;
-#[cfg(test)] mod layout_test;
 pub mod write;
 
 pub use error::FormatError;
 pub use read::{IndexFile, Piece};
-pub use types::{Checkpoint, Compression, Entry, Image, Index, Kind, Layer, Xattr, CHUNK_SIZE, NONE};
+pub use types::{
+    Checkpoint, Compression, Entry, Image, Index, Kind, Layer, Xattr, CHUNK_SIZE, NONE,
+};

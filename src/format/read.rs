@@ -3,7 +3,10 @@
 
 use super::error::FormatError;
 use super::header::{Header, HEADER_SIZE};
-use super::types::{ArchivedCheckpoint, ArchivedEntry, ArchivedIndex, ArchivedLayer, ArchivedXattr, Kind, CHUNK_SIZE, NONE};
+use super::types::{
+    ArchivedCheckpoint, ArchivedEntry, ArchivedIndex, ArchivedLayer, ArchivedXattr, Kind,
+    CHUNK_SIZE, NONE,
+};
 use crate::raw::mmap::{archived_index_unchecked, MappedFile};
 use std::path::Path;
 
@@ -33,7 +36,10 @@ impl IndexFile {
     /// speed over the payload only (checkpoint windows, most of a large index, are checked
     /// one by one when used). Use [`IndexFile::verify`] for full structural validation.
     pub fn open(path: &Path) -> Result<IndexFile, FormatError> {
-        let io = |source| FormatError::Io { path: path.display().to_string(), source };
+        let io = |source| FormatError::Io {
+            path: path.display().to_string(),
+            source,
+        };
         let map = MappedFile::open(path).map_err(io)?;
         IndexFile::from_backing(Backing::Mapped(map))
     }
@@ -50,7 +56,10 @@ impl IndexFile {
         let f = IndexFile { backing, header };
         let found = xxhash_rust::xxh3::xxh3_64(f.payload());
         if found != header.payload_xxh3 {
-            return Err(FormatError::Checksum { expected: header.payload_xxh3, found });
+            return Err(FormatError::Checksum {
+                expected: header.payload_xxh3,
+                found,
+            });
         }
         let idx = f.try_index()?;
         if idx.entries.len() as u64 != header.entry_count as u64 {
@@ -68,7 +77,9 @@ impl IndexFile {
             )));
         }
         if idx.entries.is_empty() {
-            return Err(FormatError::Invalid("entry table is empty (no root)".into()));
+            return Err(FormatError::Invalid(
+                "entry table is empty (no root)".into(),
+            ));
         }
         Ok(f)
     }
@@ -79,8 +90,9 @@ impl IndexFile {
     }
 
     fn try_index(&self) -> Result<&ArchivedIndex, FormatError> {
-        archived_index_unchecked(self.payload())
-            .ok_or_else(|| FormatError::Invalid("payload is too small or misaligned for the root object".into()))
+        archived_index_unchecked(self.payload()).ok_or_else(|| {
+            FormatError::Invalid("payload is too small or misaligned for the root object".into())
+        })
     }
 
     /// The header.
@@ -156,7 +168,9 @@ impl IndexFile {
         let end = first
             .checked_add(e.child_count.to_native())
             .filter(|&end| end <= self.entry_count())
-            .ok_or_else(|| FormatError::Invalid(format!("children of entry {dir} are out of range")))?;
+            .ok_or_else(|| {
+                FormatError::Invalid(format!("children of entry {dir} are out of range"))
+            })?;
         Ok(first..end)
     }
 
@@ -179,7 +193,10 @@ impl IndexFile {
     /// Resolve a path (`/`-separated, relative to the root; symlinks are not followed).
     pub fn resolve(&self, path: &[u8]) -> Result<Option<u32>, FormatError> {
         let mut cur = 0u32;
-        for comp in path.split(|&b| b == b'/').filter(|c| !c.is_empty() && *c != b".") {
+        for comp in path
+            .split(|&b| b == b'/')
+            .filter(|c| !c.is_empty() && *c != b".")
+        {
             match self.lookup(cur, comp)? {
                 Some(i) => cur = i,
                 None => return Ok(None),
@@ -199,7 +216,9 @@ impl IndexFile {
             cur = e.parent.to_native();
             guard += 1;
             if guard > self.entry_count() {
-                return Err(FormatError::Invalid(format!("parent chain of entry {i} loops")));
+                return Err(FormatError::Invalid(format!(
+                    "parent chain of entry {i} loops"
+                )));
             }
         }
         let mut out = Vec::new();
@@ -220,7 +239,9 @@ impl IndexFile {
             let t = e.hardlink_to.to_native();
             let te = self.entry(t)?;
             if te.kind != Kind::File as u8 {
-                return Err(FormatError::Invalid(format!("hardlink {i} points at non-file {t}")));
+                return Err(FormatError::Invalid(format!(
+                    "hardlink {i} points at non-file {t}"
+                )));
             }
             return Ok(t);
         }
@@ -250,53 +271,87 @@ impl IndexFile {
             return Ok(Vec::new());
         }
         if size <= CHUNK_SIZE {
-            return Ok(vec![Piece { offset: 0, len: size, sha256: e.sha256 }]);
+            return Ok(vec![Piece {
+                offset: 0,
+                len: size,
+                sha256: e.sha256,
+            }]);
         }
         let n = size.div_ceil(CHUNK_SIZE) as usize;
         let first = e.first_chunk.to_native();
         if first == NONE {
-            return Err(FormatError::Invalid(format!("entry {i} has no chunk hashes")));
+            return Err(FormatError::Invalid(format!(
+                "entry {i} has no chunk hashes"
+            )));
         }
         let hashes = self
             .index()
             .chunk_hashes
             .get(first as usize..first as usize + n)
-            .ok_or_else(|| FormatError::Invalid(format!("chunk hashes of entry {i} are out of range")))?;
+            .ok_or_else(|| {
+                FormatError::Invalid(format!("chunk hashes of entry {i} are out of range"))
+            })?;
         Ok(hashes
             .iter()
             .enumerate()
             .map(|(k, h)| {
                 let off = k as u64 * CHUNK_SIZE;
-                Piece { offset: off, len: (size - off).min(CHUNK_SIZE), sha256: *h }
+                Piece {
+                    offset: off,
+                    len: (size - off).min(CHUNK_SIZE),
+                    sha256: *h,
+                }
             })
             .collect())
     }
 
     /// The last checkpoint of `layer` at or before uncompressed offset `out`.
-    pub fn checkpoint_before(&self, layer: u32, out: u64) -> Result<Option<&ArchivedCheckpoint>, FormatError> {
+    pub fn checkpoint_before(
+        &self,
+        layer: u32,
+        out: u64,
+    ) -> Result<Option<&ArchivedCheckpoint>, FormatError> {
         let cps = &self.layer(layer)?.checkpoints;
         Ok(self.checkpoint_index_before(layer, out)?.map(|k| &cps[k]))
     }
 
     /// Number of the last checkpoint of `layer` at or before uncompressed offset `out`:
     /// the checkpoint interval holding `out`.
-    pub fn checkpoint_index_before(&self, layer: u32, out: u64) -> Result<Option<usize>, FormatError> {
+    pub fn checkpoint_index_before(
+        &self,
+        layer: u32,
+        out: u64,
+    ) -> Result<Option<usize>, FormatError> {
         let cps = &self.layer(layer)?.checkpoints;
-        Ok(cps.partition_point(|c| c.out_offset.to_native() <= out).checked_sub(1))
+        Ok(cps
+            .partition_point(|c| c.out_offset.to_native() <= out)
+            .checked_sub(1))
     }
 
     /// The compressed bytes of gzip layer `layer` that inflating the uncompressed range
     /// `[start, end)` reads: from checkpoint `k` (the one at or before `start`; one byte
     /// early when it starts inside a byte) to just past the first checkpoint at or after
     /// `end`, or to the end of the blob. `None` when no checkpoint precedes `start`.
-    pub fn compressed_span(&self, layer: u32, start: u64, end: u64) -> Result<Option<(usize, u64, u64)>, FormatError> {
+    pub fn compressed_span(
+        &self,
+        layer: u32,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<(usize, u64, u64)>, FormatError> {
         let l = self.layer(layer)?;
-        let Some(k) = self.checkpoint_index_before(layer, start)? else { return Ok(None) };
+        let Some(k) = self.checkpoint_index_before(layer, start)? else {
+            return Ok(None);
+        };
         let cp = &l.checkpoints[k];
         let from = cp.in_offset.to_native() - (cp.bits > 0) as u64;
         let size = l.compressed_size.to_native();
-        let next = l.checkpoints.partition_point(|c| c.out_offset.to_native() < end);
-        let to = l.checkpoints.get(next).map_or(size, |c| (c.in_offset.to_native() + 64).min(size));
+        let next = l
+            .checkpoints
+            .partition_point(|c| c.out_offset.to_native() < end);
+        let to = l
+            .checkpoints
+            .get(next)
+            .map_or(size, |c| (c.in_offset.to_native() + 64).min(size));
         Ok(Some((k, from.min(size), to.max(from.min(size)))))
     }
 
@@ -307,7 +362,11 @@ impl IndexFile {
         let cp = self.layer(layer)?.checkpoints.get(k).ok_or_else(|| {
             FormatError::Invalid(format!("checkpoint {k} of layer {layer} is out of range"))
         })?;
-        let bad = |problem| FormatError::Window { layer, checkpoint: k, problem };
+        let bad = |problem| FormatError::Window {
+            layer,
+            checkpoint: k,
+            problem,
+        };
         let area = self.window_area();
         let start = cp.window_offset.to_native();
         let stored = start
@@ -331,8 +390,15 @@ impl IndexFile {
     /// next checkpoint, or the end of the layer (none past the last checkpoint).
     pub fn interval_range(&self, layer: u32, k: usize) -> Result<Option<(u64, u64)>, FormatError> {
         let l = self.layer(layer)?;
-        let Some(start) = l.checkpoints.get(k) else { return Ok(None) };
-        let end = l.checkpoints.get(k + 1).map_or(l.uncompressed_size.to_native(), |c| c.out_offset.to_native());
+        let Some(start) = l.checkpoints.get(k) else {
+            return Ok(None);
+        };
+        let end = l
+            .checkpoints
+            .get(k + 1)
+            .map_or(l.uncompressed_size.to_native(), |c| {
+                c.out_offset.to_native()
+            });
         Ok(Some((start.out_offset.to_native(), end)))
     }
 }

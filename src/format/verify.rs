@@ -17,7 +17,10 @@ pub(crate) fn check_tree(idx: &ArchivedIndex) -> Result<(), FormatError> {
         return Err(bad("entry table is empty".into()));
     }
     if idx.chunk_size.to_native() as u64 != CHUNK_SIZE {
-        return Err(bad(format!("chunk_size is {}, this version uses {CHUNK_SIZE}", idx.chunk_size)));
+        return Err(bad(format!(
+            "chunk_size is {}, this version uses {CHUNK_SIZE}",
+            idx.chunk_size
+        )));
     }
     let root = &entries[0];
     if root.kind != Kind::Dir as u8 || root.parent.to_native() != 0 || !root.name.is_empty() {
@@ -32,38 +35,61 @@ pub(crate) fn check_tree(idx: &ArchivedIndex) -> Result<(), FormatError> {
             }
             prev = Some(out);
             if cp.bits > 7 || cp.window_encoding > 1 || cp.window_len.to_native() > 32768 {
-                return Err(bad(format!("checkpoint at {out} of layer {li} has invalid fields")));
+                return Err(bad(format!(
+                    "checkpoint at {out} of layer {li} has invalid fields"
+                )));
             }
             if cp.in_offset.to_native() > layer.compressed_size.to_native() {
-                return Err(bad(format!("checkpoint at {out} of layer {li} is past the blob end")));
+                return Err(bad(format!(
+                    "checkpoint at {out} of layer {li} is past the blob end"
+                )));
             }
         }
     }
     for (i, e) in entries.iter().enumerate() {
-        let kind = Kind::from_u8(e.kind).ok_or_else(|| bad(format!("entry {i} has unknown kind {}", e.kind)))?;
+        let kind = Kind::from_u8(e.kind)
+            .ok_or_else(|| bad(format!("entry {i} has unknown kind {}", e.kind)))?;
         if i > 0 {
             let p = e.parent.to_native() as u64;
             if p >= n || entries[p as usize].kind != Kind::Dir as u8 {
                 return Err(bad(format!("entry {i} has invalid parent {p}")));
             }
             let pe = &entries[p as usize];
-            let (f, c) = (pe.first_child.to_native() as u64, pe.child_count.to_native() as u64);
+            let (f, c) = (
+                pe.first_child.to_native() as u64,
+                pe.child_count.to_native() as u64,
+            );
             if (i as u64) < f || (i as u64) >= f + c {
-                return Err(bad(format!("entry {i} is not inside its parent's child range")));
+                return Err(bad(format!(
+                    "entry {i} is not inside its parent's child range"
+                )));
             }
-            if e.name.is_empty() || e.name.contains(&b'/') || e.name.as_slice() == b"." || e.name.as_slice() == b".." {
+            if e.name.is_empty()
+                || e.name.contains(&b'/')
+                || e.name.as_slice() == b"."
+                || e.name.as_slice() == b".."
+            {
                 return Err(bad(format!("entry {i} has an invalid name")));
             }
         }
         if kind == Kind::Dir {
-            let (f, c) = (e.first_child.to_native() as u64, e.child_count.to_native() as u64);
+            let (f, c) = (
+                e.first_child.to_native() as u64,
+                e.child_count.to_native() as u64,
+            );
             if c > 0 && (f == 0 || f + c > n) {
                 return Err(bad(format!("children of entry {i} are out of range")));
             }
-            let kids = if c == 0 { &entries[..0] } else { &entries[f as usize..(f + c) as usize] };
+            let kids = if c == 0 {
+                &entries[..0]
+            } else {
+                &entries[f as usize..(f + c) as usize]
+            };
             for w in kids.windows(2) {
                 if w[0].name.as_slice() >= w[1].name.as_slice() {
-                    return Err(bad(format!("children of entry {i} are not sorted and unique")));
+                    return Err(bad(format!(
+                        "children of entry {i} are not sorted and unique"
+                    )));
                 }
             }
             for k in kids {
@@ -82,10 +108,15 @@ pub(crate) fn check_tree(idx: &ArchivedIndex) -> Result<(), FormatError> {
             let size = e.size.to_native();
             let layer = e.layer.to_native();
             if size > 0 {
-                let l = idx.layers.get(layer as usize).ok_or_else(|| bad(format!("entry {i} names missing layer {layer}")))?;
+                let l = idx
+                    .layers
+                    .get(layer as usize)
+                    .ok_or_else(|| bad(format!("entry {i} names missing layer {layer}")))?;
                 let end = e.data_offset.to_native().checked_add(size);
                 if end.is_none_or(|end| end > l.uncompressed_size.to_native()) {
-                    return Err(bad(format!("content of entry {i} lies outside layer {layer}")));
+                    return Err(bad(format!(
+                        "content of entry {i} lies outside layer {layer}"
+                    )));
                 }
             }
             if size > CHUNK_SIZE {
@@ -96,7 +127,10 @@ pub(crate) fn check_tree(idx: &ArchivedIndex) -> Result<(), FormatError> {
                 }
             }
         }
-        let (xf, xc) = (e.first_xattr.to_native() as u64, e.xattr_count.to_native() as u64);
+        let (xf, xc) = (
+            e.first_xattr.to_native() as u64,
+            e.xattr_count.to_native() as u64,
+        );
         if xc > 0 && xf + xc > idx.xattrs.len() as u64 {
             return Err(bad(format!("xattrs of entry {i} are out of range")));
         }

@@ -38,9 +38,18 @@ pub fn to_bytes(index: &Index, windows: &[u8]) -> Result<Vec<u8>, FormatError> {
 /// directory, then rename).
 pub fn write_file(index: &Index, windows: &[u8], path: &Path) -> Result<u64, FormatError> {
     let bytes = to_bytes(index, windows)?;
-    let io = |source| FormatError::Io { path: path.display().to_string(), source };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let io = |source| FormatError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;

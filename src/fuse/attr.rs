@@ -56,10 +56,16 @@ pub fn attr_of(index: &IndexFile, i: u32) -> Result<FileAttr, FormatError> {
 
 fn attr_of_entry(i: u32, e: &ArchivedEntry) -> Result<FileAttr, FormatError> {
     let kind = file_type(e.kind)?;
-    let size = if kind == FileType::Directory { DIR_SIZE } else { e.size.to_native() };
+    let size = if kind == FileType::Directory {
+        DIR_SIZE
+    } else {
+        e.size.to_native()
+    };
     let t = time_of(e.mtime.to_native(), e.mtime_nsec.to_native());
     let rdev = match kind {
-        FileType::CharDevice | FileType::BlockDevice => encode_dev(e.rdev_major.to_native(), e.rdev_minor.to_native()),
+        FileType::CharDevice | FileType::BlockDevice => {
+            encode_dev(e.rdev_major.to_native(), e.rdev_minor.to_native())
+        }
         _ => 0,
     };
     Ok(FileAttr {
@@ -90,13 +96,19 @@ mod tests {
         assert_eq!(encode_dev(1, 3), 0x103);
         assert_eq!(encode_dev(8, 0), 0x800);
         // Large minors go to the high bits, as new_encode_dev does.
-        assert_eq!(encode_dev(259, 0x12345), 0x45 | (259 << 8) | (0x12300 << 12));
+        assert_eq!(
+            encode_dev(259, 0x12345),
+            0x45 | (259 << 8) | (0x12300 << 12)
+        );
     }
 
     #[test]
     fn times_before_and_after_the_epoch() {
         assert_eq!(time_of(1, 5), UNIX_EPOCH + Duration::new(1, 5));
-        assert_eq!(time_of(-2, 500_000_000), UNIX_EPOCH - Duration::from_millis(1500));
+        assert_eq!(
+            time_of(-2, 500_000_000),
+            UNIX_EPOCH - Duration::from_millis(1500)
+        );
     }
 
     #[test]

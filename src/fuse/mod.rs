@@ -14,10 +14,11 @@ use crate::read::{FileReader, Neighbours, ReadAhead, ReadError, SpanReader, Tier
 use crate::source::{Source, SourceError};
 use attr::{attr_of, entry_of, file_type, ino_of};
 use fuser::{
-    AccessFlags, BsdFileFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+    AccessFlags, BsdFileFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL,
+    TimeOrNow, WriteFlags,
 };
 use pool::Pool;
 use std::collections::HashMap;
@@ -80,14 +81,19 @@ pub enum FuseError {
 /// Open the source of image bytes for `index`: `override_spec` (from `--layout`/`--source`)
 /// when given, else the source recorded in the index at build time. This is the one place
 /// that chooses a source, so other kinds (a registry) plug in through `source::open`.
-pub fn open_source(index: &IndexFile, override_spec: Option<&str>) -> Result<Arc<dyn Source>, FuseError> {
+pub fn open_source(
+    index: &IndexFile,
+    override_spec: Option<&str>,
+) -> Result<Arc<dyn Source>, FuseError> {
     let recorded = String::from_utf8_lossy(index.index().image.source.as_slice()).into_owned();
     if let Some(spec) = override_spec {
         let (src, _reference) = crate::source::open(spec)?;
         return Ok(Arc::from(src));
     }
     if recorded.is_empty() {
-        return Err(FuseError::Source(SourceError::NotFound("the index records no source".into())));
+        return Err(FuseError::Source(SourceError::NotFound(
+            "the index records no source".into(),
+        )));
     }
     // The recorded form (`registry+http://HOST/REPO`, `registry://…`, or a layout path) is
     // not a command-line reference: reopen it the way `clip-build cat` does.
@@ -176,7 +182,11 @@ impl std::fmt::Display for ServeSnapshot {
             self.kept,
             self.kept_bytes
         )?;
-        write!(f, " ahead_jobs={} ahead_hits={} origin_requests={}", self.ahead_jobs, self.ahead_hits, self.requests)
+        write!(
+            f,
+            " ahead_jobs={} ahead_hits={} origin_requests={}",
+            self.ahead_jobs, self.ahead_hits, self.requests
+        )
     }
 }
 
@@ -218,7 +228,9 @@ impl ClipFs {
         read_threads: usize,
     ) -> Result<ClipFs, FuseError> {
         let pool = Pool::new("clip-read", read_threads, 1024).map_err(FuseError::Threads)?;
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
+        let cores = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(1, 4);
         let ahead_pool = Arc::new(Pool::new("clip-ahead", cores, 256).map_err(FuseError::Threads)?);
         let index_has_no_xattrs = index.index().xattrs.is_empty();
         let total_blocks = index
@@ -229,7 +241,10 @@ impl ClipFs {
             .map(|e| e.size.to_native().div_ceil(attr::BLKSIZE as u64))
             .sum();
         let counting = crate::source::counting::Counting::new(source);
-        let stats = Arc::new(ServeStats { requests: counting.counter(), ..ServeStats::default() });
+        let stats = Arc::new(ServeStats {
+            requests: counting.counter(),
+            ..ServeStats::default()
+        });
         Ok(ClipFs {
             shared: Arc::new(Shared {
                 neighbours: Neighbours::new(index.index().layers.len()),
@@ -276,25 +291,32 @@ impl ClipFs {
     pub fn prefetch(&self, intervals: Vec<Needed>, threads: usize) -> std::io::Result<()> {
         let count = intervals.len();
         let runs = crate::profile::runs(&intervals, PREFETCH_RUN);
-        let queue = Arc::new((runs, AtomicU64::new(0), AtomicU64::new(0), std::time::Instant::now()));
+        let queue = Arc::new((
+            runs,
+            AtomicU64::new(0),
+            AtomicU64::new(0),
+            std::time::Instant::now(),
+        ));
         for t in 0..threads.max(1) {
             let (shared, queue) = (self.shared.clone(), queue.clone());
-            std::thread::Builder::new().name(format!("clip-prefetch-{t}")).spawn(move || {
-                let (runs, next, finished, started) = &*queue;
-                loop {
-                    let k = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    let Some(run) = runs.get(k) else { break };
-                    prefetch_run(&shared, run);
-                }
-                if finished.fetch_add(1, Ordering::Relaxed) + 1 == threads.max(1) as u64 {
-                    tracing::info!(
-                        intervals = count,
-                        requests = runs.len(),
-                        ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
-                        "profile prefetched"
-                    );
-                }
-            })?;
+            std::thread::Builder::new()
+                .name(format!("clip-prefetch-{t}"))
+                .spawn(move || {
+                    let (runs, next, finished, started) = &*queue;
+                    loop {
+                        let k = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        let Some(run) = runs.get(k) else { break };
+                        prefetch_run(&shared, run);
+                    }
+                    if finished.fetch_add(1, Ordering::Relaxed) + 1 == threads.max(1) as u64 {
+                        tracing::info!(
+                            intervals = count,
+                            requests = runs.len(),
+                            ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
+                            "profile prefetched"
+                        );
+                    }
+                })?;
         }
         Ok(())
     }
@@ -310,7 +332,9 @@ impl ClipFs {
 
     /// Entry index of `ino`, or ENOENT.
     fn entry_index(&self, ino: INodeNo) -> Result<u32, Errno> {
-        entry_of(ino).filter(|&i| i < self.index().entry_count()).ok_or(Errno::ENOENT)
+        entry_of(ino)
+            .filter(|&i| i < self.index().entry_count())
+            .ok_or(Errno::ENOENT)
     }
 
     fn attr(&self, i: u32) -> Result<FileAttr, Errno> {
@@ -328,7 +352,11 @@ impl ClipFs {
         if pe.kind != Kind::Dir as u8 {
             return Err(Errno::ENOTDIR);
         }
-        match self.index().lookup(p, name.as_bytes()).map_err(|e| self.corrupt(p, e))? {
+        match self
+            .index()
+            .lookup(p, name.as_bytes())
+            .map_err(|e| self.corrupt(p, e))?
+        {
             Some(c) => self.attr(c).map(Some),
             None => Ok(None),
         }
@@ -341,7 +369,11 @@ impl ClipFs {
         Ok(match k {
             0 => Some((dir, b".")),
             1 => {
-                let parent = idx.entry(dir).map_err(|e| self.corrupt(dir, e))?.parent.to_native();
+                let parent = idx
+                    .entry(dir)
+                    .map_err(|e| self.corrupt(dir, e))?
+                    .parent
+                    .to_native();
                 Some((if dir == 0 { 0 } else { parent }, b".."))
             }
             _ => {
@@ -350,7 +382,13 @@ impl ClipFs {
                     None
                 } else {
                     let c = c as u32;
-                    Some((c, idx.entry(c).map_err(|e| self.corrupt(c, e))?.name.as_slice()))
+                    Some((
+                        c,
+                        idx.entry(c)
+                            .map_err(|e| self.corrupt(c, e))?
+                            .name
+                            .as_slice(),
+                    ))
                 }
             }
         })
@@ -404,17 +442,33 @@ struct Served {
 }
 
 /// Answer one read.
-fn serve_read(shared: &Shared, reader: &Mutex<FileReader>, offset: u64, size: u32) -> Result<Served, ReadError> {
+fn serve_read(
+    shared: &Shared,
+    reader: &Mutex<FileReader>,
+    offset: u64,
+    size: u32,
+) -> Result<Served, ReadError> {
     let mut r = reader.lock().unwrap_or_else(|p| p.into_inner());
     let len = r.size().saturating_sub(offset).min(size as u64) as usize;
     let mut buf = vec![0u8; len];
     if len == 0 {
-        return Ok(Served { bytes: buf, unfinished: None, ahead: Vec::new(), cached: None });
+        return Ok(Served {
+            bytes: buf,
+            unfinished: None,
+            ahead: Vec::new(),
+            cached: None,
+        });
     }
     let (inf0, fetch0) = r.origin_stats();
     let (kept0, kept_bytes0) = r.kept_stats();
     let hits0 = r.ahead_hits();
-    let n = match r.read_at(&shared.index, shared.source.as_ref(), &shared.tiers, offset, &mut buf) {
+    let n = match r.read_at(
+        &shared.index,
+        shared.source.as_ref(),
+        &shared.tiers,
+        offset,
+        &mut buf,
+    ) {
         Ok(n) => n,
         Err(e) => {
             // An interval left unfinished by an earlier piece of this read is released now,
@@ -426,18 +480,29 @@ fn serve_read(shared: &Shared, reader: &Mutex<FileReader>, offset: u64, size: u3
     let (inf1, fetch1) = r.origin_stats();
     let (kept1, kept_bytes1) = r.kept_stats();
     let s = &shared.stats;
-    s.inflated.fetch_add(inf1.saturating_sub(inf0), Ordering::Relaxed);
-    s.fetched.fetch_add(fetch1.saturating_sub(fetch0), Ordering::Relaxed);
+    s.inflated
+        .fetch_add(inf1.saturating_sub(inf0), Ordering::Relaxed);
+    s.fetched
+        .fetch_add(fetch1.saturating_sub(fetch0), Ordering::Relaxed);
     s.kept.fetch_add(kept1 - kept0, Ordering::Relaxed);
-    s.kept_bytes.fetch_add(kept_bytes1 - kept_bytes0, Ordering::Relaxed);
-    s.ahead_hits.fetch_add(r.ahead_hits() - hits0, Ordering::Relaxed);
+    s.kept_bytes
+        .fetch_add(kept_bytes1 - kept_bytes0, Ordering::Relaxed);
+    s.ahead_hits
+        .fetch_add(r.ahead_hits() - hits0, Ordering::Relaxed);
     buf.truncate(n);
     if let Some(rec) = &shared.recorder {
-        r.take_touched().into_iter().for_each(|(iv, until)| rec.record(iv, until));
+        r.take_touched()
+            .into_iter()
+            .for_each(|(iv, until)| rec.record(iv, until));
     }
     let ahead = r.plan_ahead(&shared.index, offset + n as u64);
     let cached = r.plan_cached_ahead(offset + n as u64);
-    Ok(Served { bytes: buf, unfinished: r.take_unfinished(), ahead, cached })
+    Ok(Served {
+        bytes: buf,
+        unfinished: r.take_unfinished(),
+        ahead,
+        cached,
+    })
 }
 
 /// Most neighbouring profile intervals fetched with one request (2 MiB intervals: up to
@@ -451,12 +516,18 @@ fn prefetch_run(shared: &Shared, run: &[Needed]) {
     let jobs: Vec<(Job, u64, u64)> = run
         .iter()
         .filter_map(|n| {
-            let (a, b) = index.interval_range(n.interval.layer, n.interval.checkpoint as usize).ok()??;
-            let job = shared.ahead.claim(index, n.interval, (0, u64::MAX), n.until)?;
+            let (a, b) = index
+                .interval_range(n.interval.layer, n.interval.checkpoint as usize)
+                .ok()??;
+            let job = shared
+                .ahead
+                .claim(index, n.interval, (0, u64::MAX), n.until)?;
             Some((job, a, b.min(n.until)))
         })
         .collect();
-    let (Some(first), Some(last)) = (jobs.first(), jobs.last()) else { return };
+    let (Some(first), Some(last)) = (jobs.first(), jobs.last()) else {
+        return;
+    };
     let layer = first.0.interval.layer;
     let buffered = index.compressed_span(layer, first.1, last.2).ok().flatten().and_then(|(_, from, to)| {
         let size = index.layer(layer).ok()?.compressed_size.to_native();
@@ -484,7 +555,13 @@ fn run_ahead(shared: &Shared, job: Job) {
 /// Run a read-ahead job reading from `source`; `count_fetched`: whether the compressed
 /// bytes it reads crossed the network now (not when they come from a buffer counted before).
 fn run_ahead_from(shared: &Shared, source: &dyn Source, job: Job, count_fetched: bool) {
-    let r = shared.ahead.run(&shared.index, source, &shared.tiers, &shared.neighbours, job);
+    let r = shared.ahead.run(
+        &shared.index,
+        source,
+        &shared.tiers,
+        &shared.neighbours,
+        job,
+    );
     match r {
         Ok(j) => {
             let s = &shared.stats;
@@ -496,7 +573,9 @@ fn run_ahead_from(shared: &Shared, source: &dyn Source, job: Job, count_fetched:
             s.kept.fetch_add(j.kept, Ordering::Relaxed);
             s.kept_bytes.fetch_add(j.kept_bytes, Ordering::Relaxed);
         }
-        Err(e) => tracing::debug!(error = %e, interval = ?job.interval, "read-ahead failed; readers fetch for themselves"),
+        Err(e) => {
+            tracing::debug!(error = %e, interval = ?job.interval, "read-ahead failed; readers fetch for themselves")
+        }
     }
 }
 
@@ -505,10 +584,14 @@ fn run_ahead_from(shared: &Shared, source: &dyn Source, job: Job, count_fetched:
 fn finish_interval(shared: &Shared, mut span: SpanReader) {
     let (inflated0, fetched0) = (span.inflated, span.fetched());
     let layer = span.layer();
-    let interval = span.position().and_then(|at| Interval::containing(&shared.index, layer, at));
+    let interval = span
+        .position()
+        .and_then(|at| Interval::containing(&shared.index, layer, at));
     let (mut kept, mut kept_bytes) = (0, 0);
     let r = span.finish_interval(&shared.index, &mut |offset, bytes| {
-        let (n, b) = shared.neighbours.keep(&shared.index, layer, offset, bytes, &shared.tiers);
+        let (n, b) = shared
+            .neighbours
+            .keep(&shared.index, layer, offset, bytes, &shared.tiers);
         kept += n;
         kept_bytes += b;
     });
@@ -518,8 +601,10 @@ fn finish_interval(shared: &Shared, mut span: SpanReader) {
         (Err(e), _) => tracing::debug!(error = %e, "could not keep the rest of the interval"),
     }
     let s = &shared.stats;
-    s.inflated.fetch_add(span.inflated - inflated0, Ordering::Relaxed);
-    s.fetched.fetch_add(span.fetched() - fetched0, Ordering::Relaxed);
+    s.inflated
+        .fetch_add(span.inflated - inflated0, Ordering::Relaxed);
+    s.fetched
+        .fetch_add(span.fetched() - fetched0, Ordering::Relaxed);
     s.kept.fetch_add(kept, Ordering::Relaxed);
     s.kept_bytes.fetch_add(kept_bytes, Ordering::Relaxed);
 }
@@ -536,7 +621,9 @@ impl Filesystem for ClipFs {
             // (mounts use default_permissions, so the kernel already does the checks).
             | InitFlags::FUSE_POSIX_ACL;
         let _ = config.add_capabilities(wanted & config.capabilities());
-        let _ = config.set_max_readahead(MAX_READ).or_else(|max| config.set_max_readahead(max));
+        let _ = config
+            .set_max_readahead(MAX_READ)
+            .or_else(|max| config.set_max_readahead(max));
         let _ = config.set_max_write(MAX_READ);
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
@@ -601,9 +688,15 @@ impl Filesystem for ClipFs {
             }
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, Arc::new(Mutex::new(reader)));
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, Arc::new(Mutex::new(reader)));
         self.shared.stats.opens.fetch_add(1, Ordering::Relaxed);
-        self.shared.stats.open_handles.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .stats
+            .open_handles
+            .fetch_add(1, Ordering::Relaxed);
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
@@ -618,48 +711,64 @@ impl Filesystem for ClipFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let reader = self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh.0).cloned();
+        let reader = self
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh.0)
+            .cloned();
         let Some(reader) = reader else {
             return reply.error(Errno::EBADF);
         };
         let shared = self.shared.clone();
         let ahead_pool = self.ahead_pool.clone();
-        self.pool.submit(move || match serve_read(&shared, &reader, offset, size) {
-            Ok(served) => {
-                shared.stats.reads.fetch_add(1, Ordering::Relaxed);
-                shared.stats.read_bytes.fetch_add(served.bytes.len() as u64, Ordering::Relaxed);
-                reply.data(&served.bytes);
-                for job in served.ahead {
-                    let shared = shared.clone();
-                    ahead_pool.submit(move || run_ahead(&shared, job));
+        self.pool
+            .submit(move || match serve_read(&shared, &reader, offset, size) {
+                Ok(served) => {
+                    shared.stats.reads.fetch_add(1, Ordering::Relaxed);
+                    shared
+                        .stats
+                        .read_bytes
+                        .fetch_add(served.bytes.len() as u64, Ordering::Relaxed);
+                    reply.data(&served.bytes);
+                    for job in served.ahead {
+                        let shared = shared.clone();
+                        ahead_pool.submit(move || run_ahead(&shared, job));
+                    }
+                    if let Some(job) = served.cached {
+                        let shared = shared.clone();
+                        ahead_pool.submit(move || {
+                            shared.ahead.run_cached(&shared.tiers, job);
+                            shared.stats.ahead_jobs.fetch_add(1, Ordering::Relaxed);
+                        });
+                    }
+                    if let Some((span, claim)) = served.unfinished {
+                        finish_interval(&shared, span);
+                        // Readers of the interval's other files waited for this.
+                        drop(claim);
+                    }
                 }
-                if let Some(job) = served.cached {
-                    let shared = shared.clone();
-                    ahead_pool.submit(move || {
-                        shared.ahead.run_cached(&shared.tiers, job);
-                        shared.stats.ahead_jobs.fetch_add(1, Ordering::Relaxed);
-                    });
+                Err(e) => {
+                    shared.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+                    let path = entry_of(ino)
+                        .and_then(|i| shared.index.path_of(i).ok())
+                        .map(|p| String::from_utf8_lossy(&p).into_owned())
+                        .unwrap_or_default();
+                    tracing::error!(path, offset, size, error = %e, "read failed");
+                    reply.error(Errno::EIO);
                 }
-                if let Some((span, claim)) = served.unfinished {
-                    finish_interval(&shared, span);
-                    // Readers of the interval's other files waited for this.
-                    drop(claim);
-                }
-            }
-            Err(e) => {
-                shared.stats.read_errors.fetch_add(1, Ordering::Relaxed);
-                let path = entry_of(ino)
-                    .and_then(|i| shared.index.path_of(i).ok())
-                    .map(|p| String::from_utf8_lossy(&p).into_owned())
-                    .unwrap_or_default();
-                tracing::error!(path, offset, size, error = %e, "read failed");
-                reply.error(Errno::EIO);
-            }
-        });
+            });
     }
 
     /// Called on every close(2); nothing is buffered, so there is nothing to flush.
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
@@ -673,8 +782,17 @@ impl Filesystem for ClipFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if self.handles.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0).is_some() {
-            self.shared.stats.open_handles.fetch_sub(1, Ordering::Relaxed);
+        if self
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh.0)
+            .is_some()
+        {
+            self.shared
+                .stats
+                .open_handles
+                .fetch_sub(1, Ordering::Relaxed);
         }
         reply.ok();
     }
@@ -689,7 +807,14 @@ impl Filesystem for ClipFs {
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let r = self.each_dir_entry(ino, offset, |i, next, name| {
             let kind = self.index().entry(i).map_err(|e| self.corrupt(i, e))?.kind;
             let kind = file_type(kind).map_err(|e| self.corrupt(i, e))?;
@@ -702,10 +827,24 @@ impl Filesystem for ClipFs {
         }
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
         let r = self.each_dir_entry(ino, offset, |i, next, name| {
             let attr = self.attr(i)?;
-            Ok(reply.add(attr.ino, next, OsStr::from_bytes(name), &TTL, &attr, Generation(0)))
+            Ok(reply.add(
+                attr.ino,
+                next,
+                OsStr::from_bytes(name),
+                &TTL,
+                &attr,
+                Generation(0),
+            ))
         });
         match r {
             Ok(()) => reply.ok(),
@@ -713,13 +852,29 @@ impl Filesystem for ClipFs {
         }
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let files = self.index().entry_count() as u64;
-        reply.statfs(self.total_blocks, 0, 0, files, 0, attr::BLKSIZE, 255, attr::BLKSIZE);
+        reply.statfs(
+            self.total_blocks,
+            0,
+            0,
+            files,
+            0,
+            attr::BLKSIZE,
+            255,
+            attr::BLKSIZE,
+        );
     }
 
     /// An image without any extended attribute answers ENOSYS: the kernel then stops
@@ -730,9 +885,14 @@ impl Filesystem for ClipFs {
             return reply.error(Errno::ENOSYS);
         }
         let r = self.entry_index(ino).and_then(|i| {
-            self.index().xattrs(i).map_err(|e| self.corrupt(i, e)).map(|xs| {
-                xs.iter().find(|x| x.name.as_slice() == name.as_bytes()).map(|x| x.value.as_slice())
-            })
+            self.index()
+                .xattrs(i)
+                .map_err(|e| self.corrupt(i, e))
+                .map(|xs| {
+                    xs.iter()
+                        .find(|x| x.name.as_slice() == name.as_bytes())
+                        .map(|x| x.value.as_slice())
+                })
         });
         match r {
             Ok(Some(v)) => Self::xattr_reply(v, size, reply),
@@ -746,14 +906,17 @@ impl Filesystem for ClipFs {
             return reply.error(Errno::ENOSYS);
         }
         let r = self.entry_index(ino).and_then(|i| {
-            self.index().xattrs(i).map_err(|e| self.corrupt(i, e)).map(|xs| {
-                let mut names = Vec::new();
-                for x in xs {
-                    names.extend_from_slice(x.name.as_slice());
-                    names.push(0);
-                }
-                names
-            })
+            self.index()
+                .xattrs(i)
+                .map_err(|e| self.corrupt(i, e))
+                .map(|xs| {
+                    let mut names = Vec::new();
+                    for x in xs {
+                        names.extend_from_slice(x.name.as_slice());
+                        names.push(0);
+                    }
+                    names
+                })
         });
         match r {
             Ok(names) => Self::xattr_reply(&names, size, reply),
@@ -791,7 +954,16 @@ impl Filesystem for ClipFs {
         reply.error(Errno::EROFS);
     }
 
-    fn mknod(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _r: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _r: u32,
+        reply: ReplyEntry,
+    ) {
         reply.error(Errno::EROFS);
     }
 
@@ -843,11 +1015,29 @@ impl Filesystem for ClipFs {
         reply.error(Errno::EROFS);
     }
 
-    fn create(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _f: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _f: i32,
+        reply: ReplyCreate,
+    ) {
         reply.error(Errno::EROFS);
     }
 
-    fn setxattr(&self, _req: &Request, _i: INodeNo, _n: &OsStr, _v: &[u8], _f: i32, _p: u32, reply: ReplyEmpty) {
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        _n: &OsStr,
+        _v: &[u8],
+        _f: i32,
+        _p: u32,
+        reply: ReplyEmpty,
+    ) {
         reply.error(Errno::EROFS);
     }
 
@@ -855,7 +1045,16 @@ impl Filesystem for ClipFs {
         reply.error(Errno::EROFS);
     }
 
-    fn fallocate(&self, _req: &Request, _i: INodeNo, _fh: FileHandle, _o: u64, _l: u64, _m: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        _fh: FileHandle,
+        _o: u64,
+        _l: u64,
+        _m: i32,
+        reply: ReplyEmpty,
+    ) {
         reply.error(Errno::EROFS);
     }
 }
@@ -888,7 +1087,9 @@ fn negative_attr() -> FileAttr {
 pub fn check_mountpoint(mountpoint: &Path) -> Result<(), FuseError> {
     let path = mountpoint.display().to_string();
     match std::fs::metadata(mountpoint) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return Err(FuseError::StaleMount(path)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            return Err(FuseError::StaleMount(path))
+        }
         Err(source) => return Err(FuseError::Mountpoint { path, source }),
         Ok(m) if !m.is_dir() => {
             return Err(FuseError::Mountpoint {
@@ -900,7 +1101,10 @@ pub fn check_mountpoint(mountpoint: &Path) -> Result<(), FuseError> {
     }
     match nix::sys::statfs::statfs(mountpoint) {
         Err(nix::Error::ENOTCONN) => Err(FuseError::StaleMount(path)),
-        Err(e) => Err(FuseError::Mountpoint { path, source: e.into() }),
+        Err(e) => Err(FuseError::Mountpoint {
+            path,
+            source: e.into(),
+        }),
         Ok(_) => Ok(()),
     }
 }
@@ -918,7 +1122,11 @@ pub struct MountSettings {
 
 /// Mount `fs` at `mountpoint` read-only (suid and device nodes honoured, permissions checked
 /// by the kernel, other users allowed) and start serving in the background.
-pub fn mount(fs: ClipFs, mountpoint: &Path, settings: &MountSettings) -> Result<fuser::BackgroundSession, FuseError> {
+pub fn mount(
+    fs: ClipFs,
+    mountpoint: &Path,
+    settings: &MountSettings,
+) -> Result<fuser::BackgroundSession, FuseError> {
     check_mountpoint(mountpoint)?;
     let mut config = Config::default();
     config.mount_options = vec![
@@ -934,7 +1142,10 @@ pub fn mount(fs: ClipFs, mountpoint: &Path, settings: &MountSettings) -> Result<
     config.acl = SessionACL::All;
     config.n_threads = Some(settings.session_threads.max(1));
     config.clone_fd = settings.session_threads > 1;
-    let err = |source| FuseError::Mount { path: mountpoint.display().to_string(), source };
+    let err = |source| FuseError::Mount {
+        path: mountpoint.display().to_string(),
+        source,
+    };
     let session = fuser::Session::new(fs, mountpoint, &config).map_err(err)?;
     let bg = session.spawn().map_err(err)?;
     if settings.readahead_kb > 0 {
@@ -952,14 +1163,20 @@ pub fn set_readahead(mountpoint: &Path, kb: u32) -> std::io::Result<()> {
     let dev = std::fs::metadata(mountpoint)?.dev();
     let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
     let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
-    std::fs::write(format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"), kb.to_string())
+    std::fs::write(
+        format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"),
+        kb.to_string(),
+    )
 }
 
 /// Unmount `mountpoint`; when it is busy and `lazy_if_busy`, detach it instead (it goes
 /// away once its last user leaves).
 pub fn unmount(mountpoint: &Path, lazy_if_busy: bool) -> Result<(), FuseError> {
     use nix::mount::{umount2, MntFlags};
-    let err = |e: nix::Error| FuseError::Unmount { path: mountpoint.display().to_string(), source: e.into() };
+    let err = |e: nix::Error| FuseError::Unmount {
+        path: mountpoint.display().to_string(),
+        source: e.into(),
+    };
     match umount2(mountpoint, MntFlags::empty()) {
         Ok(()) => Ok(()),
         Err(nix::Error::EBUSY) if lazy_if_busy => {

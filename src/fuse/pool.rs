@@ -23,18 +23,25 @@ impl Pool {
         let mut workers = Vec::new();
         for i in 0..threads.max(1) {
             let rx: Arc<Mutex<Receiver<Job>>> = rx.clone();
-            workers.push(std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || loop {
-                let job = match rx.lock() {
-                    Ok(rx) => rx.recv(),
-                    Err(_) => return,
-                };
-                match job {
-                    Ok(job) => job(),
-                    Err(_) => return,
-                }
-            })?);
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("{name}-{i}"))
+                    .spawn(move || loop {
+                        let job = match rx.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return,
+                        }
+                    })?,
+            );
         }
-        Ok(Pool { tx: Some(tx), workers })
+        Ok(Pool {
+            tx: Some(tx),
+            workers,
+        })
     }
 
     /// Run `job` on a worker.

@@ -34,7 +34,10 @@ impl MappedFile {
 /// 8-byte aligned and at least as large as the root object; both are checked here.
 pub(crate) fn archived_index_unchecked(payload: &[u8]) -> Option<&ArchivedIndex> {
     let root = std::mem::size_of::<ArchivedIndex>();
-    if payload.len() < root || !(payload.as_ptr() as usize).is_multiple_of(8) || !payload.len().is_multiple_of(8) {
+    if payload.len() < root
+        || !(payload.as_ptr() as usize).is_multiple_of(8)
+        || !payload.len().is_multiple_of(8)
+    {
         return None;
     }
     // SAFETY: the root lies inside `payload` and is aligned (checked above). The bytes were

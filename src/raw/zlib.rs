@@ -118,7 +118,11 @@ impl Inflater {
         self.strm.avail_in = avail_in as u32;
         self.strm.next_out = output.as_mut_ptr();
         self.strm.avail_out = avail_out as u32;
-        let flush = if stop_at_block { z::Z_BLOCK } else { z::Z_NO_FLUSH };
+        let flush = if stop_at_block {
+            z::Z_BLOCK
+        } else {
+            z::Z_NO_FLUSH
+        };
         // SAFETY: next_in/next_out point into live slices for avail_in/avail_out bytes and
         // are not retained: they are cleared below before the borrows end.
         let rc = unsafe { z::inflate(&mut *self.strm, flush) };

@@ -34,7 +34,10 @@ impl Interval {
     /// without checkpoints).
     pub fn containing(index: &IndexFile, layer: u32, offset: u64) -> Option<Interval> {
         let k = index.checkpoint_index_before(layer, offset).ok()??;
-        Some(Interval { layer, checkpoint: k as u32 })
+        Some(Interval {
+            layer,
+            checkpoint: k as u32,
+        })
     }
 }
 
@@ -184,7 +187,12 @@ impl ReadAhead {
     /// Read-ahead that keeps up to `window` bytes ahead of each cold sequential reader in
     /// flight and holds at most `ready_budget` bytes of pieces for readers.
     pub fn new(window: u64, ready_budget: u64) -> Arc<ReadAhead> {
-        Arc::new(ReadAhead { state: Mutex::default(), changed: Condvar::new(), window, ready_budget })
+        Arc::new(ReadAhead {
+            state: Mutex::default(),
+            changed: Condvar::new(),
+            window,
+            ready_budget,
+        })
     }
 
     /// How far ahead of a reader jobs are planned.
@@ -210,7 +218,9 @@ impl ReadAhead {
         want: (u64, u64),
         useful: impl Fn(u64, u64) -> bool,
     ) -> Vec<Job> {
-        let Ok(l) = index.layer(layer) else { return Vec::new() };
+        let Ok(l) = index.layer(layer) else {
+            return Vec::new();
+        };
         let cps = &l.checkpoints;
         if cps.is_empty() || from >= to {
             return Vec::new();
@@ -222,21 +232,56 @@ impl ReadAhead {
         let mut s = self.lock();
         (first..last)
             .filter(|&j| Some(j) != skip)
-            .filter(|&j| index.interval_range(layer, j).ok().flatten().is_some_and(|(a, b)| useful(a, b)))
-            .filter_map(|j| Self::try_claim(&mut s, index, Interval { layer, checkpoint: j as u32 }, want, u64::MAX))
+            .filter(|&j| {
+                index
+                    .interval_range(layer, j)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|(a, b)| useful(a, b))
+            })
+            .filter_map(|j| {
+                Self::try_claim(
+                    &mut s,
+                    index,
+                    Interval {
+                        layer,
+                        checkpoint: j as u32,
+                    },
+                    want,
+                    u64::MAX,
+                )
+            })
             .collect()
     }
 
     /// Claim `interval` alone (see [`ReadAhead::plan`]), unless it is running or done; the
     /// job stops at uncompressed offset `until` if that comes before the interval's end.
-    pub fn claim(&self, index: &IndexFile, interval: Interval, want: (u64, u64), until: u64) -> Option<Job> {
+    pub fn claim(
+        &self,
+        index: &IndexFile,
+        interval: Interval,
+        want: (u64, u64),
+        until: u64,
+    ) -> Option<Job> {
         Self::try_claim(&mut self.lock(), index, interval, want, until)
     }
 
-    fn try_claim(s: &mut State, index: &IndexFile, interval: Interval, want: (u64, u64), until: u64) -> Option<Job> {
-        let (start, end) = index.interval_range(interval.layer, interval.checkpoint as usize).ok()??;
+    fn try_claim(
+        s: &mut State,
+        index: &IndexFile,
+        interval: Interval,
+        want: (u64, u64),
+        until: u64,
+    ) -> Option<Job> {
+        let (start, end) = index
+            .interval_range(interval.layer, interval.checkpoint as usize)
+            .ok()??;
         let end = end.min(until);
-        if end <= start || end - start > MAX_INTERVAL || s.running.contains_key(&interval) || s.done.contains(&interval) {
+        if end <= start
+            || end - start > MAX_INTERVAL
+            || s.running.contains_key(&interval)
+            || s.done.contains(&interval)
+        {
             return None;
         }
         s.running.insert(interval, (start, end));
@@ -248,14 +293,25 @@ impl ReadAhead {
     /// any of them: then `None`, and the caller waits with [`ReadAhead::wait`] and looks in
     /// the tiers again. Unlike [`ReadAhead::claim`], an interval inflated before can be
     /// claimed again (its pieces may have left the caches since).
-    pub fn claim_for_reader(self: &Arc<Self>, index: &IndexFile, interval: Interval, piece: (u64, u64)) -> Option<ReaderClaim> {
-        let (start, end) = index.interval_range(interval.layer, interval.checkpoint as usize).ok()??;
+    pub fn claim_for_reader(
+        self: &Arc<Self>,
+        index: &IndexFile,
+        interval: Interval,
+        piece: (u64, u64),
+    ) -> Option<ReaderClaim> {
+        let (start, end) = index
+            .interval_range(interval.layer, interval.checkpoint as usize)
+            .ok()??;
         let mut s = self.lock();
-        if s.running.contains_key(&interval) || Self::covered(&s, interval.layer, piece.0, piece.1) {
+        if s.running.contains_key(&interval) || Self::covered(&s, interval.layer, piece.0, piece.1)
+        {
             return None;
         }
         s.running.insert(interval, (start, end));
-        Some(ReaderClaim { ahead: self.clone(), interval })
+        Some(ReaderClaim {
+            ahead: self.clone(),
+            interval,
+        })
     }
 
     /// Note that `interval` was inflated to its end by someone else (a reader finishing
@@ -278,7 +334,9 @@ impl ReadAhead {
     }
 
     fn covered(s: &State, layer: u32, start: u64, end: u64) -> bool {
-        s.running.iter().any(|(iv, &(a, b))| iv.layer == layer && a < end && start < b)
+        s.running
+            .iter()
+            .any(|(iv, &(a, b))| iv.layer == layer && a < end && start < b)
     }
 
     /// Wait until no cached-piece job is reading the piece `sha256`.
@@ -300,7 +358,10 @@ impl ReadAhead {
 
     /// Claim `pieces` (sha256, length) that no job is reading or holding yet, for a
     /// [`CachedJob`]; `None` when nothing is left to claim.
-    pub fn claim_cached(&self, pieces: impl IntoIterator<Item = ([u8; 32], u64)>) -> Option<CachedJob> {
+    pub fn claim_cached(
+        &self,
+        pieces: impl IntoIterator<Item = ([u8; 32], u64)>,
+    ) -> Option<CachedJob> {
         let mut s = self.lock();
         let mut claimed = Vec::new();
         for (key, len) in pieces {
@@ -315,7 +376,10 @@ impl ReadAhead {
     /// it into the tiers before that one, and hold it, verified, for its reader. Returns the
     /// number of pieces held.
     pub fn run_cached(&self, tiers: &[Arc<dyn Tier>], job: CachedJob) -> u64 {
-        let _claim = KeysClaim { ahead: self, keys: job.pieces.iter().map(|(k, _)| *k).collect() };
+        let _claim = KeysClaim {
+            ahead: self,
+            keys: job.pieces.iter().map(|(k, _)| *k).collect(),
+        };
         let mut held = 0;
         for (key, len) in job.pieces {
             for (i, t) in tiers.iter().enumerate() {
@@ -327,7 +391,14 @@ impl ReadAhead {
                     lower.put(&key, &b);
                 }
                 let mut s = self.lock();
-                self.hold(&mut s, key, Held { bytes: Arc::new(b), verified: true });
+                self.hold(
+                    &mut s,
+                    key,
+                    Held {
+                        bytes: Arc::new(b),
+                        verified: true,
+                    },
+                );
                 held += 1;
                 break;
             }
@@ -352,35 +423,59 @@ impl ReadAhead {
             Some(&range) => range,
             None => return Ok(JobStats::default()),
         };
-        let mut claim = Claim { ahead: self, interval: iv, finished: false };
+        let mut claim = Claim {
+            ahead: self,
+            interval: iv,
+            finished: false,
+        };
         let mut buf = vec![0u8; (end - start) as usize];
         let mut span = SpanReader::new(iv.layer);
         let read = span.read_at(index, source, start, &mut buf, &mut |_, _| {});
-        let mut stats = JobStats { inflated: span.inflated, fetched: span.fetched(), ..JobStats::default() };
+        let mut stats = JobStats {
+            inflated: span.inflated,
+            fetched: span.fetched(),
+            ..JobStats::default()
+        };
         read?;
         let wanted = |offset: u64| job.want.0 <= offset && offset < job.want.1;
-        let mut keep = |offset: u64, bytes: &[u8], ready: &mut Vec<([u8; 32], Held)>, sha256: &[u8; 32]| {
-            if wanted(offset) {
-                ready.push((*sha256, Held { bytes: Arc::new(bytes.to_vec()), verified: false }));
-                return;
-            }
-            if !verify(bytes, sha256) {
-                tracing::debug!(layer = iv.layer, offset, "read-ahead piece does not verify; leaving it to the reader");
-                return;
-            }
-            for t in tiers {
-                t.put(sha256, bytes);
-            }
-            stats.kept += 1;
-            stats.kept_bytes += bytes.len() as u64;
-        };
+        let mut keep =
+            |offset: u64, bytes: &[u8], ready: &mut Vec<([u8; 32], Held)>, sha256: &[u8; 32]| {
+                if wanted(offset) {
+                    ready.push((
+                        *sha256,
+                        Held {
+                            bytes: Arc::new(bytes.to_vec()),
+                            verified: false,
+                        },
+                    ));
+                    return;
+                }
+                if !verify(bytes, sha256) {
+                    tracing::debug!(
+                        layer = iv.layer,
+                        offset,
+                        "read-ahead piece does not verify; leaving it to the reader"
+                    );
+                    return;
+                }
+                for t in tiers {
+                    t.put(sha256, bytes);
+                }
+                stats.kept += 1;
+                stats.kept_bytes += bytes.len() as u64;
+            };
         let mut ready = Vec::new();
         let pieces = neighbours.located(index, iv.layer);
         let first = pieces.partition_point(|p| p.offset + p.len <= start);
         for p in pieces[first..].iter().take_while(|p| p.offset < end) {
             let (a, b) = (p.offset, p.offset + p.len);
             if start <= a && b <= end {
-                keep(a, &buf[(a - start) as usize..(b - start) as usize], &mut ready, &p.sha256);
+                keep(
+                    a,
+                    &buf[(a - start) as usize..(b - start) as usize],
+                    &mut ready,
+                    &p.sha256,
+                );
             } else if let Some(whole) = self.seam(iv.layer, p.offset, p.len, start, end, &buf) {
                 keep(a, &whole, &mut ready, &p.sha256);
             }
@@ -396,9 +491,21 @@ impl ReadAhead {
 
     /// Deposit this job's half of the piece at `offset` (length `len`) that crosses one of
     /// the job's boundaries; the whole piece once the other half is there.
-    fn seam(&self, layer: u32, offset: u64, len: u64, start: u64, end: u64, buf: &[u8]) -> Option<Vec<u8>> {
+    fn seam(
+        &self,
+        layer: u32,
+        offset: u64,
+        len: u64,
+        start: u64,
+        end: u64,
+        buf: &[u8],
+    ) -> Option<Vec<u8>> {
         let (boundary, half, is_before) = if offset < start {
-            (start, &buf[..(offset + len - start).min(end - start) as usize], false)
+            (
+                start,
+                &buf[..(offset + len - start).min(end - start) as usize],
+                false,
+            )
         } else {
             (end, &buf[(offset - start) as usize..], true)
         };
@@ -409,7 +516,11 @@ impl ReadAhead {
         if s.seams.len() >= MAX_SEAMS {
             s.seams.clear();
         }
-        let seam = s.seams.entry((layer, offset)).or_insert(Seam { boundary, before: None, after: None });
+        let seam = s.seams.entry((layer, offset)).or_insert(Seam {
+            boundary,
+            before: None,
+            after: None,
+        });
         if seam.boundary != boundary {
             return None;
         }
@@ -447,7 +558,12 @@ impl ReadAhead {
         }
         if s.order.len() > 4 * s.ready.len() + 64 {
             let ready = &s.ready;
-            let order: VecDeque<[u8; 32]> = s.order.iter().filter(|k| ready.contains_key(*k)).copied().collect();
+            let order: VecDeque<[u8; 32]> = s
+                .order
+                .iter()
+                .filter(|k| ready.contains_key(*k))
+                .copied()
+                .collect();
             s.order = order;
         }
     }

@@ -147,7 +147,9 @@ impl FileReader {
     /// while: the caller runs them on other threads with [`ReadAhead::run`]. Intervals
     /// already done or running are left out.
     pub fn plan_ahead(&self, index: &IndexFile, next: u64) -> Vec<Job> {
-        let Some(ahead) = &self.ahead else { return Vec::new() };
+        let Some(ahead) = &self.ahead else {
+            return Vec::new();
+        };
         if !self.cold || self.streak < SEQUENTIAL || next >= self.size {
             return Vec::new();
         }
@@ -159,10 +161,21 @@ impl FileReader {
         // interval; one that would only hold pieces already read, or the half of a piece
         // this reader's own cursor produces, is not.
         let whole_piece = |a: u64, b: u64| {
-            let first = self.pieces.partition_point(|p| base + p.offset < a.max(from));
-            self.pieces.get(first).is_some_and(|p| base + p.offset + p.len <= b)
+            let first = self
+                .pieces
+                .partition_point(|p| base + p.offset < a.max(from));
+            self.pieces
+                .get(first)
+                .is_some_and(|p| base + p.offset + p.len <= b)
         };
-        ahead.plan(index, self.layer, (from, to), cursor, (base, base + self.size), whole_piece)
+        ahead.plan(
+            index,
+            self.layer,
+            (from, to),
+            cursor,
+            (base, base + self.size),
+            whole_piece,
+        )
     }
 
     /// A job reading and verifying, on another thread, the pieces in the `window` bytes
@@ -176,7 +189,10 @@ impl FileReader {
         }
         let end = next.saturating_add(ahead.window());
         let first = self.pieces.partition_point(|p| p.offset < next);
-        let pieces = self.pieces[first..].iter().take_while(|p| p.offset < end).map(|p| (p.sha256, p.len));
+        let pieces = self.pieces[first..]
+            .iter()
+            .take_while(|p| p.offset < end)
+            .map(|p| (p.sha256, p.len));
         ahead.claim_cached(pieces)
     }
 
@@ -190,7 +206,10 @@ impl FileReader {
     /// The checkpoint intervals holding the pieces served since the last call, each with
     /// the end (uncompressed offset in the layer) of the piece that needed it.
     pub fn take_touched(&mut self) -> Vec<(Interval, u64)> {
-        self.touched.as_mut().map(std::mem::take).unwrap_or_default()
+        self.touched
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Pieces this reader took from read-ahead jobs.
@@ -295,7 +314,13 @@ impl FileReader {
                 kept.1 += b;
             }
         };
-        let read = span.read_at(index, source, self.data_offset + p.offset, &mut buf, &mut keep);
+        let read = span.read_at(
+            index,
+            source,
+            self.data_offset + p.offset,
+            &mut buf,
+            &mut keep,
+        );
         count(span);
         read?;
         if !verify(&buf, &p.sha256) {
@@ -391,8 +416,14 @@ impl FileReader {
             let p = self.pieces[k];
             let (bytes, _) = self.piece(index, source, tiers, k)?;
             if let Some(touched) = &mut self.touched {
-                let (at, end) = (self.data_offset + p.offset, self.data_offset + p.offset + p.len);
-                for iv in [at, end.saturating_sub(1)].into_iter().filter_map(|o| Interval::containing(index, self.layer, o)) {
+                let (at, end) = (
+                    self.data_offset + p.offset,
+                    self.data_offset + p.offset + p.len,
+                );
+                for iv in [at, end.saturating_sub(1)]
+                    .into_iter()
+                    .filter_map(|o| Interval::containing(index, self.layer, o))
+                {
                     if touched.last() != Some(&(iv, end)) {
                         touched.push((iv, end));
                     }

@@ -26,7 +26,9 @@ pub struct Neighbours {
 impl Neighbours {
     /// Maps for an index with `layer_count` layers.
     pub fn new(layer_count: usize) -> Arc<Neighbours> {
-        Arc::new(Neighbours { layers: (0..layer_count).map(|_| OnceLock::new()).collect() })
+        Arc::new(Neighbours {
+            layers: (0..layer_count).map(|_| OnceLock::new()).collect(),
+        })
     }
 
     /// Every piece of `layer`, sorted by offset (empty for a layer the index lacks).
@@ -45,7 +47,11 @@ impl Neighbours {
                 }
                 let base = e.data_offset.to_native();
                 for p in index.pieces(i).unwrap_or_default() {
-                    v.push(Located { offset: base + p.offset, len: p.len, sha256: p.sha256 });
+                    v.push(Located {
+                        offset: base + p.offset,
+                        len: p.len,
+                        sha256: p.sha256,
+                    });
                 }
             }
             v.sort_by_key(|l| l.offset);
@@ -56,12 +62,21 @@ impl Neighbours {
     /// `bytes` are layer `layer`'s uncompressed stream from `offset` on: store every piece
     /// that lies entirely inside them (and hashes right) in `tiers`. Returns the number of
     /// pieces kept and their bytes.
-    pub fn keep(&self, index: &IndexFile, layer: u32, offset: u64, bytes: &[u8], tiers: &[Arc<dyn Tier>]) -> (u64, u64) {
+    pub fn keep(
+        &self,
+        index: &IndexFile,
+        layer: u32,
+        offset: u64,
+        bytes: &[u8],
+        tiers: &[Arc<dyn Tier>],
+    ) -> (u64, u64) {
         let mut kept = (0, 0);
         if tiers.is_empty() {
             return kept;
         }
-        let Some(map) = self.layer_map(index, layer) else { return kept };
+        let Some(map) = self.layer_map(index, layer) else {
+            return kept;
+        };
         let end = offset + bytes.len() as u64;
         let first = map.partition_point(|l| l.offset < offset);
         for l in &map[first..] {

@@ -3,8 +3,8 @@
 use super::ReadError;
 use crate::format::{Compression, IndexFile};
 use crate::source::Source;
-use crate::zran::resume::{ResumeCursor, ResumePoint};
 use crate::zran::decode_window;
+use crate::zran::resume::{ResumeCursor, ResumePoint};
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -58,7 +58,12 @@ const MAX_KEPT_GAP: u64 = 8 << 20;
 impl SpanReader {
     /// A reader for `layer`.
     pub fn new(layer: u32) -> SpanReader {
-        SpanReader { layer, cursor: None, inflated: 0, received: Arc::default() }
+        SpanReader {
+            layer,
+            cursor: None,
+            inflated: 0,
+            received: Arc::default(),
+        }
     }
 
     /// The layer this reader reads.
@@ -105,12 +110,19 @@ impl SpanReader {
                     let passed = inflate_exact(inner, gap as usize, self.layer)?;
                     skipped(before, &passed);
                 }
-                inner.skip_to(start).map_err(|e| ReadError::Origin(e.to_string()))?;
+                inner
+                    .skip_to(start)
+                    .map_err(|e| ReadError::Origin(e.to_string()))?;
                 let mut got = 0;
                 while got < out.len() {
-                    let n = inner.fill(&mut out[got..]).map_err(|e| ReadError::Origin(e.to_string()))?;
+                    let n = inner
+                        .fill(&mut out[got..])
+                        .map_err(|e| ReadError::Origin(e.to_string()))?;
                     if n == 0 {
-                        return Err(ReadError::Origin(format!("layer {} ends before offset {end}", self.layer)));
+                        return Err(ReadError::Origin(format!(
+                            "layer {} ends before offset {end}",
+                            self.layer
+                        )));
                     }
                     got += n;
                 }
@@ -118,7 +130,8 @@ impl SpanReader {
             }
             Cursor::Plain { inner, pos, .. } => {
                 if *pos < start {
-                    std::io::copy(&mut inner.by_ref().take(start - *pos), &mut std::io::sink()).map_err(bad)?;
+                    std::io::copy(&mut inner.by_ref().take(start - *pos), &mut std::io::sink())
+                        .map_err(bad)?;
                     *pos = start;
                 }
                 inner.read_exact(out).map_err(bad)?;
@@ -128,28 +141,49 @@ impl SpanReader {
         Ok(())
     }
 
-    fn open(&mut self, index: &IndexFile, source: &dyn Source, start: u64, end: u64) -> Result<Cursor, ReadError> {
+    fn open(
+        &mut self,
+        index: &IndexFile,
+        source: &dyn Source,
+        start: u64,
+        end: u64,
+    ) -> Result<Cursor, ReadError> {
         let layer = index.layer(self.layer)?;
         let digest = index.layer_digest(self.layer)?;
         let size = layer.compressed_size.to_native();
         let count = self.received.clone();
         if layer.compression == Compression::None as u8 {
-            let inner = Counted { inner: source.blob_from(digest, start, end, size)?, count };
+            let inner = Counted {
+                inner: source.blob_from(digest, start, end, size)?,
+                count,
+            };
             return Ok(Cursor::Plain { inner, pos: start });
         }
         let (k, _, c_end) = index
             .compressed_span(self.layer, start, end)?
-            .ok_or_else(|| ReadError::Origin(format!("layer {} has no checkpoint before offset {start}", self.layer)))?;
+            .ok_or_else(|| {
+                ReadError::Origin(format!(
+                    "layer {} has no checkpoint before offset {start}",
+                    self.layer
+                ))
+            })?;
         let cp = &layer.checkpoints[k];
-        let window = decode_window(index.stored_window(self.layer, k)?, cp.window_encoding, cp.window_len.to_native() as usize)
-            .map_err(|e| ReadError::Origin(e.to_string()))?;
+        let window = decode_window(
+            index.stored_window(self.layer, k)?,
+            cp.window_encoding,
+            cp.window_len.to_native() as usize,
+        )
+        .map_err(|e| ReadError::Origin(e.to_string()))?;
         let point = ResumePoint {
             in_offset: cp.in_offset.to_native(),
             bits: cp.bits,
             out_offset: cp.out_offset.to_native(),
             window,
         };
-        let src = Counted { inner: source.blob_from(digest, point.read_from(), c_end, size)?, count };
+        let src = Counted {
+            inner: source.blob_from(digest, point.read_from(), c_end, size)?,
+            count,
+        };
         let inner = ResumeCursor::new(src, &point).map_err(|e| ReadError::Origin(e.to_string()))?;
         Ok(Cursor::Gzip(inner))
     }
@@ -157,12 +191,18 @@ impl SpanReader {
     /// Inflate on to the end of the current checkpoint interval, whose compressed bytes the
     /// first request already covers, handing the bytes to `passed` (so that the other
     /// files in it can be kept). The cursor stays usable.
-    pub fn finish_interval(&mut self, index: &IndexFile, passed: &mut dyn FnMut(u64, &[u8])) -> Result<(), ReadError> {
+    pub fn finish_interval(
+        &mut self,
+        index: &IndexFile,
+        passed: &mut dyn FnMut(u64, &[u8]),
+    ) -> Result<(), ReadError> {
         if let Some(Cursor::Gzip(inner)) = &mut self.cursor {
             let pos = inner.position();
             let here = index.checkpoint_index_before(self.layer, pos)?;
             let limit = match here {
-                Some(k) => index.interval_range(self.layer, k)?.map_or(pos, |(_, end)| end),
+                Some(k) => index
+                    .interval_range(self.layer, k)?
+                    .map_or(pos, |(_, end)| end),
                 None => pos,
             };
             let gap = limit.saturating_sub(pos);
@@ -177,13 +217,22 @@ impl SpanReader {
 }
 
 /// Exactly `n` more bytes from `inner`.
-fn inflate_exact(inner: &mut ResumeCursor<Counted>, n: usize, layer: u32) -> Result<Vec<u8>, ReadError> {
+fn inflate_exact(
+    inner: &mut ResumeCursor<Counted>,
+    n: usize,
+    layer: u32,
+) -> Result<Vec<u8>, ReadError> {
     let mut buf = vec![0u8; n];
     let mut got = 0;
     while got < n {
-        let k = inner.fill(&mut buf[got..]).map_err(|e| ReadError::Origin(e.to_string()))?;
+        let k = inner
+            .fill(&mut buf[got..])
+            .map_err(|e| ReadError::Origin(e.to_string()))?;
         if k == 0 {
-            return Err(ReadError::Origin(format!("layer {layer} ends before offset {}", inner.position() + (n - got) as u64)));
+            return Err(ReadError::Origin(format!(
+                "layer {layer} ends before offset {}",
+                inner.position() + (n - got) as u64
+            )));
         }
         got += k;
     }

@@ -57,7 +57,8 @@ impl Credentials {
         match self {
             Credentials::Basic { username, password } => Some(format!(
                 "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(format!("{username}:{}", password.expose()))
+                base64::engine::general_purpose::STANDARD
+                    .encode(format!("{username}:{}", password.expose()))
             )),
             Credentials::IdentityToken(_) => None,
         }
@@ -83,7 +84,11 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
         Some(i) => (&header[..i], header[i..].trim_start()),
         None => (header, ""),
     };
-    if scheme.is_empty() || !scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+    if scheme.is_empty()
+        || !scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
         return None;
     }
     let mut params = BTreeMap::new();
@@ -117,7 +122,10 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
         rest = rest.trim_start();
         rest = rest.strip_prefix(',').unwrap_or(rest).trim_start();
     }
-    Some(Challenge { scheme: scheme.to_ascii_lowercase(), params })
+    Some(Challenge {
+        scheme: scheme.to_ascii_lowercase(),
+        params,
+    })
 }
 
 /// The docker config file to read: `$DOCKER_CONFIG/config.json`, else
@@ -138,7 +146,8 @@ fn auths_key_host(key: &str) -> &str {
 /// Whether an `auths` key host names `registry` (Docker Hub has several names).
 fn host_matches(key_host: &str, registry: &str) -> bool {
     let hub = |h: &str| matches!(h, "docker.io" | "index.docker.io" | "registry-1.docker.io");
-    key_host.eq_ignore_ascii_case(registry) || (hub(registry) && hub(&key_host.to_ascii_lowercase()))
+    key_host.eq_ignore_ascii_case(registry)
+        || (hub(registry) && hub(&key_host.to_ascii_lowercase()))
 }
 
 /// The server URL docker uses when talking to credential helpers.
@@ -151,23 +160,33 @@ fn helper_server_url(registry: &str) -> String {
 }
 
 fn config_error(path: &std::path::Path, why: impl std::fmt::Display) -> SourceError {
-    SourceError::Registry(format!("docker config {}: {why}; fix or remove the file", path.display()))
+    SourceError::Registry(format!(
+        "docker config {}: {why}; fix or remove the file",
+        path.display()
+    ))
 }
 
 /// Find the login for `registry` (`docker.io`, `host:port`): [`ENV_USERNAME`] and
 /// [`ENV_PASSWORD`] first, then the docker config (`credHelpers`, `auths`, `credsStore`).
 /// `Ok(None)` means anonymous access.
 pub fn lookup_credentials(registry: &str) -> Result<Option<Credentials>, SourceError> {
-    if let (Ok(username), Ok(password)) = (std::env::var(ENV_USERNAME), std::env::var(ENV_PASSWORD)) {
-        return Ok(Some(Credentials::Basic { username, password: Secret::new(password) }));
+    if let (Ok(username), Ok(password)) = (std::env::var(ENV_USERNAME), std::env::var(ENV_PASSWORD))
+    {
+        return Ok(Some(Credentials::Basic {
+            username,
+            password: Secret::new(password),
+        }));
     }
-    let Some(path) = docker_config_path() else { return Ok(None) };
+    let Some(path) = docker_config_path() else {
+        return Ok(None);
+    };
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(config_error(&path, e)),
     };
-    let config: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| config_error(&path, e))?;
+    let config: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| config_error(&path, e))?;
     from_docker_config(&config, registry, &path)
 }
 
@@ -177,35 +196,69 @@ fn from_docker_config(
     path: &std::path::Path,
 ) -> Result<Option<Credentials>, SourceError> {
     if let Some(helpers) = config.get("credHelpers").and_then(|v| v.as_object()) {
-        if let Some(name) = helpers.iter().find(|(k, _)| host_matches(auths_key_host(k), registry)).and_then(|(_, v)| v.as_str()) {
+        if let Some(name) = helpers
+            .iter()
+            .find(|(k, _)| host_matches(auths_key_host(k), registry))
+            .and_then(|(_, v)| v.as_str())
+        {
             return run_helper(name, registry);
         }
     }
     if let Some(auths) = config.get("auths").and_then(|v| v.as_object()) {
-        if let Some((_, entry)) = auths.iter().find(|(k, _)| host_matches(auths_key_host(k), registry)) {
-            if let Some(tok) = entry.get("identitytoken").and_then(|v| v.as_str()).filter(|s| !s.is_empty()) {
+        if let Some((_, entry)) = auths
+            .iter()
+            .find(|(k, _)| host_matches(auths_key_host(k), registry))
+        {
+            if let Some(tok) = entry
+                .get("identitytoken")
+                .and_then(|v| v.as_str())
+                .filter(|s| !s.is_empty())
+            {
                 return Ok(Some(Credentials::IdentityToken(Secret::new(tok))));
             }
-            if let Some(auth) = entry.get("auth").and_then(|v| v.as_str()).filter(|s| !s.is_empty()) {
+            if let Some(auth) = entry
+                .get("auth")
+                .and_then(|v| v.as_str())
+                .filter(|s| !s.is_empty())
+            {
                 let decoded = base64::engine::general_purpose::STANDARD
                     .decode(auth.trim())
-                    .map_err(|_| config_error(path, format!("the auths entry for {registry} is not base64")))?;
-                let decoded = String::from_utf8(decoded)
-                    .map_err(|_| config_error(path, format!("the auths entry for {registry} is not UTF-8")))?;
-                let (username, password) = decoded
-                    .split_once(':')
-                    .ok_or_else(|| config_error(path, format!("the auths entry for {registry} is not user:password")))?;
-                return Ok(Some(Credentials::Basic { username: username.into(), password: Secret::new(password) }));
+                    .map_err(|_| {
+                        config_error(
+                            path,
+                            format!("the auths entry for {registry} is not base64"),
+                        )
+                    })?;
+                let decoded = String::from_utf8(decoded).map_err(|_| {
+                    config_error(path, format!("the auths entry for {registry} is not UTF-8"))
+                })?;
+                let (username, password) = decoded.split_once(':').ok_or_else(|| {
+                    config_error(
+                        path,
+                        format!("the auths entry for {registry} is not user:password"),
+                    )
+                })?;
+                return Ok(Some(Credentials::Basic {
+                    username: username.into(),
+                    password: Secret::new(password),
+                }));
             }
             if let (Some(u), Some(p)) = (
                 entry.get("username").and_then(|v| v.as_str()),
                 entry.get("password").and_then(|v| v.as_str()),
             ) {
-                return Ok(Some(Credentials::Basic { username: u.into(), password: Secret::new(p) }));
+                return Ok(Some(Credentials::Basic {
+                    username: u.into(),
+                    password: Secret::new(p),
+                }));
             }
         }
     }
-    if let Some(store) = config.get("credsStore").and_then(|v| v.as_str()).filter(|s| !s.is_empty()) {
+    if let Some(store) = config
+        .get("credsStore")
+        .and_then(|v| v.as_str())
+        .filter(|s| !s.is_empty())
+    {
         return run_helper(store, registry);
     }
     Ok(None)
@@ -234,12 +287,16 @@ fn run_helper(name: &str, registry: &str) -> Result<Option<Credentials>, SourceE
         // A helper that exits without reading its input is handled by its status below.
         let _ = stdin.write_all(helper_server_url(registry).as_bytes());
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|source| SourceError::Io { context: format!("running {program}"), source })?;
+    let out = child.wait_with_output().map_err(|source| SourceError::Io {
+        context: format!("running {program}"),
+        source,
+    })?;
     if !out.status.success() {
         let msg = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        tracing::debug!("{program} has no credentials for {registry} ({}): {msg}", out.status);
+        tracing::debug!(
+            "{program} has no credentials for {registry} ({}): {msg}",
+            out.status
+        );
         return Ok(None);
     }
     #[derive(serde::Deserialize)]
@@ -250,7 +307,9 @@ fn run_helper(name: &str, registry: &str) -> Result<Option<Credentials>, SourceE
         secret: String,
     }
     let h: HelperOut = serde_json::from_slice(&out.stdout).map_err(|_| {
-        SourceError::Registry(format!("credential helper {program} printed something that is not its JSON answer"))
+        SourceError::Registry(format!(
+            "credential helper {program} printed something that is not its JSON answer"
+        ))
     })?;
     if h.secret.is_empty() {
         return Ok(None);
@@ -258,7 +317,10 @@ fn run_helper(name: &str, registry: &str) -> Result<Option<Credentials>, SourceE
     Ok(Some(if h.username == "<token>" {
         Credentials::IdentityToken(Secret::new(h.secret))
     } else {
-        Credentials::Basic { username: h.username, password: Secret::new(h.secret) }
+        Credentials::Basic {
+            username: h.username,
+            password: Secret::new(h.secret),
+        }
     }))
 }
 
@@ -290,7 +352,10 @@ mod tests {
         assert_eq!(c.params["service"], "registry.docker.io");
         assert_eq!(c.params["scope"], "repository:library/python:pull");
         let c = parse_challenge(r#"Basic realm="a \"quoted\", realm""#).unwrap();
-        assert_eq!((c.scheme.as_str(), c.params["realm"].as_str()), ("basic", r#"a "quoted", realm"#));
+        assert_eq!(
+            (c.scheme.as_str(), c.params["realm"].as_str()),
+            ("basic", r#"a "quoted", realm"#)
+        );
         let c = parse_challenge("bearer realm=http://x/t, error=invalid_token").unwrap();
         assert_eq!(c.params["realm"], "http://x/t");
         assert_eq!(c.params["error"], "invalid_token");
@@ -306,27 +371,50 @@ mod tests {
             "http://other:1234/v2/": {"identitytoken": "refresh"},
         }});
         let hub = from_docker_config(&cfg, "docker.io", p).unwrap().unwrap();
-        assert_eq!(hub, Credentials::Basic { username: "hub".into(), password: Secret::new("pw:with:colons") });
+        assert_eq!(
+            hub,
+            Credentials::Basic {
+                username: "hub".into(),
+                password: Secret::new("pw:with:colons")
+            }
+        );
         assert_eq!(
             hub.basic_header().unwrap(),
-            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("hub:pw:with:colons"))
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode("hub:pw:with:colons")
+            )
         );
-        let local = from_docker_config(&cfg, "127.0.0.1:5000", p).unwrap().unwrap();
+        let local = from_docker_config(&cfg, "127.0.0.1:5000", p)
+            .unwrap()
+            .unwrap();
         assert!(matches!(local, Credentials::Basic { ref username, .. } if username == "local"));
-        assert_eq!(from_docker_config(&cfg, "other:1234", p).unwrap(), Some(Credentials::IdentityToken(Secret::new("refresh"))));
-        assert_eq!(from_docker_config(&cfg, "nowhere.example", p).unwrap(), None);
+        assert_eq!(
+            from_docker_config(&cfg, "other:1234", p).unwrap(),
+            Some(Credentials::IdentityToken(Secret::new("refresh")))
+        );
+        assert_eq!(
+            from_docker_config(&cfg, "nowhere.example", p).unwrap(),
+            None
+        );
         let bad = serde_json::json!({"auths": {"h": {"auth": "%%%"}}});
         assert!(from_docker_config(&bad, "h", p).is_err());
     }
 
     #[test]
     fn secrets_are_redacted() {
-        let c = Credentials::Basic { username: "u".into(), password: Secret::new("hunter2") };
+        let c = Credentials::Basic {
+            username: "u".into(),
+            password: Secret::new("hunter2"),
+        };
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 
     #[test]
     fn escaping() {
-        assert_eq!(query_escape("repository:a/b:pull"), "repository%3Aa%2Fb%3Apull");
+        assert_eq!(
+            query_escape("repository:a/b:pull"),
+            "repository%3Aa%2Fb%3Apull"
+        );
     }
 }

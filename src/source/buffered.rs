@@ -22,7 +22,13 @@ pub const MAX_BUFFERED: u64 = 64 << 20;
 impl Buffered {
     /// Fetch bytes `[start, end)` of blob `digest` (of `size` bytes) from `inner` with one
     /// request (at most [`MAX_BUFFERED`] bytes).
-    pub fn fetch(inner: Arc<dyn Source>, digest: &str, start: u64, end: u64, size: u64) -> Result<Buffered, SourceError> {
+    pub fn fetch(
+        inner: Arc<dyn Source>,
+        digest: &str,
+        start: u64,
+        end: u64,
+        size: u64,
+    ) -> Result<Buffered, SourceError> {
         let end = end.min(size);
         if start >= end || end - start > MAX_BUFFERED {
             return Err(SourceError::BadImage(format!(
@@ -34,14 +40,25 @@ impl Buffered {
             .blob(digest, start, Some(end))?
             .take(end - start)
             .read_to_end(&mut bytes)
-            .map_err(|source| SourceError::Io { context: format!("reading blob {digest} at {start}"), source })?;
+            .map_err(|source| SourceError::Io {
+                context: format!("reading blob {digest} at {start}"),
+                source,
+            })?;
         if bytes.len() as u64 != end - start {
             return Err(SourceError::Io {
                 context: format!("reading blob {digest} at {start}"),
-                source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("got {} of {} bytes", bytes.len(), end - start)),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("got {} of {} bytes", bytes.len(), end - start),
+                ),
             });
         }
-        Ok(Buffered { inner, digest: digest.to_string(), start, bytes: Arc::new(bytes) })
+        Ok(Buffered {
+            inner,
+            digest: digest.to_string(),
+            start,
+            bytes: Arc::new(bytes),
+        })
     }
 
     /// Bytes held.
@@ -57,8 +74,10 @@ impl Buffered {
     /// The held bytes from blob offset `at` on, if `at` lies in the range.
     fn from(&self, digest: &str, at: u64) -> Option<Held> {
         let end = self.start + self.len();
-        (digest == self.digest && self.start <= at && at < end)
-            .then(|| Held { bytes: self.bytes.clone(), pos: (at - self.start) as usize })
+        (digest == self.digest && self.start <= at && at < end).then(|| Held {
+            bytes: self.bytes.clone(),
+            pos: (at - self.start) as usize,
+        })
     }
 }
 
@@ -99,7 +118,10 @@ impl Read for HeldThenInner {
         }
         if self.rest.is_none() {
             let end = self.expect_end.max(self.next + 1);
-            let r = self.inner.blob_from(&self.digest, self.next, end, self.size).map_err(std::io::Error::other)?;
+            let r = self
+                .inner
+                .blob_from(&self.digest, self.next, end, self.size)
+                .map_err(std::io::Error::other)?;
             self.rest = Some(r);
         }
         self.rest.as_mut().map_or(Ok(0), |r| r.read(buf))
@@ -115,14 +137,27 @@ impl Source for Buffered {
         self.inner.manifest(reference)
     }
 
-    fn blob(&self, digest: &str, start: u64, end: Option<u64>) -> Result<Box<dyn Read + Send>, SourceError> {
+    fn blob(
+        &self,
+        digest: &str,
+        start: u64,
+        end: Option<u64>,
+    ) -> Result<Box<dyn Read + Send>, SourceError> {
         match (self.from(digest, start), end) {
-            (Some(held), Some(end)) if end <= self.start + self.len() => Ok(Box::new(held.take(end - start))),
+            (Some(held), Some(end)) if end <= self.start + self.len() => {
+                Ok(Box::new(held.take(end - start)))
+            }
             _ => self.inner.blob(digest, start, end),
         }
     }
 
-    fn blob_from(&self, digest: &str, start: u64, expect_end: u64, size: u64) -> Result<Box<dyn Read + Send>, SourceError> {
+    fn blob_from(
+        &self,
+        digest: &str,
+        start: u64,
+        expect_end: u64,
+        size: u64,
+    ) -> Result<Box<dyn Read + Send>, SourceError> {
         match self.from(digest, start) {
             Some(held) => Ok(Box::new(HeldThenInner {
                 held,
@@ -155,7 +190,12 @@ mod tests {
         fn manifest(&self, _: &str) -> Result<(String, Vec<u8>, String), SourceError> {
             Err(SourceError::NotFound("none".into()))
         }
-        fn blob(&self, _: &str, start: u64, end: Option<u64>) -> Result<Box<dyn Read + Send>, SourceError> {
+        fn blob(
+            &self,
+            _: &str,
+            start: u64,
+            end: Option<u64>,
+        ) -> Result<Box<dyn Read + Send>, SourceError> {
             self.requests.fetch_add(1, Ordering::SeqCst);
             let end = end.unwrap_or(1000).min(1000);
             let v: Vec<u8> = (start..end).map(|i| (i % 251) as u8).collect();
@@ -171,18 +211,28 @@ mod tests {
 
     #[test]
     fn reads_inside_the_range_cost_no_request_and_reads_past_it_go_on_from_the_source() {
-        let inner = Arc::new(Numbers { requests: AtomicU64::new(0) });
+        let inner = Arc::new(Numbers {
+            requests: AtomicU64::new(0),
+        });
         let b = Buffered::fetch(inner.clone(), "d", 100, 300, 1000).unwrap();
         assert_eq!((b.len(), inner.requests.load(Ordering::SeqCst)), (200, 1));
         let want = |a: u64, z: u64| (a..z).map(|i| (i % 251) as u8).collect::<Vec<u8>>();
         assert_eq!(all(b.blob("d", 150, Some(250)).unwrap()), want(150, 250));
         assert_eq!(all(b.blob_from("d", 120, 200, 1000).unwrap()).len(), 880);
-        assert_eq!(inner.requests.load(Ordering::SeqCst), 2, "only the part past the range was requested");
+        assert_eq!(
+            inner.requests.load(Ordering::SeqCst),
+            2,
+            "only the part past the range was requested"
+        );
         let mut r = b.blob_from("d", 290, 295, 1000).unwrap();
         let mut first = [0u8; 10];
         r.read_exact(&mut first).unwrap();
         assert_eq!(&first[..], &want(290, 300)[..]);
-        assert_eq!(inner.requests.load(Ordering::SeqCst), 2, "the rest is opened only when read");
+        assert_eq!(
+            inner.requests.load(Ordering::SeqCst),
+            2,
+            "the rest is opened only when read"
+        );
         // Other blobs and offsets outside the range go to the source.
         all(b.blob("other", 150, Some(250)).unwrap());
         all(b.blob("d", 50, Some(120)).unwrap());

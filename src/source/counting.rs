@@ -15,7 +15,10 @@ pub struct Counting {
 impl Counting {
     /// Count the blob requests made of `inner`.
     pub fn new(inner: Arc<dyn Source>) -> Counting {
-        Counting { inner, requests: Arc::default() }
+        Counting {
+            inner,
+            requests: Arc::default(),
+        }
     }
 
     /// Blob requests so far.
@@ -38,12 +41,23 @@ impl Source for Counting {
         self.inner.manifest(reference)
     }
 
-    fn blob(&self, digest: &str, start: u64, end: Option<u64>) -> Result<Box<dyn Read + Send>, SourceError> {
+    fn blob(
+        &self,
+        digest: &str,
+        start: u64,
+        end: Option<u64>,
+    ) -> Result<Box<dyn Read + Send>, SourceError> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.inner.blob(digest, start, end)
     }
 
-    fn blob_from(&self, digest: &str, start: u64, expect_end: u64, size: u64) -> Result<Box<dyn Read + Send>, SourceError> {
+    fn blob_from(
+        &self,
+        digest: &str,
+        start: u64,
+        expect_end: u64,
+        size: u64,
+    ) -> Result<Box<dyn Read + Send>, SourceError> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.inner.blob_from(digest, start, expect_end, size)
     }

@@ -21,7 +21,9 @@ impl LayoutSource {
                 dir.display()
             )));
         }
-        Ok(LayoutSource { dir: dir.to_path_buf() })
+        Ok(LayoutSource {
+            dir: dir.to_path_buf(),
+        })
     }
 
     /// The layout directory.
@@ -39,20 +41,29 @@ impl LayoutSource {
             && !hex.is_empty()
             && hex.bytes().all(|b| b.is_ascii_hexdigit());
         if !ok {
-            return Err(SourceError::BadImage(format!("malformed digest {digest:?}")));
+            return Err(SourceError::BadImage(format!(
+                "malformed digest {digest:?}"
+            )));
         }
         Ok(self.dir.join("blobs").join(alg).join(hex))
     }
 
     fn root_index(&self) -> Result<(Vec<u8>, ImageIndex), SourceError> {
         let p = self.dir.join("index.json");
-        let bytes = std::fs::read(&p).map_err(|source| SourceError::Io { context: format!("reading {}", p.display()), source })?;
-        let idx = serde_json::from_slice(&bytes)
-            .map_err(|e| SourceError::BadImage(format!("{} is not a valid image index: {e}", p.display())))?;
+        let bytes = std::fs::read(&p).map_err(|source| SourceError::Io {
+            context: format!("reading {}", p.display()),
+            source,
+        })?;
+        let idx = serde_json::from_slice(&bytes).map_err(|e| {
+            SourceError::BadImage(format!("{} is not a valid image index: {e}", p.display()))
+        })?;
         Ok((bytes, idx))
     }
 
-    fn read_manifest_blob(&self, d: &oci::Descriptor) -> Result<(String, Vec<u8>, String), SourceError> {
+    fn read_manifest_blob(
+        &self,
+        d: &oci::Descriptor,
+    ) -> Result<(String, Vec<u8>, String), SourceError> {
         let bytes = self.read_small_blob(&d.digest, d.size)?;
         Ok((d.media_type.clone(), bytes, d.digest.clone()))
     }
@@ -72,19 +83,33 @@ impl Source for LayoutSource {
                 return self.read_manifest_blob(d);
             }
             // A manifest nested in an index: read it by digest, verified.
-            let b = self.read_small_blob(reference, std::fs::metadata(self.blob_path(reference)?).map(|m| m.len()).unwrap_or(0))?;
+            let b = self.read_small_blob(
+                reference,
+                std::fs::metadata(self.blob_path(reference)?)
+                    .map(|m| m.len())
+                    .unwrap_or(0),
+            )?;
             return Ok((String::new(), b, reference.to_string()));
         }
         if !reference.is_empty() {
             let d = idx
                 .manifests
                 .iter()
-                .find(|d| d.annotations.get(oci::ANNOTATION_REF_NAME).map(String::as_str) == Some(reference))
+                .find(|d| {
+                    d.annotations
+                        .get(oci::ANNOTATION_REF_NAME)
+                        .map(String::as_str)
+                        == Some(reference)
+                })
                 .ok_or_else(|| {
                     let tags: Vec<&str> = idx
                         .manifests
                         .iter()
-                        .filter_map(|d| d.annotations.get(oci::ANNOTATION_REF_NAME).map(String::as_str))
+                        .filter_map(|d| {
+                            d.annotations
+                                .get(oci::ANNOTATION_REF_NAME)
+                                .map(String::as_str)
+                        })
                         .collect();
                     SourceError::NotFound(format!(
                         "tag {reference:?} is not in the layout {} (tags: {})",
@@ -95,11 +120,16 @@ impl Source for LayoutSource {
             return self.read_manifest_blob(d);
         }
         match idx.manifests.len() {
-            0 => Err(SourceError::NotFound(format!("the layout {} holds no images", self.dir.display()))),
+            0 => Err(SourceError::NotFound(format!(
+                "the layout {} holds no images",
+                self.dir.display()
+            ))),
             1 => self.read_manifest_blob(&idx.manifests[0]),
-            _ if idx.manifests.iter().all(|d| d.platform.is_some()) => {
-                Ok((oci::MT_OCI_INDEX.into(), bytes.clone(), oci::digest_of(&bytes)))
-            }
+            _ if idx.manifests.iter().all(|d| d.platform.is_some()) => Ok((
+                oci::MT_OCI_INDEX.into(),
+                bytes.clone(),
+                oci::digest_of(&bytes),
+            )),
             _ => Err(SourceError::NotFound(format!(
                 "the layout {} holds several images; name one as DIR:TAG",
                 self.dir.display()
@@ -107,12 +137,23 @@ impl Source for LayoutSource {
         }
     }
 
-    fn blob(&self, digest: &str, start: u64, end: Option<u64>) -> Result<Box<dyn Read + Send>, SourceError> {
+    fn blob(
+        &self,
+        digest: &str,
+        start: u64,
+        end: Option<u64>,
+    ) -> Result<Box<dyn Read + Send>, SourceError> {
         let p = self.blob_path(digest)?;
-        let io = |source| SourceError::Io { context: format!("reading blob {}", p.display()), source };
+        let io = |source| SourceError::Io {
+            context: format!("reading blob {}", p.display()),
+            source,
+        };
         let mut f = File::open(&p).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
-                SourceError::NotFound(format!("blob {digest} is missing from the layout {}", self.dir.display()))
+                SourceError::NotFound(format!(
+                    "blob {digest} is missing from the layout {}",
+                    self.dir.display()
+                ))
             } else {
                 io(e)
             }
@@ -147,12 +188,20 @@ pub struct LayerInput {
 impl LayerInput {
     /// A layer gzip-compressed at level 6.
     pub fn gzip(tar: Vec<u8>) -> LayerInput {
-        LayerInput { tar, gzip: true, blob: None }
+        LayerInput {
+            tar,
+            gzip: true,
+            blob: None,
+        }
     }
 
     /// An uncompressed layer.
     pub fn plain(tar: Vec<u8>) -> LayerInput {
-        LayerInput { tar, gzip: false, blob: None }
+        LayerInput {
+            tar,
+            gzip: false,
+            blob: None,
+        }
     }
 }
 
@@ -161,7 +210,10 @@ impl LayoutWriter {
     pub fn create(dir: &Path) -> std::io::Result<LayoutWriter> {
         std::fs::create_dir_all(dir.join("blobs/sha256"))?;
         std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-        Ok(LayoutWriter { dir: dir.to_path_buf(), index: Vec::new() })
+        Ok(LayoutWriter {
+            dir: dir.to_path_buf(),
+            index: Vec::new(),
+        })
     }
 
     /// Store a blob; returns its descriptor.
@@ -169,21 +221,35 @@ impl LayoutWriter {
         let digest = oci::digest_of(bytes);
         let hex = digest.trim_start_matches("sha256:");
         std::fs::write(self.dir.join("blobs/sha256").join(hex), bytes)?;
-        Ok(oci::Descriptor { media_type: media_type.into(), digest, size: bytes.len() as u64, ..Default::default() })
+        Ok(oci::Descriptor {
+            media_type: media_type.into(),
+            digest,
+            size: bytes.len() as u64,
+            ..Default::default()
+        })
     }
 
     /// Write an image (layers, config, manifest) and return the manifest's descriptor.
-    pub fn image(&self, layers: &[LayerInput], platform: &oci::Platform, created: &str) -> std::io::Result<oci::Descriptor> {
+    pub fn image(
+        &self,
+        layers: &[LayerInput],
+        platform: &oci::Platform,
+        created: &str,
+    ) -> std::io::Result<oci::Descriptor> {
         use sha2::Digest;
         let mut descs = Vec::new();
         let mut diff_ids = Vec::new();
         for l in layers {
-            diff_ids.push(format!("sha256:{}", hex::encode(sha2::Sha256::digest(&l.tar))));
+            diff_ids.push(format!(
+                "sha256:{}",
+                hex::encode(sha2::Sha256::digest(&l.tar))
+            ));
             if let Some(blob) = &l.blob {
                 descs.push(self.blob(oci::MT_OCI_LAYER_GZIP, blob)?);
             } else if l.gzip {
                 use std::io::Write;
-                let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+                let mut enc =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
                 enc.write_all(&l.tar)?;
                 descs.push(self.blob(oci::MT_OCI_LAYER_GZIP, &enc.finish()?)?);
             } else {
@@ -197,34 +263,60 @@ impl LayoutWriter {
             "config": {},
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
         });
-        let config = self.blob(oci::MT_OCI_CONFIG, &serde_json::to_vec(&config).map_err(std::io::Error::other)?)?;
+        let config = self.blob(
+            oci::MT_OCI_CONFIG,
+            &serde_json::to_vec(&config).map_err(std::io::Error::other)?,
+        )?;
         let manifest = oci::Manifest {
             schema_version: 2,
             media_type: Some(oci::MT_OCI_MANIFEST.into()),
             config,
             layers: descs,
         };
-        let mut d = self.blob(oci::MT_OCI_MANIFEST, &serde_json::to_vec(&manifest).map_err(std::io::Error::other)?)?;
+        let mut d = self.blob(
+            oci::MT_OCI_MANIFEST,
+            &serde_json::to_vec(&manifest).map_err(std::io::Error::other)?,
+        )?;
         d.platform = Some(platform.clone());
         Ok(d)
     }
 
     /// Write an image index over `manifests` and return its descriptor.
     pub fn image_index(&self, manifests: Vec<oci::Descriptor>) -> std::io::Result<oci::Descriptor> {
-        let idx = oci::ImageIndex { schema_version: 2, media_type: Some(oci::MT_OCI_INDEX.into()), manifests };
-        self.blob(oci::MT_OCI_INDEX, &serde_json::to_vec(&idx).map_err(std::io::Error::other)?)
+        let idx = oci::ImageIndex {
+            schema_version: 2,
+            media_type: Some(oci::MT_OCI_INDEX.into()),
+            manifests,
+        };
+        self.blob(
+            oci::MT_OCI_INDEX,
+            &serde_json::to_vec(&idx).map_err(std::io::Error::other)?,
+        )
     }
 
     /// List `desc` in `index.json` under tag `tag`.
     pub fn tag(&mut self, mut desc: oci::Descriptor, tag: &str) {
-        desc.annotations.insert(oci::ANNOTATION_REF_NAME.into(), tag.into());
-        self.index.retain(|d| d.annotations.get(oci::ANNOTATION_REF_NAME).map(String::as_str) != Some(tag));
+        desc.annotations
+            .insert(oci::ANNOTATION_REF_NAME.into(), tag.into());
+        self.index.retain(|d| {
+            d.annotations
+                .get(oci::ANNOTATION_REF_NAME)
+                .map(String::as_str)
+                != Some(tag)
+        });
         self.index.push(desc);
     }
 
     /// Write `index.json`.
     pub fn finish(self) -> std::io::Result<()> {
-        let idx = oci::ImageIndex { schema_version: 2, media_type: Some(oci::MT_OCI_INDEX.into()), manifests: self.index };
-        std::fs::write(self.dir.join("index.json"), serde_json::to_vec_pretty(&idx).map_err(std::io::Error::other)?)
+        let idx = oci::ImageIndex {
+            schema_version: 2,
+            media_type: Some(oci::MT_OCI_INDEX.into()),
+            manifests: self.index,
+        };
+        std::fs::write(
+            self.dir.join("index.json"),
+            serde_json::to_vec_pretty(&idx).map_err(std::io::Error::other)?,
+        )
     }
 }

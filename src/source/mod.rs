@@ -19,7 +19,9 @@ pub enum SourceError {
     #[error("{0}")]
     NotFound(String),
     /// No manifest for the wanted platform.
-    #[error("the image has no manifest for platform {want} (it has: {have}); pick one with --platform")]
+    #[error(
+        "the image has no manifest for platform {want} (it has: {have}); pick one with --platform"
+    )]
     NoPlatform {
         /// Wanted platform.
         want: String,
@@ -30,7 +32,9 @@ pub enum SourceError {
     #[error("bad image: {0}")]
     BadImage(String),
     /// Content does not match its digest.
-    #[error("{what} {digest} does not match its digest (got {actual}); the source is corrupt or lying")]
+    #[error(
+        "{what} {digest} does not match its digest (got {actual}); the source is corrupt or lying"
+    )]
     DigestMismatch {
         /// What was checked.
         what: String,
@@ -83,13 +87,24 @@ pub trait Source: Send + Sync {
 
     /// Stream blob `digest` from byte `start` up to `end` (exclusive; `None` = to the end).
     /// The source does not verify the digest: callers that read whole blobs do.
-    fn blob(&self, digest: &str, start: u64, end: Option<u64>) -> Result<Box<dyn Read + Send>, SourceError>;
+    fn blob(
+        &self,
+        digest: &str,
+        start: u64,
+        end: Option<u64>,
+    ) -> Result<Box<dyn Read + Send>, SourceError>;
 
     /// Stream blob `digest` (of `size` bytes) from `start` on, for a reader that will
     /// probably stop near `expect_end` but may go on. The default opens the rest of the
     /// blob; sources that pay for every byte sent (a registry) fetch `start..expect_end`
     /// first and then ranges that double in size as the reader continues.
-    fn blob_from(&self, digest: &str, start: u64, expect_end: u64, size: u64) -> Result<Box<dyn Read + Send>, SourceError> {
+    fn blob_from(
+        &self,
+        digest: &str,
+        start: u64,
+        expect_end: u64,
+        size: u64,
+    ) -> Result<Box<dyn Read + Send>, SourceError> {
         let _ = (expect_end, size);
         self.blob(digest, start, None)
     }
@@ -97,16 +112,25 @@ pub trait Source: Send + Sync {
     /// Read a whole small blob (config) and verify its digest and size.
     fn read_small_blob(&self, digest: &str, size: u64) -> Result<Vec<u8>, SourceError> {
         if size > 64 << 20 {
-            return Err(SourceError::BadImage(format!("blob {digest} claims {size} bytes, too large for a config")));
+            return Err(SourceError::BadImage(format!(
+                "blob {digest} claims {size} bytes, too large for a config"
+            )));
         }
         let mut buf = Vec::with_capacity(size as usize);
         self.blob(digest, 0, None)?
             .take(size + 1)
             .read_to_end(&mut buf)
-            .map_err(|source| SourceError::Io { context: format!("reading blob {digest}"), source })?;
+            .map_err(|source| SourceError::Io {
+                context: format!("reading blob {digest}"),
+                source,
+            })?;
         let actual = crate::oci::digest_of(&buf);
         if actual != digest || buf.len() as u64 != size {
-            return Err(SourceError::DigestMismatch { what: "blob".into(), digest: digest.into(), actual });
+            return Err(SourceError::DigestMismatch {
+                what: "blob".into(),
+                digest: digest.into(),
+                actual,
+            });
         }
         Ok(buf)
     }
@@ -120,14 +144,20 @@ pub fn split_layout_ref(s: &str) -> (String, Option<String>) {
         return (s.to_string(), None);
     }
     match s.rsplit_once(':') {
-        Some((dir, tag)) if !tag.contains('/') && !dir.is_empty() => (dir.to_string(), Some(tag.to_string())),
+        Some((dir, tag)) if !tag.contains('/') && !dir.is_empty() => {
+            (dir.to_string(), Some(tag.to_string()))
+        }
         _ => (s.to_string(), None),
     }
 }
 
 /// Whether `spec` is written as a filesystem path (never a registry reference).
 fn path_like(spec: &str) -> bool {
-    spec.starts_with('/') || spec.starts_with("./") || spec.starts_with("../") || spec.starts_with('~') || spec == "."
+    spec.starts_with('/')
+        || spec.starts_with("./")
+        || spec.starts_with("../")
+        || spec.starts_with('~')
+        || spec == "."
 }
 
 /// Open the source named by a command-line image argument. Returns the source and the
@@ -163,7 +193,13 @@ pub fn open(spec: &str) -> Result<(Box<dyn Source>, String), SourceError> {
 fn open_registry(spec: &str) -> Result<(Box<dyn Source>, String), SourceError> {
     let r = reference::Reference::parse(spec)?;
     let src = registry::RegistrySource::open(&r, &registry::RegistryOptions::from_env()?)?;
-    let full = reference::Reference { tag: r.tag.clone().or_else(|| r.digest.is_none().then(|| "latest".into())), ..r };
+    let full = reference::Reference {
+        tag: r
+            .tag
+            .clone()
+            .or_else(|| r.digest.is_none().then(|| "latest".into())),
+        ..r
+    };
     Ok((Box::new(src), full.to_string()))
 }
 
@@ -173,7 +209,11 @@ fn open_registry(spec: &str) -> Result<(Box<dyn Source>, String), SourceError> {
 pub fn open_recorded(source: &str) -> Result<Box<dyn Source>, SourceError> {
     if source.starts_with(registry::RECORDED_HTTPS) || source.starts_with(registry::RECORDED_HTTP) {
         let opts = registry::RegistryOptions::from_env()?;
-        return Ok(Box::new(registry::RegistrySource::open_recorded(source, &opts)?));
+        return Ok(Box::new(registry::RegistrySource::open_recorded(
+            source, &opts,
+        )?));
     }
-    Ok(Box::new(layout::LayoutSource::open(std::path::Path::new(source))?))
+    Ok(Box::new(layout::LayoutSource::open(std::path::Path::new(
+        source,
+    ))?))
 }

@@ -23,7 +23,10 @@ pub struct Reference {
 }
 
 fn bad(s: &str, why: &str) -> SourceError {
-    SourceError::Reference { reference: s.into(), why: why.into() }
+    SourceError::Reference {
+        reference: s.into(),
+        why: why.into(),
+    }
 }
 
 /// Whether `c` is a valid repository path component: lowercase alphanumerics separated by
@@ -52,7 +55,11 @@ fn valid_component(c: &str) -> bool {
             }
             _ => return false,
         }
-        if i == sep_start || !b.get(i).is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit()) {
+        if i == sep_start
+            || !b
+                .get(i)
+                .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        {
             return false;
         }
     }
@@ -64,13 +71,17 @@ fn valid_tag(t: &str) -> bool {
     !b.is_empty()
         && b.len() <= 128
         && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
 }
 
 /// Whether `d` is a `sha256:` digest with 64 lowercase hex digits (the only kind clip checks).
 pub fn valid_digest(d: &str) -> bool {
-    d.strip_prefix("sha256:")
-        .is_some_and(|h| h.len() == 64 && h.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)))
+    d.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    })
 }
 
 fn valid_domain(d: &str) -> bool {
@@ -85,7 +96,10 @@ fn valid_domain(d: &str) -> bool {
             None => (d, "", false),
         },
     };
-    let port_ok = port.is_empty() || port.strip_prefix(':').is_some_and(|p| !p.is_empty() && p.parse::<u16>().is_ok());
+    let port_ok = port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|p| !p.is_empty() && p.parse::<u16>().is_ok());
     let host_ok = if v6 {
         host.parse::<std::net::Ipv6Addr>().is_ok()
     } else {
@@ -111,7 +125,10 @@ impl Reference {
         let (rest, digest) = match s.rsplit_once('@') {
             Some((r, d)) => {
                 if !valid_digest(d) {
-                    return Err(bad(s, "the digest after @ must be sha256: and 64 lowercase hex digits"));
+                    return Err(bad(
+                        s,
+                        "the digest after @ must be sha256: and 64 lowercase hex digits",
+                    ));
                 }
                 (r, Some(d.to_string()))
             }
@@ -129,7 +146,9 @@ impl Reference {
             None => (rest, None),
         };
         let (mut registry, mut repository) = match name.split_once('/') {
-            Some((first, path)) if first.contains(['.', ':']) || first == "localhost" || first.starts_with('[') => {
+            Some((first, path))
+                if first.contains(['.', ':']) || first == "localhost" || first.starts_with('[') =>
+            {
                 if !valid_domain(first) {
                     return Err(bad(s, "invalid registry host"));
                 }
@@ -152,13 +171,21 @@ impl Reference {
                 "invalid repository name (lowercase letters, digits and . _ - between path components)",
             ));
         }
-        Ok(Reference { registry, repository, tag, digest })
+        Ok(Reference {
+            registry,
+            repository,
+            tag,
+            digest,
+        })
     }
 
     /// What to ask the registry's manifest endpoint for: the digest when pinned, else the
     /// tag, else `latest`.
     pub fn manifest_reference(&self) -> String {
-        self.digest.clone().or_else(|| self.tag.clone()).unwrap_or_else(|| "latest".into())
+        self.digest
+            .clone()
+            .or_else(|| self.tag.clone())
+            .unwrap_or_else(|| "latest".into())
     }
 
     /// The host (and port) that serves the registry API.
@@ -180,10 +207,15 @@ impl Reference {
 pub fn is_loopback_host(host_port: &str) -> bool {
     let host = match host_port.strip_prefix('[') {
         Some(r) => r.split(']').next().unwrap_or(""),
-        None => host_port.rsplit_once(':').map(|(h, _)| h).unwrap_or(host_port),
+        None => host_port
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(host_port),
     };
     host == "localhost"
-        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl std::fmt::Display for Reference {
@@ -212,7 +244,10 @@ mod tests {
     #[test]
     fn docker_hub_defaults() {
         let r = p("python:3.11");
-        assert_eq!((r.registry.as_str(), r.repository.as_str(), r.tag.as_deref()), ("docker.io", "library/python", Some("3.11")));
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str(), r.tag.as_deref()),
+            ("docker.io", "library/python", Some("3.11"))
+        );
         assert_eq!(r.api_host(), "registry-1.docker.io");
         assert_eq!(r.to_string(), "docker.io/library/python:3.11");
         assert_eq!(p("python").manifest_reference(), "latest");
@@ -224,22 +259,34 @@ mod tests {
     #[test]
     fn domains_ports_nesting_digests() {
         let r = p(&format!("localhost:5000/x@{D}"));
-        assert_eq!((r.registry.as_str(), r.repository.as_str(), r.tag.as_deref()), ("localhost:5000", "x", None));
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str(), r.tag.as_deref()),
+            ("localhost:5000", "x", None)
+        );
         assert_eq!(r.manifest_reference(), D);
         assert!(r.is_loopback());
         let r = p(&format!("127.0.0.1:5000/team/sub/app:v1.2@{D}"));
         assert_eq!(r.repository, "team/sub/app");
         assert_eq!(r.tag.as_deref(), Some("v1.2"));
         assert_eq!(r.manifest_reference(), D, "the digest wins over the tag");
-        assert_eq!(r.to_string(), format!("127.0.0.1:5000/team/sub/app:v1.2@{D}"));
+        assert_eq!(
+            r.to_string(),
+            format!("127.0.0.1:5000/team/sub/app:v1.2@{D}")
+        );
         let r = p("ghcr.io/owner/img:tag");
         assert_eq!((r.registry.as_str(), r.api_host()), ("ghcr.io", "ghcr.io"));
         assert!(!r.is_loopback());
         let r = p("[::1]:5000/a/b:c");
-        assert_eq!((r.registry.as_str(), r.repository.as_str()), ("[::1]:5000", "a/b"));
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str()),
+            ("[::1]:5000", "a/b")
+        );
         assert!(r.is_loopback());
         assert_eq!(p("localhost/app").registry, "localhost");
-        assert_eq!(p("my-registry.example.com:443/a__b/c-d.e").repository, "a__b/c-d.e");
+        assert_eq!(
+            p("my-registry.example.com:443/a__b/c-d.e").repository,
+            "a__b/c-d.e"
+        );
     }
 
     #[test]

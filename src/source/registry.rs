@@ -95,7 +95,9 @@ impl RegistryOptions {
         Ok(RegistryOptions {
             plain_http: env_flag(ENV_PLAIN_HTTP)?,
             insecure: env_flag(ENV_INSECURE)?.unwrap_or(false),
-            ca_file: std::env::var_os(ENV_CA_FILE).filter(|v| !v.is_empty()).map(PathBuf::from),
+            ca_file: std::env::var_os(ENV_CA_FILE)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
             ..RegistryOptions::default()
         })
     }
@@ -105,7 +107,11 @@ impl RegistryOptions {
 enum AuthState {
     Anonymous,
     Basic(Secret),
-    Bearer { token: Secret, expires: Instant, challenge: Challenge },
+    Bearer {
+        token: Secret,
+        expires: Instant,
+        challenge: Challenge,
+    },
 }
 
 /// The HTTP client of one repository, shared by the source and its blob readers.
@@ -138,7 +144,16 @@ fn unreachable_msg(host: &str, what: impl std::fmt::Display, plain: bool) -> Sou
 
 fn is_transient_io(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
-    matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof | TimedOut | Interrupted | WouldBlock)
+    matches!(
+        e.kind(),
+        ConnectionReset
+            | ConnectionAborted
+            | BrokenPipe
+            | UnexpectedEof
+            | TimedOut
+            | Interrupted
+            | WouldBlock
+    )
 }
 
 /// Registry error body: `{"errors":[{"code":"MANIFEST_UNKNOWN","message":"…"}]}`.
@@ -153,8 +168,15 @@ fn error_codes(resp: Response<Body>) -> Vec<String> {
         #[serde(default)]
         errors: Vec<E>,
     }
-    let body = resp.into_body().into_with_config().limit(64 << 10).read_to_vec().unwrap_or_default();
-    serde_json::from_slice::<Errors>(&body).map(|e| e.errors.into_iter().map(|e| e.code).collect()).unwrap_or_default()
+    let body = resp
+        .into_body()
+        .into_with_config()
+        .limit(64 << 10)
+        .read_to_vec()
+        .unwrap_or_default();
+    serde_json::from_slice::<Errors>(&body)
+        .map(|e| e.errors.into_iter().map(|e| e.code).collect())
+        .unwrap_or_default()
 }
 
 fn header<'a>(resp: &'a Response<Body>, name: &str) -> Option<&'a str> {
@@ -180,7 +202,9 @@ impl Client {
             return Ok(Some(c.clone()));
         }
         self.credentials
-            .get_or_init(|| auth::lookup_credentials(&self.reference.registry).map_err(|e| e.to_string()))
+            .get_or_init(|| {
+                auth::lookup_credentials(&self.reference.registry).map_err(|e| e.to_string())
+            })
             .clone()
             .map_err(SourceError::Registry)
     }
@@ -188,9 +212,15 @@ impl Client {
     /// The `Authorization` value to send now, refreshing an expired bearer token.
     fn authorization(&self) -> Result<Option<String>, SourceError> {
         let mut state = self.auth.lock().unwrap_or_else(|p| p.into_inner());
-        if let AuthState::Bearer { expires, challenge, .. } = &*state {
+        if let AuthState::Bearer {
+            expires, challenge, ..
+        } = &*state
+        {
             if Instant::now() >= *expires {
-                tracing::debug!("bearer token for {} expired; fetching a new one", self.repo_name());
+                tracing::debug!(
+                    "bearer token for {} expired; fetching a new one",
+                    self.repo_name()
+                );
                 let challenge = challenge.clone();
                 *state = self.fetch_token(&challenge)?;
             }
@@ -221,7 +251,9 @@ impl Client {
         };
         let new_state = if challenge.scheme == "basic" {
             match self.credentials()? {
-                Some(c @ Credentials::Basic { .. }) => AuthState::Basic(Secret::new(c.basic_header().expect("basic"))),
+                Some(c @ Credentials::Basic { .. }) => {
+                    AuthState::Basic(Secret::new(c.basic_header().expect("basic")))
+                }
                 _ => {
                     return Err(SourceError::Denied(format!(
                         "registry {} needs a login to pull {}; {}",
@@ -240,7 +272,10 @@ impl Client {
 
     /// Get a bearer token from the challenge's realm.
     fn fetch_token(&self, challenge: &Challenge) -> Result<AuthState, SourceError> {
-        let realm = challenge.params.get("realm").filter(|r| r.starts_with("http://") || r.starts_with("https://"));
+        let realm = challenge
+            .params
+            .get("realm")
+            .filter(|r| r.starts_with("http://") || r.starts_with("https://"));
         let Some(realm) = realm else {
             return Err(SourceError::Registry(format!(
                 "registry {} asked for a bearer token without a usable realm URL",
@@ -254,11 +289,18 @@ impl Client {
             .unwrap_or_else(|| format!("repository:{}:pull", self.reference.repository));
         let service = challenge.params.get("service").cloned().unwrap_or_default();
         let creds = self.credentials()?;
-        let mut url = format!("{realm}{}scope={}", if realm.contains('?') { '&' } else { '?' }, auth::query_escape(&scope));
+        let mut url = format!(
+            "{realm}{}scope={}",
+            if realm.contains('?') { '&' } else { '?' },
+            auth::query_escape(&scope)
+        );
         if !service.is_empty() {
             url.push_str(&format!("&service={}", auth::query_escape(&service)));
         }
-        tracing::debug!("fetching a bearer token for {} from {realm} (scope {scope})", self.repo_name());
+        tracing::debug!(
+            "fetching a bearer token for {} from {realm} (scope {scope})",
+            self.repo_name()
+        );
         let resp = self.with_retries(&format!("token service {realm}"), || match &creds {
             Some(Credentials::IdentityToken(t)) => self.agent.post(realm.as_str()).send_form([
                 ("grant_type", "refresh_token"),
@@ -267,9 +309,11 @@ impl Client {
                 ("scope", scope.as_str()),
                 ("client_id", "clip"),
             ]),
-            Some(c @ Credentials::Basic { .. }) => {
-                self.agent.get(&url).header("Authorization", c.basic_header().expect("basic")).call()
-            }
+            Some(c @ Credentials::Basic { .. }) => self
+                .agent
+                .get(&url)
+                .header("Authorization", c.basic_header().expect("basic"))
+                .call(),
             None => self.agent.get(&url).call(),
         })?;
         let status = resp.status().as_u16();
@@ -282,7 +326,12 @@ impl Client {
                     self.login_hint()
                 )
             } else {
-                format!("the token service of {} denied anonymous access to {}; {}", self.reference.registry, self.repo_name(), self.login_hint())
+                format!(
+                    "the token service of {} denied anonymous access to {}; {}",
+                    self.reference.registry,
+                    self.repo_name(),
+                    self.login_hint()
+                )
             }));
         }
         if status != 200 {
@@ -308,20 +357,37 @@ impl Client {
             .read_to_vec()
             .map_err(|e| unreachable_msg(&self.reference.registry, e, self.plain_http))?;
         let reply: TokenReply = serde_json::from_slice(&body).map_err(|_| {
-            SourceError::Registry(format!("the token service of {} sent an answer that is not token JSON", self.reference.registry))
+            SourceError::Registry(format!(
+                "the token service of {} sent an answer that is not token JSON",
+                self.reference.registry
+            ))
         })?;
-        let token = if reply.token.is_empty() { reply.access_token } else { reply.token };
+        let token = if reply.token.is_empty() {
+            reply.access_token
+        } else {
+            reply.token
+        };
         if token.is_empty() {
-            return Err(SourceError::Registry(format!("the token service of {} sent no token", self.reference.registry)));
+            return Err(SourceError::Registry(format!(
+                "the token service of {} sent no token",
+                self.reference.registry
+            )));
         }
         // Tokens live 60 s unless told otherwise; renew a little early.
         let life = Duration::from_secs(reply.expires_in.unwrap_or(60).max(10));
         let expires = Instant::now() + life - Duration::from_secs(5);
-        Ok(AuthState::Bearer { token: Secret::new(token), expires, challenge: challenge.clone() })
+        Ok(AuthState::Bearer {
+            token: Secret::new(token),
+            expires,
+            challenge: challenge.clone(),
+        })
     }
 
     fn sleep_before_retry(&self, attempt: u32, retry_after: Option<&str>) {
-        let backoff = self.backoff.saturating_mul(1 << attempt.min(8)).min(Duration::from_secs(4));
+        let backoff = self
+            .backoff
+            .saturating_mul(1 << attempt.min(8))
+            .min(Duration::from_secs(4));
         let wait = retry_after
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(|s| Duration::from_secs(s.min(10)))
@@ -342,7 +408,11 @@ impl Client {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     if (status == 429 || status >= 500) && attempt < self.retries {
-                        tracing::debug!("{what}: HTTP {status}, retrying ({}/{})", attempt + 1, self.retries);
+                        tracing::debug!(
+                            "{what}: HTTP {status}, retrying ({}/{})",
+                            attempt + 1,
+                            self.retries
+                        );
                         self.sleep_before_retry(attempt, header(&resp, "retry-after"));
                         attempt += 1;
                         continue;
@@ -360,7 +430,9 @@ impl Client {
                 Err(e) => {
                     let transient = match &e {
                         ureq::Error::Io(io) => is_transient_io(io),
-                        ureq::Error::Timeout(_) | ureq::Error::ConnectionFailed | ureq::Error::Protocol(_) => true,
+                        ureq::Error::Timeout(_)
+                        | ureq::Error::ConnectionFailed
+                        | ureq::Error::Protocol(_) => true,
                         _ => false,
                     };
                     if transient && attempt < self.retries {
@@ -381,14 +453,20 @@ impl Client {
             ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
                 unreachable_msg(host, "connection refused", self.plain_http)
             }
-            ureq::Error::HostNotFound => unreachable_msg(host, "host not found (DNS)", self.plain_http),
+            ureq::Error::HostNotFound => {
+                unreachable_msg(host, "host not found (DNS)", self.plain_http)
+            }
             // rustls reports certificate and handshake failures as InvalidData I/O errors.
             ureq::Error::Tls(_) | ureq::Error::Rustls(_) | ureq::Error::Pem(_) => self.tls_error(e),
-            ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData && !self.plain_http => {
+            ureq::Error::Io(io)
+                if io.kind() == std::io::ErrorKind::InvalidData && !self.plain_http =>
+            {
                 self.tls_error(ureq::Error::Io(io))
             }
             ureq::Error::TooManyRedirects | ureq::Error::RedirectFailed => {
-                SourceError::Registry(format!("{what}: the registry {host} redirected too often or to a bad location ({e})"))
+                SourceError::Registry(format!(
+                    "{what}: the registry {host} redirected too often or to a bad location ({e})"
+                ))
             }
             e => unreachable_msg(host, format!("{what}: {e}"), self.plain_http),
         }
@@ -402,7 +480,12 @@ impl Client {
     }
 
     /// GET `url` with authentication (answering one 401 per request) and retries.
-    fn get(&self, url: &str, what: &str, headers: &[(&str, String)]) -> Result<Response<Body>, SourceError> {
+    fn get(
+        &self,
+        url: &str,
+        what: &str,
+        headers: &[(&str, String)],
+    ) -> Result<Response<Body>, SourceError> {
         let mut authenticated = false;
         loop {
             let authz = self.authorization()?;
@@ -451,8 +534,16 @@ impl Client {
 
     /// Open the body of blob `digest` from byte `pos`, up to `end` (exclusive) if known.
     /// Returns the body positioned at `pos` and the end if the response told it.
-    fn open_blob(&self, digest: &str, pos: u64, end: Option<u64>) -> Result<(ureq::BodyReader<'static>, Option<u64>), SourceError> {
-        let url = format!("{}/v2/{}/blobs/{digest}", self.base, self.reference.repository);
+    fn open_blob(
+        &self,
+        digest: &str,
+        pos: u64,
+        end: Option<u64>,
+    ) -> Result<(ureq::BodyReader<'static>, Option<u64>), SourceError> {
+        let url = format!(
+            "{}/v2/{}/blobs/{digest}",
+            self.base, self.reference.repository
+        );
         let mut headers = Vec::new();
         match end {
             Some(e) => headers.push(("Range", format!("bytes={pos}-{}", e - 1))),
@@ -469,7 +560,11 @@ impl Client {
                 let parsed = cr.strip_prefix("bytes ").and_then(|r| {
                     let (range, total) = r.split_once('/')?;
                     let (a, b) = range.split_once('-')?;
-                    Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?, total.parse::<u64>().ok()))
+                    Some((
+                        a.parse::<u64>().ok()?,
+                        b.parse::<u64>().ok()?,
+                        total.parse::<u64>().ok(),
+                    ))
                 });
                 let Some((_, last, _)) = parsed.filter(|&(a, _, _)| a == pos) else {
                     return Err(SourceError::Registry(format!(
@@ -484,11 +579,20 @@ impl Client {
             200 => {
                 let mut body = resp.into_body().into_reader();
                 if pos > 0 || end.is_some() {
-                    tracing::debug!("registry {} ignored Range for blob {digest}; skipping {pos} bytes", self.reference.registry);
+                    tracing::debug!(
+                        "registry {} ignored Range for blob {digest}; skipping {pos} bytes",
+                        self.reference.registry
+                    );
                 }
                 if pos > 0 {
                     let skipped = std::io::copy(&mut (&mut body).take(pos), &mut std::io::sink())
-                        .map_err(|e| unreachable_msg(&self.reference.registry, format!("reading blob {digest}: {e}"), self.plain_http))?;
+                        .map_err(|e| {
+                        unreachable_msg(
+                            &self.reference.registry,
+                            format!("reading blob {digest}: {e}"),
+                            self.plain_http,
+                        )
+                    })?;
                     if skipped < pos {
                         return Err(SourceError::Registry(format!(
                             "blob {digest} on {} ends at byte {skipped}, before the wanted byte {pos}",
@@ -514,7 +618,10 @@ impl Client {
 
 impl RegistrySource {
     /// Open repository `reference` (its tag and digest are ignored here) with `opts`.
-    pub fn open(reference: &Reference, opts: &RegistryOptions) -> Result<RegistrySource, SourceError> {
+    pub fn open(
+        reference: &Reference,
+        opts: &RegistryOptions,
+    ) -> Result<RegistrySource, SourceError> {
         let plain_http = opts.plain_http.unwrap_or_else(|| reference.is_loopback());
         let mut tls = ureq::tls::TlsConfig::builder().disable_verification(opts.insecure);
         if let Some(ca) = &opts.ca_file {
@@ -550,11 +657,19 @@ impl RegistrySource {
             config = config.proxy(None);
         }
         let agent = ureq::Agent::new_with_config(config.build());
-        let base = format!("{}://{}", if plain_http { "http" } else { "https" }, reference.api_host());
+        let base = format!(
+            "{}://{}",
+            if plain_http { "http" } else { "https" },
+            reference.api_host()
+        );
         tracing::debug!("registry source {base}/v2/{}", reference.repository);
         Ok(RegistrySource {
             client: Arc::new(Client {
-                reference: Reference { tag: None, digest: None, ..reference.clone() },
+                reference: Reference {
+                    tag: None,
+                    digest: None,
+                    ..reference.clone()
+                },
                 base,
                 plain_http,
                 agent,
@@ -569,16 +684,27 @@ impl RegistrySource {
 
     /// Reopen the repository recorded by [`Source::describe`] (`registry://HOST/REPO` or
     /// `registry+http://HOST/REPO`); the recorded scheme wins over `opts.plain_http`.
-    pub fn open_recorded(recorded: &str, opts: &RegistryOptions) -> Result<RegistrySource, SourceError> {
+    pub fn open_recorded(
+        recorded: &str,
+        opts: &RegistryOptions,
+    ) -> Result<RegistrySource, SourceError> {
         let (plain, rest) = if let Some(r) = recorded.strip_prefix(RECORDED_HTTP) {
             (true, r)
         } else if let Some(r) = recorded.strip_prefix(RECORDED_HTTPS) {
             (false, r)
         } else {
-            return Err(SourceError::Registry(format!("{recorded:?} is not a recorded registry source")));
+            return Err(SourceError::Registry(format!(
+                "{recorded:?} is not a recorded registry source"
+            )));
         };
         let reference = Reference::parse(rest)?;
-        RegistrySource::open(&reference, &RegistryOptions { plain_http: Some(plain), ..opts.clone() })
+        RegistrySource::open(
+            &reference,
+            &RegistryOptions {
+                plain_http: Some(plain),
+                ..opts.clone()
+            },
+        )
     }
 
     /// The repository (without tag or digest).
@@ -594,7 +720,9 @@ impl RegistrySource {
         }
         if reference.contains('/') {
             let r = Reference::parse(reference)?;
-            if r.registry != self.client.reference.registry || r.repository != self.client.reference.repository {
+            if r.registry != self.client.reference.registry
+                || r.repository != self.client.reference.repository
+            {
                 return Err(SourceError::Registry(format!(
                     "{reference} is not in the repository {}",
                     self.client.repo_name()
@@ -603,7 +731,10 @@ impl RegistrySource {
             return Ok(r.manifest_reference());
         }
         if reference.starts_with("sha256:") && !reference::valid_digest(reference) {
-            return Err(SourceError::Reference { reference: reference.into(), why: "malformed sha256 digest".into() });
+            return Err(SourceError::Reference {
+                reference: reference.into(),
+                why: "malformed sha256 digest".into(),
+            });
         }
         Ok(reference.to_string())
     }
@@ -616,7 +747,9 @@ impl RegistrySource {
         let c = &self.client;
         let repo = c.repo_name();
         if error_codes(resp).iter().any(|x| x == "NAME_UNKNOWN") {
-            return SourceError::NotFound(format!("repository {repo} does not exist on the registry; check the image name"));
+            return SourceError::NotFound(format!(
+                "repository {repo} does not exist on the registry; check the image name"
+            ));
         }
         let url = format!("{}/v2/{}/tags/list?n=20", c.base, c.reference.repository);
         #[derive(serde::Deserialize)]
@@ -626,7 +759,9 @@ impl RegistrySource {
         }
         let tags = match c.get(&url, "tag list", &[]) {
             Ok(r) if r.status().as_u16() == 404 => {
-                return SourceError::NotFound(format!("repository {repo} does not exist on the registry; check the image name"))
+                return SourceError::NotFound(format!(
+                    "repository {repo} does not exist on the registry; check the image name"
+                ))
             }
             Ok(r) if r.status().as_u16() == 200 => r
                 .into_body()
@@ -643,9 +778,13 @@ impl RegistrySource {
             _ => String::new(),
         };
         if want.starts_with("sha256:") {
-            SourceError::NotFound(format!("{repo} has no manifest {want}; check the digest{known}"))
+            SourceError::NotFound(format!(
+                "{repo} has no manifest {want}; check the digest{known}"
+            ))
         } else {
-            SourceError::NotFound(format!("{repo} has no tag {want:?} (unknown tag); check the tag{known}"))
+            SourceError::NotFound(format!(
+                "{repo} has no tag {want:?} (unknown tag); check the tag{known}"
+            ))
         }
     }
 }
@@ -653,14 +792,27 @@ impl RegistrySource {
 impl Source for RegistrySource {
     fn describe(&self) -> String {
         let r = &self.client.reference;
-        format!("{}{}/{}", if self.client.plain_http { RECORDED_HTTP } else { RECORDED_HTTPS }, r.registry, r.repository)
+        format!(
+            "{}{}/{}",
+            if self.client.plain_http {
+                RECORDED_HTTP
+            } else {
+                RECORDED_HTTPS
+            },
+            r.registry,
+            r.repository
+        )
     }
 
     fn manifest(&self, reference: &str) -> Result<(String, Vec<u8>, String), SourceError> {
         let c = &self.client;
         let want = self.manifest_ref(reference)?;
         let url = format!("{}/v2/{}/manifests/{want}", c.base, c.reference.repository);
-        let resp = c.get(&url, &format!("manifest {want}"), &[("Accept", ACCEPT_MANIFESTS.to_string())])?;
+        let resp = c.get(
+            &url,
+            &format!("manifest {want}"),
+            &[("Accept", ACCEPT_MANIFESTS.to_string())],
+        )?;
         if resp.status().as_u16() == 404 {
             return Err(self.manifest_not_found(resp, &want));
         }
@@ -672,15 +824,24 @@ impl Source for RegistrySource {
             .filter(|m| m.starts_with("application/vnd."))
             .unwrap_or_default();
         let claimed = header(&resp, "docker-content-digest").map(str::to_string);
-        let bytes = resp.into_body().into_with_config().limit(MANIFEST_LIMIT).read_to_vec().map_err(|e| match e {
-            ureq::Error::BodyExceedsLimit(_) => SourceError::BadImage(format!(
-                "manifest {want} of {} is larger than {MANIFEST_LIMIT} bytes",
-                c.repo_name()
-            )),
-            e => c.transport_error(&format!("reading manifest {want}"), e),
-        })?;
+        let bytes = resp
+            .into_body()
+            .into_with_config()
+            .limit(MANIFEST_LIMIT)
+            .read_to_vec()
+            .map_err(|e| match e {
+                ureq::Error::BodyExceedsLimit(_) => SourceError::BadImage(format!(
+                    "manifest {want} of {} is larger than {MANIFEST_LIMIT} bytes",
+                    c.repo_name()
+                )),
+                e => c.transport_error(&format!("reading manifest {want}"), e),
+            })?;
         let actual = crate::oci::digest_of(&bytes);
-        let expected = if want.starts_with("sha256:") { Some(want.clone()) } else { claimed.filter(|d| d.starts_with("sha256:")) };
+        let expected = if want.starts_with("sha256:") {
+            Some(want.clone())
+        } else {
+            claimed.filter(|d| d.starts_with("sha256:"))
+        };
         if let Some(expected) = expected {
             if expected != actual {
                 return Err(SourceError::DigestMismatch {
@@ -690,13 +851,23 @@ impl Source for RegistrySource {
                 });
             }
         }
-        tracing::debug!("manifest {want} of {}: {media_type} {actual}", c.repo_name());
+        tracing::debug!(
+            "manifest {want} of {}: {media_type} {actual}",
+            c.repo_name()
+        );
         Ok((media_type, bytes, actual))
     }
 
-    fn blob(&self, digest: &str, start: u64, end: Option<u64>) -> Result<Box<dyn Read + Send>, SourceError> {
+    fn blob(
+        &self,
+        digest: &str,
+        start: u64,
+        end: Option<u64>,
+    ) -> Result<Box<dyn Read + Send>, SourceError> {
         if !reference::valid_digest(digest) {
-            return Err(SourceError::BadImage(format!("malformed blob digest {digest:?}")));
+            return Err(SourceError::BadImage(format!(
+                "malformed blob digest {digest:?}"
+            )));
         }
         if end.is_some_and(|e| e <= start) {
             return Ok(Box::new(std::io::empty()));
@@ -716,9 +887,17 @@ impl Source for RegistrySource {
 
     /// Growing ranges: `start..expect_end` first, then each next range twice as long (up to
     /// 64 MiB), so a reader that stops early has not made the registry send the rest.
-    fn blob_from(&self, digest: &str, start: u64, expect_end: u64, size: u64) -> Result<Box<dyn Read + Send>, SourceError> {
+    fn blob_from(
+        &self,
+        digest: &str,
+        start: u64,
+        expect_end: u64,
+        size: u64,
+    ) -> Result<Box<dyn Read + Send>, SourceError> {
         if !reference::valid_digest(digest) {
-            return Err(SourceError::BadImage(format!("malformed blob digest {digest:?}")));
+            return Err(SourceError::BadImage(format!(
+                "malformed blob digest {digest:?}"
+            )));
         }
         let first_end = expect_end.clamp(start + 1, size.max(start + 1));
         Ok(Box::new(BlobReader {
@@ -726,7 +905,10 @@ impl Source for RegistrySource {
             digest: digest.to_string(),
             pos: start,
             end: Some(size),
-            segment: Some(Segment { end: first_end, next_len: (first_end - start).max(MIN_SEGMENT) * 2 }),
+            segment: Some(Segment {
+                end: first_end,
+                next_len: (first_end - start).max(MIN_SEGMENT) * 2,
+            }),
             body: None,
             failures: 0,
             resumes: 0,
@@ -788,7 +970,9 @@ impl Read for BlobReader {
         loop {
             let want = match self.end {
                 Some(end) if self.pos >= end => return Ok(0),
-                Some(end) => buf.len().min((end - self.pos).min(usize::MAX as u64) as usize),
+                Some(end) => buf
+                    .len()
+                    .min((end - self.pos).min(usize::MAX as u64) as usize),
                 None => buf.len(),
             };
             if want == 0 {

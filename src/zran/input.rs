@@ -21,7 +21,10 @@ pub enum GzipError {
 
 /// A corrupt-data error at `offset`.
 pub fn corrupt(offset: u64, msg: impl std::fmt::Display) -> GzipError {
-    GzipError::Corrupt { offset, msg: msg.to_string() }
+    GzipError::Corrupt {
+        offset,
+        msg: msg.to_string(),
+    }
 }
 
 /// Compressed input with a buffer and an absolute position.
@@ -38,7 +41,14 @@ pub struct Input<R> {
 impl<R: Read> Input<R> {
     /// Wrap `src`, whose first byte is at absolute offset `offset`.
     pub fn new(src: R, offset: u64, buf_size: usize) -> Self {
-        Input { src, buf: vec![0u8; buf_size].into_boxed_slice(), pos: 0, len: 0, offset, eof: false }
+        Input {
+            src,
+            buf: vec![0u8; buf_size].into_boxed_slice(),
+            pos: 0,
+            len: 0,
+            offset,
+            eof: false,
+        }
     }
 
     /// The buffered, unconsumed bytes; reads more when empty. Empty only at end of input.
@@ -70,7 +80,10 @@ impl<R: Read> Input<R> {
         while n > 0 {
             let a = self.available()?.len();
             if a == 0 {
-                return Err(corrupt(self.offset, "unexpected end of input inside a gzip trailer"));
+                return Err(corrupt(
+                    self.offset,
+                    "unexpected end of input inside a gzip trailer",
+                ));
             }
             let k = a.min(n);
             self.consume(k);

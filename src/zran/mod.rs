@@ -47,10 +47,16 @@ pub fn decode_window(stored: &[u8], encoding: u8, len: usize) -> Result<Vec<u8>,
                 .read_to_end(&mut out)
                 .map_err(|e| ZlibError(format!("checkpoint window does not inflate: {e}")))?;
             if out.len() != len {
-                return Err(ZlibError(format!("checkpoint window is {} bytes, expected {len}", out.len())));
+                return Err(ZlibError(format!(
+                    "checkpoint window is {} bytes, expected {len}",
+                    out.len()
+                )));
             }
             Ok(out)
         }
-        _ => Err(ZlibError(format!("checkpoint window encoding {encoding} with {} bytes is invalid", stored.len()))),
+        _ => Err(ZlibError(format!(
+            "checkpoint window encoding {encoding} with {} bytes is invalid",
+            stored.len()
+        ))),
     }
 }

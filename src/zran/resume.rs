@@ -52,8 +52,16 @@ impl<R: Read> ResumeCursor<R> {
                 .prime(point.bits, (b >> (8 - point.bits)) as u32)
                 .map_err(|e| corrupt(point.in_offset, e))?;
         }
-        inflater.set_dictionary(&point.window).map_err(|e| corrupt(point.in_offset, e))?;
-        Ok(ResumeCursor { input, inflater, raw: true, out_pos: point.out_offset, finished: false })
+        inflater
+            .set_dictionary(&point.window)
+            .map_err(|e| corrupt(point.in_offset, e))?;
+        Ok(ResumeCursor {
+            input,
+            inflater,
+            raw: true,
+            out_pos: point.out_offset,
+            finished: false,
+        })
     }
 
     /// Uncompressed offset of the next byte `read` returns.
@@ -72,7 +80,10 @@ impl<R: Read> ResumeCursor<R> {
         while self.out_pos < target {
             let want = ((target - self.out_pos) as usize).min(scratch.len());
             if self.fill(&mut scratch[..want])? == 0 {
-                return Err(corrupt(self.input.offset, "stream ended before the wanted offset"));
+                return Err(corrupt(
+                    self.input.offset,
+                    "stream ended before the wanted offset",
+                ));
             }
         }
         Ok(())
@@ -85,7 +96,10 @@ impl<R: Read> ResumeCursor<R> {
             let offset = self.input.offset;
             let input = self.input.available()?;
             let at_eof = input.is_empty();
-            let step = self.inflater.inflate(input, &mut out[filled..], false).map_err(|e| corrupt(offset, e))?;
+            let step = self
+                .inflater
+                .inflate(input, &mut out[filled..], false)
+                .map_err(|e| corrupt(offset, e))?;
             self.input.consume(step.consumed);
             filled += step.produced;
             self.out_pos += step.produced as u64;
@@ -95,7 +109,9 @@ impl<R: Read> ResumeCursor<R> {
                     self.input.skip(8)?;
                 }
                 if self.input.another_member()? {
-                    self.inflater.reset(Wrapper::Gzip).map_err(|e| corrupt(self.input.offset, e))?;
+                    self.inflater
+                        .reset(Wrapper::Gzip)
+                        .map_err(|e| corrupt(self.input.offset, e))?;
                     self.raw = false;
                 } else {
                     self.finished = true;

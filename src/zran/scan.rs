@@ -34,13 +34,20 @@ impl<R: Read> GzipScanner<R> {
 
     /// Fill `out` (up to its length) with the next uncompressed bytes, appending the block
     /// boundaries met on the way to `boundaries`. Returns 0 at the end of the stream.
-    pub fn fill(&mut self, out: &mut [u8], boundaries: &mut Vec<Boundary>) -> Result<usize, GzipError> {
+    pub fn fill(
+        &mut self,
+        out: &mut [u8],
+        boundaries: &mut Vec<Boundary>,
+    ) -> Result<usize, GzipError> {
         let mut filled = 0;
         while filled < out.len() && !self.finished {
             let offset = self.input.offset;
             let input = self.input.available()?;
             let at_eof = input.is_empty();
-            let step = self.inflater.inflate(input, &mut out[filled..], true).map_err(|e| corrupt(offset, e))?;
+            let step = self
+                .inflater
+                .inflate(input, &mut out[filled..], true)
+                .map_err(|e| corrupt(offset, e))?;
             self.input.consume(step.consumed);
             filled += step.produced;
             self.out_total += step.produced as u64;
@@ -53,12 +60,17 @@ impl<R: Read> GzipScanner<R> {
             }
             if step.stream_end {
                 if self.input.another_member()? {
-                    self.inflater.reset(Wrapper::Gzip).map_err(|e| corrupt(self.input.offset, e))?;
+                    self.inflater
+                        .reset(Wrapper::Gzip)
+                        .map_err(|e| corrupt(self.input.offset, e))?;
                 } else {
                     self.finished = true;
                 }
             } else if at_eof && step.consumed == 0 && step.produced == 0 {
-                return Err(corrupt(self.input.offset, "unexpected end of compressed data"));
+                return Err(corrupt(
+                    self.input.offset,
+                    "unexpected end of compressed data",
+                ));
             }
         }
         Ok(filled)

@@ -7,8 +7,8 @@ use clip::demo::{noise, TarBuilder};
 use clip::format::{IndexFile, Kind};
 use clip::oci::Platform;
 use clip::read::{FileReader, Tier};
-use clip::source::layout::{LayerInput, LayoutWriter};
 use clip::source::layout::LayoutSource;
+use clip::source::layout::{LayerInput, LayoutWriter};
 use clip::source::Source;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -34,7 +34,9 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// Run a command, panic with its stderr if it fails; return stdout.
 pub fn run(cmd: &mut Command) -> Vec<u8> {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed with {}:\n{}",
@@ -46,7 +48,11 @@ pub fn run(cmd: &mut Command) -> Vec<u8> {
 
 /// Fail loudly when an external tool the test needs is missing (never skip).
 pub fn require_tool(tool: &str) {
-    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success());
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success());
     assert!(
         found.unwrap_or(false),
         "required tool `{tool}` is not installed; run .ci/run (it apt-get installs the test dependencies)"
@@ -107,7 +113,11 @@ pub fn edge_layers() -> Vec<Vec<u8>> {
         .dir("usr/bin/", 0o755)
         .file("usr/bin/su", 0o4755, b"setuid binary stand-in\n")
         .link(tar::EntryType::Symlink, "usr/bin/abs-link", "/etc/hostname")
-        .link(tar::EntryType::Symlink, "usr/bin/rel-link", "../../etc/hostname")
+        .link(
+            tar::EntryType::Symlink,
+            "usr/bin/rel-link",
+            "../../etc/hostname",
+        )
         .file("usr/bin/orig", 0o755, b"hardlinked content\n")
         .link(tar::EntryType::Link, "usr/bin/second-name", "usr/bin/orig")
         .file("usr/bin/tool", 0o755, b"tool v1\n")
@@ -128,24 +138,50 @@ pub fn edge_layers() -> Vec<Vec<u8>> {
         .file("var/chmod-me", 0o644, b"same bytes\n")
         .dir("data/", 0o755)
         .file("data/random.bin", 0o644, &noise(1, 5 << 20))
-        .file("data/text.txt", 0o644, &"lorem ipsum dolor sit amet\n".repeat(120_000).into_bytes())
+        .file(
+            "data/text.txt",
+            0o644,
+            &"lorem ipsum dolor sit amet\n".repeat(120_000).into_bytes(),
+        )
         .file("implicit/parent/dirs/file", 0o644, b"no parent entries\n")
-        .file("unicode/h\u{e9}llo-w\u{f6}rld-\u{65e5}\u{672c}", 0o644, b"utf-8 name\n");
+        .file(
+            "unicode/h\u{e9}llo-w\u{f6}rld-\u{65e5}\u{672c}",
+            0o644,
+            b"utf-8 name\n",
+        );
     let long = format!("long/{}/{}", "d".repeat(90), "f".repeat(120));
     l1.file(&long, 0o644, b"long name\n");
     for i in 0..60 {
-        l1.file(&format!("many/file{i:03}"), 0o644, format!("small file {i}\n").as_bytes());
+        l1.file(
+            &format!("many/file{i:03}"),
+            0o644,
+            format!("small file {i}\n").as_bytes(),
+        );
     }
     l1.pax_file(
         "usr/bin/ping",
         0o755,
         b"ping with a capability\n",
         &[
-            ("SCHILY.xattr.security.capability", &[1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            (
+                "SCHILY.xattr.security.capability",
+                &[
+                    1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                ],
+            ),
             ("SCHILY.xattr.user.note", b"hello"),
         ],
     );
-    l1.pax_file("etc/precise", 0o600, b"nanoseconds\n", &[("mtime", b"1700000000.123456789"), ("uid", b"3000000"), ("gid", b"3000001")]);
+    l1.pax_file(
+        "etc/precise",
+        0o600,
+        b"nanoseconds\n",
+        &[
+            ("mtime", b"1700000000.123456789"),
+            ("uid", b"3000000"),
+            ("gid", b"3000001"),
+        ],
+    );
     dev(&mut l1, "dev/null", tar::EntryType::Char, 1, 3);
     dev(&mut l1, "dev/sda", tar::EntryType::Block, 8, 0);
     dev(&mut l1, "dev/fifo", tar::EntryType::Fifo, 0, 0);
@@ -185,10 +221,16 @@ pub fn edge_layout(dir: &Path) -> PathBuf {
     let l2blob = two_member_gzip(&layers[1]);
     let inputs = vec![
         LayerInput::gzip(layers[0].clone()),
-        LayerInput { tar: layers[1].clone(), gzip: true, blob: Some(l2blob) },
+        LayerInput {
+            tar: layers[1].clone(),
+            gzip: true,
+            blob: Some(l2blob),
+        },
         LayerInput::plain(layers[2].clone()),
     ];
-    let m = w.image(&inputs, &Platform::host(), "2025-05-20T00:00:00Z").unwrap();
+    let m = w
+        .image(&inputs, &Platform::host(), "2025-05-20T00:00:00Z")
+        .unwrap();
     w.tag(m, EDGE_TAG);
     w.finish().unwrap();
     dir.to_path_buf()
@@ -239,19 +281,65 @@ pub fn test_pki(dir: &Path) -> TestPki {
     require_tool("openssl");
     std::fs::create_dir_all(dir).unwrap();
     let ssl = |args: &[&str]| {
-        let key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"];
-        run(Command::new("openssl").args(["req", "-x509"]).args(key).args(args).current_dir(dir))
+        let key = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+        ];
+        run(Command::new("openssl")
+            .args(["req", "-x509"])
+            .args(key)
+            .args(args)
+            .current_dir(dir))
     };
-    ssl(&["-subj", "/CN=clip test CA", "-keyout", "ca.key", "-out", "ca.pem", "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
-    let leaves: [(&str, &[&str]); 2] = [("server", &["subjectAltName=IP:127.0.0.1", "extendedKeyUsage=serverAuth"]), ("client", &["extendedKeyUsage=clientAuth"])];
+    ssl(&[
+        "-subj",
+        "/CN=clip test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    let leaves: [(&str, &[&str]); 2] = [
+        (
+            "server",
+            &["subjectAltName=IP:127.0.0.1", "extendedKeyUsage=serverAuth"],
+        ),
+        ("client", &["extendedKeyUsage=clientAuth"]),
+    ];
     for (name, exts) in leaves {
-        let (subj, key, pem) = (format!("/CN=clip test {name}"), format!("{name}.key"), format!("{name}.pem"));
-        let mut args = vec!["-subj", &subj, "-CA", "ca.pem", "-CAkey", "ca.key", "-keyout", &key, "-out", &pem];
-        args.extend(["-addext", "basicConstraints=CA:FALSE", "-addext", "keyUsage=digitalSignature"]);
+        let (subj, key, pem) = (
+            format!("/CN=clip test {name}"),
+            format!("{name}.key"),
+            format!("{name}.pem"),
+        );
+        let mut args = vec![
+            "-subj", &subj, "-CA", "ca.pem", "-CAkey", "ca.key", "-keyout", &key, "-out", &pem,
+        ];
+        args.extend([
+            "-addext",
+            "basicConstraints=CA:FALSE",
+            "-addext",
+            "keyUsage=digitalSignature",
+        ]);
         args.extend(exts.iter().flat_map(|e| ["-addext", *e]));
         ssl(&args);
     }
-    TestPki { ca: dir.join("ca.pem"), server_cert: dir.join("server.pem"), server_key: dir.join("server.key"), client_cert: dir.join("client.pem"), client_key: dir.join("client.key") }
+    TestPki {
+        ca: dir.join("ca.pem"),
+        server_cert: dir.join("server.pem"),
+        server_key: dir.join("server.key"),
+        client_cert: dir.join("client.pem"),
+        client_key: dir.join("client.key"),
+    }
 }
 
 /// Fail loudly (never skip) when this machine cannot mount FUSE file systems.
@@ -261,7 +349,10 @@ pub fn require_fuse() {
         "/dev/fuse is missing: load the fuse module (`modprobe fuse`) or give the container --device /dev/fuse"
     );
     require_tool("fusermount3");
-    assert!(nix::unistd::geteuid().is_root(), "the FUSE tests mount file systems and must run as root");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the FUSE tests mount file systems and must run as root"
+    );
 }
 
 /// Whether `dir` is a mount point (listed in /proc/self/mountinfo).
@@ -310,7 +401,12 @@ impl Served {
             .stderr(File::create(&log).unwrap())
             .spawn()
             .expect("start clip-serve");
-        let mut s = Served { mnt, child: Some(child), log, stats };
+        let mut s = Served {
+            mnt,
+            child: Some(child),
+            log,
+            stats,
+        };
         s.wait_mounted();
         s
     }
@@ -327,9 +423,16 @@ impl Served {
         let t = Instant::now();
         while !is_mounted(&self.mnt) {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("clip-serve exited with {st} before mounting:\n{}", self.log());
+                panic!(
+                    "clip-serve exited with {st} before mounting:\n{}",
+                    self.log()
+                );
             }
-            assert!(t.elapsed() < Duration::from_secs(20), "clip-serve did not mount within 20 s:\n{}", self.log());
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "clip-serve did not mount within 20 s:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -345,7 +448,10 @@ impl Served {
             }
             if t.elapsed() > Duration::from_secs(20) {
                 let _ = child.kill();
-                panic!("clip-serve did not exit within 20 s of SIGTERM:\n{}", self.log());
+                panic!(
+                    "clip-serve did not exit within 20 s of SIGTERM:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -360,7 +466,11 @@ impl Served {
             if now.is_some() && now != before {
                 break;
             }
-            assert!(t.elapsed() < Duration::from_secs(10), "no stats file written:\n{}", self.log());
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "no stats file written:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         serde_json::from_slice(&fs::read(&self.stats).unwrap()).unwrap()
@@ -372,14 +482,19 @@ impl Drop for Served {
         if let Some(mut child) = self.child.take() {
             let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
             let t = Instant::now();
-            while child.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(5) {
+            while child.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(5)
+            {
                 std::thread::sleep(Duration::from_millis(20));
             }
             let _ = child.kill();
             let _ = child.wait();
         }
         if is_mounted(&self.mnt) {
-            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.mnt).status();
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&self.mnt)
+                .status();
         }
     }
 }
@@ -407,8 +522,20 @@ pub fn busybox_index_with(tmp: &Path, extra: impl FnOnce(&mut TarBuilder)) -> (P
     require_tool("busybox");
     let busybox = fs::read("/bin/busybox").expect("read /bin/busybox (package busybox-static)");
     let mut t = TarBuilder::new();
-    t.dir("./", 0o755).dir("bin/", 0o755).file("bin/busybox", 0o755, &busybox);
-    for applet in ["sh", "ls", "cat", "find", "sha256sum", "wc", "echo", "mv", "rm"] {
+    t.dir("./", 0o755)
+        .dir("bin/", 0o755)
+        .file("bin/busybox", 0o755, &busybox);
+    for applet in [
+        "sh",
+        "ls",
+        "cat",
+        "find",
+        "sha256sum",
+        "wc",
+        "echo",
+        "mv",
+        "rm",
+    ] {
         t.link(tar::EntryType::Symlink, &format!("bin/{applet}"), "busybox");
     }
     let data = noise(7, 3 << 20);
@@ -420,11 +547,21 @@ pub fn busybox_index_with(tmp: &Path, extra: impl FnOnce(&mut TarBuilder)) -> (P
     extra(&mut t);
     let layout = tmp.join("bb-layout");
     let mut w = LayoutWriter::create(&layout).unwrap();
-    let m = w.image(&[LayerInput::gzip(t.finish())], &Platform::host(), "2025-05-20T00:00:00Z").unwrap();
+    let m = w
+        .image(
+            &[LayerInput::gzip(t.finish())],
+            &Platform::host(),
+            "2025-05-20T00:00:00Z",
+        )
+        .unwrap();
     w.tag(m, "bb");
     w.finish().unwrap();
     let index = tmp.join("bb.clip");
-    run(Command::new(bin("clip-build")).arg(format!("{}:bb", layout.display())).arg("-o").arg(&index).arg("--quiet"));
+    run(Command::new(bin("clip-build"))
+        .arg(format!("{}:bb", layout.display()))
+        .arg("-o")
+        .arg(&index)
+        .arg("--quiet"));
     (index, data)
 }
 
@@ -436,24 +573,42 @@ pub fn sha256_hex(data: &[u8]) -> String {
 
 /// A TCP port on 127.0.0.1 that was free when asked.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Entry numbers and paths (without the leading `/`) of the regular files of an index.
 pub fn files(index: &IndexFile) -> Vec<(u32, String)> {
     (0..index.entry_count())
         .filter(|&i| index.entry(i).unwrap().kind == Kind::File as u8)
-        .map(|i| (i, String::from_utf8_lossy(&index.path_of(i).unwrap()[1..]).into_owned()))
+        .map(|i| {
+            (
+                i,
+                String::from_utf8_lossy(&index.path_of(i).unwrap()[1..]).into_owned(),
+            )
+        })
         .collect()
 }
 
 /// Hex keys of every piece of every regular file.
 pub fn piece_keys(index: &IndexFile) -> BTreeSet<String> {
-    files(index).iter().flat_map(|(i, _)| index.pieces(*i).unwrap()).map(|p| p.key()).collect()
+    files(index)
+        .iter()
+        .flat_map(|(i, _)| index.pieces(*i).unwrap())
+        .map(|p| p.key())
+        .collect()
 }
 
 /// Read one whole file through `tiers` and `source`.
-pub fn read_file(index: &IndexFile, source: &dyn Source, tiers: &[Arc<dyn Tier>], entry: u32) -> Vec<u8> {
+pub fn read_file(
+    index: &IndexFile,
+    source: &dyn Source,
+    tiers: &[Arc<dyn Tier>],
+    entry: u32,
+) -> Vec<u8> {
     let mut r = FileReader::new(index, entry).unwrap();
     let mut out = vec![0u8; r.size() as usize];
     let n = r.read_at(index, source, tiers, 0, &mut out).unwrap();
@@ -462,8 +617,15 @@ pub fn read_file(index: &IndexFile, source: &dyn Source, tiers: &[Arc<dyn Tier>]
 }
 
 /// Read every regular file; path → bytes.
-pub fn read_all(index: &IndexFile, source: &dyn Source, tiers: &[Arc<dyn Tier>]) -> BTreeMap<String, Vec<u8>> {
-    files(index).into_iter().map(|(i, p)| (p, read_file(index, source, tiers, i))).collect()
+pub fn read_all(
+    index: &IndexFile,
+    source: &dyn Source,
+    tiers: &[Arc<dyn Tier>],
+) -> BTreeMap<String, Vec<u8>> {
+    files(index)
+        .into_iter()
+        .map(|(i, p)| (p, read_file(index, source, tiers, i)))
+        .collect()
 }
 
 /// Regular files under `root` (symlinks and devices skipped): relative path → bytes.
@@ -477,7 +639,10 @@ pub fn tree_files(root: &Path) -> BTreeMap<String, Vec<u8>> {
             if m.is_dir() {
                 dirs.push(p);
             } else if m.is_file() {
-                out.insert(p.strip_prefix(root).unwrap().display().to_string(), std::fs::read(&p).unwrap());
+                out.insert(
+                    p.strip_prefix(root).unwrap().display().to_string(),
+                    std::fs::read(&p).unwrap(),
+                );
             }
         }
     }
@@ -485,12 +650,23 @@ pub fn tree_files(root: &Path) -> BTreeMap<String, Vec<u8>> {
 }
 /// Mount `index` with clip-serve on an empty disk cache and the given Redis options, read every
 /// file, stop the daemon; returns (files, final stats JSON, daemon log).
-pub fn mount_and_read_all(tmp: &Path, name: &str, index: &Path, redis_args: &[&str]) -> (BTreeMap<String, Vec<u8>>, serde_json::Value, String) {
-    assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing: load the fuse module or give the container --device /dev/fuse");
+pub fn mount_and_read_all(
+    tmp: &Path,
+    name: &str,
+    index: &Path,
+    redis_args: &[&str],
+) -> (BTreeMap<String, Vec<u8>>, serde_json::Value, String) {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: load the fuse module or give the container --device /dev/fuse"
+    );
     require_tool("fusermount3");
     let mnt = tmp.join(name);
     std::fs::create_dir_all(&mnt).unwrap();
-    let (log, stats) = (tmp.join(format!("{name}.log")), tmp.join(format!("{name}.stats.json")));
+    let (log, stats) = (
+        tmp.join(format!("{name}.log")),
+        tmp.join(format!("{name}.stats.json")),
+    );
     let mut child = Command::new(bin("clip-serve"))
         .arg(index)
         .arg(&mnt)
@@ -509,13 +685,22 @@ pub fn mount_and_read_all(tmp: &Path, name: &str, index: &Path, redis_args: &[&s
     let t = Instant::now();
     while !is_mounted(&mnt) {
         if let Some(st) = child.try_wait().unwrap() {
-            panic!("clip-serve exited with {st} before mounting:\n{}", read_log());
+            panic!(
+                "clip-serve exited with {st} before mounting:\n{}",
+                read_log()
+            );
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "clip-serve did not mount in 20 s:\n{}", read_log());
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "clip-serve did not mount in 20 s:\n{}",
+            read_log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let files = tree_files(&mnt);
-    run(Command::new("kill").arg("-TERM").arg(child.id().to_string()));
+    run(Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string()));
     let t = Instant::now();
     let status = loop {
         if let Some(st) = child.try_wait().unwrap() {
@@ -523,7 +708,10 @@ pub fn mount_and_read_all(tmp: &Path, name: &str, index: &Path, redis_args: &[&s
         }
         if t.elapsed() > Duration::from_secs(20) {
             let _ = child.kill();
-            panic!("clip-serve did not exit in 20 s after SIGTERM:\n{}", read_log());
+            panic!(
+                "clip-serve did not exit in 20 s after SIGTERM:\n{}",
+                read_log()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     };
