@@ -112,10 +112,12 @@ fn main() {
     }
     let total: u64 = image.layers.iter().map(|l| l.size).sum();
     let mut total_out = 0;
+    let cpu_before = cpu_seconds();
     let clip_all = best_of(runs, || {
         let idx = build(&src, &tag, &BuildOptions::default()).unwrap();
         total_out = idx.index.layers.iter().map(|l| l.uncompressed_size).sum();
     });
+    let cpu_per_build = (cpu_seconds() - cpu_before) / runs as f64;
     let all_mb = total_out as f64 / 1e6;
     println!(
         "whole image ({} layers, {:.1} MB gzip, {:.1} MB tar) on {} threads: {:.3} s, {:.0} MB/s = {:.2}x one layer's speed",
@@ -127,4 +129,21 @@ fn main() {
         all_mb / clip_all,
         (all_mb / clip_all) / (mb / clip_one)
     );
+    println!(
+        "  CPU per whole-image build {cpu_per_build:.2} s = {:.2} cores busy on average (one layer alone already \
+         runs inflate, digest and tar threads side by side)",
+        cpu_per_build / clip_all
+    );
+}
+
+/// User + system CPU time of this process so far, all threads (from /proc/self/stat, in
+/// clock ticks of 1/100 s).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("reading /proc/self/stat");
+    // The fields after the command name (which is in parentheses and may hold spaces).
+    let rest = &stat[stat.rfind(')').expect("stat has a command name") + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
 }

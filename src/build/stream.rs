@@ -16,6 +16,8 @@ use std::thread::JoinHandle;
 
 const CHUNK: usize = 1024 * 1024;
 const CHANNEL_DEPTH: usize = 4;
+/// Nice value of the digest thread (see where it is spawned).
+const DIGEST_NICE: i32 = 5;
 
 /// When to take checkpoints.
 #[derive(Clone, Copy, Debug)]
@@ -39,6 +41,41 @@ impl Default for CheckpointPolicy {
 struct Chunk {
     data: Arc<Vec<u8>>,
     boundaries: Vec<Boundary>,
+}
+
+/// Output buffers that come back once the tar reader and the digest thread are done with
+/// them, so the producer does not allocate and zero a fresh megabyte for every chunk.
+#[derive(Default)]
+struct BufferPool {
+    in_flight: VecDeque<Arc<Vec<u8>>>,
+}
+
+impl BufferPool {
+    /// At most this many buffers are remembered (the channels hold fewer at once).
+    const SIZE: usize = 6 * CHANNEL_DEPTH;
+
+    /// A `CHUNK`-long buffer that no one else holds.
+    fn take(&mut self) -> Arc<Vec<u8>> {
+        let free = self
+            .in_flight
+            .iter()
+            .position(|b| Arc::strong_count(b) == 1);
+        let mut buf = match free {
+            Some(i) => self.in_flight.remove(i).expect("index from position"),
+            None => Arc::new(Vec::with_capacity(CHUNK)),
+        };
+        Arc::get_mut(&mut buf).expect("unshared").resize(CHUNK, 0);
+        buf
+    }
+
+    /// Remember `buf` for reuse and return a handle to send on.
+    fn keep(&mut self, buf: Arc<Vec<u8>>) -> Arc<Vec<u8>> {
+        if self.in_flight.len() == Self::SIZE {
+            self.in_flight.pop_front();
+        }
+        self.in_flight.push_back(buf.clone());
+        buf
+    }
 }
 
 /// What the producer learned about the blob once it ended.
@@ -85,6 +122,9 @@ impl LayerStream {
                 let hasher = std::thread::Builder::new()
                     .name("clip-digest".into())
                     .spawn(move || {
+                        // The inflate thread is the pipeline's critical path: this one, whose
+                        // work is shorter, takes the CPU when that one does not need it.
+                        let _ = crate::raw::sched::set_current_thread_nice(DIGEST_NICE);
                         let (mut blob, mut tar) = (Sha256::new(), Sha256::new());
                         for msg in hrx {
                             match msg {
@@ -102,8 +142,8 @@ impl LayerStream {
                     count: 0,
                     progress: pb,
                 };
-                let send = |data: Vec<u8>, boundaries: Vec<Boundary>| -> bool {
-                    let data = Arc::new(data);
+                let mut pool = BufferPool::default();
+                let send = |data: Arc<Vec<u8>>, boundaries: Vec<Boundary>| -> bool {
                     htx.send(Hashed::Tar(data.clone())).is_ok()
                         && tx.send(Ok(Chunk { data, boundaries })).is_ok()
                 };
@@ -112,26 +152,30 @@ impl LayerStream {
                         Compression::Gzip => {
                             let mut scanner = GzipScanner::new(&mut hashing)?;
                             loop {
-                                let mut data = vec![0u8; CHUNK];
+                                let mut data = pool.take();
+                                let buf = Arc::get_mut(&mut data)
+                                    .expect("the pool hands out unshared buffers");
                                 let mut boundaries = Vec::new();
-                                let n = scanner.fill(&mut data, &mut boundaries)?;
-                                data.truncate(n);
+                                let n = scanner.fill(buf, &mut boundaries)?;
+                                buf.truncate(n);
                                 if n == 0 && boundaries.is_empty() {
                                     break;
                                 }
-                                if !send(data, boundaries) {
+                                if !send(pool.keep(data), boundaries) {
                                     return Ok(()); // consumer gave up
                                 }
                             }
                         }
                         Compression::None => loop {
-                            let mut data = vec![0u8; CHUNK];
-                            let n = read_full(&mut hashing, &mut data)?;
-                            data.truncate(n);
+                            let mut data = pool.take();
+                            let buf = Arc::get_mut(&mut data)
+                                .expect("the pool hands out unshared buffers");
+                            let n = read_full(&mut hashing, buf)?;
+                            buf.truncate(n);
                             if n == 0 {
                                 break;
                             }
-                            if !send(data, Vec::new()) {
+                            if !send(pool.keep(data), Vec::new()) {
                                 return Ok(());
                             }
                         },

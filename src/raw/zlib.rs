@@ -81,6 +81,14 @@ impl Inflater {
         check(rc, &self.strm)
     }
 
+    /// Stop computing and checking the gzip trailer's CRC-32 (`inflateValidate(.., 0)`), for
+    /// callers that verify the same bytes with a stronger digest. Lasts until the next reset.
+    pub fn skip_checksum(&mut self) -> Result<(), ZlibError> {
+        // SAFETY: the stream was initialised by inflateInit2_ in `new`.
+        let rc = unsafe { z::inflateValidate(&mut *self.strm, 0) };
+        check(rc, &self.strm)
+    }
+
     /// Insert `bits` (0..=16) low bits of `value` into the input bit buffer
     /// (`inflatePrime`), for resuming at a position that is not byte aligned.
     pub fn prime(&mut self, bits: u8, value: u32) -> Result<(), ZlibError> {
