@@ -21,12 +21,12 @@ use fuser::{
     TimeOrNow, WriteFlags,
 };
 use pool::Pool;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How long the kernel may cache entries, attributes and negative lookups: the image is
@@ -210,7 +210,12 @@ pub struct ClipFs {
     ahead_pool: Arc<Pool>,
     total_blocks: u64,
     no_xattrs: bool,
+    xattr_names: OnceLock<HashSet<Box<[u8]>>>,
 }
+
+/// The xattr names of POSIX ACLs.
+const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
+const ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
 
 /// How far ahead of a cold sequential reader intervals are inflated by default.
 pub const READ_AHEAD: u64 = 4 << 20;
@@ -261,6 +266,7 @@ impl ClipFs {
             ahead_pool,
             total_blocks,
             no_xattrs: index_has_no_xattrs,
+            xattr_names: OnceLock::new(),
         })
     }
 
@@ -339,6 +345,26 @@ impl ClipFs {
 
     fn attr(&self, i: u32) -> Result<FileAttr, Errno> {
         attr_of(self.index(), i).map_err(|e| self.corrupt(i, e))
+    }
+
+    /// Every xattr name some entry of the image carries (collected on first use).
+    fn image_xattr_names(&self) -> &HashSet<Box<[u8]>> {
+        self.xattr_names.get_or_init(|| {
+            self.index()
+                .index()
+                .xattrs
+                .iter()
+                .map(|x| Box::from(x.name.as_slice()))
+                .collect()
+        })
+    }
+
+    /// Whether some entry has a POSIX ACL (access or default).
+    fn image_has_acls(&self) -> bool {
+        !self.no_xattrs && {
+            let names = self.image_xattr_names();
+            names.contains(ACL_ACCESS) || names.contains(ACL_DEFAULT)
+        }
     }
 
     fn corrupt(&self, i: u32, e: FormatError) -> Errno {
@@ -615,11 +641,15 @@ impl Filesystem for ClipFs {
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_PARALLEL_DIROPS
-            | InitFlags::FUSE_MAX_PAGES
-            // The kernel then caches POSIX ACLs (and their absence) per inode, instead of
-            // sending a GETXATTR for system.posix_acl_* on every `ls -l` of every entry
-            // (mounts use default_permissions, so the kernel already does the checks).
-            | InitFlags::FUSE_POSIX_ACL;
+            | InitFlags::FUSE_MAX_PAGES;
+        // An image with POSIX ACLs gets them enforced by the kernel (mounts use
+        // default_permissions), which then also caches them per inode. Without any, the
+        // ACL names are unsupported like every name the image does not carry (see getxattr).
+        let wanted = if self.image_has_acls() {
+            wanted | InitFlags::FUSE_POSIX_ACL
+        } else {
+            wanted
+        };
         let _ = config.add_capabilities(wanted & config.capabilities());
         let _ = config
             .set_max_readahead(MAX_READ)
@@ -879,10 +909,23 @@ impl Filesystem for ClipFs {
 
     /// An image without any extended attribute answers ENOSYS: the kernel then stops
     /// asking (`ls -l` looks up security.selinux and ACLs on every entry) and reports
-    /// EOPNOTSUPP itself, which is what a filesystem without xattrs says.
+    /// EOPNOTSUPP itself, which is what a filesystem without xattrs says. Otherwise a name
+    /// that no entry of the image carries is unsupported (EOPNOTSUPP), like a namespace a
+    /// filesystem does not implement: `ls -l` remembers that per filesystem instead of asking
+    /// every entry for security.selinux and the POSIX ACLs again.
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         if self.no_xattrs {
             return reply.error(Errno::ENOSYS);
+        }
+        let name = name.as_bytes();
+        let acl = name == ACL_ACCESS || name == ACL_DEFAULT;
+        let carried = if acl {
+            self.image_has_acls()
+        } else {
+            self.image_xattr_names().contains(name)
+        };
+        if !carried {
+            return reply.error(Errno::EOPNOTSUPP);
         }
         let r = self.entry_index(ino).and_then(|i| {
             self.index()
@@ -890,7 +933,7 @@ impl Filesystem for ClipFs {
                 .map_err(|e| self.corrupt(i, e))
                 .map(|xs| {
                     xs.iter()
-                        .find(|x| x.name.as_slice() == name.as_bytes())
+                        .find(|x| x.name.as_slice() == name)
                         .map(|x| x.value.as_slice())
                 })
         });
