@@ -840,7 +840,7 @@ def check_checkpoints(ix, layout, probe=1 << 16):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="clipread.py", description="Read a clip index (format 1) without clip.")
+    ap = argparse.ArgumentParser(prog="clipread.py", description="Read a clip index (format 2) without clip.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("inspect", help="summary of an index")
     p.add_argument("index")
