@@ -342,6 +342,100 @@ fn an_image_without_xattrs_reports_them_unsupported() {
     assert!(String::from_utf8_lossy(&ls).contains("motd"));
 }
 
+/// A POSIX access ACL in the kernel's xattr encoding: version 2, then (tag, perm, id)
+/// entries.
+fn acl_xattr(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for &(tag, perm, id) in entries {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    v
+}
+
+#[test]
+fn posix_acls_in_the_image_are_served_and_enforced() {
+    require_tool("getfattr");
+    require_tool("setpriv");
+    let tmp = tempfile::tempdir().unwrap();
+    // Both files belong to uid 1000 with mode 0640; one has an ACL that lets uid 0 read it
+    // (user_obj rw, user:0 r, group_obj none, mask r, other none).
+    const UNDEFINED: u32 = u32::MAX;
+    let acl = acl_xattr(&[
+        (0x01, 6, UNDEFINED),
+        (0x02, 4, 0),
+        (0x04, 0, UNDEFINED),
+        (0x10, 4, UNDEFINED),
+        (0x20, 0, UNDEFINED),
+    ]);
+    let (index, _) = common::busybox_index_with(tmp.path(), |t| {
+        let owner: [(&str, &[u8]); 2] = [("uid", b"1000"), ("gid", b"1000")];
+        t.pax_file(
+            "data/with-acl",
+            0o640,
+            b"readable through the ACL\n",
+            &[
+                owner[0],
+                owner[1],
+                ("SCHILY.xattr.system.posix_acl_access", &acl),
+            ],
+        )
+        .pax_file("data/without-acl", 0o640, b"owner only\n", &owner);
+    });
+    let served = Served::start(tmp.path(), "mnt", &index, &tmp.path().join("cache"), &[]);
+    let getfattr = |path: &str| {
+        Command::new("getfattr")
+            .args(["-e", "hex", "-n", "system.posix_acl_access"])
+            .arg(served.mnt.join(path))
+            .output()
+            .unwrap()
+    };
+    let out = getfattr("data/with-acl");
+    assert!(
+        out.status.success(),
+        "getfattr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&hex::encode(&acl)),
+        "getfattr: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The image carries ACLs, so a file without one has none (not "unsupported").
+    let out = getfattr("data/without-acl");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("No such attribute"), "getfattr: {err}");
+
+    // The kernel checks permissions with the ACL: uid 0 without capabilities is neither
+    // the owner nor in the group, so only the ACL's user:0 entry lets it read.
+    let cat_without_caps = |path: &str| {
+        Command::new("setpriv")
+            .args(["--inh-caps=-all", "--bounding-set=-all", "cat"])
+            .arg(served.mnt.join(path))
+            .output()
+            .unwrap()
+    };
+    let out = cat_without_caps("data/with-acl");
+    assert!(
+        out.status.success(),
+        "cat: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"readable through the ACL\n");
+    let out = cat_without_caps("data/without-acl");
+    assert!(
+        !out.status.success(),
+        "uid 0 without capabilities read a 0640 file of uid 1000"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "cat: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn overlayfs_with_the_mount_as_lowerdir() {
     let tmp = tempfile::tempdir().unwrap();
