@@ -47,7 +47,7 @@ struct Cli {
     readahead_kb: u32,
     /// How far ahead of a cold sequential read other threads inflate the next checkpoint
     /// intervals of the file (K, M, G suffixes); 0 turns this read-ahead off.
-    #[arg(long, default_value = "4M", value_parser = parse_size_arg)]
+    #[arg(long, default_value = "8M", value_parser = parse_size_arg)]
     read_ahead: u64,
     /// Write the checkpoint intervals whose bytes this run serves to FILE when it stops
     /// (an access profile for --prefetch-profile).

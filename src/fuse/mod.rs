@@ -218,7 +218,7 @@ const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
 const ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
 
 /// How far ahead of a cold sequential reader intervals are inflated by default.
-pub const READ_AHEAD: u64 = 4 << 20;
+pub const READ_AHEAD: u64 = 8 << 20;
 
 /// Memory for pieces that read-ahead and profile prefetch jobs hold for their readers.
 const READ_AHEAD_HELD: u64 = 128 << 20;
