@@ -181,8 +181,8 @@ fn run(cli: Cli) -> Result<()> {
     let mut tiers: Vec<Arc<dyn Tier>> = Vec::new();
     let disk = if cli.cache_size > 0 {
         let dir = cli.cache_dir.clone().unwrap_or_else(default_cache_dir);
-        let d = Arc::new(DiskCache::open(&dir, cli.cache_size)?);
-        tracing::info!(dir = %dir.display(), "disk cache: {}", d.stats());
+        let d = DiskCache::open_scanning_in_background(&dir, cli.cache_size)?;
+        tracing::info!(dir = %dir.display(), limit = cli.cache_size, "disk cache (existing objects are scanned in the background)");
         // Writes happen behind the reads; up to 256 MiB may wait in memory.
         let behind = Arc::new(WriteBehind::new(d.clone(), 256 << 20)?);
         tiers.push(behind.clone());

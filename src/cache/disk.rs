@@ -1,7 +1,8 @@
 //! The local disk tier: one file per piece at `DIR/ab/abcdef…` (the 64-character hex
 //! sha256, fanned out by its first two characters). Writes go to `DIR/tmp/` and are renamed
 //! into place, so a reader never sees a partial object. An in-memory LRU (seeded from the
-//! files' mtimes at startup, mtimes refreshed on every hit) keeps the total under the limit.
+//! files' mtimes by a scan, mtimes refreshed on every hit) keeps the total under the limit.
+//! The scan may run in the background: a daemon serves at once whatever the cache's size.
 //! Several daemons may share a directory: each one's LRU covers the objects it has seen,
 //! and a lookup that misses the LRU still tries the file.
 
@@ -12,7 +13,7 @@ use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 /// A size-limited, content-addressed directory of pieces.
@@ -29,7 +30,6 @@ pub struct DiskCache {
 }
 
 /// Objects by key with their size and last-use tick; `order` maps ticks back to keys.
-#[derive(Default)]
 struct Lru {
     map: HashMap<[u8; 32], (u64, u64)>,
     order: BTreeMap<u64, [u8; 32]>,
@@ -37,7 +37,32 @@ struct Lru {
     tick: u64,
 }
 
+/// Ticks of uses in this process start here; objects found by the scan get the ticks below,
+/// in mtime order, so they are all older than anything used since the start.
+const LIVE_TICKS: u64 = 1 << 48;
+
+impl Default for Lru {
+    fn default() -> Self {
+        Lru {
+            map: HashMap::new(),
+            order: BTreeMap::new(),
+            bytes: 0,
+            tick: LIVE_TICKS,
+        }
+    }
+}
+
 impl Lru {
+    /// Add an object found on disk with an old `tick`, unless it was used already.
+    fn seed(&mut self, key: [u8; 32], size: u64, tick: u64) {
+        if self.map.contains_key(&key) {
+            return;
+        }
+        self.map.insert(key, (size, tick));
+        self.order.insert(tick, key);
+        self.bytes += size;
+    }
+
     /// Record a use of `key` (inserting it with `size` if new).
     fn touch(&mut self, key: [u8; 32], size: u64) {
         self.tick += 1;
@@ -87,6 +112,42 @@ impl DiskCache {
     /// the existing objects to seed the LRU, removes leftover temporary files, and evicts
     /// down to the limit.
     pub fn open(root: &Path, limit: u64) -> Result<DiskCache, CacheError> {
+        let cache = DiskCache::create(root, limit)?;
+        cache.scan();
+        Ok(cache)
+    }
+
+    /// [`DiskCache::open`] with the scan on a background thread: lookups, stores and
+    /// eviction of new objects work at once; objects already on disk join the LRU (as the
+    /// least recently used) when the scan has seen them.
+    pub fn open_scanning_in_background(
+        root: &Path,
+        limit: u64,
+    ) -> Result<Arc<DiskCache>, CacheError> {
+        let cache = Arc::new(DiskCache::create(root, limit)?);
+        let scanning = cache.clone();
+        let spawned = std::thread::Builder::new()
+            .name("clip-cache-scan".into())
+            .spawn(move || {
+                let _ = crate::raw::sched::set_current_thread_nice(10);
+                let t = std::time::Instant::now();
+                scanning.scan();
+                tracing::info!(
+                    dir = %scanning.root.display(),
+                    ms = format!("{:.1}", t.elapsed().as_secs_f64() * 1e3),
+                    "disk cache scanned: {}",
+                    scanning.stats()
+                );
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no thread to scan the disk cache; scanning now");
+            cache.scan();
+        }
+        Ok(cache)
+    }
+
+    /// Create the directories and remove leftover temporary files; the LRU starts empty.
+    fn create(root: &Path, limit: u64) -> Result<DiskCache, CacheError> {
         let err = |path: &Path| {
             let path = path.display().to_string();
             move |source| CacheError::Dir { path, source }
@@ -96,8 +157,27 @@ impl DiskCache {
         for e in fs::read_dir(&tmp).map_err(err(&tmp))?.flatten() {
             let _ = fs::remove_file(e.path());
         }
+        Ok(DiskCache {
+            root: root.to_path_buf(),
+            limit,
+            lru: Mutex::new(Lru::default()),
+            tmp_seq: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            stores: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+            verify_failures: AtomicU64::new(0),
+        })
+    }
+
+    /// Seed the LRU with the objects on disk (oldest mtime least recently used) and evict
+    /// down to the limit. Objects used since the cache was opened keep their place.
+    fn scan(&self) {
         let mut found = Vec::new();
-        for fan in fs::read_dir(root).map_err(err(root))?.flatten() {
+        let Ok(fans) = fs::read_dir(&self.root) else {
+            return;
+        };
+        for fan in fans.flatten() {
             let fan_name = fan.file_name();
             let Some(fan_name) = fan_name.to_str().filter(|n| n.len() == 2) else {
                 continue;
@@ -120,23 +200,13 @@ impl DiskCache {
             }
         }
         found.sort();
-        let mut lru = Lru::default();
-        for (_, key, size) in found {
-            lru.touch(key, size);
+        {
+            let mut lru = self.lru.lock().expect("cache lock poisoned");
+            for (tick, (_, key, size)) in found.into_iter().enumerate() {
+                lru.seed(key, size, (tick as u64).min(LIVE_TICKS - 1));
+            }
         }
-        let cache = DiskCache {
-            root: root.to_path_buf(),
-            limit,
-            lru: Mutex::new(lru),
-            tmp_seq: AtomicU64::new(0),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
-            stores: AtomicU64::new(0),
-            evictions: AtomicU64::new(0),
-            verify_failures: AtomicU64::new(0),
-        };
-        cache.evict();
-        Ok(cache)
+        self.evict();
     }
 
     /// The cache directory.
@@ -251,14 +321,12 @@ impl Tier for DiskCache {
         if self.limit == 0 || bytes.len() as u64 > self.limit {
             return;
         }
-        if self
-            .lru
-            .lock()
-            .expect("cache lock poisoned")
-            .map
-            .contains_key(key)
-            && self.path_of(key).is_file()
-        {
+        // Already stored (perhaps before this process started, and not scanned yet).
+        if self.path_of(key).is_file() {
+            self.lru
+                .lock()
+                .expect("cache lock poisoned")
+                .touch(*key, bytes.len() as u64);
             return;
         }
         match self.write_object(key, bytes) {
@@ -354,6 +422,31 @@ mod tests {
             0,
             "temp files cleaned"
         );
+    }
+
+    #[test]
+    fn a_background_scan_adds_old_objects_as_least_recently_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 1000]).collect();
+        {
+            let c = DiskCache::open(dir.path(), 1 << 20).unwrap();
+            for b in &blobs[..3] {
+                c.put(&key(b), b);
+            }
+        }
+        let c = DiskCache::create(dir.path(), 2500).unwrap();
+        // Before the scan: old objects are served, a new one is stored.
+        assert_eq!(c.get(&key(&blobs[0])).as_deref(), Some(&blobs[0][..]));
+        c.put(&key(&blobs[3]), &blobs[3]);
+        assert_eq!(c.stats().objects, 2);
+        c.scan();
+        // 4000 bytes > 2500: the two objects unused since the start go, oldest first.
+        let s = c.stats();
+        assert_eq!((s.objects, s.bytes, s.evictions), (2, 2000, 2));
+        assert!(c.get(&key(&blobs[0])).is_some(), "used since the start");
+        assert!(c.get(&key(&blobs[3])).is_some(), "stored since the start");
+        assert!(c.get(&key(&blobs[1])).is_none());
+        assert!(c.get(&key(&blobs[2])).is_none());
     }
 
     #[test]
