@@ -132,7 +132,43 @@ fn parse_pax_time(v: &[u8]) -> Option<(i64, u32)> {
 }
 
 /// Index layer `desc` from `source`: one streaming pass, checkpoints per `policy`.
+///
+/// Three threads work on the layer: one inflates (the critical path), one computes the blob
+/// digest and diff_id, and one (spawned here, the caller waits) parses the tar and hashes
+/// file contents. The latter two run at nice [`TAR_NICE`], so that on a machine with fewer
+/// free cores than threads the inflate thread keeps its core.
 pub fn index_layer(
+    source: &dyn Source,
+    desc: &LayerDesc,
+    policy: CheckpointPolicy,
+    progress: indicatif::ProgressBar,
+) -> Result<LayerResult, BuildError> {
+    std::thread::scope(|s| {
+        let walker = std::thread::Builder::new()
+            .name("clip-tar".into())
+            .spawn_scoped(s, || {
+                let _ = crate::raw::sched::set_current_thread_nice(TAR_NICE);
+                index_layer_here(source, desc, policy, progress)
+            });
+        match walker {
+            Ok(w) => w.join().unwrap_or_else(|_| {
+                Err(BuildError::Layer(format!(
+                    "layer {}: the tar thread panicked",
+                    desc.digest
+                )))
+            }),
+            Err(e) => Err(BuildError::Layer(format!(
+                "layer {}: cannot start a thread: {e}",
+                desc.digest
+            ))),
+        }
+    })
+}
+
+/// Nice value of the tar and digest threads of a layer (see [`index_layer`]).
+pub const TAR_NICE: i32 = 5;
+
+fn index_layer_here(
     source: &dyn Source,
     desc: &LayerDesc,
     policy: CheckpointPolicy,
