@@ -384,19 +384,29 @@ fn posix_acls_in_the_image_are_served_and_enforced() {
         .pax_file("data/without-acl", 0o640, b"owner only\n", &owner);
     });
     let served = Served::start(tmp.path(), "mnt", &index, &tmp.path().join("cache"), &[]);
-    let getfattr = |path: &str| {
-        Command::new("getfattr")
-            .args(["-e", "hex", "-n", "system.posix_acl_access"])
+    // `argv` followed by the path of `path` in the mount, run to completion.
+    let on = |argv: &[&str], path: &str| {
+        Command::new(argv[0])
+            .args(&argv[1..])
             .arg(served.mnt.join(path))
             .output()
             .unwrap()
     };
+    let getfattr = |path: &str| {
+        on(
+            &["getfattr", "-e", "hex", "-n", "system.posix_acl_access"],
+            path,
+        )
+    };
+    let succeeded = |out: &std::process::Output, what: &str| {
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
     let out = getfattr("data/with-acl");
-    assert!(
-        out.status.success(),
-        "getfattr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out, "getfattr");
     assert!(
         String::from_utf8_lossy(&out.stdout).contains(&hex::encode(&acl)),
         "getfattr: {}",
@@ -411,18 +421,13 @@ fn posix_acls_in_the_image_are_served_and_enforced() {
     // The kernel checks permissions with the ACL: uid 0 without capabilities is neither
     // the owner nor in the group, so only the ACL's user:0 entry lets it read.
     let cat_without_caps = |path: &str| {
-        Command::new("setpriv")
-            .args(["--inh-caps=-all", "--bounding-set=-all", "cat"])
-            .arg(served.mnt.join(path))
-            .output()
-            .unwrap()
+        on(
+            &["setpriv", "--inh-caps=-all", "--bounding-set=-all", "cat"],
+            path,
+        )
     };
     let out = cat_without_caps("data/with-acl");
-    assert!(
-        out.status.success(),
-        "cat: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out, "cat");
     assert_eq!(out.stdout, b"readable through the ACL\n");
     let out = cat_without_caps("data/without-acl");
     assert!(
