@@ -68,6 +68,20 @@ fn main() {
         .clone();
     let blob = src.blob_path(&largest.digest).unwrap();
     let mut uncompressed = 0;
+    if std::env::var_os(ONE_CORE_CHILD).is_some() {
+        // Child run under `taskset -c 0` (see `one_core`): time the layer and report.
+        let t = best_of(runs, || {
+            index_layer(
+                &src,
+                &largest,
+                CheckpointPolicy::default(),
+                indicatif::ProgressBar::hidden(),
+            )
+            .unwrap();
+        });
+        println!("{t}");
+        return;
+    }
     println!(
         "image {tag}: {} layers; largest layer {} ({:.1} MB gzip)",
         image.layers.len(),
@@ -129,6 +143,15 @@ fn main() {
         all_mb / clip_all,
         (all_mb / clip_all) / (mb / clip_one)
     );
+    match one_core() {
+        Some(t) => println!(
+            "  one layer on one core (taskset -c 0): {t:.3} s, {:.0} MB/s; the whole image on {} threads runs at {:.2}x that",
+            mb / t,
+            rayon::current_num_threads(),
+            (all_mb / clip_all) / (mb / t)
+        ),
+        None => println!("  one layer on one core: not measured (needs taskset, package util-linux)"),
+    }
     println!(
         "  CPU per whole-image build {cpu_per_build:.2} s = {:.2} cores busy on average (one layer alone already \
          runs inflate, digest and tar threads side by side)",
@@ -146,4 +169,30 @@ fn cpu_seconds() -> f64 {
     // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
     let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
     ticks as f64 / 100.0
+}
+
+/// Set in the environment of this bench's own child run on one core.
+const ONE_CORE_CHILD: &str = "CLIP_BENCH_ONE_CORE_CHILD";
+
+/// Seconds to index the largest layer with every thread of the process on CPU 0: this
+/// bench run again under `taskset -c 0`, so the whole image's speed on all cores can be
+/// compared with one layer's speed on one.
+fn one_core() -> Option<f64> {
+    let exe = std::env::current_exe().ok()?;
+    let out = Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(exe)
+        .env(ONE_CORE_CHILD, "1")
+        .stderr(Stdio::inherit())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .lines()
+        .last()?
+        .parse()
+        .ok()
 }
