@@ -5,7 +5,7 @@
 mod common;
 
 use clip::demo::noise;
-use common::{busybox_index_with, require_tool, run, sha256_hex, Served, Unmount};
+use common::{busybox_index_with, require_tool, run, sha256_hex, Served};
 use std::fs::{self, File};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -111,20 +111,8 @@ fn runc_runs_busybox_on_an_overlay_over_the_mount() {
     let tmp = tmp.path().canonicalize().unwrap();
     let (index, big, large) = runtime_index(&tmp);
     let served = Served::start(&tmp, "lower", &index, &tmp.join("cache"), &[]);
-    let (upper, work, merged) = (tmp.join("upper"), tmp.join("work"), tmp.join("merged"));
-    for d in [&upper, &work, &merged] {
-        fs::create_dir_all(d).unwrap();
-    }
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        served.mnt.display(),
-        upper.display(),
-        work.display()
-    );
-    run(Command::new("mount")
-        .args(["-t", "overlay", "overlay", "-o", &opts])
-        .arg(&merged));
-    let _overlay = Unmount(merged.clone());
+    let (merged, _overlay) = common::overlay(&tmp, &served.mnt);
+    let upper = tmp.join("upper");
 
     let script = "cat /etc/motd /data/big; sha256sum /data/large; \
                   echo written in the container > /etc/created; echo appended >> /etc/motd; rm /bin/rm; \

@@ -9,7 +9,7 @@ use clip::oci::Platform;
 use clip::source::layout::{LayerInput, LayoutWriter};
 use common::{
     bin, busybox_index, edge_index, is_mounted, require_fuse, require_tool, run, sha256_hex,
-    umoci_unpack, Served, Unmount, EDGE_TAG,
+    umoci_unpack, Served, EDGE_TAG,
 };
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -450,24 +450,8 @@ fn overlayfs_with_the_mount_as_lowerdir() {
     let tmp = tempfile::tempdir().unwrap();
     let (index, data) = busybox_index(tmp.path());
     let served = Served::start(tmp.path(), "lower", &index, &tmp.path().join("cache"), &[]);
-    let (upper, work, merged) = (
-        tmp.path().join("upper"),
-        tmp.path().join("work"),
-        tmp.path().join("merged"),
-    );
-    for d in [&upper, &work, &merged] {
-        fs::create_dir_all(d).unwrap();
-    }
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        served.mnt.display(),
-        upper.display(),
-        work.display()
-    );
-    run(Command::new("mount")
-        .args(["-t", "overlay", "overlay", "-o", &opts])
-        .arg(&merged));
-    let _overlay = Unmount(merged.clone());
+    let (merged, _overlay) = common::overlay(tmp.path(), &served.mnt);
+    let upper = tmp.path().join("upper");
 
     fs::write(merged.join("etc/new"), b"written in the merged view\n").unwrap();
     let mut motd = fs::read(merged.join("etc/motd")).unwrap();

@@ -510,6 +510,25 @@ impl Drop for Unmount {
     }
 }
 
+/// Mount an overlayfs at `dir/merged` over `lower` (upper and work dirs in `dir` too);
+/// returns the merged view and the guard that unmounts it (keep it until done).
+pub fn overlay(dir: &Path, lower: &Path) -> (PathBuf, Unmount) {
+    let (upper, work, merged) = (dir.join("upper"), dir.join("work"), dir.join("merged"));
+    for d in [&upper, &work, &merged] {
+        fs::create_dir_all(d).unwrap();
+    }
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    run(Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(&merged));
+    (merged.clone(), Unmount(merged))
+}
+
 /// An OCI layout (tag `bb`) with Debian's static busybox, a few applet links, `/etc/motd`
 /// (`hello from clip`), `/data/big` (3 MiB) and `/tmp`, and its index; returns the index and
 /// the bytes of `/data/big`.
