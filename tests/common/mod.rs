@@ -510,6 +510,20 @@ impl Drop for Unmount {
     }
 }
 
+/// Check the Redis counters in the stats of a mount that started over an empty Redis: it
+/// missed, and what it found there it had stored itself a moment earlier (a read-ahead job
+/// keeps the files of its interval in the disk tier and then in Redis while a reader of one
+/// of them looks in both).
+pub fn assert_filled_from_empty(stats: &serde_json::Value) {
+    let r = &stats["redis"];
+    let (hits, misses) = (r["hits"].as_u64().unwrap(), r["misses"].as_u64().unwrap());
+    assert!(misses > 0, "an empty Redis misses: {stats}");
+    assert!(
+        hits <= r["writes_done"].as_u64().unwrap() && hits < misses,
+        "a mount found more in an empty Redis than it stored there: {stats}"
+    );
+}
+
 /// Mount an overlayfs at `dir/merged` over `lower` (upper and work dirs in `dir` too);
 /// returns the merged view and the guard that unmounts it (keep it until done).
 pub fn overlay(dir: &Path, lower: &Path) -> (PathBuf, Unmount) {
