@@ -4,9 +4,8 @@
 mod common;
 
 use clip::format::IndexFile;
-use clip::oci::Platform;
 use clip::read::{FileReader, Neighbours, ReadAhead, Tier};
-use clip::source::layout::{LayerInput, LayoutSource, LayoutWriter};
+use clip::source::layout::LayoutSource;
 use clip::source::{Source, SourceError};
 use common::*;
 use std::collections::HashMap;
@@ -93,22 +92,8 @@ fn big_fixture() -> Fixture {
     );
     t.file("z.txt", 0o644, b"after\n");
     let layout = tmp.path().join("layout");
-    let mut w = LayoutWriter::create(&layout).unwrap();
-    let m = w
-        .image(
-            &[LayerInput::gzip(t.finish())],
-            &Platform::host(),
-            "2025-05-20T00:00:00Z",
-        )
-        .unwrap();
-    w.tag(m, "big");
-    w.finish().unwrap();
     let index = tmp.path().join("big.clip");
-    run(std::process::Command::new(bin("clip-build"))
-        .arg(format!("{}:big", layout.display()))
-        .arg("-o")
-        .arg(&index)
-        .arg("--quiet"));
+    one_layer_image(t.finish(), "2025-05-20T00:00:00Z", &layout, "big", &index);
     fixture_at(tmp, &layout, &index)
 }
 

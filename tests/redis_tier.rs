@@ -7,12 +7,10 @@ mod common;
 use clip::cache::redis::{RedisConfig, RedisTier};
 use clip::demo::{noise, TarBuilder};
 use clip::format::IndexFile;
-use clip::oci::Platform;
 use clip::read::Tier;
-use clip::source::layout::{LayerInput, LayoutWriter};
 use clip::source::{Source, SourceError};
 use common::{
-    bin, counting_layout, edge_index, files, free_port, mount_and_read_all, piece_keys, read_all,
+    counting_layout, edge_index, files, free_port, mount_and_read_all, piece_keys, read_all,
     read_file, require_tool, run, test_pki, TestPki,
 };
 use std::collections::{BTreeMap, BTreeSet};
@@ -333,22 +331,8 @@ fn twin_index(tmp: &Path) -> (PathBuf, PathBuf) {
         .file("opt/own.bin", 0o644, &noise(7, 3 << 20 | 12345))
         .file("opt/own.txt", 0o644, b"only in the twin image\n");
     let dir = tmp.join("twin-layout");
-    let mut w = LayoutWriter::create(&dir).unwrap();
-    let m = w
-        .image(
-            &[LayerInput::gzip(t.finish())],
-            &Platform::host(),
-            "2025-05-21T00:00:00Z",
-        )
-        .unwrap();
-    w.tag(m, "twin");
-    w.finish().unwrap();
     let index = tmp.join("twin.clip");
-    run(Command::new(bin("clip-build"))
-        .arg(format!("{}:twin", dir.display()))
-        .arg("-o")
-        .arg(&index)
-        .arg("--quiet"));
+    common::one_layer_image(t.finish(), "2025-05-21T00:00:00Z", &dir, "twin", &index);
     (dir, index)
 }
 

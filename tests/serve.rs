@@ -5,8 +5,6 @@
 mod common;
 
 use clip::demo::{noise, TarBuilder};
-use clip::oci::Platform;
-use clip::source::layout::{LayerInput, LayoutWriter};
 use common::{
     bin, busybox_index, edge_index, is_mounted, require_fuse, require_tool, run, sha256_hex,
     umoci_unpack, Served, EDGE_TAG,
@@ -514,23 +512,14 @@ fn many_files_index(tmp: &Path, n: usize) -> (PathBuf, Vec<(String, Vec<u8>)>) {
     for (p, d) in &files {
         t.file(p, 0o644, d);
     }
-    let layout = tmp.join("many-layout");
-    let mut w = LayoutWriter::create(&layout).unwrap();
-    let m = w
-        .image(
-            &[LayerInput::gzip(t.finish())],
-            &Platform::host(),
-            "2025-05-20T00:00:00Z",
-        )
-        .unwrap();
-    w.tag(m, "many");
-    w.finish().unwrap();
     let index = tmp.join("many.clip");
-    run(Command::new(bin("clip-build"))
-        .arg(format!("{}:many", layout.display()))
-        .arg("-o")
-        .arg(&index)
-        .arg("--quiet"));
+    common::one_layer_image(
+        t.finish(),
+        "2025-05-20T00:00:00Z",
+        &tmp.join("many-layout"),
+        "many",
+        &index,
+    );
     (index, files)
 }
 

@@ -578,24 +578,31 @@ pub fn busybox_index_with(tmp: &Path, extra: impl FnOnce(&mut TarBuilder)) -> (P
         .file("data/big", 0o644, &data)
         .dir("tmp/", 0o1777);
     extra(&mut t);
-    let layout = tmp.join("bb-layout");
-    let mut w = LayoutWriter::create(&layout).unwrap();
-    let m = w
-        .image(
-            &[LayerInput::gzip(t.finish())],
-            &Platform::host(),
-            "2025-05-20T00:00:00Z",
-        )
-        .unwrap();
-    w.tag(m, "bb");
-    w.finish().unwrap();
     let index = tmp.join("bb.clip");
-    run(Command::new(bin("clip-build"))
-        .arg(format!("{}:bb", layout.display()))
-        .arg("-o")
-        .arg(&index)
-        .arg("--quiet"));
+    one_layer_image(
+        t.finish(),
+        "2025-05-20T00:00:00Z",
+        &tmp.join("bb-layout"),
+        "bb",
+        &index,
+    );
     (index, data)
+}
+
+/// Write `tar` as the only (gzip) layer of an image created at `created` to an OCI layout at
+/// `layout`, tagged `tag`, and index it with `clip-build` into `index`.
+pub fn one_layer_image(tar: Vec<u8>, created: &str, layout: &Path, tag: &str, index: &Path) {
+    let mut w = LayoutWriter::create(layout).unwrap();
+    let m = w
+        .image(&[LayerInput::gzip(tar)], &Platform::host(), created)
+        .unwrap();
+    w.tag(m, tag);
+    w.finish().unwrap();
+    run(Command::new(bin("clip-build"))
+        .arg(format!("{}:{tag}", layout.display()))
+        .arg("-o")
+        .arg(index)
+        .arg("--quiet"));
 }
 
 /// Lowercase hex sha256 of `data`.
