@@ -1052,10 +1052,10 @@ impl RedisTier {
         &self.inner.shown_url
     }
 
-    /// Whether the tier currently considers Redis reachable (the circuit breaker is closed
-    /// or due for a retry).
+    /// Whether the last attempt to reach Redis succeeded (the circuit breaker is closed).
+    /// After a failure this stays false until a retry gets through.
     pub fn is_up(&self) -> bool {
-        !self.inner.is_down()
+        lock(&self.inner.breaker).retry_at.is_none()
     }
 
     /// Counters since creation.
