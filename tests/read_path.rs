@@ -3,12 +3,13 @@
 
 mod common;
 
+use bytes::Bytes;
 use clip::format::IndexFile;
 use clip::read::{FileReader, Neighbours, ReadAhead, Tier};
 use clip::source::layout::LayoutSource;
 use clip::source::{Source, SourceError};
 use common::*;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io::Read;
 use std::sync::{Arc, Mutex};
 
@@ -19,10 +20,10 @@ impl Tier for MemTier {
     fn name(&self) -> &str {
         "memory"
     }
-    fn get(&self, key: &[u8; 32]) -> Option<Vec<u8>> {
-        self.0.lock().unwrap().get(key).cloned()
+    fn get(&self, key: &[u8; 32]) -> Option<Bytes> {
+        self.0.lock().unwrap().get(key).cloned().map(Bytes::from)
     }
-    fn put(&self, key: &[u8; 32], bytes: &[u8]) {
+    fn put(&self, key: &[u8; 32], bytes: &Bytes) {
         self.0.lock().unwrap().insert(*key, bytes.to_vec());
     }
     fn remove(&self, key: &[u8; 32]) {
@@ -437,42 +438,111 @@ fn read_ahead_refuses_intervals_the_index_does_not_have() {
 }
 
 #[test]
-fn read_ahead_plans_only_intervals_holding_whole_pieces_not_read_yet() {
+fn read_ahead_plans_every_interval_with_bytes_the_reader_leaves_and_stops_at_the_file_end() {
     let f = big_fixture();
-    let ahead = ReadAhead::new(8 << 20, 64 << 20);
+    let ahead = ReadAhead::new(64 << 20, 64 << 20);
     let i = entry(&f.idx, "/big.bin");
     let mut r = FileReader::new(&f.idx, i)
         .unwrap()
         .with_read_ahead(ahead.clone());
     let next = 3 << 20;
-    let mut head = vec![0u8; next];
-    r.read_at(&f.idx, &f.src, &f.tiers, 0, &mut head).unwrap();
+    let mut out = vec![0u8; r.size() as usize];
+    r.read_at(&f.idx, &f.src, &f.tiers, 0, &mut out[..next])
+        .unwrap();
     let jobs = r.plan_ahead(&f.idx, next as u64);
-    assert!(!jobs.is_empty());
     let e = f.idx.entry(i).unwrap();
-    let base = e.data_offset.to_native();
+    let (base, end) = (
+        e.data_offset.to_native(),
+        e.data_offset.to_native() + r.size(),
+    );
     let layer = f.idx.layer(e.layer.to_native()).unwrap();
     let cps: Vec<u64> = layer
         .checkpoints
         .iter()
         .map(|c| c.out_offset.to_native())
         .collect();
-    for job in jobs {
-        let j = job.interval.checkpoint as usize;
-        let (a, b) = (
+    let bounds = |j: usize| {
+        (
             cps[j],
             cps.get(j + 1)
                 .copied()
                 .unwrap_or(layer.uncompressed_size.to_native()),
-        );
-        let from = a.max(base + next as u64);
+        )
+    };
+    // The reader's cursor is at `next`; it inflates its own interval and the piece it is
+    // in there to its end. Every other interval with bytes of a later piece is a job, the
+    // ones holding only the half of a piece crossing their boundary included.
+    let own = cps.partition_point(|&c| c <= base + next as u64) - 1;
+    let own_end = bounds(own).1;
+    let expected: BTreeSet<usize> = (0..cps.len())
+        .filter(|&j| j != own)
+        .filter(|&j| {
+            let (a, b) = bounds(j);
+            r.pieces().iter().any(|p| {
+                let s = base + p.offset;
+                s >= own_end && s < b && s + p.len > a
+            })
+        })
+        .collect();
+    let planned: BTreeSet<usize> = jobs
+        .iter()
+        .map(|j| j.interval.checkpoint as usize)
+        .collect();
+    assert_eq!(planned, expected);
+    let last = *planned.iter().max().expect("jobs up to the file end");
+    assert!(
+        bounds(last).0 < end,
+        "the interval holding the file's end is planned"
+    );
+    for job in jobs {
+        let j = job.interval.checkpoint as usize;
+        let stats = ahead
+            .run(&f.idx, &f.src, &f.tiers, &f.neighbours, job)
+            .unwrap();
+        let (a, b) = bounds(j);
         assert!(
-            r.pieces()
-                .iter()
-                .any(|p| base + p.offset >= from && base + p.offset + p.len <= b),
-            "interval {j} [{a}, {b}) holds no whole piece past the reader"
+            stats.inflated <= b.min(end) - a,
+            "interval {j} inflated {} bytes past the file's end",
+            stats.inflated - (b.min(end) - a)
         );
     }
+    r.read_at(&f.idx, &f.src, &f.tiers, next as u64, &mut out[next..])
+        .unwrap();
+    assert_eq!(out, clip::demo::noise(7, BIG));
+    let later = r
+        .pieces()
+        .iter()
+        .filter(|p| base + p.offset >= own_end)
+        .count() as u64;
+    assert!(
+        r.ahead_hits() >= later,
+        "{} of the {later} pieces after the reader's interval came from read-ahead",
+        r.ahead_hits()
+    );
+}
+
+#[test]
+fn one_long_read_from_the_start_starts_read_ahead_before_inflating_and_a_short_one_does_not() {
+    // Jobs the reader hands to its sink while reading (a fresh image each: cold reads).
+    let first_read = |len: usize| {
+        let f = big_fixture();
+        let ahead = ReadAhead::new(8 << 20, 64 << 20);
+        let sunk = Arc::new(Mutex::new(Vec::new()));
+        let sink = sunk.clone();
+        let mut r = FileReader::new(&f.idx, entry(&f.idx, "/big.bin"))
+            .unwrap()
+            .with_read_ahead(ahead.clone())
+            .with_job_sink(Arc::new(move |job| sink.lock().unwrap().push(job)));
+        let mut buf = vec![0u8; len];
+        r.read_at(&f.idx, &f.src, &f.tiers, 0, &mut buf).unwrap();
+        assert_eq!(buf, clip::demo::noise(7, len));
+        let n = sunk.lock().unwrap().len();
+        n
+    };
+    // What the kernel asks for when a program reads 128 KiB at a time (`cat`, `cp`) …
+    assert!(first_read(256 << 10) > 0);
+    // … and when a loader reads an ELF header.
+    assert_eq!(first_read(16 << 10), 0);
 }
 
 #[test]
@@ -483,7 +553,8 @@ fn cached_pieces_are_read_and_verified_ahead_of_a_warm_sequential_reader() {
     let pieces = FileReader::new(&f.idx, i).unwrap().pieces().to_vec();
     // One cached piece is poisoned: no job may hand it over; the reader fetches it again.
     let bad = pieces[pieces.len() / 2];
-    f.mem.put(&bad.sha256, &vec![b'x'; bad.len as usize]);
+    f.mem
+        .put(&bad.sha256, &Bytes::from(vec![b'x'; bad.len as usize]));
 
     let ahead = ReadAhead::new(4 << 20, 64 << 20);
     let mut r = FileReader::new(&f.idx, i)

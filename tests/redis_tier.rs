@@ -4,6 +4,7 @@
 
 mod common;
 
+use bytes::Bytes;
 use clip::cache::redis::{RedisConfig, RedisTier};
 use clip::demo::{noise, TarBuilder};
 use clip::format::IndexFile;
@@ -705,7 +706,7 @@ fn a_full_write_queue_drops_writes_without_blocking() {
     cfg.queue_bytes = 2 << 20;
     cfg.max_value = 1 << 20;
     let t = RedisTier::connect(cfg).unwrap();
-    let value = noise(3, 1 << 20);
+    let value = Bytes::from(noise(3, 1 << 20));
     let start = Instant::now();
     for i in 0..200u32 {
         let mut key = [0u8; 32];
@@ -713,7 +714,7 @@ fn a_full_write_queue_drops_writes_without_blocking() {
         t.put(&key, &value);
     }
     let took = start.elapsed();
-    t.put(&[0xff; 32], &vec![1u8; (1 << 20) + 1]);
+    t.put(&[0xff; 32], &Bytes::from(vec![1u8; (1 << 20) + 1]));
     flushed(&t);
     let s = t.stats();
     assert!(

@@ -673,6 +673,36 @@ fn warm_reads_come_from_the_disk_cache_and_bad_objects_are_refetched() {
 }
 
 #[test]
+fn a_layout_missing_a_layer_blob_is_refused_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (layout, index) = edge_index(tmp.path());
+    let idx = clip::format::IndexFile::open(&index).unwrap();
+    let digest = idx.layer_digest(1).unwrap().to_string();
+    fs::remove_file(
+        layout
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:")),
+    )
+    .unwrap();
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let out = Command::new(bin("clip-serve"))
+        .arg(&index)
+        .arg(&mnt)
+        .arg("--cache-dir")
+        .arg(tmp.path().join("cache"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!is_mounted(&mnt));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&digest) && err.contains("missing from the layout"),
+        "{err}"
+    );
+}
+
+#[test]
 fn stale_mount_is_reported_and_sigterm_unmounts_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, index) = edge_index(tmp.path());
@@ -799,8 +829,17 @@ fn a_recorded_access_profile_is_prefetched_by_the_next_mount() {
     assert_eq!(field("intervals"), intervals, "{log}");
     assert!((1..intervals).contains(&field("requests")), "{log}");
     // ... so the files read after the origin is gone come from what it fetched, intact.
+    // The daemon keeps the layer blobs open, so emptying them is what takes them away.
     let gone = tmp.path().join("layout-gone");
     fs::rename(&layout, &gone).unwrap();
+    for blob in fs::read_dir(gone.join("blobs/sha256")).unwrap() {
+        fs::File::options()
+            .write(true)
+            .open(blob.unwrap().path())
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+    }
     for (p, want) in wanted.iter().zip(&expected) {
         assert_eq!(&fs::read(second.mnt.join(p)).unwrap(), want, "{p}");
     }

@@ -4,6 +4,7 @@
 //! than the byte budget is waiting, `put` writes synchronously (back-pressure, nothing lost).
 
 use crate::read::Tier;
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
@@ -11,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 struct Pending {
-    pieces: Mutex<HashMap<[u8; 32], Arc<Vec<u8>>>>,
+    pieces: Mutex<HashMap<[u8; 32], Bytes>>,
     bytes: AtomicU64,
 }
 
@@ -81,7 +82,7 @@ impl Tier for WriteBehind {
         self.inner.name()
     }
 
-    fn get(&self, key: &[u8; 32]) -> Option<Vec<u8>> {
+    fn get(&self, key: &[u8; 32]) -> Option<Bytes> {
         let waiting = self
             .pending
             .pieces
@@ -89,13 +90,10 @@ impl Tier for WriteBehind {
             .unwrap_or_else(|e| e.into_inner())
             .get(key)
             .cloned();
-        match waiting {
-            Some(piece) => Some(piece.to_vec()),
-            None => self.inner.get(key),
-        }
+        waiting.or_else(|| self.inner.get(key))
     }
 
-    fn put(&self, key: &[u8; 32], bytes: &[u8]) {
+    fn put(&self, key: &[u8; 32], bytes: &Bytes) {
         let len = bytes.len() as u64;
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let queued = match tx {
@@ -108,7 +106,7 @@ impl Tier for WriteBehind {
                 if pieces.contains_key(key) {
                     return;
                 }
-                pieces.insert(*key, Arc::new(bytes.to_vec()));
+                pieces.insert(*key, bytes.clone());
                 self.pending.bytes.fetch_add(len, Ordering::Relaxed);
                 drop(pieces);
                 tx.send(*key).is_ok()
@@ -157,20 +155,28 @@ mod tests {
         for i in 0..200u32 {
             let data = format!("piece {i}").repeat(100).into_bytes();
             let key: [u8; 32] = Sha256::digest(&data).into();
-            wb.put(&key, &data);
-            assert_eq!(wb.get(&key), Some(data.clone()), "readable right after put");
+            wb.put(&key, &Bytes::copy_from_slice(&data));
+            assert_eq!(
+                wb.get(&key).as_deref(),
+                Some(&data[..]),
+                "readable right after put"
+            );
             keys.push((key, data));
         }
         // Far more than the 1 MiB budget: some were written synchronously.
         let big = vec![7u8; 900 << 10];
         let big_key: [u8; 32] = Sha256::digest(&big).into();
-        wb.put(&big_key, &big);
-        wb.put(&big_key, &big);
+        wb.put(&big_key, &Bytes::copy_from_slice(&big));
+        wb.put(&big_key, &Bytes::copy_from_slice(&big));
         wb.flush();
         for (k, v) in &keys {
-            assert_eq!(disk.get(k).as_ref(), Some(v), "written behind to disk");
+            assert_eq!(
+                disk.get(k).as_deref(),
+                Some(&v[..]),
+                "written behind to disk"
+            );
         }
-        assert_eq!(disk.get(&big_key), Some(big));
+        assert_eq!(disk.get(&big_key).as_deref(), Some(&big[..]));
         assert_eq!(wb.pending.bytes.load(Ordering::Relaxed), 0);
     }
 }

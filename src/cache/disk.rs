@@ -8,6 +8,7 @@
 
 use super::{CacheError, CacheStats};
 use crate::read::Tier;
+use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -296,7 +297,7 @@ impl Tier for DiskCache {
         "disk"
     }
 
-    fn get(&self, key: &[u8; 32]) -> Option<Vec<u8>> {
+    fn get(&self, key: &[u8; 32]) -> Option<Bytes> {
         match self.read_object(key) {
             Ok(bytes) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
@@ -304,7 +305,7 @@ impl Tier for DiskCache {
                     .lock()
                     .expect("cache lock poisoned")
                     .touch(*key, bytes.len() as u64);
-                Some(bytes)
+                Some(bytes.into())
             }
             Err(e) => {
                 if e.kind() != std::io::ErrorKind::NotFound {
@@ -317,7 +318,7 @@ impl Tier for DiskCache {
         }
     }
 
-    fn put(&self, key: &[u8; 32], bytes: &[u8]) {
+    fn put(&self, key: &[u8; 32], bytes: &Bytes) {
         if self.limit == 0 || bytes.len() as u64 > self.limit {
             return;
         }
@@ -370,7 +371,7 @@ mod tests {
         let c = DiskCache::open(dir.path(), 1 << 20).unwrap();
         let k = key(b"hello");
         assert_eq!(c.get(&k), None);
-        c.put(&k, b"hello");
+        c.put(&k, &Bytes::copy_from_slice(b"hello"));
         assert_eq!(c.get(&k).as_deref(), Some(&b"hello"[..]));
         let hex = hex::encode(k);
         assert!(dir.path().join(&hex[..2]).join(&hex).is_file());
@@ -392,10 +393,10 @@ mod tests {
         let c = DiskCache::open(dir.path(), 250).unwrap();
         let blobs: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 100]).collect();
         let keys: Vec<_> = blobs.iter().map(|b| key(b)).collect();
-        c.put(&keys[0], &blobs[0]);
-        c.put(&keys[1], &blobs[1]);
+        c.put(&keys[0], &Bytes::copy_from_slice(&blobs[0]));
+        c.put(&keys[1], &Bytes::copy_from_slice(&blobs[1]));
         assert!(c.get(&keys[0]).is_some(), "touch 0 so that 1 is the oldest");
-        c.put(&keys[2], &blobs[2]);
+        c.put(&keys[2], &Bytes::copy_from_slice(&blobs[2]));
         assert!(c.get(&keys[1]).is_none(), "1 was evicted");
         assert!(c.get(&keys[0]).is_some());
         assert!(c.get(&keys[2]).is_some());
@@ -410,7 +411,7 @@ mod tests {
             let c = DiskCache::open(dir.path(), 1 << 20).unwrap();
             for i in 0..4u8 {
                 let b = vec![i; 1000];
-                c.put(&key(&b), &b);
+                c.put(&key(&b), &Bytes::copy_from_slice(&b));
             }
         }
         fs::write(dir.path().join("tmp").join("leftover"), b"x").unwrap();
@@ -431,13 +432,13 @@ mod tests {
         {
             let c = DiskCache::open(dir.path(), 1 << 20).unwrap();
             for b in &blobs[..3] {
-                c.put(&key(b), b);
+                c.put(&key(b), &Bytes::copy_from_slice(b));
             }
         }
         let c = DiskCache::create(dir.path(), 2500).unwrap();
         // Before the scan: old objects are served, a new one is stored.
         assert_eq!(c.get(&key(&blobs[0])).as_deref(), Some(&blobs[0][..]));
-        c.put(&key(&blobs[3]), &blobs[3]);
+        c.put(&key(&blobs[3]), &Bytes::copy_from_slice(&blobs[3]));
         assert_eq!(c.stats().objects, 2);
         c.scan();
         // 4000 bytes > 2500: the two objects unused since the start go, oldest first.
@@ -454,7 +455,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = DiskCache::open(dir.path(), 1 << 20).unwrap();
         let k = key(b"good");
-        c.put(&k, b"good");
+        c.put(&k, &Bytes::copy_from_slice(b"good"));
         fs::write(c.path_of(&k), b"evil").unwrap();
         c.remove(&k);
         assert!(!c.path_of(&k).exists());

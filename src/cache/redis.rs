@@ -44,6 +44,7 @@
 //!   cluster only has database 0.
 
 use crate::read::Tier;
+use bytes::Bytes;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -355,7 +356,7 @@ struct Counters {
 }
 
 /// A queued write: key and value.
-type Write = ([u8; 32], Vec<u8>);
+type Write = ([u8; 32], Bytes);
 
 fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
@@ -756,7 +757,7 @@ impl Inner {
             .map(|(k, v)| {
                 let key = self.key(k);
                 let mut cmd = redis::cmd("SET");
-                cmd.arg(&key).arg(v.as_slice());
+                cmd.arg(&key).arg(&v[..]);
                 if let Some(ttl) = self.cfg.ttl {
                     cmd.arg("PX").arg(ttl.as_millis().max(1) as u64);
                 }
@@ -1096,7 +1097,7 @@ impl Tier for RedisTier {
         "redis"
     }
 
-    fn get(&self, key: &[u8; 32]) -> Option<Vec<u8>> {
+    fn get(&self, key: &[u8; 32]) -> Option<Bytes> {
         let c = &self.inner.counters;
         let k = self.inner.key(key);
         let end = self.inner.cfg.max_value as u64;
@@ -1118,12 +1119,12 @@ impl Tier for RedisTier {
             Outcome::Done(v) => {
                 bump(&c.hits, 1);
                 bump(&c.bytes_read, v.len() as u64);
-                Some(v)
+                Some(v.into())
             }
         }
     }
 
-    fn put(&self, key: &[u8; 32], bytes: &[u8]) {
+    fn put(&self, key: &[u8; 32], bytes: &Bytes) {
         let c = &self.inner.counters;
         if bytes.is_empty() {
             return;
@@ -1149,7 +1150,7 @@ impl Tier for RedisTier {
             return;
         }
         c.pending.fetch_add(1, Ordering::Relaxed);
-        match tx.send((*key, bytes.to_vec())) {
+        match tx.send((*key, bytes.clone())) {
             Ok(()) => bump(&c.writes_queued, 1),
             Err(_) => {
                 c.pending.fetch_sub(1, Ordering::Relaxed);

@@ -13,6 +13,7 @@ use crate::read::ahead::{CachedJob, Interval, Job, ReaderClaim};
 use crate::read::{FileReader, Neighbours, ReadAhead, ReadError, SpanReader, Tier};
 use crate::source::{Source, SourceError};
 use attr::{attr_of, entry_of, file_type, ino_of};
+use bytes::Bytes;
 use fuser::{
     AccessFlags, BsdFileFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem,
     FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode,
@@ -86,18 +87,22 @@ pub fn open_source(
     override_spec: Option<&str>,
 ) -> Result<Arc<dyn Source>, FuseError> {
     let recorded = String::from_utf8_lossy(index.index().image.source.as_slice()).into_owned();
-    if let Some(spec) = override_spec {
-        let (src, _reference) = crate::source::open(spec)?;
-        return Ok(Arc::from(src));
-    }
-    if recorded.is_empty() {
+    let source: Arc<dyn Source> = if let Some(spec) = override_spec {
+        Arc::from(crate::source::open(spec)?.0)
+    } else if recorded.is_empty() {
         return Err(FuseError::Source(SourceError::NotFound(
             "the index records no source".into(),
         )));
-    }
-    // The recorded form (`registry+http://HOST/REPO`, `registry://…`, or a layout path) is
-    // not a command-line reference: reopen it the way `clip-build cat` does.
-    Ok(Arc::from(crate::source::open_recorded(&recorded)?))
+    } else {
+        // The recorded form (`registry+http://HOST/REPO`, `registry://…`, or a layout path)
+        // is not a command-line reference: reopen it the way `clip-build cat` does.
+        Arc::from(crate::source::open_recorded(&recorded)?)
+    };
+    let layers = (0..index.index().layers.len() as u32)
+        .map(|i| index.layer_digest(i))
+        .collect::<Result<Vec<_>, _>>()?;
+    source.prepare(&layers)?;
+    Ok(source)
 }
 
 /// Counters of the filesystem, updated lock-free.
@@ -461,7 +466,7 @@ impl ClipFs {
 /// One answered read: the bytes, the span reader whose checkpoint interval is left to
 /// finish once the reply is out (see [`finish_interval`]) and read-ahead jobs to start.
 struct Served {
-    bytes: Vec<u8>,
+    bytes: Bytes,
     unfinished: Option<(SpanReader, Option<ReaderClaim>)>,
     ahead: Vec<Job>,
     cached: Option<CachedJob>,
@@ -476,10 +481,9 @@ fn serve_read(
 ) -> Result<Served, ReadError> {
     let mut r = reader.lock().unwrap_or_else(|p| p.into_inner());
     let len = r.size().saturating_sub(offset).min(size as u64) as usize;
-    let mut buf = vec![0u8; len];
     if len == 0 {
         return Ok(Served {
-            bytes: buf,
+            bytes: Bytes::new(),
             unfinished: None,
             ahead: Vec::new(),
             cached: None,
@@ -488,14 +492,14 @@ fn serve_read(
     let (inf0, fetch0) = r.origin_stats();
     let (kept0, kept_bytes0) = r.kept_stats();
     let hits0 = r.ahead_hits();
-    let n = match r.read_at(
+    let buf = match r.read_bytes(
         &shared.index,
         shared.source.as_ref(),
         &shared.tiers,
         offset,
-        &mut buf,
+        len,
     ) {
-        Ok(n) => n,
+        Ok(b) => b,
         Err(e) => {
             // An interval left unfinished by an earlier piece of this read is released now,
             // not when the handle is next used: its claim makes other readers wait.
@@ -515,7 +519,7 @@ fn serve_read(
         .fetch_add(kept_bytes1 - kept_bytes0, Ordering::Relaxed);
     s.ahead_hits
         .fetch_add(r.ahead_hits() - hits0, Ordering::Relaxed);
-    buf.truncate(n);
+    let n = buf.len();
     if let Some(rec) = &shared.recorder {
         r.take_touched()
             .into_iter()
@@ -701,9 +705,14 @@ impl Filesystem for ClipFs {
         };
         let reader = match FileReader::new(self.index(), i) {
             Ok(r) => {
+                let (shared, pool) = (self.shared.clone(), self.ahead_pool.clone());
                 let r = r
                     .with_neighbours(self.shared.neighbours.clone())
                     .with_read_ahead(self.shared.ahead.clone())
+                    .with_job_sink(Arc::new(move |job| {
+                        let shared = shared.clone();
+                        pool.submit(move || run_ahead(&shared, job));
+                    }))
                     .defer_interval_finish();
                 if self.shared.recorder.is_some() {
                     r.record_touches()

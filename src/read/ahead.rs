@@ -16,6 +16,7 @@ use super::span::SpanReader;
 use super::ReadError;
 use crate::format::IndexFile;
 use crate::source::Source;
+use bytes::Bytes;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -101,7 +102,7 @@ struct State {
 #[derive(Clone, Debug)]
 pub struct Held {
     /// The bytes.
-    pub bytes: Arc<Vec<u8>>,
+    pub bytes: Bytes,
     /// Whether the job already checked them against the piece's sha256.
     pub verified: bool,
 }
@@ -206,9 +207,10 @@ impl ReadAhead {
 
     /// Claim the intervals of `layer` that intersect `span` (from, to), except the one holding
     /// `skip` (where the reader's own inflate cursor is), for a reader of the file at
-    /// `want`. The returned jobs are the caller's to run with [`ReadAhead::run`].
-    /// `useful(start, end)` says whether an interval's uncompressed range is worth a job
-    /// (e.g. whether it holds a whole piece of the reader's file).
+    /// `want`; a job stops at the end of `want` if its interval goes on past it. The
+    /// returned jobs are the caller's to run with [`ReadAhead::run`]. `useful(start, end)`
+    /// says whether an interval's uncompressed range is worth a job (e.g. whether it holds
+    /// bytes of the reader's file that the reader will not inflate itself).
     pub fn plan(
         &self,
         index: &IndexFile,
@@ -229,8 +231,8 @@ impl ReadAhead {
         let first = containing(from).unwrap_or(0);
         let last = cps.partition_point(|c| c.out_offset.to_native() < to);
         let skip = skip.and_then(containing);
-        let mut s = self.lock();
-        (first..last)
+        // Index pages may have to come from disk: look at them before taking the lock.
+        let useful: Vec<usize> = (first..last)
             .filter(|&j| Some(j) != skip)
             .filter(|&j| {
                 index
@@ -239,6 +241,10 @@ impl ReadAhead {
                     .flatten()
                     .is_some_and(|(a, b)| useful(a, b))
             })
+            .collect();
+        let mut s = self.lock();
+        useful
+            .into_iter()
             .filter_map(|j| {
                 Self::try_claim(
                     &mut s,
@@ -248,7 +254,7 @@ impl ReadAhead {
                         checkpoint: j as u32,
                     },
                     want,
-                    u64::MAX,
+                    want.1,
                 )
             })
             .collect()
@@ -290,8 +296,10 @@ impl ReadAhead {
 
     /// Claim `interval` for a reader about to inflate the bytes `piece` (an uncompressed
     /// range starting in it) from the origin, unless a job or another reader is inflating
-    /// any of them: then `None`, and the caller waits with [`ReadAhead::wait`] and looks in
-    /// the tiers again. Unlike [`ReadAhead::claim`], an interval inflated before can be
+    /// the interval or the piece's first byte: then `None`, and the caller waits with
+    /// [`ReadAhead::wait`] and looks in the tiers again. A job covering only the piece's
+    /// tail is no reason to wait: with nobody inflating its start, the reader would have to
+    /// inflate the whole piece after waiting anyway. Unlike [`ReadAhead::claim`], an interval inflated before can be
     /// claimed again (its pieces may have left the caches since).
     pub fn claim_for_reader(
         self: &Arc<Self>,
@@ -303,7 +311,8 @@ impl ReadAhead {
             .interval_range(interval.layer, interval.checkpoint as usize)
             .ok()??;
         let mut s = self.lock();
-        if s.running.contains_key(&interval) || Self::covered(&s, interval.layer, piece.0, piece.1)
+        if s.running.contains_key(&interval)
+            || Self::covered(&s, interval.layer, piece.0, piece.0 + 1)
         {
             return None;
         }
@@ -395,7 +404,7 @@ impl ReadAhead {
                     &mut s,
                     key,
                     Held {
-                        bytes: Arc::new(b),
+                        bytes: b,
                         verified: true,
                     },
                 );
@@ -437,20 +446,21 @@ impl ReadAhead {
             ..JobStats::default()
         };
         read?;
+        let buf = Bytes::from(buf);
         let wanted = |offset: u64| job.want.0 <= offset && offset < job.want.1;
         let mut keep =
-            |offset: u64, bytes: &[u8], ready: &mut Vec<([u8; 32], Held)>, sha256: &[u8; 32]| {
+            |offset: u64, bytes: Bytes, ready: &mut Vec<([u8; 32], Held)>, sha256: &[u8; 32]| {
                 if wanted(offset) {
                     ready.push((
                         *sha256,
                         Held {
-                            bytes: Arc::new(bytes.to_vec()),
+                            bytes,
                             verified: false,
                         },
                     ));
                     return;
                 }
-                if !verify(bytes, sha256) {
+                if !verify(&bytes, sha256) {
                     tracing::debug!(
                         layer = iv.layer,
                         offset,
@@ -459,7 +469,7 @@ impl ReadAhead {
                     return;
                 }
                 for t in tiers {
-                    t.put(sha256, bytes);
+                    t.put(sha256, &bytes);
                 }
                 stats.kept += 1;
                 stats.kept_bytes += bytes.len() as u64;
@@ -472,12 +482,12 @@ impl ReadAhead {
             if start <= a && b <= end {
                 keep(
                     a,
-                    &buf[(a - start) as usize..(b - start) as usize],
+                    buf.slice((a - start) as usize..(b - start) as usize),
                     &mut ready,
                     &p.sha256,
                 );
             } else if let Some(whole) = self.seam(iv.layer, p.offset, p.len, start, end, &buf) {
-                keep(a, &whole, &mut ready, &p.sha256);
+                keep(a, whole.into(), &mut ready, &p.sha256);
             }
         }
         let mut s = self.lock();

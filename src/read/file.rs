@@ -5,6 +5,7 @@ use super::neighbours::Neighbours;
 use super::span::SpanReader;
 use crate::format::{FormatError, IndexFile, Kind, Piece};
 use crate::source::{Source, SourceError};
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
@@ -41,12 +42,17 @@ pub trait Tier: Send + Sync {
     /// Short name for statistics.
     fn name(&self) -> &str;
     /// The bytes stored under `key`, if any.
-    fn get(&self, key: &[u8; 32]) -> Option<Vec<u8>>;
-    /// Store `bytes` under `key` (best effort).
-    fn put(&self, key: &[u8; 32], bytes: &[u8]);
+    fn get(&self, key: &[u8; 32]) -> Option<Bytes>;
+    /// Store `bytes` under `key` (best effort). A tier that keeps them in memory keeps a
+    /// reference (`Bytes` clones share the buffer), not a copy.
+    fn put(&self, key: &[u8; 32], bytes: &Bytes);
     /// Forget `key` (its bytes failed verification).
     fn remove(&self, key: &[u8; 32]);
 }
+
+/// Where a reader sends the read-ahead jobs it plans while reading (see
+/// [`FileReader::with_job_sink`]); the caller decides which thread runs them.
+pub type JobSink = Arc<dyn Fn(Job) + Send + Sync>;
 
 /// Where a piece came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,7 +81,7 @@ pub struct FileReader {
     size: u64,
     pieces: Vec<Piece>,
     span: Option<SpanReader>,
-    last: Option<(usize, Arc<Vec<u8>>)>,
+    last: Option<(usize, Bytes)>,
     neighbours: Option<Arc<Neighbours>>,
     kept: (u64, u64),
     origin: (u64, u64),
@@ -83,6 +89,7 @@ pub struct FileReader {
     unfinished: Option<(SpanReader, Option<ReaderClaim>)>,
     ahead: Option<Arc<ReadAhead>>,
     ahead_hits: u64,
+    job_sink: Option<JobSink>,
     cold: bool,
     /// Furthest offset read so far and the bytes read near it in a row (see `plan_ahead`).
     frontier: u64,
@@ -97,6 +104,11 @@ const NEAR_FRONTIER: u64 = 1 << 20;
 /// Bytes a reader must have read sequentially before read-ahead starts for it: a program
 /// reading a few pages here and there (a loader faulting in a library) gets none.
 const SEQUENTIAL: u64 = 1 << 20;
+
+/// A first read at least this long from a file's start counts as sequential at once: the
+/// kernel asks for that much only when a program reads 128 KiB or more (its first readahead
+/// window is twice the read), while a loader reading an ELF header causes a 16 KiB request.
+const FIRST_READ: u64 = 256 << 10;
 
 impl FileReader {
     /// A reader for entry `entry` (hardlinks are followed).
@@ -121,6 +133,7 @@ impl FileReader {
             unfinished: None,
             ahead: None,
             ahead_hits: 0,
+            job_sink: None,
             cold: false,
             frontier: 0,
             streak: 0,
@@ -142,6 +155,14 @@ impl FileReader {
         self
     }
 
+    /// Hand read-ahead jobs to `sink` as soon as a read from the file's start turns out to
+    /// need the origin, before this reader inflates anything itself, so that the jobs'
+    /// fetches and inflation overlap the reader's first one.
+    pub fn with_job_sink(mut self, sink: JobSink) -> FileReader {
+        self.job_sink = Some(sink);
+        self
+    }
+
     /// Read-ahead jobs for the intervals after file offset `next` (where a sequential
     /// reader goes on), once this reader has needed the origin and read sequentially for a
     /// while: the caller runs them on other threads with [`ReadAhead::run`]. Intervals
@@ -157,16 +178,27 @@ impl FileReader {
         let to = self.data_offset + self.size.min(next.saturating_add(ahead.window()));
         let cursor = self.span.as_ref().and_then(SpanReader::position);
         let base = self.data_offset;
-        // A job is worth it when a whole piece of this file not read yet lies in its
-        // interval; one that would only hold pieces already read, or the half of a piece
-        // this reader's own cursor produces, is not.
-        let whole_piece = |a: u64, b: u64| {
-            let first = self
-                .pieces
-                .partition_point(|p| base + p.offset < a.max(from));
-            self.pieces
-                .get(first)
-                .is_some_and(|p| base + p.offset + p.len <= b)
+        // The reader's own cursor goes on to the end of the interval it is in, and through
+        // the end of the piece it is in there.
+        let own_end = cursor
+            .and_then(|c| Interval::containing(index, self.layer, c))
+            .and_then(|iv| {
+                index
+                    .interval_range(iv.layer, iv.checkpoint as usize)
+                    .ok()
+                    .flatten()
+            })
+            .map_or(from, |(_, end)| end.max(from));
+        // A job is worth it when a piece of this file that the reader will not produce
+        // itself (one starting after `own_end`) has bytes in its interval: a whole piece,
+        // or a part of one crossing the interval's boundary, which the jobs on either side
+        // put together.
+        let needed = |a: u64, b: u64| {
+            let first = self.pieces.partition_point(|p| base + p.offset < own_end);
+            self.pieces[first..]
+                .iter()
+                .take_while(|p| base + p.offset < b)
+                .any(|p| base + p.offset + p.len > a)
         };
         ahead.plan(
             index,
@@ -174,7 +206,7 @@ impl FileReader {
             (from, to),
             cursor,
             (base, base + self.size),
-            whole_piece,
+            needed,
         )
     }
 
@@ -261,7 +293,7 @@ impl FileReader {
         source: &dyn Source,
         tiers: &[Arc<dyn Tier>],
         k: usize,
-    ) -> Result<(Arc<Vec<u8>>, Origin), ReadError> {
+    ) -> Result<(Bytes, Origin), ReadError> {
         if let Some((lk, bytes)) = &self.last {
             if *lk == k {
                 return Ok((bytes.clone(), Origin::Memory));
@@ -294,7 +326,13 @@ impl FileReader {
                 }
             }
         }
-        self.cold = true;
+        if !std::mem::replace(&mut self.cold, true) {
+            if let Some(sink) = &self.job_sink {
+                self.plan_ahead(index, p.offset)
+                    .into_iter()
+                    .for_each(sink.as_ref());
+            }
+        }
         let mut buf = vec![0u8; p.len as usize];
         let span = self.span.get_or_insert_with(|| SpanReader::new(self.layer));
         let mut mark = (span.inflated, span.fetched());
@@ -331,6 +369,7 @@ impl FileReader {
                 expected: p.key(),
             });
         }
+        let buf = Bytes::from(buf);
         for t in tiers {
             t.put(&p.sha256, &buf);
         }
@@ -349,13 +388,12 @@ impl FileReader {
                 }
             }
         }
-        let b = Arc::new(buf);
-        self.last = Some((k, b.clone()));
-        Ok((b, Origin::Source))
+        self.last = Some((k, buf.clone()));
+        Ok((buf, Origin::Source))
     }
 
     /// Piece `k` from a read-ahead job's hand-over or from the tiers, verified.
-    fn stored(&mut self, tiers: &[Arc<dyn Tier>], k: usize) -> Option<(Arc<Vec<u8>>, Origin)> {
+    fn stored(&mut self, tiers: &[Arc<dyn Tier>], k: usize) -> Option<(Bytes, Origin)> {
         let p = self.pieces[k];
         if let Some(held) = self.ahead.as_ref().and_then(|a| a.take(&p.sha256)) {
             let b = held.bytes;
@@ -376,7 +414,6 @@ impl FileReader {
         for (i, t) in tiers.iter().enumerate() {
             if let Some(b) = t.get(&p.sha256) {
                 if b.len() as u64 == p.len && verify(&b, &p.sha256) {
-                    let b = Arc::new(b);
                     for lower in &tiers[..i] {
                         lower.put(&p.sha256, &b);
                     }
@@ -399,41 +436,92 @@ impl FileReader {
         offset: u64,
         out: &mut [u8],
     ) -> Result<usize, ReadError> {
-        let end = offset + out.len() as u64;
-        if offset <= self.frontier + NEAR_FRONTIER && end + NEAR_FRONTIER >= self.frontier {
-            self.streak += out.len() as u64;
-        } else {
-            self.streak = out.len() as u64;
-        }
-        self.frontier = self.frontier.max(end);
+        self.note_read(offset, out.len() as u64);
         let mut done = 0usize;
         while done < out.len() {
             let pos = offset + done as u64;
-            if pos >= self.size {
+            let Some((bytes, from)) = self.piece_at(index, source, tiers, pos)? else {
                 break;
-            }
-            let k = self.pieces.partition_point(|p| p.offset + p.len <= pos);
-            let p = self.pieces[k];
-            let (bytes, _) = self.piece(index, source, tiers, k)?;
-            if let Some(touched) = &mut self.touched {
-                let (at, end) = (
-                    self.data_offset + p.offset,
-                    self.data_offset + p.offset + p.len,
-                );
-                for iv in [at, end.saturating_sub(1)]
-                    .into_iter()
-                    .filter_map(|o| Interval::containing(index, self.layer, o))
-                {
-                    if touched.last() != Some(&(iv, end)) {
-                        touched.push((iv, end));
-                    }
-                }
-            }
-            let from = (pos - p.offset) as usize;
+            };
             let n = (bytes.len() - from).min(out.len() - done);
             out[done..done + n].copy_from_slice(&bytes[from..from + n]);
             done += n;
         }
         Ok(done)
+    }
+
+    /// The `len` bytes at `offset` (fewer only at end of file): a slice of the piece that
+    /// holds them, without a copy, when one piece does.
+    pub fn read_bytes(
+        &mut self,
+        index: &IndexFile,
+        source: &dyn Source,
+        tiers: &[Arc<dyn Tier>],
+        offset: u64,
+        len: usize,
+    ) -> Result<Bytes, ReadError> {
+        let len = self.size.saturating_sub(offset).min(len as u64) as usize;
+        self.note_read(offset, len as u64);
+        let Some((first, from)) = self.piece_at(index, source, tiers, offset)? else {
+            return Ok(Bytes::new());
+        };
+        if first.len() - from >= len {
+            return Ok(first.slice(from..from + len));
+        }
+        let mut out = Vec::with_capacity(len);
+        out.extend_from_slice(&first[from..]);
+        while out.len() < len {
+            let pos = offset + out.len() as u64;
+            let Some((bytes, from)) = self.piece_at(index, source, tiers, pos)? else {
+                break;
+            };
+            let n = (bytes.len() - from).min(len - out.len());
+            out.extend_from_slice(&bytes[from..from + n]);
+        }
+        Ok(out.into())
+    }
+
+    /// Track whether reads are sequential (read-ahead starts after a streak).
+    fn note_read(&mut self, offset: u64, len: u64) {
+        let end = offset + len;
+        if offset == 0 && len >= FIRST_READ {
+            self.streak = self.streak.max(SEQUENTIAL);
+        } else if offset <= self.frontier + NEAR_FRONTIER && end + NEAR_FRONTIER >= self.frontier {
+            self.streak += len;
+        } else {
+            self.streak = len;
+        }
+        self.frontier = self.frontier.max(end);
+    }
+
+    /// The piece holding file offset `pos` and `pos`'s offset in it; `None` at end of file.
+    fn piece_at(
+        &mut self,
+        index: &IndexFile,
+        source: &dyn Source,
+        tiers: &[Arc<dyn Tier>],
+        pos: u64,
+    ) -> Result<Option<(Bytes, usize)>, ReadError> {
+        if pos >= self.size {
+            return Ok(None);
+        }
+        let k = self.pieces.partition_point(|p| p.offset + p.len <= pos);
+        let p = self.pieces[k];
+        let (bytes, _) = self.piece(index, source, tiers, k)?;
+        if let Some(touched) = &mut self.touched {
+            let (at, end) = (
+                self.data_offset + p.offset,
+                self.data_offset + p.offset + p.len,
+            );
+            for iv in [at, end.saturating_sub(1)]
+                .into_iter()
+                .filter_map(|o| Interval::containing(index, self.layer, o))
+            {
+                if touched.last() != Some(&(iv, end)) {
+                    touched.push((iv, end));
+                }
+            }
+        }
+        Ok(Some((bytes, (pos - p.offset) as usize)))
     }
 }

@@ -4,6 +4,7 @@
 
 use super::file::{verify, Tier};
 use crate::format::{IndexFile, Kind};
+use bytes::Bytes;
 use std::sync::{Arc, OnceLock};
 
 /// A piece's place in its layer's uncompressed stream.
@@ -85,8 +86,9 @@ impl Neighbours {
             }
             let data = &bytes[(l.offset - offset) as usize..(l.offset - offset + l.len) as usize];
             if verify(data, &l.sha256) {
+                let data = Bytes::copy_from_slice(data);
                 for t in tiers {
-                    t.put(&l.sha256, data);
+                    t.put(&l.sha256, &data);
                 }
                 kept.0 += 1;
                 kept.1 += l.len;

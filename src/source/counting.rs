@@ -61,4 +61,8 @@ impl Source for Counting {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.inner.blob_from(digest, start, expect_end, size)
     }
+
+    fn prepare(&self, digests: &[&str]) -> Result<(), SourceError> {
+        self.inner.prepare(digests)
+    }
 }

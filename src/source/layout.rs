@@ -2,13 +2,18 @@
 
 use super::{Source, SourceError};
 use crate::oci::{self, ImageIndex};
+use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// An OCI image layout on disk.
 pub struct LayoutSource {
     dir: PathBuf,
+    /// Blobs opened so far, kept open: later reads skip the path lookup.
+    open_blobs: Mutex<HashMap<String, Arc<File>>>,
 }
 
 impl LayoutSource {
@@ -23,6 +28,7 @@ impl LayoutSource {
         }
         Ok(LayoutSource {
             dir: dir.to_path_buf(),
+            open_blobs: Mutex::default(),
         })
     }
 
@@ -46,6 +52,31 @@ impl LayoutSource {
             )));
         }
         Ok(self.dir.join("blobs").join(alg).join(hex))
+    }
+
+    /// Blob `digest`, opened once and then shared.
+    fn blob_file(&self, digest: &str) -> Result<Arc<File>, SourceError> {
+        let mut open = self.open_blobs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = open.get(digest) {
+            return Ok(f.clone());
+        }
+        let p = self.blob_path(digest)?;
+        let f = File::open(&p).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                SourceError::NotFound(format!(
+                    "blob {digest} is missing from the layout {}",
+                    self.dir.display()
+                ))
+            } else {
+                SourceError::Io {
+                    context: format!("reading blob {}", p.display()),
+                    source: e,
+                }
+            }
+        })?;
+        let f = Arc::new(f);
+        open.insert(digest.to_string(), f.clone());
+        Ok(f)
     }
 
     fn root_index(&self) -> Result<(Vec<u8>, ImageIndex), SourceError> {
@@ -143,28 +174,37 @@ impl Source for LayoutSource {
         start: u64,
         end: Option<u64>,
     ) -> Result<Box<dyn Read + Send>, SourceError> {
-        let p = self.blob_path(digest)?;
-        let io = |source| SourceError::Io {
-            context: format!("reading blob {}", p.display()),
-            source,
-        };
-        let mut f = File::open(&p).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                SourceError::NotFound(format!(
-                    "blob {digest} is missing from the layout {}",
-                    self.dir.display()
-                ))
-            } else {
-                io(e)
-            }
-        })?;
-        if start > 0 {
-            f.seek(SeekFrom::Start(start)).map_err(io)?;
+        Ok(Box::new(BlobReader {
+            file: self.blob_file(digest)?,
+            pos: start,
+            end,
+        }))
+    }
+
+    fn prepare(&self, digests: &[&str]) -> Result<(), SourceError> {
+        digests.iter().try_for_each(|d| self.blob_file(d).map(drop))
+    }
+}
+
+/// Reads a range of a shared blob file with positioned reads.
+struct BlobReader {
+    file: Arc<File>,
+    pos: u64,
+    end: Option<u64>,
+}
+
+impl Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self
+            .end
+            .map_or(buf.len() as u64, |e| e.saturating_sub(self.pos));
+        let want = (buf.len() as u64).min(left) as usize;
+        if want == 0 {
+            return Ok(0);
         }
-        Ok(match end {
-            Some(end) => Box::new(f.take(end.saturating_sub(start))),
-            None => Box::new(f),
-        })
+        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
     }
 }
 

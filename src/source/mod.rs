@@ -109,6 +109,15 @@ pub trait Source: Send + Sync {
         self.blob(digest, start, None)
     }
 
+    /// Get ready to read the blobs `digests` (the layers a mount serves). A local layout
+    /// opens each one now and keeps it open, so that a missing blob is an error at start
+    /// rather than at the first read, and reads skip the path lookup. The default does
+    /// nothing.
+    fn prepare(&self, digests: &[&str]) -> Result<(), SourceError> {
+        let _ = digests;
+        Ok(())
+    }
+
     /// Read a whole small blob (config) and verify its digest and size.
     fn read_small_blob(&self, digest: &str, size: u64) -> Result<Vec<u8>, SourceError> {
         if size > 64 << 20 {
