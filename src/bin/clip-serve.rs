@@ -1,9 +1,6 @@
 //! `clip-serve`: mount an index read-only with FUSE and serve the image's files, reading
 //! only the bytes a process touches.
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use clap::Parser;
 use clip::cache::redis::RedisTier;
 use clip::cache::{parse_size, DiskCache, WriteBehind};

@@ -296,10 +296,11 @@ impl ReadAhead {
 
     /// Claim `interval` for a reader about to inflate the bytes `piece` (an uncompressed
     /// range starting in it) from the origin, unless a job or another reader is inflating
-    /// the interval or the piece's first byte: then `None`, and the caller waits with
-    /// [`ReadAhead::wait`] and looks in the tiers again. A job covering only the piece's
-    /// tail is no reason to wait: with nobody inflating its start, the reader would have to
-    /// inflate the whole piece after waiting anyway. Unlike [`ReadAhead::claim`], an interval inflated before can be
+    /// the interval or the piece's first byte, or a job did the interval and another is
+    /// still inflating the piece's tail (the two halves make the piece): then `None`, and
+    /// the caller waits with [`ReadAhead::wait`] and looks in the tiers again. A job
+    /// covering only the tail of a piece that starts where no job ran is no reason to
+    /// wait: the reader would have to inflate the whole piece after waiting anyway. Unlike [`ReadAhead::claim`], an interval inflated before can be
     /// claimed again (its pieces may have left the caches since).
     pub fn claim_for_reader(
         self: &Arc<Self>,
@@ -311,9 +312,11 @@ impl ReadAhead {
             .interval_range(interval.layer, interval.checkpoint as usize)
             .ok()??;
         let mut s = self.lock();
-        if s.running.contains_key(&interval)
-            || Self::covered(&s, interval.layer, piece.0, piece.0 + 1)
-        {
+        // Waiting is worth it when jobs produce the piece's start (running, or done and
+        // waiting in a seam for the half a running job is still inflating).
+        let start_by_job = Self::covered(&s, interval.layer, piece.0, piece.0 + 1)
+            || (s.done.contains(&interval) && Self::covered(&s, interval.layer, piece.0, piece.1));
+        if s.running.contains_key(&interval) || start_by_job {
             return None;
         }
         s.running.insert(interval, (start, end));
