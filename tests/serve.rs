@@ -678,12 +678,11 @@ fn a_layout_missing_a_layer_blob_is_refused_at_start() {
     let (layout, index) = edge_index(tmp.path());
     let idx = clip::format::IndexFile::open(&index).unwrap();
     let digest = idx.layer_digest(1).unwrap().to_string();
-    fs::remove_file(
-        layout
-            .join("blobs/sha256")
-            .join(digest.trim_start_matches("sha256:")),
-    )
-    .unwrap();
+    let blob = clip::source::layout::LayoutSource::open(&layout)
+        .unwrap()
+        .blob_path(&digest)
+        .unwrap();
+    fs::remove_file(blob).unwrap();
     let mnt = tmp.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
     let out = Command::new(bin("clip-serve"))

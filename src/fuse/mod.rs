@@ -577,6 +577,12 @@ fn prefetch_run(shared: &Shared, run: &[Needed]) {
     }
 }
 
+/// Run a read-ahead job on the read-ahead pool.
+fn spawn_ahead(pool: &Pool, shared: &Arc<Shared>, job: Job) {
+    let shared = shared.clone();
+    pool.submit(move || run_ahead(&shared, job));
+}
+
 /// Run a read-ahead job (on the read-ahead pool) and count what it did.
 fn run_ahead(shared: &Shared, job: Job) {
     run_ahead_from(shared, shared.source.as_ref(), job, true)
@@ -709,10 +715,7 @@ impl Filesystem for ClipFs {
                 let r = r
                     .with_neighbours(self.shared.neighbours.clone())
                     .with_read_ahead(self.shared.ahead.clone())
-                    .with_job_sink(Arc::new(move |job| {
-                        let shared = shared.clone();
-                        pool.submit(move || run_ahead(&shared, job));
-                    }))
+                    .with_job_sink(Arc::new(move |job| spawn_ahead(&pool, &shared, job)))
                     .defer_interval_finish();
                 if self.shared.recorder.is_some() {
                     r.record_touches()
@@ -771,8 +774,7 @@ impl Filesystem for ClipFs {
                         .fetch_add(served.bytes.len() as u64, Ordering::Relaxed);
                     reply.data(&served.bytes);
                     for job in served.ahead {
-                        let shared = shared.clone();
-                        ahead_pool.submit(move || run_ahead(&shared, job));
+                        spawn_ahead(&ahead_pool, &shared, job);
                     }
                     if let Some(job) = served.cached {
                         let shared = shared.clone();

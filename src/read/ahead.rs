@@ -300,8 +300,9 @@ impl ReadAhead {
     /// still inflating the piece's tail (the two halves make the piece): then `None`, and
     /// the caller waits with [`ReadAhead::wait`] and looks in the tiers again. A job
     /// covering only the tail of a piece that starts where no job ran is no reason to
-    /// wait: the reader would have to inflate the whole piece after waiting anyway. Unlike [`ReadAhead::claim`], an interval inflated before can be
-    /// claimed again (its pieces may have left the caches since).
+    /// wait: the reader would have to inflate the whole piece after waiting anyway. Unlike
+    /// [`ReadAhead::claim`], an interval inflated before can be claimed again (its pieces
+    /// may have left the caches since).
     pub fn claim_for_reader(
         self: &Arc<Self>,
         index: &IndexFile,
