@@ -80,6 +80,9 @@ fn parse_size_arg(s: &str) -> std::result::Result<u64, String> {
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
+/// How long the disk cache's writer waits for cold reads to pause before it writes.
+const WRITE_QUIET: std::time::Duration = std::time::Duration::from_millis(250);
+
 fn main() -> ExitCode {
     clip::logging::init();
     let cli = Cli::parse();
@@ -183,8 +186,8 @@ fn run(cli: Cli) -> Result<()> {
         let dir = cli.cache_dir.clone().unwrap_or_else(default_cache_dir);
         let d = DiskCache::open_scanning_in_background(&dir, cli.cache_size)?;
         tracing::info!(dir = %dir.display(), limit = cli.cache_size, "disk cache (existing objects are scanned in the background)");
-        // Writes happen behind the reads; up to 256 MiB may wait in memory.
-        let behind = Arc::new(WriteBehind::new(d.clone(), 256 << 20)?);
+        // Writes happen behind the reads, once they pause; up to 256 MiB may wait in memory.
+        let behind = Arc::new(WriteBehind::new(d.clone(), 256 << 20, WRITE_QUIET)?);
         tiers.push(behind.clone());
         Some((d, behind))
     } else {
