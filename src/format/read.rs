@@ -81,6 +81,10 @@ impl IndexFile {
                 "entry table is empty (no root)".into(),
             ));
         }
+        if let Backing::Mapped(m) = &f.backing {
+            // Windows are read one at a time, wherever the wanted checkpoint is.
+            m.advise_random_from(HEADER_SIZE + header.payload_len as usize);
+        }
         Ok(f)
     }
 
