@@ -187,11 +187,25 @@ fn a_deferred_interval_is_left_to_the_caller_and_counted() {
             .is_none(),
         "not finished yet"
     );
-    let (mut span, claim) = r
-        .take_unfinished()
+    let passed_piece = idx.pieces(entry(&idx, "/many/file058")).unwrap()[0].sha256;
+    assert!(
+        mem.get(&passed_piece).is_none(),
+        "the files passed on the way are left to the caller too"
+    );
+    let after = r.take_after_reply();
+    assert!(after.claims.is_empty(), "no read-ahead, no claim");
+    assert!(r.take_after_reply().is_empty());
+    for (layer, off, bytes) in &after.passed {
+        neighbours.keep(&idx, *layer, *off, bytes, &tiers);
+    }
+    assert_eq!(
+        read_all(&idx, &NoOrigin, &tiers, "/many/file058", None),
+        b"small file 58\n",
+        "kept by the caller"
+    );
+    let mut span = after
+        .unfinished
         .expect("the interval is left to the caller");
-    assert!(claim.is_none(), "no read-ahead, no claim");
-    assert!(r.take_unfinished().is_none());
     let before = span.inflated;
     span.finish_interval(&idx, &mut |off, bytes| {
         neighbours.keep(
@@ -225,10 +239,13 @@ fn a_reader_waits_for_the_reader_inflating_its_interval_instead_of_fetching_it_a
         .defer_interval_finish();
     let mut out = vec![0u8; a.size() as usize];
     a.read_at(&f.idx, &f.src, &f.tiers, 0, &mut out).unwrap();
-    let (mut span, claim) = a
-        .take_unfinished()
+    let after = a.take_after_reply();
+    let mut span = after
+        .unfinished
         .expect("the interval is left to the caller");
-    let claim = claim.expect("the reader claimed its interval");
+    let [claim] = <[_; 1]>::try_from(after.claims)
+        .ok()
+        .expect("the reader claimed its interval");
     let later = entry(&f.idx, "/home/user/file");
     assert_eq!(
         clip::read::ahead::Interval::containing(
@@ -256,6 +273,9 @@ fn a_reader_waits_for_the_reader_inflating_its_interval_instead_of_fetching_it_a
             done_rx.try_recv().is_err(),
             "the second reader must wait for the claimed interval"
         );
+        for (layer, off, bytes) in &after.passed {
+            f.neighbours.keep(&f.idx, *layer, *off, bytes, &f.tiers);
+        }
         span.finish_interval(&f.idx, &mut |off, bytes| {
             f.neighbours
                 .keep(&f.idx, claim.interval().layer, off, bytes, &f.tiers);

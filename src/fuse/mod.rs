@@ -9,8 +9,8 @@ pub mod pool;
 
 use crate::format::{FormatError, IndexFile, Kind};
 use crate::profile::{Needed, Recorder};
-use crate::read::ahead::{CachedJob, Interval, Job, ReaderClaim};
-use crate::read::{FileReader, Neighbours, ReadAhead, ReadError, SpanReader, Tier};
+use crate::read::ahead::{CachedJob, Interval, Job};
+use crate::read::{AfterReply, FileReader, Neighbours, ReadAhead, ReadError, SpanReader, Tier};
 use crate::source::{Source, SourceError};
 use attr::{attr_of, entry_of, file_type, ino_of};
 use bytes::Bytes;
@@ -463,11 +463,11 @@ impl ClipFs {
     }
 }
 
-/// One answered read: the bytes, the span reader whose checkpoint interval is left to
-/// finish once the reply is out (see [`finish_interval`]) and read-ahead jobs to start.
+/// One answered read: the bytes, what the reader left for after the reply (see
+/// [`after_reply`]) and read-ahead jobs to start.
 struct Served {
     bytes: Bytes,
-    unfinished: Option<(SpanReader, Option<ReaderClaim>)>,
+    after: AfterReply,
     ahead: Vec<Job>,
     cached: Option<CachedJob>,
 }
@@ -484,7 +484,7 @@ fn serve_read(
     if len == 0 {
         return Ok(Served {
             bytes: Bytes::new(),
-            unfinished: None,
+            after: AfterReply::default(),
             ahead: Vec::new(),
             cached: None,
         });
@@ -503,7 +503,7 @@ fn serve_read(
         Err(e) => {
             // An interval left unfinished by an earlier piece of this read is released now,
             // not when the handle is next used: its claim makes other readers wait.
-            drop(r.take_unfinished());
+            drop(r.take_after_reply());
             return Err(e);
         }
     };
@@ -529,7 +529,7 @@ fn serve_read(
     let cached = r.plan_cached_ahead(offset + n as u64);
     Ok(Served {
         bytes: buf,
-        unfinished: r.take_unfinished(),
+        after: r.take_after_reply(),
         ahead,
         cached,
     })
@@ -615,8 +615,35 @@ fn run_ahead_from(shared: &Shared, source: &dyn Source, job: Job, count_fetched:
     }
 }
 
-/// Inflate the rest of a cold read's checkpoint interval and keep the files in it. Runs on
-/// the read worker after the reply went out, so the reading process does not wait for it.
+/// What a cold read left for after its reply (on the read worker, so the reading process
+/// does not wait for it): keep the other files' pieces it inflated on the way, finish its
+/// checkpoint interval, then release its claims, which readers of those pieces wait for.
+fn after_reply(shared: &Shared, after: AfterReply) {
+    let AfterReply {
+        passed,
+        unfinished,
+        claims,
+    } = after;
+    let (mut kept, mut kept_bytes) = (0, 0);
+    for (layer, offset, bytes) in passed {
+        let (n, b) = shared
+            .neighbours
+            .keep(&shared.index, layer, offset, &bytes, &shared.tiers);
+        kept += n;
+        kept_bytes += b;
+    }
+    shared.stats.kept.fetch_add(kept, Ordering::Relaxed);
+    shared
+        .stats
+        .kept_bytes
+        .fetch_add(kept_bytes, Ordering::Relaxed);
+    if let Some(span) = unfinished {
+        finish_interval(shared, span);
+    }
+    drop(claims);
+}
+
+/// Inflate the rest of a cold read's checkpoint interval and keep the files in it.
 fn finish_interval(shared: &Shared, mut span: SpanReader) {
     let (inflated0, fetched0) = (span.inflated, span.fetched());
     let layer = span.layer();
@@ -783,11 +810,7 @@ impl Filesystem for ClipFs {
                             shared.stats.ahead_jobs.fetch_add(1, Ordering::Relaxed);
                         });
                     }
-                    if let Some((span, claim)) = served.unfinished {
-                        finish_interval(&shared, span);
-                        // Readers of the interval's other files waited for this.
-                        drop(claim);
-                    }
+                    after_reply(&shared, served.after);
                 }
                 Err(e) => {
                     shared.stats.read_errors.fetch_add(1, Ordering::Relaxed);

@@ -54,6 +54,27 @@ pub trait Tier: Send + Sync {
 /// [`FileReader::with_job_sink`]); the caller decides which thread runs them.
 pub type JobSink = Arc<dyn Fn(Job) + Send + Sync>;
 
+/// What a reader made with [`FileReader::defer_interval_finish`] leaves for after its
+/// reply: keeping the other files' pieces it inflated on the way, finishing its checkpoint
+/// interval, then releasing its claims (readers of those pieces wait for them).
+#[derive(Default)]
+pub struct AfterReply {
+    /// Bytes inflated before the wanted ones: (layer, offset in the layer, bytes).
+    pub passed: Vec<(u32, u64, Vec<u8>)>,
+    /// The span reader whose interval is still to be finished (the file's last piece was
+    /// read; see [`SpanReader::finish_interval`]).
+    pub unfinished: Option<SpanReader>,
+    /// Claims on the intervals concerned (with read-ahead); drop them when done.
+    pub claims: Vec<ReaderClaim>,
+}
+
+impl AfterReply {
+    /// Whether nothing is left to do.
+    pub fn is_empty(&self) -> bool {
+        self.passed.is_empty() && self.unfinished.is_none() && self.claims.is_empty()
+    }
+}
+
 /// Where a piece came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Origin {
@@ -86,7 +107,7 @@ pub struct FileReader {
     kept: (u64, u64),
     origin: (u64, u64),
     defer_finish: bool,
-    unfinished: Option<(SpanReader, Option<ReaderClaim>)>,
+    after: AfterReply,
     ahead: Option<Arc<ReadAhead>>,
     ahead_hits: u64,
     job_sink: Option<JobSink>,
@@ -130,7 +151,7 @@ impl FileReader {
             kept: (0, 0),
             origin: (0, 0),
             defer_finish: false,
-            unfinished: None,
+            after: AfterReply::default(),
             ahead: None,
             ahead_hits: 0,
             job_sink: None,
@@ -265,20 +286,20 @@ impl FileReader {
         self.origin
     }
 
-    /// Do not finish the checkpoint interval inside `piece`: leave the span reader for
-    /// [`FileReader::take_unfinished`], so the caller can answer first and keep the
-    /// interval's other files afterwards (e.g. after replying to the kernel).
+    /// Leave the work that only serves other files for after the reply (see
+    /// [`FileReader::take_after_reply`]): keeping the pieces inflated on the way to the
+    /// wanted bytes and finishing the checkpoint interval after a file's last piece. The
+    /// caller answers first, e.g. replies to the kernel, and does that work afterwards. It
+    /// must take that work after every read: until it drops the claims in it, other readers
+    /// of those intervals wait.
     pub fn defer_interval_finish(mut self) -> FileReader {
         self.defer_finish = true;
         self
     }
 
-    /// The span reader whose interval is still to be finished (see
-    /// [`FileReader::defer_interval_finish`] and [`SpanReader::finish_interval`]), with the
-    /// claim on that interval that makes other readers wait for it (with read-ahead): drop
-    /// it once the interval is finished.
-    pub fn take_unfinished(&mut self) -> Option<(SpanReader, Option<ReaderClaim>)> {
-        self.unfinished.take()
+    /// The work left for after the reply (see [`FileReader::defer_interval_finish`]).
+    pub fn take_after_reply(&mut self) -> AfterReply {
+        std::mem::take(&mut self.after)
     }
 
     /// Other files' pieces kept in the tiers by this reader's origin reads, and their bytes.
@@ -313,7 +334,10 @@ impl FileReader {
         // someone else has it, wait for them and look again.
         let mut claim = None;
         if let Some(ahead) = self.ahead.clone() {
-            if let Some(iv) = Interval::containing(index, self.layer, start) {
+            let iv = Interval::containing(index, self.layer, start);
+            // An interval this reader claimed for an earlier piece is still its own.
+            let own = |iv: &Interval| self.after.claims.iter().any(|c| c.interval() == *iv);
+            if let Some(iv) = iv.filter(|iv| !own(iv)) {
                 loop {
                     if let Some(c) = ahead.claim_for_reader(index, iv, (start, start + p.len)) {
                         claim = Some(c);
@@ -340,6 +364,8 @@ impl FileReader {
         let neighbours = self.neighbours.as_deref();
         let kept = &mut self.kept;
         let origin = &mut self.origin;
+        let defer = self.defer_finish;
+        let passed = &mut self.after.passed;
         let mut count = |span: &SpanReader| {
             origin.0 += span.inflated - mark.0;
             origin.1 += span.fetched() - mark.1;
@@ -357,7 +383,11 @@ impl FileReader {
             source,
             self.data_offset + p.offset,
             &mut buf,
-            &mut keep,
+            &mut |offset, bytes| match (neighbours, defer) {
+                (None, _) => {}
+                (Some(_), true) => passed.push((layer, offset, bytes)),
+                (Some(_), false) => keep(offset, &bytes),
+            },
         );
         count(span);
         read?;
@@ -378,7 +408,7 @@ impl FileReader {
             // holds the files read next (a package's modules sit together in the tar). A
             // failure here only costs those files a fetch of their own.
             if self.defer_finish {
-                self.unfinished = self.span.take().map(|s| (s, claim.take()));
+                self.after.unfinished = self.span.take();
             } else {
                 let finished = span.finish_interval(index, &mut keep);
                 count(span);
@@ -387,6 +417,10 @@ impl FileReader {
                     self.span = None;
                 }
             }
+        }
+        if self.defer_finish {
+            // Released after the reply, once the pieces it passed are kept.
+            self.after.claims.extend(claim);
         }
         self.last = Some((k, buf.clone()));
         Ok((buf, Origin::Source))

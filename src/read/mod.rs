@@ -11,6 +11,6 @@ pub mod neighbours;
 pub mod span;
 
 pub use ahead::ReadAhead;
-pub use file::{FileReader, ReadError, Tier};
+pub use file::{AfterReply, FileReader, ReadError, Tier};
 pub use neighbours::Neighbours;
 pub use span::SpanReader;

@@ -82,14 +82,14 @@ impl SpanReader {
     }
 
     /// Read exactly `out.len()` bytes at uncompressed offset `start`. Bytes inflated on the
-    /// way to `start` are passed to `skipped` with their offset.
+    /// way to `start` are handed to `skipped` with their offset.
     pub fn read_at(
         &mut self,
         index: &IndexFile,
         source: &dyn Source,
         start: u64,
         out: &mut [u8],
-        skipped: &mut dyn FnMut(u64, &[u8]),
+        skipped: &mut dyn FnMut(u64, Vec<u8>),
     ) -> Result<(), ReadError> {
         let end = start + out.len() as u64;
         let reuse = self
@@ -108,7 +108,7 @@ impl SpanReader {
                 let gap = start - before;
                 if gap > 0 && gap <= MAX_KEPT_GAP {
                     let passed = inflate_exact(inner, gap as usize, self.layer)?;
-                    skipped(before, &passed);
+                    skipped(before, passed);
                 }
                 inner
                     .skip_to(start)
