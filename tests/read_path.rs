@@ -611,3 +611,54 @@ fn cached_pieces_are_read_and_verified_ahead_of_a_warm_sequential_reader() {
         "the poisoned piece was replaced"
     );
 }
+
+/// A deferring reader keeps its interval claims until the caller has done the work after
+/// the reply; a read crossing two pieces of one interval must go on under its own claim
+/// instead of waiting for it (which would never end).
+#[test]
+fn a_deferring_reader_reads_on_under_its_own_interval_claim() {
+    let f = big_fixture();
+    let ahead = ReadAhead::new(4 << 20, 64 << 20);
+    let big = entry(&f.idx, "/big.bin");
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Not a scoped thread: if the reader waited for itself, the test fails instead of
+    // hanging in the join.
+    let reader_ahead = ahead.clone();
+    std::thread::spawn(move || {
+        let mut r = FileReader::new(&f.idx, big)
+            .unwrap()
+            .with_neighbours(f.neighbours.clone())
+            .with_read_ahead(reader_ahead)
+            .defer_interval_finish();
+        // Half of piece 0 and half of piece 1, both in the file's first interval.
+        let mut out = vec![0u8; 1 << 20];
+        r.read_at(&f.idx, &f.src, &f.tiers, 512 << 10, &mut out)
+            .unwrap();
+        let after = r.take_after_reply();
+        tx.send((out, after, f)).unwrap();
+    });
+    let (out, after, f) = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the read finished under its own claim");
+    assert!(out == clip::demo::noise(7, BIG)[512 << 10..(512 << 10) + (1 << 20)]);
+    assert_eq!(after.claims.len(), 1, "one claim, held for after the reply");
+    assert!(
+        !after.passed.is_empty(),
+        "the bytes before the file were passed"
+    );
+    let iv = after.claims[0].interval();
+    let data = f.idx.entry(big).unwrap().data_offset.to_native();
+    assert!(
+        ahead
+            .claim(&f.idx, iv, (data, data + 1), u64::MAX)
+            .is_none(),
+        "still claimed until the caller drops it"
+    );
+    drop(after);
+    assert!(
+        ahead
+            .claim(&f.idx, iv, (data, data + 1), u64::MAX)
+            .is_some(),
+        "released with the work after the reply"
+    );
+}
