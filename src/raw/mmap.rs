@@ -31,7 +31,8 @@ impl MappedFile {
     /// window (8 MiB on some virtual disks, ~11 ms for the first window a cold read needs).
     /// `offset` is rounded up to a page boundary; errors are ignored (advice only).
     pub fn advise_random_from(&self, offset: usize) {
-        let page = 4096;
+        // SAFETY: sysconf only reads a system constant.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
         let start = offset.div_ceil(page) * page;
         if start < self.map.len() {
             let _ = self
