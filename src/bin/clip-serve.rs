@@ -186,8 +186,10 @@ fn run(cli: Cli) -> Result<()> {
         let dir = cli.cache_dir.clone().unwrap_or_else(default_cache_dir);
         let d = DiskCache::open_scanning_in_background(&dir, cli.cache_size)?;
         tracing::info!(dir = %dir.display(), limit = cli.cache_size, "disk cache (existing objects are scanned in the background)");
-        // Writes happen behind the reads, once they pause; up to 256 MiB may wait in memory.
-        let behind = Arc::new(WriteBehind::new(d.clone(), 256 << 20, WRITE_QUIET)?);
+        // Writes happen behind the reads, once they pause; up to 256 MiB may wait in memory,
+        // and no more than half the cache holds: a small cache evicts as reads go on.
+        let budget = (256u64 << 20).min(cli.cache_size / 2).max(1 << 20);
+        let behind = Arc::new(WriteBehind::new(d.clone(), budget, WRITE_QUIET)?);
         tiers.push(behind.clone());
         Some((d, behind))
     } else {
