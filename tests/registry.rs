@@ -1317,3 +1317,76 @@ fn token_auth_fetches_caches_and_refreshes_tokens() {
         .unwrap();
     assert_eq!(clip::oci::digest_of(&blob), image.layers[0].digest);
 }
+
+/// A byte relay to `upstream` on loopback that counts the TCP connections clients open.
+struct Relay {
+    port: u16,
+    connections: Arc<AtomicUsize>,
+}
+
+impl Relay {
+    fn start(upstream: u16) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let n = connections.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(client) = conn else { continue };
+                n.fetch_add(1, Ordering::SeqCst);
+                let Ok(up) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let pipe = |mut from: TcpStream, mut to: TcpStream| {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                };
+                pipe(client.try_clone().unwrap(), up.try_clone().unwrap());
+                pipe(up, client);
+            }
+        });
+        Relay { port, connections }
+    }
+}
+
+/// Blob reads one after another share keep-alive connections: a reader that keeps its
+/// interval's other files reads each range to its end (ureq pools a connection only then)
+/// and drains the few bytes it may stop short of, instead of every request opening a
+/// connection of its own (a TCP and a TLS handshake each on a real registry).
+#[test]
+fn blob_reads_reuse_their_connections() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::anonymous(&tmp.path().join("reg"));
+    let (layout, local) = edge_reference(tmp.path());
+    reg.push(&layout, EDGE_TAG, "edge:v1", None);
+    let relay = Relay::start(reg.port);
+    let registry = clip::source::registry::RegistrySource::open(
+        &clip::source::reference::Reference::parse(&format!("127.0.0.1:{}/edge", relay.port))
+            .unwrap(),
+        &Default::default(),
+    )
+    .unwrap();
+    let src = clip::source::counting::Counting::new(Arc::new(registry));
+    let idx = IndexFile::open(&local).unwrap();
+    let neighbours = clip::read::Neighbours::new(idx.index().layers.len());
+    let opened = relay.connections.load(Ordering::SeqCst);
+    // No cache tiers: every read is a request of its own.
+    for _ in 0..4 {
+        let i = idx.resolve(b"/etc/hostname").unwrap().unwrap();
+        let mut r = clip::read::FileReader::new(&idx, i)
+            .unwrap()
+            .with_neighbours(neighbours.clone());
+        let mut out = vec![0u8; r.size() as usize];
+        assert_eq!(r.read_at(&idx, &src, &[], 0, &mut out).unwrap(), out.len());
+        assert_eq!(out, b"edge\n");
+    }
+    let requests = src.requests();
+    let connections = relay.connections.load(Ordering::SeqCst) - opened;
+    assert_eq!(requests, 4, "one blob request per read");
+    assert!(
+        connections <= 1,
+        "{connections} connections for {requests} blob requests made one after another"
+    );
+}

@@ -533,13 +533,15 @@ impl Client {
     }
 
     /// Open the body of blob `digest` from byte `pos`, up to `end` (exclusive) if known.
-    /// Returns the body positioned at `pos` and the end if the response told it.
+    /// Returns the body positioned at `pos`, the end if the response told it, and whether
+    /// the body itself ends there (a ranged answer; not a whole blob sent to a reader that
+    /// stops early), so that reading it to that end returns the connection to the pool.
     fn open_blob(
         &self,
         digest: &str,
         pos: u64,
         end: Option<u64>,
-    ) -> Result<(ureq::BodyReader<'static>, Option<u64>), SourceError> {
+    ) -> Result<(ureq::BodyReader<'static>, Option<u64>, bool), SourceError> {
         let url = format!(
             "{}/v2/{}/blobs/{digest}",
             self.base, self.reference.repository
@@ -573,8 +575,9 @@ impl Client {
                     )));
                 };
                 let got_end = last + 1;
+                let exact = end.is_none_or(|e| e >= got_end);
                 let end = Some(end.map_or(got_end, |e| e.min(got_end)));
-                Ok((resp.into_body().into_reader(), end))
+                Ok((resp.into_body().into_reader(), end, exact))
             }
             200 => {
                 let mut body = resp.into_body().into_reader();
@@ -600,12 +603,13 @@ impl Client {
                         )));
                     }
                 }
+                let exact = length.is_some_and(|l| end.is_none_or(|e| e >= l));
                 let end = match (end, length) {
                     (Some(e), Some(l)) => Some(e.min(l)),
                     (Some(e), None) => Some(e),
                     (None, l) => l,
                 };
-                Ok((body, end))
+                Ok((body, end, exact))
             }
             416 => Err(SourceError::Registry(format!(
                 "registry {} says bytes {pos}.. are outside blob {digest} (HTTP 416)",
@@ -872,7 +876,7 @@ impl Source for RegistrySource {
         if end.is_some_and(|e| e <= start) {
             return Ok(Box::new(std::io::empty()));
         }
-        let (body, known_end) = self.client.open_blob(digest, start, end)?;
+        let (body, known_end, exact) = self.client.open_blob(digest, start, end)?;
         Ok(Box::new(BlobReader {
             client: self.client.clone(),
             digest: digest.to_string(),
@@ -880,6 +884,7 @@ impl Source for RegistrySource {
             end: known_end,
             segment: None,
             body: Some(body),
+            body_end: known_end.filter(|_| exact),
             failures: 0,
             resumes: 0,
         }))
@@ -910,6 +915,7 @@ impl Source for RegistrySource {
                 next_len: (first_end - start).max(MIN_SEGMENT) * 2,
             }),
             body: None,
+            body_end: None,
             failures: 0,
             resumes: 0,
         }))
@@ -938,6 +944,9 @@ struct BlobReader {
     end: Option<u64>,
     segment: Option<Segment>,
     body: Option<ureq::BodyReader<'static>>,
+    /// Where the current body ends, when reading it to there returns its connection to
+    /// the agent's pool (ureq reuses a connection only after a read sees the body's end).
+    body_end: Option<u64>,
     /// Interruptions since the last progress.
     failures: u32,
     /// Interruptions in all.
@@ -962,6 +971,32 @@ impl BlobReader {
         self.client.sleep_before_retry(self.failures, None);
         self.failures += 1;
         Ok(())
+    }
+}
+
+/// A body with at most this much left is read to its end when it is dropped, so that its
+/// connection goes back to the pool instead of being closed.
+const DRAIN_MAX: u64 = 64 << 10;
+
+impl BlobReader {
+    /// Read the current body to its end (at most `DRAIN_MAX` bytes) and let it go: ureq
+    /// returns the connection to the agent's pool when a read sees the end of the body.
+    fn release_body(&mut self) {
+        let Some(mut body) = self.body.take() else {
+            return;
+        };
+        let Some(left) = self.body_end.take().map(|e| e.saturating_sub(self.pos)) else {
+            return;
+        };
+        if left <= DRAIN_MAX {
+            let _ = std::io::copy(&mut (&mut body).take(left + 1), &mut std::io::sink());
+        }
+    }
+}
+
+impl Drop for BlobReader {
+    fn drop(&mut self) {
+        self.release_body();
     }
 }
 
@@ -994,13 +1029,14 @@ impl Read for BlobReader {
             let body = match &mut self.body {
                 Some(b) => b,
                 None => match self.client.open_blob(&self.digest, self.pos, request_end) {
-                    Ok((b, end)) => {
+                    Ok((b, end, exact)) => {
                         if self.end.is_none() {
                             self.end = end;
                         }
                         if let (Some(seg), Some(got)) = (&mut self.segment, end) {
                             seg.end = seg.end.min(got);
                         }
+                        self.body_end = end.filter(|_| exact);
                         self.body.insert(b)
                     }
                     Err(e @ (SourceError::Unreachable(_) | SourceError::Io { .. })) => {
@@ -1017,6 +1053,9 @@ impl Read for BlobReader {
                 Ok(n) => {
                     self.pos += n as u64;
                     self.failures = 0;
+                    if self.body_end == Some(self.pos) {
+                        self.release_body();
+                    }
                     return Ok(n);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
