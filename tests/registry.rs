@@ -473,6 +473,9 @@ struct ProxyMode {
     /// Forward request number N (1-based) without its `Authorization` header, so the
     /// registry answers 401 to a client that holds a token.
     drop_auth_of: usize,
+    /// Answer every request after the first N (when N > 0) with 403, as object storage
+    /// does once a signed URL expired.
+    deny_after: usize,
 }
 
 /// A loopback HTTP proxy in front of the registry, one request per connection.
@@ -522,6 +525,13 @@ impl Proxy {
         let mut request_line = String::new();
         reader.read_line(&mut request_line)?;
         let nth = requests.fetch_add(1, Ordering::SeqCst) + 1;
+        if mode.deny_after > 0 && nth > mode.deny_after {
+            let mut client = client;
+            client.write_all(
+                b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            )?;
+            return Ok(());
+        }
         let blob = request_line.starts_with("GET ") && request_line.contains("/blobs/");
         let mut head = request_line.clone();
         loop {
@@ -1389,4 +1399,113 @@ fn blob_reads_reuse_their_connections() {
         connections <= 1,
         "{connections} connections for {requests} blob requests made one after another"
     );
+}
+
+/// A registry front that redirects every request (307) to `127.0.0.1:target` with the same
+/// path, as registries send blob requests to object storage; the target can be switched.
+struct Redirector {
+    port: u16,
+    target: Arc<std::sync::atomic::AtomicU16>,
+    blob_requests: Arc<AtomicUsize>,
+}
+
+impl Redirector {
+    fn start(target: u16) -> Redirector {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let target = Arc::new(std::sync::atomic::AtomicU16::new(target));
+        let blob_requests = Arc::new(AtomicUsize::new(0));
+        let (t, n) = (target.clone(), blob_requests.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+                        break;
+                    }
+                }
+                let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+                if path.contains("/blobs/") {
+                    n.fetch_add(1, Ordering::SeqCst);
+                }
+                let to = t.load(Ordering::SeqCst);
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:{to}{path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+            }
+        });
+        Redirector {
+            port,
+            target,
+            blob_requests,
+        }
+    }
+}
+
+/// Blob requests redirected to another host (object storage) go there directly while the
+/// target answers, and back to the registry when it stops answering (an expired URL).
+#[test]
+fn redirected_blob_reads_go_straight_to_the_target_until_it_expires() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::anonymous(&tmp.path().join("reg"));
+    let (layout, local) = edge_reference(tmp.path());
+    reg.push(&layout, EDGE_TAG, "edge:v1", None);
+    // Storage A expires after two requests; storage B does not.
+    let a = Proxy::start(
+        reg.port,
+        ProxyMode {
+            deny_after: 2,
+            ..ProxyMode::default()
+        },
+    );
+    let b = Proxy::start(reg.port, ProxyMode::default());
+    let front = Redirector::start(a.port);
+    let src = clip::source::registry::RegistrySource::open(
+        &clip::source::reference::Reference::parse(&format!("127.0.0.1:{}/edge", front.port))
+            .unwrap(),
+        &Default::default(),
+    )
+    .unwrap();
+    let idx = IndexFile::open(&local).unwrap();
+    let neighbours = clip::read::Neighbours::new(idx.index().layers.len());
+    let read = || {
+        let i = idx.resolve(b"/etc/hostname").unwrap().unwrap();
+        let mut r = clip::read::FileReader::new(&idx, i)
+            .unwrap()
+            .with_neighbours(neighbours.clone());
+        let mut out = vec![0u8; r.size() as usize];
+        assert_eq!(r.read_at(&idx, &src, &[], 0, &mut out).unwrap(), out.len());
+        assert_eq!(out, b"edge\n", "byte-exact through the redirect");
+    };
+    let a_before = a.requests.load(Ordering::SeqCst);
+    read();
+    read();
+    assert_eq!(
+        front.blob_requests.load(Ordering::SeqCst),
+        1,
+        "the second read went to A directly"
+    );
+    assert_eq!(a.requests.load(Ordering::SeqCst) - a_before, 2);
+    // A's URL expires; the registry now sends readers to B.
+    front.target.store(b.port, Ordering::SeqCst);
+    read();
+    read();
+    assert_eq!(
+        front.blob_requests.load(Ordering::SeqCst),
+        2,
+        "asked the registry again once A refused, then went to B directly"
+    );
+    assert_eq!(
+        a.requests.load(Ordering::SeqCst) - a_before,
+        3,
+        "A refused once"
+    );
+    assert_eq!(b.requests.load(Ordering::SeqCst), 2);
 }

@@ -11,9 +11,11 @@
 //!   [`auth::lookup_credentials`] (environment, docker config, credential helpers) and are
 //!   looked up only when a registry asks for them.
 //! * Blobs: `Range` requests, redirects followed (the `Authorization` header is dropped when a
-//!   redirect leaves the host), bounded retries with backoff on 5xx, 429 and connection
-//!   failures, an interrupted body resumed from where it stopped, and a server that ignores
-//!   `Range` (200 instead of 206) handled by skipping and truncating.
+//!   redirect leaves the host) and their target used directly for the same blob for two
+//!   minutes or until it stops answering, keep-alive connections returned to the pool,
+//!   bounded retries with backoff on 5xx, 429 and connection failures, an interrupted body
+//!   resumed from where it stopped, and a server that ignores `Range` (200 instead of 206)
+//!   handled by skipping and truncating.
 
 use super::auth::{self, Challenge, Credentials, Secret};
 use super::reference::{self, Reference};
@@ -126,7 +128,16 @@ struct Client {
     auth: Mutex<AuthState>,
     retries: u32,
     backoff: Duration,
+    /// Where blob requests were redirected (object storage, a CDN), by digest, until when
+    /// to go there directly: a cold start makes dozens of range requests to the same few
+    /// blobs, and each redirect costs a round trip to the registry.
+    locations: Mutex<std::collections::HashMap<String, (String, Instant)>>,
 }
+
+/// How long a blob's redirect target is used directly. Registries sign these URLs for
+/// minutes; one that expired earlier is answered with an error, and the registry is asked
+/// again.
+const LOCATION_TTL: Duration = Duration::from_secs(120);
 
 /// An OCI distribution registry repository.
 pub struct RegistrySource {
@@ -532,6 +543,65 @@ impl Client {
         }
     }
 
+    /// The answer of the place blob requests for `digest` were redirected to lately, asked
+    /// directly; `None` (and forgotten) when there is none or it does not answer with the
+    /// bytes, so that the caller asks the registry again.
+    fn at_location(&self, digest: &str, headers: &[(&str, String)]) -> Option<Response<Body>> {
+        let mut locations = self.locations.lock().unwrap_or_else(|p| p.into_inner());
+        let location = match locations.get(digest) {
+            Some((url, until)) if *until > Instant::now() => url.clone(),
+            Some(_) => {
+                locations.remove(digest);
+                return None;
+            }
+            None => return None,
+        };
+        drop(locations);
+        let mut req = self.agent.get(&location);
+        for (k, v) in headers {
+            req = req.header(*k, v.as_str());
+        }
+        let ok = req
+            .call()
+            .ok()
+            .filter(|r| matches!(r.status().as_u16(), 200 | 206));
+        if ok.is_none() {
+            tracing::debug!(
+                "blob {digest}: its redirect target stopped answering; asking the registry again"
+            );
+            self.locations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(digest);
+        }
+        ok
+    }
+
+    /// Remember where the registry redirected a successful request for blob `digest`.
+    /// Only a redirect to another host is remembered: the request there carries no
+    /// credentials (they are the registry's), as when ureq follows the redirect.
+    fn remember_location(&self, digest: &str, url: &str, resp: &Response<Body>) {
+        use ureq::ResponseExt;
+        if !matches!(resp.status().as_u16(), 200 | 206) {
+            return;
+        }
+        let to = resp.get_uri();
+        let from_host = url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split('/').next());
+        if to.authority().map(|a| a.as_str()) == from_host {
+            return;
+        }
+        let mut locations = self.locations.lock().unwrap_or_else(|p| p.into_inner());
+        if locations.len() >= 1024 {
+            locations.clear();
+        }
+        locations.insert(
+            digest.to_string(),
+            (to.to_string(), Instant::now() + LOCATION_TTL),
+        );
+    }
+
     /// Open the body of blob `digest` from byte `pos`, up to `end` (exclusive) if known.
     /// Returns the body positioned at `pos`, the end if the response told it, and whether
     /// the body itself ends there (a ranged answer; not a whole blob sent to a reader that
@@ -552,7 +622,14 @@ impl Client {
             None if pos > 0 => headers.push(("Range", format!("bytes={pos}-"))),
             None => {}
         }
-        let resp = self.get(&url, &format!("blob {digest}"), &headers)?;
+        let resp = match self.at_location(digest, &headers) {
+            Some(resp) => resp,
+            None => {
+                let resp = self.get(&url, &format!("blob {digest}"), &headers)?;
+                self.remember_location(digest, &url, &resp);
+                resp
+            }
+        };
         let status = resp.status().as_u16();
         let length = header(&resp, "content-length").and_then(|v| v.parse::<u64>().ok());
         match status {
@@ -682,6 +759,7 @@ impl RegistrySource {
                 auth: Mutex::new(AuthState::Anonymous),
                 retries: opts.retries,
                 backoff: opts.backoff,
+                locations: Mutex::default(),
             }),
         })
     }
