@@ -282,6 +282,28 @@ fn edge_reference(tmp: &Path) -> (PathBuf, PathBuf) {
     edge_index(tmp)
 }
 
+/// The `edge` repository of the registry (or front) listening on loopback `port`.
+fn edge_source(port: u16) -> clip::source::registry::RegistrySource {
+    clip::source::registry::RegistrySource::open(
+        &clip::source::reference::Reference::parse(&format!("127.0.0.1:{port}/edge")).unwrap(),
+        &Default::default(),
+    )
+    .unwrap()
+}
+
+/// Read `/etc/hostname` of the edge image from `src` with a fresh reader that keeps its
+/// interval's other files (finishing the interval) but has no cache tier, so every call
+/// is a blob request.
+fn read_hostname(idx: &IndexFile, src: &dyn Source, neighbours: &Arc<clip::read::Neighbours>) {
+    let i = idx.resolve(b"/etc/hostname").unwrap().unwrap();
+    let mut r = clip::read::FileReader::new(idx, i)
+        .unwrap()
+        .with_neighbours(neighbours.clone());
+    let mut out = vec![0u8; r.size() as usize];
+    assert_eq!(r.read_at(idx, src, &[], 0, &mut out).unwrap(), out.len());
+    assert_eq!(out, b"edge\n");
+}
+
 #[test]
 fn build_by_tag_and_digest_matches_the_layout() {
     let tmp = tempfile::tempdir().unwrap();
@@ -651,12 +673,7 @@ fn range_ignoring_server_and_cut_connections_still_read_exactly() {
     let idx_bytes = std::fs::read(&via_cut).unwrap();
     let via_cut2 = tmp.path().join("cut2.clip");
     std::fs::write(&via_cut2, &idx_bytes).unwrap();
-    let src = clip::source::registry::RegistrySource::open(
-        &clip::source::reference::Reference::parse(&format!("127.0.0.1:{}/edge", cutter2.port))
-            .unwrap(),
-        &Default::default(),
-    )
-    .unwrap();
+    let src = edge_source(cutter2.port);
     let idx = IndexFile::open(&via_cut2).unwrap();
     let mut files = 0;
     for i in 0..idx.entry_count() {
@@ -791,12 +808,7 @@ fn cold_reads_fetch_growing_ranges_not_the_rest_of_the_blob() {
     let (layout, local) = edge_reference(tmp.path());
     reg.push(&layout, EDGE_TAG, "edge:v1", None);
     let proxy = Proxy::start(reg.port, ProxyMode::default());
-    let src = clip::source::registry::RegistrySource::open(
-        &clip::source::reference::Reference::parse(&format!("127.0.0.1:{}/edge", proxy.port))
-            .unwrap(),
-        &Default::default(),
-    )
-    .unwrap();
+    let src = edge_source(proxy.port);
     let idx = IndexFile::open(&local).unwrap();
     let blob_size = idx.layer(0).unwrap().compressed_size.to_native();
     let read = |path: &str| {
@@ -1372,25 +1384,13 @@ fn blob_reads_reuse_their_connections() {
     let (layout, local) = edge_reference(tmp.path());
     reg.push(&layout, EDGE_TAG, "edge:v1", None);
     let relay = Relay::start(reg.port);
-    let registry = clip::source::registry::RegistrySource::open(
-        &clip::source::reference::Reference::parse(&format!("127.0.0.1:{}/edge", relay.port))
-            .unwrap(),
-        &Default::default(),
-    )
-    .unwrap();
+    let registry = edge_source(relay.port);
     let src = clip::source::counting::Counting::new(Arc::new(registry));
     let idx = IndexFile::open(&local).unwrap();
     let neighbours = clip::read::Neighbours::new(idx.index().layers.len());
     let opened = relay.connections.load(Ordering::SeqCst);
-    // No cache tiers: every read is a request of its own.
     for _ in 0..4 {
-        let i = idx.resolve(b"/etc/hostname").unwrap().unwrap();
-        let mut r = clip::read::FileReader::new(&idx, i)
-            .unwrap()
-            .with_neighbours(neighbours.clone());
-        let mut out = vec![0u8; r.size() as usize];
-        assert_eq!(r.read_at(&idx, &src, &[], 0, &mut out).unwrap(), out.len());
-        assert_eq!(out, b"edge\n");
+        read_hostname(&idx, &src, &neighbours);
     }
     let requests = src.requests();
     let connections = relay.connections.load(Ordering::SeqCst) - opened;
@@ -1467,23 +1467,10 @@ fn redirected_blob_reads_go_straight_to_the_target_until_it_expires() {
     );
     let b = Proxy::start(reg.port, ProxyMode::default());
     let front = Redirector::start(a.port);
-    let src = clip::source::registry::RegistrySource::open(
-        &clip::source::reference::Reference::parse(&format!("127.0.0.1:{}/edge", front.port))
-            .unwrap(),
-        &Default::default(),
-    )
-    .unwrap();
+    let src = edge_source(front.port);
     let idx = IndexFile::open(&local).unwrap();
     let neighbours = clip::read::Neighbours::new(idx.index().layers.len());
-    let read = || {
-        let i = idx.resolve(b"/etc/hostname").unwrap().unwrap();
-        let mut r = clip::read::FileReader::new(&idx, i)
-            .unwrap()
-            .with_neighbours(neighbours.clone());
-        let mut out = vec![0u8; r.size() as usize];
-        assert_eq!(r.read_at(&idx, &src, &[], 0, &mut out).unwrap(), out.len());
-        assert_eq!(out, b"edge\n", "byte-exact through the redirect");
-    };
+    let read = || read_hostname(&idx, &src, &neighbours);
     let a_before = a.requests.load(Ordering::SeqCst);
     read();
     read();

@@ -185,9 +185,7 @@ mod tests {
 
     #[test]
     fn pieces_are_readable_at_once_and_reach_the_inner_tier() {
-        let dir = tempfile::tempdir().unwrap();
-        let disk = Arc::new(DiskCache::open(dir.path(), 1 << 30).unwrap());
-        let wb = WriteBehind::new(disk.clone(), 1 << 20, Duration::from_millis(5)).unwrap();
+        let (_dir, disk, wb) = behind_disk(1 << 20, Duration::from_millis(5));
         let mut keys = Vec::new();
         for i in 0..200u32 {
             let data = format!("piece {i}").repeat(100).into_bytes();
@@ -217,6 +215,17 @@ mod tests {
         assert_eq!(wb.pending.bytes.load(Ordering::Relaxed), 0);
     }
 
+    /// A write-behind over a fresh disk cache (kept alive by the returned directory).
+    fn behind_disk(
+        budget: u64,
+        quiet: Duration,
+    ) -> (tempfile::TempDir, Arc<DiskCache>, WriteBehind) {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Arc::new(DiskCache::open(dir.path(), 1 << 30).unwrap());
+        let wb = WriteBehind::new(disk.clone(), budget, quiet).unwrap();
+        (dir, disk, wb)
+    }
+
     /// Poll `cond` every 10 ms for up to 10 s.
     fn eventually(cond: impl Fn() -> bool) -> bool {
         (0..1000).any(|_| {
@@ -227,9 +236,7 @@ mod tests {
 
     #[test]
     fn the_writer_waits_until_pieces_stop_coming() {
-        let dir = tempfile::tempdir().unwrap();
-        let disk = Arc::new(DiskCache::open(dir.path(), 1 << 30).unwrap());
-        let wb = WriteBehind::new(disk.clone(), 64 << 20, Duration::from_secs(2)).unwrap();
+        let (_dir, disk, wb) = behind_disk(64 << 20, Duration::from_secs(2));
         let mut keys = Vec::new();
         for i in 0..20u32 {
             let data = Bytes::from(format!("burst piece {i}").repeat(50));
@@ -251,9 +258,7 @@ mod tests {
 
     #[test]
     fn half_the_budget_waiting_starts_the_writer_without_a_pause() {
-        let dir = tempfile::tempdir().unwrap();
-        let disk = Arc::new(DiskCache::open(dir.path(), 1 << 30).unwrap());
-        let wb = WriteBehind::new(disk.clone(), 1 << 20, Duration::from_secs(3600)).unwrap();
+        let (_dir, disk, wb) = behind_disk(1 << 20, Duration::from_secs(3600));
         let data = Bytes::from(vec![3u8; 600 << 10]);
         let key: [u8; 32] = Sha256::digest(&data).into();
         wb.put(&key, &data);
