@@ -591,6 +591,22 @@ fn daemon_fds_and_rss(pid: u32) -> (usize, u64) {
     (fds, rss)
 }
 
+/// [`daemon_fds_and_rss`] once the daemon's background work has settled: the last three
+/// samples, 100 ms apart, show the lowest fd count seen (the disk-cache writer holds a
+/// file open while it writes, and it starts only after reads pause).
+fn settled_fds_and_rss(pid: u32) -> (usize, u64) {
+    let mut seen = Vec::new();
+    for _ in 0..50 {
+        seen.push(daemon_fds_and_rss(pid));
+        let low = seen.iter().map(|s| s.0).min().unwrap();
+        if seen.len() >= 3 && seen[seen.len() - 3..].iter().all(|s| s.0 == low) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    *seen.last().unwrap()
+}
+
 #[test]
 fn open_read_close_loop_leaks_no_handles_or_memory() {
     let tmp = tempfile::tempdir().unwrap();
@@ -609,11 +625,9 @@ fn open_read_close_loop_leaks_no_handles_or_memory() {
         }
     };
     round(300);
-    std::thread::sleep(Duration::from_millis(300));
-    let (fds0, rss0) = daemon_fds_and_rss(served.pid());
+    let (fds0, rss0) = settled_fds_and_rss(served.pid());
     round(3000);
-    std::thread::sleep(Duration::from_millis(300));
-    let (fds1, rss1) = daemon_fds_and_rss(served.pid());
+    let (fds1, rss1) = settled_fds_and_rss(served.pid());
     assert_eq!(
         fds1, fds0,
         "daemon fd count changed over 3000 open/read/close"
