@@ -59,8 +59,12 @@ impl Drop for Pool {
     /// Let queued jobs finish, then join the workers.
     fn drop(&mut self) {
         self.tx.take();
+        let me = std::thread::current().id();
         for w in self.workers.drain(..) {
-            let _ = w.join();
+            // The last owner may be a job of this very pool: that worker ends by itself.
+            if w.thread().id() != me {
+                let _ = w.join();
+            }
         }
     }
 }
@@ -87,5 +91,27 @@ mod tests {
             }
         }
         assert_eq!(n.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn a_job_may_drop_the_last_handle_of_its_own_pool() {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pool = Arc::new(Pool::new("t", 2, 4).unwrap());
+        let (mine, flag) = (pool.clone(), done.clone());
+        pool.submit(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            // The test's handle is gone by now: this drop ends the pool from inside it.
+            drop(mine);
+            flag.store(true, Ordering::SeqCst);
+        });
+        drop(pool);
+        let t = std::time::Instant::now();
+        while !done.load(Ordering::SeqCst) {
+            assert!(
+                t.elapsed().as_secs() < 5,
+                "the job did not get past dropping its pool"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 }
