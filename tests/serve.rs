@@ -775,13 +775,20 @@ fn a_recorded_access_profile_is_prefetched_by_the_next_mount() {
     let profile = tmp.path().join("profile");
     let wanted = ["many/file059", "data/random.bin", "home/user/file"];
 
-    // Recording: a cold mount reads three files; the intervals they needed are written at exit.
+    // Recording: a cold mount reads three files; the intervals they needed are written at
+    // exit. Given the same file to replay, the first run finds none and records it.
+    let p = profile.to_str().unwrap();
     let mut first = Served::start(
         tmp.path(),
         "rec",
         &index,
         &tmp.path().join("cache1"),
-        &["--record-profile", profile.to_str().unwrap()],
+        &["--record-profile", p, "--prefetch-profile", p],
+    );
+    assert!(
+        first.log().contains("no access profile yet"),
+        "{}",
+        first.log()
     );
     let expected: Vec<Vec<u8>> = wanted
         .iter()

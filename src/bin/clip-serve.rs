@@ -54,7 +54,8 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     record_profile: Option<PathBuf>,
     /// Fetch the intervals of an access profile (from --record-profile on this image) in
-    /// the background as soon as the daemon starts.
+    /// the background as soon as the daemon starts. Given with --record-profile and the
+    /// same FILE, a missing FILE is no error: that run records it.
     #[arg(long, value_name = "FILE")]
     prefetch_profile: Option<PathBuf>,
     /// Threads fetching --prefetch-profile intervals.
@@ -209,6 +210,11 @@ fn run(cli: Cli) -> Result<()> {
     let manifest =
         String::from_utf8_lossy(index.index().image.manifest_digest.as_slice()).into_owned();
     let prefetch = match &cli.prefetch_profile {
+        // Both flags on one file: replay and refresh it; the first run has nothing to replay.
+        Some(p) if cli.record_profile.as_ref() == Some(p) && !p.exists() => {
+            tracing::info!(path = %p.display(), "no access profile yet: this run records it");
+            None
+        }
         Some(p) => Some(Profile::load(p, &manifest)?),
         None => None,
     };
