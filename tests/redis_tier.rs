@@ -946,3 +946,25 @@ fn clip_serve_uses_rediss_with_a_ca_file() {
         "one warning that names the fix:\n{log}"
     );
 }
+
+#[test]
+fn contains_tells_which_pieces_redis_holds_without_reading_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (layout, index_path) = edge_index(tmp.path());
+    let index = IndexFile::open(&index_path).unwrap();
+    let redis = RedisServer::start(&tmp.path().join("redis"));
+    let t = tier(&redis.url());
+    let host = index.pieces(host_entry(&index)).unwrap()[0];
+    assert!(!t.contains(&host.sha256), "nothing stored yet");
+    read_all(&index, &counting_layout(&layout), &as_tiers(&t));
+    flushed(&t);
+    let before = t.stats();
+    assert!(t.contains(&host.sha256), "stored by the first read");
+    assert_eq!(
+        t.stats().bytes_read,
+        before.bytes_read,
+        "no bytes were read"
+    );
+    t.remove(&host.sha256);
+    assert!(!t.contains(&host.sha256), "deleted");
+}

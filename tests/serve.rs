@@ -768,6 +768,48 @@ fn stale_mount_is_reported_and_sigterm_unmounts_cleanly() {
     assert!(stats["serve"]["opens"].as_u64().unwrap() >= 1, "{stats}");
 }
 
+/// The log of `served` (colours stripped) once it says the profile was prefetched.
+fn prefetched_log(served: &Served) -> String {
+    let t = std::time::Instant::now();
+    while !served.log().contains("profile prefetched") {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no prefetch within 20 s:\n{}",
+            served.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut log = String::new();
+    let mut in_escape = false;
+    for c in served.log().chars() {
+        match c {
+            '\x1b' => in_escape = true,
+            'm' if in_escape => in_escape = false,
+            _ if !in_escape => log.push(c),
+            _ => {}
+        }
+    }
+    log
+}
+
+/// The number logged as `name=` on the "profile prefetched" line of `log`.
+fn prefetched_field(log: &str, name: &str) -> usize {
+    let line = log
+        .lines()
+        .find(|l| l.contains("profile prefetched"))
+        .unwrap();
+    let rest = line
+        .split(&format!(" {name}="))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no {name} in {line}"));
+    rest.trim_start_matches(|c: char| !c.is_ascii_digit())
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 #[test]
 fn a_recorded_access_profile_is_prefetched_by_the_next_mount() {
     let tmp = tempfile::tempdir().unwrap();
@@ -802,6 +844,22 @@ fn a_recorded_access_profile_is_prefetched_by_the_next_mount() {
         "profile:\n{text}"
     );
 
+    // A restart over the first mount's cache finds those intervals' pieces there and
+    // fetches nothing.
+    let mut warm = Served::start(
+        tmp.path(),
+        "warm",
+        &index,
+        &tmp.path().join("cache1"),
+        &["--prefetch-profile", p],
+    );
+    let log = prefetched_log(&warm);
+    assert_eq!(prefetched_field(&log, "cached"), intervals, "{log}");
+    assert_eq!(prefetched_field(&log, "requests"), 0, "{log}");
+    assert!(warm.terminate().success());
+    let stats: serde_json::Value = serde_json::from_slice(&fs::read(&warm.stats).unwrap()).unwrap();
+    assert_eq!(stats["serve"]["requests"], 0, "{stats}");
+
     // Replay: a fresh mount with an empty cache fetches those intervals by itself ...
     let second = Served::start(
         tmp.path(),
@@ -810,43 +868,11 @@ fn a_recorded_access_profile_is_prefetched_by_the_next_mount() {
         &tmp.path().join("cache2"),
         &["--prefetch-profile", profile.to_str().unwrap()],
     );
-    let t = std::time::Instant::now();
-    while !second.log().contains("profile prefetched") {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "no prefetch within 20 s:\n{}",
-            second.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // Neighbouring intervals share one request (this image's profile has neighbours).
-    let mut log = String::new();
-    let mut in_escape = false;
-    for c in second.log().chars() {
-        match c {
-            '\x1b' => in_escape = true,
-            'm' if in_escape => in_escape = false,
-            _ if !in_escape => log.push(c),
-            _ => {}
-        }
-    }
-    let field = |name: &str| -> usize {
-        let line = log
-            .lines()
-            .find(|l| l.contains("profile prefetched"))
-            .unwrap();
-        let rest = line
-            .split(&format!("{name}="))
-            .nth(1)
-            .unwrap_or_else(|| panic!("no {name} in {line}"));
-        rest.trim_start_matches(|c: char| !c.is_ascii_digit())
-            .split(|c: char| !c.is_ascii_digit())
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let log = prefetched_log(&second);
+    let field = |name: &str| prefetched_field(&log, name);
     assert_eq!(field("intervals"), intervals, "{log}");
+    assert_eq!(field("cached"), 0, "{log}");
+    // Neighbouring intervals share one request (this image's profile has neighbours).
     assert!((1..intervals).contains(&field("requests")), "{log}");
     // ... so the files read after the origin is gone come from what it fetched, intact.
     // The daemon keeps the layer blobs open, so emptying them is what takes them away.

@@ -127,6 +127,15 @@ impl Tier for WriteBehind {
         waiting.or_else(|| self.inner.get(key))
     }
 
+    fn contains(&self, key: &[u8; 32]) -> bool {
+        self.pending
+            .pieces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(key)
+            || self.inner.contains(key)
+    }
+
     fn put(&self, key: &[u8; 32], bytes: &Bytes) {
         let len = bytes.len() as u64;
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -249,11 +258,17 @@ mod tests {
                 "nothing is written while pieces keep coming"
             );
             assert!(wb.get(&key).is_some(), "served from memory meanwhile");
+            assert!(
+                wb.contains(&key) && !disk.contains(&key),
+                "known while it waits"
+            );
         }
         assert!(
             eventually(|| keys.iter().all(|k| disk.get(k).is_some())),
             "everything is written once the burst is over"
         );
+        assert!(keys.iter().all(|k| wb.contains(k) && disk.contains(k)));
+        assert!(!wb.contains(&[0; 32]));
     }
 
     #[test]

@@ -318,6 +318,10 @@ impl Tier for DiskCache {
         }
     }
 
+    fn contains(&self, key: &[u8; 32]) -> bool {
+        self.path_of(key).is_file()
+    }
+
     fn put(&self, key: &[u8; 32], bytes: &Bytes) {
         if self.limit == 0 || bytes.len() as u64 > self.limit {
             return;

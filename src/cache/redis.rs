@@ -1124,6 +1124,16 @@ impl Tier for RedisTier {
         }
     }
 
+    fn contains(&self, key: &[u8; 32]) -> bool {
+        let k = self.inner.key(key);
+        matches!(
+            self.inner.with_connection("look up", |con| {
+                con.query::<bool>(redis::cmd("EXISTS").arg(&k))
+            }),
+            Outcome::Done(true)
+        )
+    }
+
     fn put(&self, key: &[u8; 32], bytes: &Bytes) {
         let c = &self.inner.counters;
         if bytes.is_empty() {

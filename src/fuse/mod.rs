@@ -295,40 +295,47 @@ impl ClipFs {
 
     /// Fetch and inflate `intervals` (a recorded profile, first needed first, each only as
     /// far as it was needed) on `threads` background threads, holding their pieces for
-    /// readers. Neighbouring intervals are fetched together, one request per run of up to
-    /// [`PREFETCH_RUN`] (see [`crate::profile::runs`]), and inflated each from its own
-    /// checkpoint. Readers that need an interval being fetched wait for it; one not
-    /// started yet they read themselves.
+    /// readers. Intervals whose pieces the cache tiers hold already are left out (a warm
+    /// restart fetches nothing). Neighbouring intervals are fetched together, one request
+    /// per run of up to [`PREFETCH_RUN`] (see [`crate::profile::runs`]), and inflated each
+    /// from its own checkpoint. Readers that need an interval being fetched wait for it;
+    /// one not started yet they read themselves.
     pub fn prefetch(&self, intervals: Vec<Needed>, threads: usize) -> std::io::Result<()> {
-        let count = intervals.len();
-        let runs = crate::profile::runs(&intervals, PREFETCH_RUN);
-        let queue = Arc::new((
-            runs,
-            AtomicU64::new(0),
-            AtomicU64::new(0),
-            std::time::Instant::now(),
-        ));
-        for t in 0..threads.max(1) {
-            let (shared, queue) = (self.shared.clone(), queue.clone());
-            std::thread::Builder::new()
-                .name(format!("clip-prefetch-{t}"))
-                .spawn(move || {
-                    let (runs, next, finished, started) = &*queue;
-                    loop {
-                        let k = next.fetch_add(1, Ordering::Relaxed) as usize;
-                        let Some(run) = runs.get(k) else { break };
-                        prefetch_run(&shared, run);
+        let shared = self.shared.clone();
+        std::thread::Builder::new()
+            .name("clip-prefetch".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                let count = intervals.len();
+                let todo: Vec<Needed> = intervals
+                    .into_iter()
+                    .filter(|n| !cached(&shared, n))
+                    .collect();
+                let runs = crate::profile::runs(&todo, PREFETCH_RUN);
+                let next = AtomicU64::new(0);
+                std::thread::scope(|scope| {
+                    for t in 0..threads.max(1) {
+                        let (shared, runs, next) = (&shared, &runs, &next);
+                        let worker = std::thread::Builder::new()
+                            .name(format!("clip-prefetch-{t}"))
+                            .spawn_scoped(scope, move || loop {
+                                let k = next.fetch_add(1, Ordering::Relaxed) as usize;
+                                let Some(run) = runs.get(k) else { break };
+                                prefetch_run(shared, run);
+                            });
+                        if let Err(e) = worker {
+                            tracing::warn!(error = %e, "cannot start a profile prefetch thread");
+                        }
                     }
-                    if finished.fetch_add(1, Ordering::Relaxed) + 1 == threads.max(1) as u64 {
-                        tracing::info!(
-                            intervals = count,
-                            requests = runs.len(),
-                            ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
-                            "profile prefetched"
-                        );
-                    }
-                })?;
-        }
+                });
+                tracing::info!(
+                    intervals = count,
+                    cached = count - todo.len(),
+                    requests = runs.len(),
+                    ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
+                    "profile prefetched"
+                );
+            })?;
         Ok(())
     }
 
@@ -533,6 +540,25 @@ fn serve_read(
         ahead,
         cached,
     })
+}
+
+/// Whether the cache tiers hold every piece with bytes in the part of `n`'s interval the
+/// profile needs (then readers find them there and the interval need not be fetched).
+fn cached(shared: &Shared, n: &Needed) -> bool {
+    let iv = n.interval;
+    let Ok(Some((a, b))) = shared
+        .index
+        .interval_range(iv.layer, iv.checkpoint as usize)
+    else {
+        return false;
+    };
+    let b = b.min(n.until);
+    let pieces = shared.neighbours.located(&shared.index, iv.layer);
+    let first = pieces.partition_point(|p| p.offset + p.len <= a);
+    pieces[first..]
+        .iter()
+        .take_while(|p| p.offset < b)
+        .all(|p| shared.tiers.iter().any(|t| t.contains(&p.sha256)))
 }
 
 /// Most neighbouring profile intervals fetched with one request (2 MiB intervals: up to

@@ -48,6 +48,11 @@ pub trait Tier: Send + Sync {
     fn put(&self, key: &[u8; 32], bytes: &Bytes);
     /// Forget `key` (its bytes failed verification).
     fn remove(&self, key: &[u8; 32]);
+    /// Whether `key` is stored, without reading or checking its bytes (a hint for
+    /// prefetching; a reader still verifies what it gets).
+    fn contains(&self, key: &[u8; 32]) -> bool {
+        self.get(key).is_some()
+    }
 }
 
 /// Where a reader sends the read-ahead jobs it plans while reading (see
