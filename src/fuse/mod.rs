@@ -542,8 +542,11 @@ fn serve_read(
     })
 }
 
-/// Whether the cache tiers hold every piece with bytes in the part of `n`'s interval the
-/// profile needs (then readers find them there and the interval need not be fetched).
+/// Whether the cache tiers hold the pieces a profile needs of `n`'s interval, so that
+/// readers find them there and the interval need not be fetched. Those are the pieces
+/// lying wholly in the part of the interval the profile needs; pieces crossing its ends
+/// count only when there is no other (a cold run that needed one read it whole and cached
+/// it, but one that it did not need is never cached).
 fn cached(shared: &Shared, n: &Needed) -> bool {
     let iv = n.interval;
     let Ok(Some((a, b))) = shared
@@ -555,10 +558,18 @@ fn cached(shared: &Shared, n: &Needed) -> bool {
     let b = b.min(n.until);
     let pieces = shared.neighbours.located(&shared.index, iv.layer);
     let first = pieces.partition_point(|p| p.offset + p.len <= a);
-    pieces[first..]
+    let overlapping = &pieces[first..first + pieces[first..].partition_point(|p| p.offset < b)];
+    let inside: Vec<_> = overlapping
         .iter()
-        .take_while(|p| p.offset < b)
-        .all(|p| shared.tiers.iter().any(|t| t.contains(&p.sha256)))
+        .filter(|p| a <= p.offset && p.offset + p.len <= b)
+        .collect();
+    let stored =
+        |p: &&crate::read::neighbours::Located| shared.tiers.iter().any(|t| t.contains(&p.sha256));
+    if inside.is_empty() {
+        overlapping.iter().all(|p| stored(&p))
+    } else {
+        inside.iter().all(stored)
+    }
 }
 
 /// Most neighbouring profile intervals fetched with one request (2 MiB intervals: up to
