@@ -5,10 +5,13 @@
 //! chain of dependent ones (the idea of eStargz's prioritized files and Nydus's prefetch
 //! lists, at interval granularity and without changing the image).
 //!
-//! The file is text: a first line `clip-profile 1`, a line `manifest <digest>` naming the
-//! image it was recorded on, then one `<layer> <checkpoint> <until>` line per interval,
-//! where `until` is the uncompressed offset in the layer up to which the workload needed
-//! bytes of that interval (a replay inflates no further).
+//! The file is text: a first line `clip-profile 2`, a line `manifest <digest>` naming the
+//! image it was recorded on, then one `<layer> <checkpoint> <until> [<piece>...]` line per
+//! interval, where `until` is the uncompressed offset in the layer up to which the workload
+//! needed bytes of that interval (a replay inflates no further) and each `piece` is the
+//! offset in the layer where a piece the workload read from that interval starts (a replay
+//! over a warm cache looks for exactly those). Version 1 files, without pieces, are read
+//! too.
 
 use crate::read::ahead::Interval;
 use std::collections::HashMap;
@@ -16,7 +19,9 @@ use std::path::Path;
 use std::sync::Mutex;
 
 /// First line of a profile file.
-const MAGIC: &str = "clip-profile 1";
+const MAGIC: &str = "clip-profile 2";
+/// First line of a profile file of version 1 (no pieces).
+const MAGIC_1: &str = "clip-profile 1";
 
 /// Errors reading or writing a profile.
 #[derive(Debug, thiserror::Error)]
@@ -54,12 +59,15 @@ pub enum ProfileError {
 }
 
 /// One interval of a profile and how far into it the workload read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Needed {
     /// The interval.
     pub interval: Interval,
     /// Uncompressed offset in the layer just past the last byte needed from it.
     pub until: u64,
+    /// Where (uncompressed offsets in the layer) the pieces read from it start, in first
+    /// use order; empty when the profile does not say (version 1).
+    pub pieces: Vec<u64>,
 }
 
 /// The intervals a workload needed, in first-use order, for the image `manifest`.
@@ -85,10 +93,11 @@ impl Profile {
             what: what.into(),
         };
         let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l.trim()));
-        match lines.next() {
-            Some((_, MAGIC)) => {}
+        let with_pieces = match lines.next() {
+            Some((_, MAGIC)) => true,
+            Some((_, MAGIC_1)) => false,
             _ => return Err(bad(1, &format!("expected `{MAGIC}`"))),
-        }
+        };
         let found = match lines.next() {
             Some((_, l)) if l.starts_with("manifest ") => l["manifest ".len()..].trim().to_string(),
             _ => return Err(bad(2, "expected `manifest <digest>`")),
@@ -102,18 +111,29 @@ impl Profile {
         }
         let mut intervals = Vec::new();
         for (n, l) in lines.filter(|(_, l)| !l.is_empty()) {
-            let mut parts = l.split_ascii_whitespace().map(str::parse::<u64>);
-            match (parts.next(), parts.next(), parts.next(), parts.next()) {
-                (Some(Ok(layer)), Some(Ok(checkpoint)), Some(Ok(until)), None)
-                    if layer <= u32::MAX as u64 && checkpoint <= u32::MAX as u64 =>
+            let numbers: Option<Vec<u64>> =
+                l.split_ascii_whitespace().map(|w| w.parse().ok()).collect();
+            match numbers.as_deref() {
+                Some([layer, checkpoint, until, pieces @ ..])
+                    if *layer <= u32::MAX as u64
+                        && *checkpoint <= u32::MAX as u64
+                        && (with_pieces || pieces.is_empty()) =>
                 {
-                    let interval = Interval {
-                        layer: layer as u32,
-                        checkpoint: checkpoint as u32,
-                    };
-                    intervals.push(Needed { interval, until });
+                    intervals.push(Needed {
+                        interval: Interval {
+                            layer: *layer as u32,
+                            checkpoint: *checkpoint as u32,
+                        },
+                        until: *until,
+                        pieces: pieces.to_vec(),
+                    })
                 }
-                _ => return Err(bad(n, "expected `<layer> <checkpoint> <until>`")),
+                _ => {
+                    return Err(bad(
+                        n,
+                        "expected `<layer> <checkpoint> <until> [<piece>...]`",
+                    ))
+                }
             }
         }
         Ok(Profile {
@@ -131,9 +151,13 @@ impl Profile {
         let mut text = format!("{MAGIC}\nmanifest {}\n", self.manifest);
         for n in &self.intervals {
             text.push_str(&format!(
-                "{} {} {}\n",
+                "{} {} {}",
                 n.interval.layer, n.interval.checkpoint, n.until
             ));
+            for p in &n.pieces {
+                text.push_str(&format!(" {p}"));
+            }
+            text.push('\n');
         }
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, text).map_err(io)?;
@@ -146,19 +170,30 @@ impl Profile {
 /// one request. Runs are ordered by the first use of any of their intervals; an interval
 /// listed twice appears once.
 pub fn runs(needed: &[Needed], max: usize) -> Vec<Vec<Needed>> {
-    let mut first_use: HashMap<Interval, (usize, u64)> = HashMap::new();
+    // Each interval once: its first use, and everything its listings say it needed.
+    let mut merged: HashMap<Interval, (usize, Needed)> = HashMap::new();
     for (i, n) in needed.iter().enumerate() {
-        let e = first_use.entry(n.interval).or_insert((i, n.until));
-        e.1 = e.1.max(n.until);
+        let (_, m) = merged.entry(n.interval).or_insert_with(|| {
+            (
+                i,
+                Needed {
+                    pieces: Vec::new(),
+                    ..n.clone()
+                },
+            )
+        });
+        m.until = m.until.max(n.until);
+        for p in &n.pieces {
+            if !m.pieces.contains(p) {
+                m.pieces.push(*p);
+            }
+        }
     }
-    let mut sorted: Vec<(Interval, usize, u64)> = first_use
-        .into_iter()
-        .map(|(iv, (i, until))| (iv, i, until))
-        .collect();
-    sorted.sort_by_key(|&(iv, _, _)| (iv.layer, iv.checkpoint));
+    let mut sorted: Vec<(usize, Needed)> = merged.into_values().collect();
+    sorted.sort_by_key(|(_, n)| (n.interval.layer, n.interval.checkpoint));
     let mut runs: Vec<(usize, Vec<Needed>)> = Vec::new();
-    for (interval, first, until) in sorted {
-        let n = Needed { interval, until };
+    for (first, n) in sorted {
+        let interval = n.interval;
         match runs.last_mut() {
             Some((rank, run))
                 if run.len() < max.max(1)
@@ -184,16 +219,23 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// Note that bytes of `interval` up to offset `until` were needed.
-    pub fn record(&self, interval: Interval, until: u64) {
+    /// Note that the piece at `piece` (a range of the layer's uncompressed stream), with
+    /// bytes in `interval`, was needed.
+    pub fn record(&self, interval: Interval, piece: (u64, u64)) {
         let mut guard = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let (index, order) = &mut *guard;
-        match index.get(&interval) {
-            Some(&k) => order[k].until = order[k].until.max(until),
-            None => {
-                index.insert(interval, order.len());
-                order.push(Needed { interval, until });
-            }
+        let k = *index.entry(interval).or_insert_with(|| {
+            order.push(Needed {
+                interval,
+                until: 0,
+                pieces: Vec::new(),
+            });
+            order.len() - 1
+        });
+        let n = &mut order[k];
+        n.until = n.until.max(piece.1);
+        if !n.pieces.contains(&piece.0) {
+            n.pieces.push(piece.0);
         }
     }
 
@@ -216,6 +258,7 @@ mod tests {
         let n = |layer, checkpoint, until| Needed {
             interval: Interval { layer, checkpoint },
             until,
+            pieces: vec![until - 1],
         };
         let needed = [
             n(1, 7, 70),
@@ -246,6 +289,11 @@ mod tests {
             ],
             "consecutive checkpoints of one layer, at most 3, ranked by their earliest use"
         );
+        assert_eq!(
+            runs(&needed, 3)[0][0].pieces,
+            [49, 54],
+            "an interval listed twice keeps the pieces of both"
+        );
     }
 
     #[test]
@@ -253,25 +301,43 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p");
         let r = Recorder::default();
-        for (l, c, until) in [(1, 5, 100), (0, 2, 7), (1, 5, 300), (1, 6, 50), (1, 5, 200)] {
+        for (l, c, start, until) in [
+            (1, 5, 90, 100),
+            (0, 2, 0, 7),
+            (1, 5, 250, 300),
+            (1, 6, 40, 50),
+            (1, 5, 90, 100),
+            (1, 5, 150, 200),
+        ] {
             r.record(
                 Interval {
                     layer: l,
                     checkpoint: c,
                 },
-                until,
+                (start, until),
             );
         }
         let p = r.profile("sha256:aa");
         let got: Vec<_> = p
             .intervals
             .iter()
-            .map(|n| (n.interval.layer, n.interval.checkpoint, n.until))
+            .map(|n| {
+                (
+                    n.interval.layer,
+                    n.interval.checkpoint,
+                    n.until,
+                    n.pieces.clone(),
+                )
+            })
             .collect();
         assert_eq!(
             got,
-            [(1, 5, 300), (0, 2, 7), (1, 6, 50)],
-            "first use order, furthest offset"
+            [
+                (1, 5, 300, vec![90, 250, 150]),
+                (0, 2, 7, vec![0]),
+                (1, 6, 50, vec![40])
+            ],
+            "first use order, furthest offset, each piece once"
         );
         p.save(&path).unwrap();
         assert_eq!(Profile::load(&path, "sha256:aa").unwrap(), p);
@@ -279,7 +345,19 @@ mod tests {
             Profile::load(&path, "sha256:bb"),
             Err(ProfileError::OtherImage { .. })
         ));
-        std::fs::write(&path, "clip-profile 1\nmanifest sha256:aa\n1 2\n").unwrap();
+        // Version 1: no pieces, and a line with more than three numbers is malformed.
+        std::fs::write(&path, "clip-profile 1\nmanifest sha256:aa\n1 5 300\n").unwrap();
+        let v1 = Profile::load(&path, "sha256:aa").unwrap();
+        assert_eq!(
+            (v1.intervals[0].until, v1.intervals[0].pieces.len()),
+            (300, 0)
+        );
+        std::fs::write(&path, "clip-profile 1\nmanifest sha256:aa\n1 5 300 90\n").unwrap();
+        assert!(matches!(
+            Profile::load(&path, "sha256:aa"),
+            Err(ProfileError::Malformed { line: 3, .. })
+        ));
+        std::fs::write(&path, "clip-profile 2\nmanifest sha256:aa\n1 2\n").unwrap();
         let e = Profile::load(&path, "sha256:aa").unwrap_err().to_string();
         assert!(
             e.contains("line 3") && e.contains("--record-profile"),

@@ -840,7 +840,7 @@ fn a_recorded_access_profile_is_prefetched_by_the_next_mount() {
     let text = fs::read_to_string(&profile).unwrap();
     let intervals = text.lines().skip(2).count();
     assert!(
-        text.starts_with("clip-profile 1\nmanifest sha256:") && intervals >= 2,
+        text.starts_with("clip-profile 2\nmanifest sha256:") && intervals >= 2,
         "profile:\n{text}"
     );
 
@@ -861,7 +861,7 @@ fn a_recorded_access_profile_is_prefetched_by_the_next_mount() {
     assert_eq!(stats["serve"]["requests"], 0, "{stats}");
 
     // Replay: a fresh mount with an empty cache fetches those intervals by itself ...
-    let second = Served::start(
+    let mut second = Served::start(
         tmp.path(),
         "replay",
         &index,
@@ -889,8 +889,24 @@ fn a_recorded_access_profile_is_prefetched_by_the_next_mount() {
     for (p, want) in wanted.iter().zip(&expected) {
         assert_eq!(&fs::read(second.mnt.join(p)).unwrap(), want, "{p}");
     }
-    drop(second);
+    assert!(second.terminate().success());
     fs::rename(&gone, &layout).unwrap();
+
+    // That replay cached only the pieces read, not whole intervals: a restart over its
+    // cache finds the listed pieces and still fetches nothing.
+    let mut again = Served::start(
+        tmp.path(),
+        "again",
+        &index,
+        &tmp.path().join("cache2"),
+        &["--prefetch-profile", p],
+    );
+    let log = prefetched_log(&again);
+    assert_eq!(prefetched_field(&log, "cached"), intervals, "{log}");
+    assert!(again.terminate().success());
+    let stats: serde_json::Value =
+        serde_json::from_slice(&fs::read(&again.stats).unwrap()).unwrap();
+    assert_eq!(stats["serve"]["requests"], 0, "{stats}");
 
     // A profile of another image is refused at start with a clear message.
     fs::write(

@@ -530,7 +530,7 @@ fn serve_read(
     if let Some(rec) = &shared.recorder {
         r.take_touched()
             .into_iter()
-            .for_each(|(iv, until)| rec.record(iv, until));
+            .for_each(|(iv, piece)| rec.record(iv, piece));
     }
     let ahead = r.plan_ahead(&shared.index, offset + n as u64);
     let cached = r.plan_cached_ahead(offset + n as u64);
@@ -543,10 +543,11 @@ fn serve_read(
 }
 
 /// Whether the cache tiers hold the pieces a profile needs of `n`'s interval, so that
-/// readers find them there and the interval need not be fetched. Those are the pieces
-/// lying wholly in the part of the interval the profile needs; pieces crossing its ends
-/// count only when there is no other (a cold run that needed one read it whole and cached
-/// it, but one that it did not need is never cached).
+/// readers find them there and the interval need not be fetched: the pieces the profile
+/// lists, or, for a profile without them (version 1), those lying wholly in the part of
+/// the interval it needs; pieces crossing its ends count only when there is no other (a
+/// cold run that needed one read it whole and cached it, but one that it did not need is
+/// never cached).
 fn cached(shared: &Shared, n: &Needed) -> bool {
     let iv = n.interval;
     let Ok(Some((a, b))) = shared
@@ -557,18 +558,25 @@ fn cached(shared: &Shared, n: &Needed) -> bool {
     };
     let b = b.min(n.until);
     let pieces = shared.neighbours.located(&shared.index, iv.layer);
+    let stored =
+        |p: &crate::read::neighbours::Located| shared.tiers.iter().any(|t| t.contains(&p.sha256));
+    if !n.pieces.is_empty() {
+        // The profile says which pieces were read: exactly those must be there.
+        return n.pieces.iter().all(|&at| {
+            let k = pieces.partition_point(|p| p.offset < at);
+            pieces.get(k).is_some_and(|p| p.offset == at && stored(p))
+        });
+    }
     let first = pieces.partition_point(|p| p.offset + p.len <= a);
     let overlapping = &pieces[first..first + pieces[first..].partition_point(|p| p.offset < b)];
     let inside: Vec<_> = overlapping
         .iter()
         .filter(|p| a <= p.offset && p.offset + p.len <= b)
         .collect();
-    let stored =
-        |p: &&crate::read::neighbours::Located| shared.tiers.iter().any(|t| t.contains(&p.sha256));
     if inside.is_empty() {
-        overlapping.iter().all(|p| stored(&p))
+        overlapping.iter().all(stored)
     } else {
-        inside.iter().all(stored)
+        inside.into_iter().all(stored)
     }
 }
 

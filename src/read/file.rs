@@ -120,7 +120,7 @@ pub struct FileReader {
     /// Furthest offset read so far and the bytes read near it in a row (see `plan_ahead`).
     frontier: u64,
     streak: u64,
-    touched: Option<Vec<(Interval, u64)>>,
+    touched: Option<Vec<(Interval, (u64, u64))>>,
 }
 
 /// Reads that land this close to the furthest offset read so far count as sequential
@@ -262,8 +262,8 @@ impl FileReader {
     }
 
     /// The checkpoint intervals holding the pieces served since the last call, each with
-    /// the end (uncompressed offset in the layer) of the piece that needed it.
-    pub fn take_touched(&mut self) -> Vec<(Interval, u64)> {
+    /// the range (uncompressed offsets in the layer) of the piece that needed it.
+    pub fn take_touched(&mut self) -> Vec<(Interval, (u64, u64))> {
         self.touched
             .as_mut()
             .map(std::mem::take)
@@ -556,8 +556,8 @@ impl FileReader {
                 .into_iter()
                 .filter_map(|o| Interval::containing(index, self.layer, o))
             {
-                if touched.last() != Some(&(iv, end)) {
-                    touched.push((iv, end));
+                if touched.last() != Some(&(iv, (at, end))) {
+                    touched.push((iv, (at, end)));
                 }
             }
         }
