@@ -65,8 +65,8 @@ pub struct Needed {
     pub interval: Interval,
     /// Uncompressed offset in the layer just past the last byte needed from it.
     pub until: u64,
-    /// Where (uncompressed offsets in the layer) the pieces read from it start, in first
-    /// use order; empty when the profile does not say (version 1).
+    /// Where (uncompressed offsets in the layer) the pieces read from it start; empty when
+    /// the profile does not say (version 1).
     pub pieces: Vec<u64>,
 }
 
@@ -183,13 +183,13 @@ pub fn runs(needed: &[Needed], max: usize) -> Vec<Vec<Needed>> {
             )
         });
         m.until = m.until.max(n.until);
-        for p in &n.pieces {
-            if !m.pieces.contains(p) {
-                m.pieces.push(*p);
-            }
-        }
+        m.pieces.extend_from_slice(&n.pieces);
     }
     let mut sorted: Vec<(usize, Needed)> = merged.into_values().collect();
+    for (_, n) in &mut sorted {
+        n.pieces.sort_unstable();
+        n.pieces.dedup();
+    }
     sorted.sort_by_key(|(_, n)| (n.interval.layer, n.interval.checkpoint));
     let mut runs: Vec<(usize, Vec<Needed>)> = Vec::new();
     for (first, n) in sorted {
@@ -292,7 +292,7 @@ mod tests {
         assert_eq!(
             runs(&needed, 3)[0][0].pieces,
             [49, 54],
-            "an interval listed twice keeps the pieces of both"
+            "an interval listed twice keeps the pieces of both (sorted, once each)"
         );
     }
 
