@@ -792,6 +792,32 @@ fn prefetched_log(served: &Served) -> String {
     log
 }
 
+/// Mount `index` over the disk cache `cache` (under `tmp`) replaying `profile`: every one
+/// of its `intervals` is found cached, and the mount makes no origin request.
+fn replay_fetches_nothing(
+    tmp: &Path,
+    name: &str,
+    index: &Path,
+    cache: &str,
+    profile: &Path,
+    intervals: usize,
+) {
+    let mut served = Served::start(
+        tmp,
+        name,
+        index,
+        &tmp.join(cache),
+        &["--prefetch-profile", profile.to_str().unwrap()],
+    );
+    let log = prefetched_log(&served);
+    assert_eq!(prefetched_field(&log, "cached"), intervals, "{log}");
+    assert_eq!(prefetched_field(&log, "requests"), 0, "{log}");
+    assert!(served.terminate().success());
+    let stats: serde_json::Value =
+        serde_json::from_slice(&fs::read(&served.stats).unwrap()).unwrap();
+    assert_eq!(stats["serve"]["requests"], 0, "{stats}");
+}
+
 /// The number logged as `name=` on the "profile prefetched" line of `log`.
 fn prefetched_field(log: &str, name: &str) -> usize {
     let line = log
@@ -846,19 +872,7 @@ fn a_recorded_access_profile_is_prefetched_by_the_next_mount() {
 
     // A restart over the first mount's cache finds those intervals' pieces there and
     // fetches nothing.
-    let mut warm = Served::start(
-        tmp.path(),
-        "warm",
-        &index,
-        &tmp.path().join("cache1"),
-        &["--prefetch-profile", p],
-    );
-    let log = prefetched_log(&warm);
-    assert_eq!(prefetched_field(&log, "cached"), intervals, "{log}");
-    assert_eq!(prefetched_field(&log, "requests"), 0, "{log}");
-    assert!(warm.terminate().success());
-    let stats: serde_json::Value = serde_json::from_slice(&fs::read(&warm.stats).unwrap()).unwrap();
-    assert_eq!(stats["serve"]["requests"], 0, "{stats}");
+    replay_fetches_nothing(tmp.path(), "warm", &index, "cache1", &profile, intervals);
 
     // Replay: a fresh mount with an empty cache fetches those intervals by itself ...
     let mut second = Served::start(
@@ -894,19 +908,7 @@ fn a_recorded_access_profile_is_prefetched_by_the_next_mount() {
 
     // That replay cached only the pieces read, not whole intervals: a restart over its
     // cache finds the listed pieces and still fetches nothing.
-    let mut again = Served::start(
-        tmp.path(),
-        "again",
-        &index,
-        &tmp.path().join("cache2"),
-        &["--prefetch-profile", p],
-    );
-    let log = prefetched_log(&again);
-    assert_eq!(prefetched_field(&log, "cached"), intervals, "{log}");
-    assert!(again.terminate().success());
-    let stats: serde_json::Value =
-        serde_json::from_slice(&fs::read(&again.stats).unwrap()).unwrap();
-    assert_eq!(stats["serve"]["requests"], 0, "{stats}");
+    replay_fetches_nothing(tmp.path(), "again", &index, "cache2", &profile, intervals);
 
     // A profile of another image is refused at start with a clear message.
     fs::write(
