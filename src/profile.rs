@@ -142,6 +142,34 @@ impl Profile {
         })
     }
 
+    /// Add what `other` (a profile of the same image) needed: intervals both list are
+    /// widened to the further `until` and the pieces of both; intervals new to `self` come
+    /// after its own, in `other`'s order, as long as the profile holds at most `max`.
+    pub fn merge(&mut self, other: &Profile, max: usize) {
+        let mut at: HashMap<Interval, usize> = self
+            .intervals
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.interval, i))
+            .collect();
+        for n in &other.intervals {
+            match at.get(&n.interval) {
+                Some(&i) => {
+                    let m = &mut self.intervals[i];
+                    m.until = m.until.max(n.until);
+                    m.pieces.extend_from_slice(&n.pieces);
+                    m.pieces.sort_unstable();
+                    m.pieces.dedup();
+                }
+                None if self.intervals.len() < max => {
+                    at.insert(n.interval, self.intervals.len());
+                    self.intervals.push(n.clone());
+                }
+                None => {}
+            }
+        }
+    }
+
     /// Write the profile (to a temporary file renamed into place).
     pub fn save(&self, path: &Path) -> Result<(), ProfileError> {
         let io = |source| ProfileError::Io {
@@ -293,6 +321,32 @@ mod tests {
             runs(&needed, 3)[0][0].pieces,
             [49, 54],
             "an interval listed twice keeps the pieces of both (sorted, once each)"
+        );
+    }
+
+    #[test]
+    fn merging_widens_known_intervals_and_appends_new_ones_up_to_a_limit() {
+        let n = |checkpoint, until, pieces: &[u64]| Needed {
+            interval: Interval {
+                layer: 0,
+                checkpoint,
+            },
+            until,
+            pieces: pieces.to_vec(),
+        };
+        let profile = |intervals| Profile {
+            manifest: "sha256:aa".into(),
+            intervals,
+        };
+        let mut p = profile(vec![n(3, 30, &[20]), n(1, 10, &[5])]);
+        p.merge(
+            &profile(vec![n(1, 12, &[11, 5]), n(7, 70, &[60]), n(8, 80, &[])]),
+            3,
+        );
+        assert_eq!(
+            p.intervals,
+            [n(3, 30, &[20]), n(1, 12, &[5, 11]), n(7, 70, &[60])],
+            "own order kept, the shared interval widened, new ones appended up to 3"
         );
     }
 

@@ -930,3 +930,68 @@ fn a_recorded_access_profile_is_prefetched_by_the_next_mount() {
         "{err}"
     );
 }
+
+#[test]
+fn each_image_learns_its_access_profile_in_the_cache_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_layout, index) = edge_index(tmp.path());
+    let cache = tmp.path().join("cache");
+    let wanted = ["many/file059", "data/random.bin", "home/user/file"];
+
+    // A first run with a disk cache and no profile flags writes what it read under
+    // profiles/, named after the image's manifest digest.
+    let mut first = Served::start(tmp.path(), "learn", &index, &cache, &[]);
+    let expected: Vec<Vec<u8>> = wanted
+        .iter()
+        .map(|p| fs::read(first.mnt.join(p)).unwrap())
+        .collect();
+    assert!(first.terminate().success());
+    let learnt: Vec<_> = fs::read_dir(cache.join("profiles"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(learnt.len(), 1, "{learnt:?}");
+    let name = learnt[0].file_name().unwrap().to_str().unwrap().to_string();
+    let text = fs::read_to_string(&learnt[0]).unwrap();
+    let intervals = text.lines().skip(2).count();
+    assert!(
+        name.starts_with("sha256-")
+            && text.starts_with(&format!(
+                "clip-profile 2\nmanifest {}\n",
+                name.replacen('-', ":", 1)
+            ))
+            && intervals >= 2,
+        "{name}:\n{text}"
+    );
+
+    // Once the cached pieces are gone (evicted), the next start fetches that profile at once.
+    for e in fs::read_dir(&cache).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name().unwrap().len() == 2 {
+            fs::remove_dir_all(p).unwrap();
+        }
+    }
+    let mut second = Served::start(tmp.path(), "relearn", &index, &cache, &[]);
+    let log = prefetched_log(&second);
+    assert_eq!(prefetched_field(&log, "intervals"), intervals, "{log}");
+    assert_eq!(prefetched_field(&log, "cached"), 0, "{log}");
+    assert!(prefetched_field(&log, "requests") >= 1, "{log}");
+    for (p, want) in wanted.iter().zip(&expected) {
+        assert_eq!(&fs::read(second.mnt.join(p)).unwrap(), want, "{p}");
+    }
+    assert!(second.terminate().success());
+
+    // Opting out: no replay, nothing learnt.
+    let other = tmp.path().join("cache-other");
+    let mut third = Served::start(
+        tmp.path(),
+        "nolearn",
+        &index,
+        &other,
+        &["--no-learn-profile"],
+    );
+    assert_eq!(fs::read(third.mnt.join(wanted[0])).unwrap(), expected[0]);
+    assert!(third.terminate().success());
+    assert!(!other.join("profiles").exists());
+    assert!(!third.log().contains("prefetching the access profile"));
+}

@@ -58,6 +58,12 @@ struct Cli {
     /// same FILE, a missing FILE is no error: that run records it.
     #[arg(long, value_name = "FILE")]
     prefetch_profile: Option<PathBuf>,
+    /// Do not learn an access profile per image in the cache directory (`profiles/`),
+    /// nor replay it at start. Without --record-profile and --prefetch-profile, every run
+    /// with a disk cache adds what it read to that profile and the next start of the same
+    /// image fetches it in parallel (skipping what the caches still hold).
+    #[arg(long)]
+    no_learn_profile: bool,
     /// Threads fetching --prefetch-profile intervals.
     #[arg(long, default_value_t = 4)]
     prefetch_threads: usize,
@@ -94,6 +100,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Most intervals a learnt profile keeps (runs of one image with different workloads add
+/// theirs until then).
+const LEARNT_MAX: usize = 4096;
+
+/// Where the runs of the image with manifest digest `manifest` learn their access profile:
+/// `CACHE/profiles/<algorithm>-<hex>` (none for a digest that is not `algorithm:hex`).
+fn learnt_profile_path(cache: &Path, manifest: &str) -> Option<PathBuf> {
+    let (algorithm, hex) = manifest.split_once(':')?;
+    let plain = |s: &str, ok: fn(char) -> bool| !s.is_empty() && s.chars().all(ok);
+    (plain(algorithm, |c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && plain(hex, |c| c.is_ascii_hexdigit()))
+    .then(|| cache.join("profiles").join(format!("{algorithm}-{hex}")))
 }
 
 fn default_cache_dir() -> PathBuf {
@@ -209,6 +229,19 @@ fn run(cli: Cli) -> Result<()> {
 
     let manifest =
         String::from_utf8_lossy(index.index().image.manifest_digest.as_slice()).into_owned();
+    // The profile this image's runs learn in the cache directory, unless profiles are named
+    // on the command line.
+    let learnt = match (&disk, &cli.record_profile, &cli.prefetch_profile) {
+        (Some((d, _)), None, None) if !cli.no_learn_profile => {
+            learnt_profile_path(d.root(), &manifest)
+        }
+        _ => None,
+    };
+    let learnt_before = learnt.as_ref().filter(|p| p.exists()).and_then(|p| {
+        Profile::load(p, &manifest)
+            .map_err(|e| tracing::warn!(error = %e, "ignoring the learnt access profile"))
+            .ok()
+    });
     let prefetch = match &cli.prefetch_profile {
         // Both flags on one file: replay and refresh it; the first run has nothing to replay.
         Some(p) if cli.record_profile.as_ref() == Some(p) && !p.exists() => {
@@ -216,14 +249,15 @@ fn run(cli: Cli) -> Result<()> {
             None
         }
         Some(p) => Some(Profile::load(p, &manifest)?),
-        None => None,
+        None => learnt_before.clone(),
     };
     let mut fs = ClipFs::new(index, source, tiers, cli.threads)?.with_read_ahead(cli.read_ahead);
-    let recorder = cli.record_profile.as_ref().map(|_| fs.record_profile());
+    let recorder = (cli.record_profile.is_some() || learnt.is_some()).then(|| fs.record_profile());
     if let Some(profile) = prefetch {
         tracing::info!(
             intervals = profile.intervals.len(),
             threads = cli.prefetch_threads,
+            learnt = learnt.is_some(),
             "prefetching the access profile"
         );
         fs.prefetch(profile.intervals, cli.prefetch_threads)?;
@@ -303,6 +337,27 @@ fn run(cli: Cli) -> Result<()> {
         let profile = rec.profile(&manifest);
         profile.save(path)?;
         tracing::info!(path = %path.display(), intervals = profile.intervals.len(), "access profile written");
+    }
+    if let (Some(path), Some(rec)) = (&learnt, &recorder) {
+        let read = rec.profile(&manifest);
+        if !read.intervals.is_empty() {
+            let mut profile = learnt_before.unwrap_or_else(|| Profile {
+                manifest: manifest.clone(),
+                intervals: Vec::new(),
+            });
+            profile.merge(&read, LEARNT_MAX);
+            let saved = path
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .map_err(|e| e.to_string())
+                .and_then(|()| profile.save(path).map_err(|e| e.to_string()));
+            match saved {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), intervals = profile.intervals.len(), "access profile learnt")
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot save the learnt access profile"),
+            }
+        }
     }
     result
 }
