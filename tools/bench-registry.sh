@@ -11,7 +11,9 @@
 #              then the same cold runs start with --prefetch-profile (the profile is the only
 #              thing kept between runs: cache emptied, page cache dropped); then one restart
 #              keeps the last run's disk cache (page cache dropped): its profile replay
-#              should find the intervals there and fetch next to nothing;
+#              should find the intervals there and fetch next to nothing; and one start
+#              without flags after a cold run whose cached pieces were then deleted replays
+#              the profile that run learnt in the cache directory;
 #   full pull: `skopeo copy docker://… oci:DIR` + `umoci raw unpack` + the same chroot command,
 #              page cache dropped first;
 #   bytes:     compressed bytes clip-serve requested from the registry (stats file `fetched`:
@@ -134,6 +136,11 @@ for i in $(seq "$RUNS"); do
     disk+=("$(awk -v d="$R_DISK" -v r="$R_REQUESTS" 'BEGIN { printf "%.0f", d / r / 1024 }')")
 done
 clip_ms=$(median "${tot[@]}") clip_fetched=$(median "${fetched[@]}") clip_requests=$(median "${requests[@]}")
+# The last cold run learnt its profile in the cache directory (profiles/): evict the cached
+# pieces, keep that, and start again without any flag.
+find "$W/cache" -mindepth 1 -maxdepth 1 -name '??' -exec rm -rf {} +
+KEEP_CACHE=1 clip_run "start after eviction, with the profile learnt by the last run"
+learnt_ms=$R_TOTAL learnt_requests=$R_REQUESTS
 
 echo "== clip with an access profile: one cold run records it (--record-profile), then cold runs prefetch it (--prefetch-profile)"
 clip_run "recording run" --record-profile "$W/profile"
@@ -178,6 +185,7 @@ row "  same, with a recorded access profile prefetched (ms)" "$prof_ms" "$pull_m
 row "bytes fetched from the registry vs image compressed size" "$clip_fetched" "$image_bytes" "$(awk -v s="$share" 'BEGIN { printf "%.1f%%", s * 100 }')" "<= 15%" "$(judge "$share" "<=" 0.15)"
 row "  same, with the access profile prefetched" "$prof_fetched" "$image_bytes" "$(awk -v s="$pshare" 'BEGIN { printf "%.1f%%", s * 100 }')" "<= 15%" "$(judge "$pshare" "<=" 0.15)"
 row "  clip: registry blob requests, without / with profile" "$clip_requests / $prof_requests" "-" "-" "info" "-"
+row "  start after the cache was evicted, replaying the learnt profile (ms / requests)" "$learnt_ms / $learnt_requests" "-" "-" "info" "-"
 row "  restart over a profile run's disk cache, with the profile (ms / requests)" "$warm_ms / $warm_requests" "-" "-" "info" "-"
 row "  clip: bytes inflated" "$(median "${inflated[@]}")" "-" "-" "info" "-"
 row "  registry: KiB read from its disk per blob request (cold clip runs)" "$(median "${disk[@]}")" "-" "-" "info" "-"
