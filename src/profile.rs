@@ -170,7 +170,7 @@ impl Profile {
         }
     }
 
-    /// Write the profile (to a temporary file renamed into place).
+    /// Write the profile (to a temporary file of this process renamed into place).
     pub fn save(&self, path: &Path) -> Result<(), ProfileError> {
         let io = |source| ProfileError::Io {
             path: path.display().to_string(),
@@ -187,7 +187,8 @@ impl Profile {
             }
             text.push('\n');
         }
-        let tmp = path.with_extension("tmp");
+        // A temporary name of this process's own: several daemons may save one learnt profile.
+        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
         std::fs::write(&tmp, text).map_err(io)?;
         std::fs::rename(&tmp, path).map_err(io)
     }
