@@ -245,14 +245,29 @@ pub fn runs(needed: &[Needed], max: usize) -> Vec<Vec<Needed>> {
 #[derive(Default)]
 pub struct Recorder {
     seen: Mutex<(HashMap<Interval, usize>, Vec<Needed>)>,
+    /// Intervals first needed after this instant are not recorded.
+    deadline: Option<std::time::Instant>,
 }
 
 impl Recorder {
+    /// A recorder that notes only intervals first needed within `window` from now (a
+    /// start, not everything a long-running workload ever reads).
+    pub fn for_window(window: std::time::Duration) -> Recorder {
+        Recorder {
+            deadline: std::time::Instant::now().checked_add(window),
+            ..Recorder::default()
+        }
+    }
+
     /// Note that the piece at `piece` (a range of the layer's uncompressed stream), with
     /// bytes in `interval`, was needed.
     pub fn record(&self, interval: Interval, piece: (u64, u64)) {
         let mut guard = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let (index, order) = &mut *guard;
+        let late = self.deadline.is_some_and(|d| std::time::Instant::now() > d);
+        if late && !index.contains_key(&interval) {
+            return;
+        }
         let k = *index.entry(interval).or_insert_with(|| {
             order.push(Needed {
                 interval,
@@ -322,6 +337,25 @@ mod tests {
             runs(&needed, 3)[0][0].pieces,
             [49, 54],
             "an interval listed twice keeps the pieces of both (sorted, once each)"
+        );
+    }
+
+    #[test]
+    fn a_windowed_recorder_takes_no_new_intervals_after_its_window() {
+        let r = Recorder::for_window(std::time::Duration::from_millis(50));
+        let iv = |checkpoint| Interval {
+            layer: 0,
+            checkpoint,
+        };
+        r.record(iv(1), (0, 10));
+        std::thread::sleep(std::time::Duration::from_millis(80));
+        r.record(iv(2), (20, 30));
+        r.record(iv(1), (10, 15));
+        let p = r.profile("sha256:aa");
+        assert_eq!(p.intervals.len(), 1, "{p:?}");
+        assert_eq!(
+            (p.intervals[0].until, &p.intervals[0].pieces[..]),
+            (15, &[0, 10][..])
         );
     }
 

@@ -6,7 +6,7 @@ use clip::cache::redis::RedisTier;
 use clip::cache::{parse_size, DiskCache, WriteBehind};
 use clip::format::IndexFile;
 use clip::fuse::{self, ClipFs, MountSettings, ServeStats};
-use clip::profile::Profile;
+use clip::profile::{Profile, Recorder};
 use clip::read::Tier;
 use nix::sys::signal::{SigSet, Signal};
 use std::path::{Path, PathBuf};
@@ -105,6 +105,10 @@ fn main() -> ExitCode {
 /// Most intervals a learnt profile keeps (runs of one image with different workloads add
 /// theirs until then).
 const LEARNT_MAX: usize = 4096;
+
+/// How long after the start a run adds what it reads to the learnt profile: the profile is
+/// for starting, not for everything a long-running workload reads later.
+const LEARNT_WINDOW: Duration = Duration::from_secs(30);
 
 /// Where the runs of the image with manifest digest `manifest` learn their access profile:
 /// `CACHE/profiles/<algorithm>-<hex>` (none for a digest that is not `algorithm:hex`).
@@ -252,7 +256,13 @@ fn run(cli: Cli) -> Result<()> {
         None => learnt_before.clone(),
     };
     let mut fs = ClipFs::new(index, source, tiers, cli.threads)?.with_read_ahead(cli.read_ahead);
-    let recorder = (cli.record_profile.is_some() || learnt.is_some()).then(|| fs.record_profile());
+    let recorder = if cli.record_profile.is_some() {
+        Some(fs.record_profile(Recorder::default()))
+    } else if learnt.is_some() {
+        Some(fs.record_profile(Recorder::for_window(LEARNT_WINDOW)))
+    } else {
+        None
+    };
     if let Some(profile) = prefetch {
         tracing::info!(
             intervals = profile.intervals.len(),

@@ -284,9 +284,10 @@ impl ClipFs {
         self
     }
 
-    /// Record the checkpoint intervals reads need from the origin (see [`crate::profile`]).
-    pub fn record_profile(&mut self) -> Arc<Recorder> {
-        let recorder = Arc::new(Recorder::default());
+    /// Record with `recorder` the checkpoint intervals whose bytes reads serve (see
+    /// [`crate::profile`]).
+    pub fn record_profile(&mut self, recorder: Recorder) -> Arc<Recorder> {
+        let recorder = Arc::new(recorder);
         if let Some(shared) = Arc::get_mut(&mut self.shared) {
             shared.recorder = Some(recorder.clone());
         }
