@@ -70,6 +70,17 @@ pub struct Needed {
     pub pieces: Vec<u64>,
 }
 
+impl Needed {
+    /// Add what another listing of the same interval needed: the further `until`, and its
+    /// pieces (kept sorted, once each).
+    fn absorb(&mut self, other: &Needed) {
+        self.until = self.until.max(other.until);
+        self.pieces.extend_from_slice(&other.pieces);
+        self.pieces.sort_unstable();
+        self.pieces.dedup();
+    }
+}
+
 /// The intervals a workload needed, in first-use order, for the image `manifest`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Profile {
@@ -154,13 +165,7 @@ impl Profile {
             .collect();
         for n in &other.intervals {
             match at.get(&n.interval) {
-                Some(&i) => {
-                    let m = &mut self.intervals[i];
-                    m.until = m.until.max(n.until);
-                    m.pieces.extend_from_slice(&n.pieces);
-                    m.pieces.sort_unstable();
-                    m.pieces.dedup();
-                }
+                Some(&i) => self.intervals[i].absorb(n),
                 None if self.intervals.len() < max => {
                     at.insert(n.interval, self.intervals.len());
                     self.intervals.push(n.clone());
@@ -211,14 +216,9 @@ pub fn runs(needed: &[Needed], max: usize) -> Vec<Vec<Needed>> {
                 },
             )
         });
-        m.until = m.until.max(n.until);
-        m.pieces.extend_from_slice(&n.pieces);
+        m.absorb(n);
     }
     let mut sorted: Vec<(usize, Needed)> = merged.into_values().collect();
-    for (_, n) in &mut sorted {
-        n.pieces.sort_unstable();
-        n.pieces.dedup();
-    }
     sorted.sort_by_key(|(_, n)| (n.interval.layer, n.interval.checkpoint));
     let mut runs: Vec<(usize, Vec<Needed>)> = Vec::new();
     for (first, n) in sorted {

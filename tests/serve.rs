@@ -836,12 +836,15 @@ fn prefetched_field(log: &str, name: &str) -> usize {
         .unwrap()
 }
 
+/// Files of the edge image that the profile tests read.
+const PROFILED: [&str; 3] = ["many/file059", "data/random.bin", "home/user/file"];
+
 #[test]
 fn a_recorded_access_profile_is_prefetched_by_the_next_mount() {
     let tmp = tempfile::tempdir().unwrap();
     let (layout, index) = edge_index(tmp.path());
     let profile = tmp.path().join("profile");
-    let wanted = ["many/file059", "data/random.bin", "home/user/file"];
+    let wanted = PROFILED;
 
     // Recording: a cold mount reads three files; the intervals they needed are written at
     // exit. Given the same file to replay, the first run finds none and records it.
@@ -936,7 +939,7 @@ fn each_image_learns_its_access_profile_in_the_cache_directory() {
     let tmp = tempfile::tempdir().unwrap();
     let (_layout, index) = edge_index(tmp.path());
     let cache = tmp.path().join("cache");
-    let wanted = ["many/file059", "data/random.bin", "home/user/file"];
+    let wanted = PROFILED;
 
     // A first run with a disk cache and no profile flags writes what it read under
     // profiles/, named after the image's manifest digest.
