@@ -54,6 +54,11 @@ impl IndexFile {
     fn from_backing(backing: Backing) -> Result<IndexFile, FormatError> {
         let header = Header::parse(backing.bytes())?;
         let f = IndexFile { backing, header };
+        if let Backing::Mapped(m) = &f.backing {
+            // The checksum reads header and payload whole; windows stay advised random
+            // (read one at a time, wherever the wanted checkpoint is).
+            m.read_prefix_now(HEADER_SIZE + header.payload_len as usize);
+        }
         let found = xxhash_rust::xxh3::xxh3_64(f.payload());
         if found != header.payload_xxh3 {
             return Err(FormatError::Checksum {
@@ -80,10 +85,6 @@ impl IndexFile {
             return Err(FormatError::Invalid(
                 "entry table is empty (no root)".into(),
             ));
-        }
-        if let Backing::Mapped(m) = &f.backing {
-            // Windows are read one at a time, wherever the wanted checkpoint is.
-            m.advise_random_from(HEADER_SIZE + header.payload_len as usize);
         }
         Ok(f)
     }
