@@ -662,3 +662,105 @@ fn a_deferring_reader_reads_on_under_its_own_interval_claim() {
         "released with the work after the reply"
     );
 }
+
+/// Bytes of `path` in the page cache, from util-linux `fincore`.
+fn resident(path: &std::path::Path) -> u64 {
+    let out = run(std::process::Command::new("fincore")
+        .args(["--bytes", "--raw", "--noheadings", "--output", "RES"])
+        .arg(path));
+    String::from_utf8_lossy(&out)
+        .trim()
+        .parse()
+        .expect("fincore prints a byte count")
+}
+
+/// Drop `path` from the page cache (its pages are clean: it was synced).
+fn evict(path: &std::path::Path) {
+    let f = std::fs::File::open(path).unwrap();
+    nix::fcntl::posix_fadvise(
+        &f,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .unwrap();
+}
+
+#[test]
+fn layout_blob_reads_ask_the_disk_for_the_expected_range_then_read_ahead_of_a_streaming_reader() {
+    require_tool("fincore");
+    // On a disk-backed file system (the target directory), not a tmpfs /tmp, so that the
+    // page cache says what was read from disk.
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tmp.path().join("layout");
+    std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    std::fs::write(
+        dir.join("index.json"),
+        r#"{"schemaVersion":2,"manifests":[]}"#,
+    )
+    .unwrap();
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let blob = dir.join("blobs/sha256").join("ab".repeat(32));
+    let size: u64 = 48 << 20;
+    let bytes: Vec<u8> = (0..size).map(|i| ((i * 2654435761) >> 13) as u8).collect();
+    std::fs::write(&blob, &bytes).unwrap();
+    std::fs::File::open(&blob).unwrap().sync_all().unwrap();
+    evict(&blob);
+    let cached = resident(&blob);
+    assert!(
+        cached < 64 << 10,
+        "{cached} bytes of the test blob stay in the page cache after POSIX_FADV_DONTNEED: \
+         this file system cannot show what a read fetched"
+    );
+
+    let source = LayoutSource::open(&dir).unwrap();
+    // Three readers of one blob, as the cold reads of three files would be, each expecting
+    // 600 KiB and reading exactly that, their 128 KiB reads interleaved. Two of them read
+    // neighbouring ranges, which made the kernel's read-ahead (history of cached pages
+    // before a read) take them for one stream and read on.
+    let expect = 600u64 << 10;
+    let starts = [10u64 << 20, (10 << 20) + expect, 30 << 20];
+    let mut readers: Vec<_> = starts
+        .iter()
+        .map(|&s| source.blob_from(&digest, s, s + expect, size).unwrap())
+        .collect();
+    let mut bufs = vec![vec![0u8; expect as usize]; starts.len()];
+    for k in 0..expect.div_ceil(128 << 10) as usize {
+        for (r, buf) in readers.iter_mut().zip(&mut bufs) {
+            let chunk = buf.chunks_mut(128 << 10).nth(k).unwrap();
+            r.read_exact(chunk).unwrap();
+        }
+    }
+    for (s, buf) in starts.iter().zip(&bufs) {
+        assert_eq!(buf, &bytes[*s as usize..(s + expect) as usize]);
+    }
+    drop(readers);
+    let (got, want) = (resident(&blob), 3 * expect);
+    assert!(
+        (want..want + (128 << 10)).contains(&got),
+        "reads of {want} bytes brought {got} bytes of the blob into the page cache"
+    );
+    let start = starts[0];
+
+    // A reader that goes on past its expected end streams: what it reads next has been
+    // asked for ahead of it, in growing segments.
+    evict(&blob);
+    let mut r = source
+        .blob_from(&digest, start, start + expect, size)
+        .unwrap();
+    let mut buf = vec![0u8; 8 << 20];
+    for chunk in buf.chunks_mut(128 << 10) {
+        r.read_exact(chunk).unwrap();
+    }
+    assert_eq!(buf, &bytes[start as usize..start as usize + buf.len()]);
+    let got = resident(&blob);
+    assert!(
+        got > buf.len() as u64 + (1 << 20),
+        "a streaming reader of {} bytes had only {got} bytes in the page cache: no read-ahead",
+        buf.len()
+    );
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, &bytes[start as usize + buf.len()..]);
+}

@@ -2,6 +2,7 @@
 
 use super::{Source, SourceError};
 use crate::oci::{self, ImageIndex};
+use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
@@ -74,6 +75,10 @@ impl LayoutSource {
                 }
             }
         })?;
+        // No kernel read-ahead on this shared file: a first read anywhere would read up to
+        // the device's read-ahead size (8 MiB on some virtual disks) around it, and readers
+        // at many offsets share one read-ahead state. `BlobReader` asks for what it needs.
+        let _ = posix_fadvise(&f, 0, 0, PosixFadviseAdvice::POSIX_FADV_RANDOM);
         let f = Arc::new(f);
         open.insert(digest.to_string(), f.clone());
         Ok(f)
@@ -174,11 +179,27 @@ impl Source for LayoutSource {
         start: u64,
         end: Option<u64>,
     ) -> Result<Box<dyn Read + Send>, SourceError> {
-        Ok(Box::new(BlobReader {
-            file: self.blob_file(digest)?,
-            pos: start,
+        Ok(Box::new(BlobReader::new(
+            self.blob_file(digest)?,
+            start,
             end,
-        }))
+            start,
+        )))
+    }
+
+    fn blob_from(
+        &self,
+        digest: &str,
+        start: u64,
+        expect_end: u64,
+        size: u64,
+    ) -> Result<Box<dyn Read + Send>, SourceError> {
+        Ok(Box::new(BlobReader::new(
+            self.blob_file(digest)?,
+            start,
+            Some(size),
+            expect_end,
+        )))
     }
 
     fn prepare(&self, digests: &[&str]) -> Result<(), SourceError> {
@@ -186,11 +207,54 @@ impl Source for LayoutSource {
     }
 }
 
-/// Reads a range of a shared blob file with positioned reads.
+/// Smallest read-ahead segment of a [`BlobReader`] past its expected end.
+const MIN_AHEAD: u64 = 256 << 10;
+/// Largest read-ahead segment, and the most asked for at once at the start.
+const MAX_AHEAD: u64 = 8 << 20;
+
+/// Reads a range of a shared blob file with positioned reads, asking the kernel for its
+/// bytes ahead of time (`POSIX_FADV_WILLNEED`; the file itself is advised random): at the
+/// start exactly the bytes it expects to need, and once it reads past them, segments that
+/// double in size, one segment ahead of the reads.
 struct BlobReader {
     file: Arc<File>,
     pos: u64,
     end: Option<u64>,
+    /// Reads from this offset on go beyond what the reader expected: read ahead of them.
+    ahead_from: u64,
+    /// Everything before this offset has been asked for.
+    advised: u64,
+    /// Length of the next segment to ask for.
+    next_len: u64,
+}
+
+impl BlobReader {
+    fn new(file: Arc<File>, start: u64, end: Option<u64>, expect_end: u64) -> BlobReader {
+        let mut r = BlobReader {
+            file,
+            pos: start,
+            end,
+            ahead_from: expect_end.min(start.saturating_add(MAX_AHEAD / 2)),
+            advised: start,
+            next_len: MIN_AHEAD,
+        };
+        r.advise_to(expect_end.min(start.saturating_add(MAX_AHEAD)));
+        r
+    }
+
+    /// Ask for the bytes from `advised` to `to` (clamped to the end). Advice only.
+    fn advise_to(&mut self, to: u64) {
+        let to = self.end.map_or(to, |e| to.min(e));
+        if to > self.advised {
+            let _ = posix_fadvise(
+                self.file.as_ref(),
+                self.advised as i64,
+                (to - self.advised) as i64,
+                PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+            );
+            self.advised = to;
+        }
+    }
 }
 
 impl Read for BlobReader {
@@ -201,6 +265,13 @@ impl Read for BlobReader {
         let want = (buf.len() as u64).min(left) as usize;
         if want == 0 {
             return Ok(0);
+        }
+        // A read that starts inside the expected range needs no more advice: the read
+        // itself fetches whatever of it was not asked for yet.
+        let need = self.pos + want as u64;
+        if self.pos >= self.ahead_from && need + self.next_len / 2 > self.advised {
+            self.advise_to(need.max(self.advised) + self.next_len);
+            self.next_len = (self.next_len * 2).min(MAX_AHEAD);
         }
         let n = self.file.read_at(&mut buf[..want], self.pos)?;
         self.pos += n as u64;
