@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(fuse3 umoci skopeo docker-registry redis-server busybox-static runc python3 attr libcap2-bin apache2-utils openssl curl isal)
+packages=(fuse3 umoci skopeo docker-registry redis-server busybox-static runc python3 attr libcap2-bin apache2-utils openssl curl isal util-linux)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

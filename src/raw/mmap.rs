@@ -4,6 +4,12 @@ use crate::format::types::ArchivedIndex;
 use std::fs::File;
 use std::path::Path;
 
+/// Largest range to ask the kernel to read ahead in one call (`MADV_WILLNEED`,
+/// `POSIX_FADV_WILLNEED`): it reads at most the larger of the device's read-ahead size and
+/// its largest request per call (128 KiB and 1280 KiB by default on many disks) and
+/// silently drops the rest.
+pub const WILLNEED_CHUNK: usize = 256 << 10;
+
 /// A read-only memory map of a whole file.
 pub struct MappedFile {
     map: memmap2::Mmap,
@@ -42,7 +48,10 @@ impl MappedFile {
         let len = len.div_ceil(page).saturating_mul(page).min(self.map.len());
         if len > 0 {
             let _ = self.map.advise_range(memmap2::Advice::Normal, 0, len);
-            let _ = self.map.advise_range(memmap2::Advice::WillNeed, 0, len);
+            for at in (0..len).step_by(WILLNEED_CHUNK) {
+                let n = WILLNEED_CHUNK.min(len - at);
+                let _ = self.map.advise_range(memmap2::Advice::WillNeed, at, n);
+            }
         }
     }
 }

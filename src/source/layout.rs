@@ -2,6 +2,7 @@
 
 use super::{Source, SourceError};
 use crate::oci::{self, ImageIndex};
+use crate::raw::mmap::WILLNEED_CHUNK;
 use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
 use std::collections::HashMap;
 use std::fs::File;
@@ -242,17 +243,19 @@ impl BlobReader {
         r
     }
 
-    /// Ask for the bytes from `advised` to `to` (clamped to the end). Advice only.
+    /// Ask for the bytes from `advised` to `to` (clamped to the end), in pieces the kernel
+    /// takes whole. Advice only.
     fn advise_to(&mut self, to: u64) {
         let to = self.end.map_or(to, |e| to.min(e));
-        if to > self.advised {
+        while self.advised < to {
+            let n = (to - self.advised).min(WILLNEED_CHUNK as u64);
             let _ = posix_fadvise(
                 self.file.as_ref(),
                 self.advised as i64,
-                (to - self.advised) as i64,
+                n as i64,
                 PosixFadviseAdvice::POSIX_FADV_WILLNEED,
             );
-            self.advised = to;
+            self.advised += n;
         }
     }
 }
