@@ -271,9 +271,9 @@ impl Read for BlobReader {
         }
         // A read that starts inside the expected range needs no more advice: the read
         // itself fetches whatever of it was not asked for yet.
-        let need = self.pos + want as u64;
-        if self.pos >= self.ahead_from && need + self.next_len / 2 > self.advised {
-            self.advise_to(need.max(self.advised) + self.next_len);
+        let need = self.pos.saturating_add(want as u64);
+        if self.pos >= self.ahead_from && need.saturating_add(self.next_len / 2) > self.advised {
+            self.advise_to(need.max(self.advised).saturating_add(self.next_len));
             self.next_len = (self.next_len * 2).min(MAX_AHEAD);
         }
         let n = self.file.read_at(&mut buf[..want], self.pos)?;
