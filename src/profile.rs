@@ -98,6 +98,13 @@ impl Profile {
             path: p.clone(),
             source,
         })?;
+        Profile::parse(&text, &p, manifest)
+    }
+
+    /// Parse the text of a profile (named `origin` in errors: a path, a Redis key) and check
+    /// that it belongs to the image `manifest`.
+    pub fn parse(text: &str, origin: &str, manifest: &str) -> Result<Profile, ProfileError> {
+        let p = origin.to_string();
         let bad = |line: usize, what: &str| ProfileError::Malformed {
             path: p.clone(),
             line,
@@ -175,12 +182,8 @@ impl Profile {
         }
     }
 
-    /// Write the profile (to a temporary file of this process renamed into place).
-    pub fn save(&self, path: &Path) -> Result<(), ProfileError> {
-        let io = |source| ProfileError::Io {
-            path: path.display().to_string(),
-            source,
-        };
+    /// The profile as text (what [`Profile::save`] writes and [`Profile::parse`] reads).
+    pub fn to_text(&self) -> String {
         let mut text = format!("{MAGIC}\nmanifest {}\n", self.manifest);
         for n in &self.intervals {
             text.push_str(&format!(
@@ -192,9 +195,18 @@ impl Profile {
             }
             text.push('\n');
         }
+        text
+    }
+
+    /// Write the profile (to a temporary file of this process renamed into place).
+    pub fn save(&self, path: &Path) -> Result<(), ProfileError> {
+        let io = |source| ProfileError::Io {
+            path: path.display().to_string(),
+            source,
+        };
         // A temporary name of this process's own: several daemons may save one learnt profile.
         let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-        std::fs::write(&tmp, text).map_err(io)?;
+        std::fs::write(&tmp, self.to_text()).map_err(io)?;
         std::fs::rename(&tmp, path).map_err(io)
     }
 }

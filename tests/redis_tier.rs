@@ -126,16 +126,19 @@ impl RedisServer {
         c
     }
 
+    /// The number of pieces held (as [`RedisServer::keys`]).
     fn dbsize(&self) -> u64 {
-        redis::cmd("DBSIZE").query(&mut self.conn()).unwrap()
+        self.keys().len() as u64
     }
 
+    /// The keys of pieces (the access profiles daemons share, `profile:…`, left out).
     fn keys(&self) -> BTreeSet<String> {
         redis::cmd("KEYS")
             .arg("*")
             .query::<Vec<String>>(&mut self.conn())
             .unwrap()
             .into_iter()
+            .filter(|k| !k.contains("profile:"))
             .collect()
     }
 
@@ -967,4 +970,87 @@ fn contains_tells_which_pieces_redis_holds_without_reading_them() {
     );
     t.remove(&host.sha256);
     assert!(!t.contains(&host.sha256), "deleted");
+}
+
+/// `log` without terminal colours.
+fn plain(log: &str) -> String {
+    let mut out = String::new();
+    let mut in_escape = false;
+    for c in log.chars() {
+        match c {
+            '\x1b' => in_escape = true,
+            'm' if in_escape => in_escape = false,
+            _ if !in_escape => out.push(c),
+            _ => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn daemons_sharing_redis_share_the_access_profile_they_learn() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_layout, index_path) = edge_index(tmp.path());
+    let index = IndexFile::open(&index_path).unwrap();
+    let manifest = String::from_utf8(index.index().image.manifest_digest.to_vec()).unwrap();
+    let key = format!("profile:{}", manifest.replace(':', "-"));
+    let redis = RedisServer::start(&tmp.path().join("redis"));
+    let args = ["--redis", &redis.url()];
+
+    let (first, _, log1) = mount_and_read_all(tmp.path(), "first", &index_path, &args);
+    let log1 = plain(&log1);
+    assert!(log1.contains("access profile shared in Redis"), "{log1}");
+    let text = String::from_utf8(redis.get(&key).expect("the learnt profile is in Redis")).unwrap();
+    assert!(
+        text.starts_with(&format!("clip-profile 2\nmanifest {manifest}\n"))
+            && text.lines().count() > 2,
+        "{text}"
+    );
+
+    // A node that never ran the image: its own cache is empty, and so is Redis but for
+    // the profile, so that what it prefetches comes from the origin.
+    for k in redis.keys() {
+        redis::cmd("DEL")
+            .arg(&k)
+            .query::<()>(&mut redis.conn())
+            .unwrap();
+    }
+    let (second, s2, log2) = mount_and_read_all(tmp.path(), "second", &index_path, &args);
+    let log2 = plain(&log2);
+    assert_eq!(second, first);
+    assert!(
+        log2.contains("access profile learnt by other daemons, from Redis"),
+        "{log2}"
+    );
+    let line = log2
+        .lines()
+        .find(|l| l.contains("profile prefetched"))
+        .unwrap_or_else(|| panic!("the second daemon prefetches the shared profile:\n{log2}"));
+    let field = |name: &str| -> u64 {
+        let at = line.find(&format!(" {name}=")).unwrap() + name.len() + 2;
+        line[at..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(field("cached"), 0, "{line}");
+    assert!(field("requests") >= 1, "{line}");
+    assert!(s2["serve"]["fetched"].as_u64().unwrap() > 0, "{s2}");
+
+    // A profile in Redis that names another image is ignored, with a warning.
+    redis.set(
+        &key,
+        text.replace(&manifest, &format!("sha256:{}", "0".repeat(64)))
+            .as_bytes(),
+    );
+    let (third, _, log3) = mount_and_read_all(tmp.path(), "third", &index_path, &args);
+    let log3 = plain(&log3);
+    assert_eq!(third, first);
+    assert!(
+        log3.contains("ignoring the access profile in Redis"),
+        "{log3}"
+    );
+    assert!(!log3.contains("profile prefetched"), "{log3}");
 }

@@ -61,7 +61,8 @@ struct Cli {
     /// Do not learn an access profile per image in the cache directory (`profiles/`),
     /// nor replay it at start. Without --record-profile and --prefetch-profile, every run
     /// with a disk cache adds what it read to that profile and the next start of the same
-    /// image fetches it in parallel (skipping what the caches still hold).
+    /// image fetches it in parallel (skipping what the caches still hold). With --redis,
+    /// the profile is also shared there with the other daemons of that Redis.
     #[arg(long)]
     no_learn_profile: bool,
     /// Threads fetching --prefetch-profile intervals.
@@ -110,14 +111,19 @@ const LEARNT_MAX: usize = 4096;
 /// for starting, not for everything a long-running workload reads later.
 const LEARNT_WINDOW: Duration = Duration::from_secs(30);
 
-/// Where the runs of the image with manifest digest `manifest` learn their access profile:
-/// `CACHE/profiles/<algorithm>-<hex>` (none for a digest that is not `algorithm:hex`).
-fn learnt_profile_path(cache: &Path, manifest: &str) -> Option<PathBuf> {
+/// Largest learnt profile read from Redis (4096 intervals with their pieces fit easily).
+const LEARNT_MAX_BYTES: usize = 4 << 20;
+
+/// The name of the access profile that the runs of the image with manifest digest
+/// `manifest` learn: `<algorithm>-<hex>` (none for a digest that is not `algorithm:hex`).
+/// It lives in `CACHE/profiles/NAME` and, with Redis, under the key `profile:NAME`, where
+/// every daemon sharing that Redis finds it.
+fn learnt_profile_name(manifest: &str) -> Option<String> {
     let (algorithm, hex) = manifest.split_once(':')?;
     let plain = |s: &str, ok: fn(char) -> bool| !s.is_empty() && s.chars().all(ok);
     (plain(algorithm, |c| c.is_ascii_lowercase() || c.is_ascii_digit())
         && plain(hex, |c| c.is_ascii_hexdigit()))
-    .then(|| cache.join("profiles").join(format!("{algorithm}-{hex}")))
+    .then(|| format!("{algorithm}-{hex}"))
 }
 
 fn default_cache_dir() -> PathBuf {
@@ -235,17 +241,42 @@ fn run(cli: Cli) -> Result<()> {
         String::from_utf8_lossy(index.index().image.manifest_digest.as_slice()).into_owned();
     // The profile this image's runs learn in the cache directory, unless profiles are named
     // on the command line.
-    let learnt = match (&disk, &cli.record_profile, &cli.prefetch_profile) {
-        (Some((d, _)), None, None) if !cli.no_learn_profile => {
-            learnt_profile_path(d.root(), &manifest)
-        }
+    let learnt_name = match (&disk, &cli.record_profile, &cli.prefetch_profile) {
+        (Some(_), None, None) if !cli.no_learn_profile => learnt_profile_name(&manifest),
         _ => None,
     };
-    let learnt_before = learnt.as_ref().filter(|p| p.exists()).and_then(|p| {
-        Profile::load(p, &manifest)
-            .map_err(|e| tracing::warn!(error = %e, "ignoring the learnt access profile"))
-            .ok()
+    let learnt = learnt_name.as_ref().and_then(|name| {
+        let (d, _) = disk.as_ref()?;
+        Some(d.root().join("profiles").join(name))
     });
+    // With Redis, the daemons sharing it learn one profile per image: a node that never
+    // ran the image starts it with what the others learnt.
+    let shared_key = learnt_name
+        .as_ref()
+        .filter(|_| redis.is_some())
+        .map(|name| format!("profile:{name}"));
+    let shared_profile = || {
+        let (r, key) = (redis.as_ref()?, shared_key.as_ref()?);
+        let text = r.get_named(key, LEARNT_MAX_BYTES)?;
+        Profile::parse(
+            &String::from_utf8_lossy(&text),
+            &format!("redis key {key}"),
+            &manifest,
+        )
+        .map_err(|e| tracing::warn!(error = %e, "ignoring the access profile in Redis"))
+        .ok()
+    };
+    let learnt_before = match learnt.as_ref().filter(|p| p.exists()) {
+        Some(p) => Profile::load(p, &manifest)
+            .map_err(|e| tracing::warn!(error = %e, "ignoring the learnt access profile"))
+            .ok(),
+        None => shared_profile().inspect(|p| {
+            tracing::info!(
+                intervals = p.intervals.len(),
+                "access profile learnt by other daemons, from Redis"
+            )
+        }),
+    };
     let prefetch = match &cli.prefetch_profile {
         // Both flags on one file: replay and refresh it; the first run has nothing to replay.
         Some(p) if cli.record_profile.as_ref() == Some(p) && !p.exists() => {
@@ -366,6 +397,17 @@ fn run(cli: Cli) -> Result<()> {
                     tracing::info!(path = %path.display(), intervals = profile.intervals.len(), "access profile learnt")
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot save the learnt access profile"),
+            }
+            if let (Some(r), Some(key)) = (&redis, &shared_key) {
+                // What other daemons added since this one started, and what it learnt.
+                let mut shared = shared_profile().unwrap_or_else(|| Profile {
+                    manifest: manifest.clone(),
+                    intervals: Vec::new(),
+                });
+                shared.merge(&profile, LEARNT_MAX);
+                if r.set_named(key, shared.to_text().as_bytes()) {
+                    tracing::info!(key = %key, intervals = shared.intervals.len(), "access profile shared in Redis");
+                }
             }
         }
     }

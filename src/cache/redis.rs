@@ -1092,6 +1092,39 @@ impl RedisTier {
     }
 }
 
+impl RedisTier {
+    /// The small value stored under `name` (after the key prefix) beside the pieces, such as
+    /// an image's learnt access profile; `None` when it is absent, larger than `max` bytes,
+    /// or Redis is unavailable. Piece keys are 64 hex digits, so a `name` with other
+    /// characters never meets one.
+    pub fn get_named(&self, name: &str, max: usize) -> Option<Vec<u8>> {
+        let k = format!("{}{name}", self.inner.cfg.key_prefix);
+        let got = self.inner.with_connection("read", |con| {
+            con.query::<Vec<u8>>(redis::cmd("GETRANGE").arg(&k).arg(0).arg(max as u64))
+        });
+        match got {
+            Outcome::Done(v) if !v.is_empty() && v.len() <= max => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Store `value` under `name` now (one command, with the tier's timeouts and TTL);
+    /// false when Redis is unavailable.
+    pub fn set_named(&self, name: &str, value: &[u8]) -> bool {
+        let k = format!("{}{name}", self.inner.cfg.key_prefix);
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(&k).arg(value);
+        if let Some(ttl) = self.inner.cfg.ttl {
+            cmd.arg("PX").arg(ttl.as_millis().max(1) as u64);
+        }
+        matches!(
+            self.inner
+                .with_connection("write", |con| con.query::<()>(&cmd)),
+            Outcome::Done(())
+        )
+    }
+}
+
 impl Tier for RedisTier {
     fn name(&self) -> &str {
         "redis"
