@@ -14,6 +14,9 @@
 #              should find the intervals there and fetch next to nothing; and one start
 #              without flags after a cold run whose cached pieces were then deleted replays
 #              the profile that run learnt in the cache directory;
+#   fleet:     with a Redis (../shared/bench/start-redis.sh, port $REDIS_PORT or 6390), a cold
+#              node A fills it and shares its learnt profile; node B (empty cache) then starts
+#              with pieces and profile in Redis, node C with only the profile left there;
 #   full pull: `skopeo copy docker://… oci:DIR` + `umoci raw unpack` + the same chroot command,
 #              page cache dropped first;
 #   bytes:     compressed bytes clip-serve requested from the registry (stats file `fetched`:
@@ -24,7 +27,7 @@
 #              the range's length.
 # Targets (issue 4): >= 20x faster to the first result; <= 15% of the image's bytes fetched.
 #
-# Needs root, /dev/fuse, fuse3, overlayfs, skopeo, umoci, jq, curl, python3 and the corpus
+# Needs root, /dev/fuse, fuse3, overlayfs, skopeo, umoci, jq, curl, python3, redis-server and the corpus
 # registry data ($BENCH_DIR/registry, from make-images.sh). Starts the registry with
 # ../shared/bench/start-registry.sh if it is not running, and stops it at the end then.
 # Drops the machine's page cache before every cold run.
@@ -142,6 +145,19 @@ find "$W/cache" -mindepth 1 -maxdepth 1 -name '??' -exec rm -rf {} +
 KEEP_CACHE=1 clip_run "start after eviction, with the profile learnt by the last run"
 learnt_ms=$R_TOTAL learnt_requests=$R_REQUESTS
 
+echo "== a fleet sharing a Redis: node A runs the image cold; nodes B and C (empty caches) start it after"
+REDIS_PORT=${REDIS_PORT:-6390}
+"$shared/start-redis.sh" start >/dev/null
+redis_url=redis://127.0.0.1:$REDIS_PORT/0
+redis-cli -p "$REDIS_PORT" FLUSHALL >/dev/null
+clip_run "node A: cold, fills Redis and shares the profile it learns" --redis "$redis_url"
+clip_run "node B: Redis holds A's pieces and profile" --redis "$redis_url"
+fleet_ms=$R_TOTAL fleet_requests=$R_REQUESTS
+redis-cli -p "$REDIS_PORT" --scan | grep -v '^profile:' | xargs -r redis-cli -p "$REDIS_PORT" DEL >/dev/null
+clip_run "node C: Redis holds only the profile (pieces evicted)" --redis "$redis_url"
+fleet_profile_ms=$R_TOTAL fleet_profile_requests=$R_REQUESTS
+"$shared/start-redis.sh" stop >/dev/null
+
 echo "== clip with an access profile: one cold run records it (--record-profile), then cold runs prefetch it (--prefetch-profile)"
 clip_run "recording run" --record-profile "$W/profile"
 echo "profile: $(($(wc -l <"$W/profile") - 2)) intervals"
@@ -187,6 +203,8 @@ row "  same, with the access profile prefetched" "$prof_fetched" "$image_bytes" 
 row "  clip: registry blob requests, without / with profile" "$clip_requests / $prof_requests" "-" "-" "info" "-"
 row "  start after the cache was evicted, replaying the learnt profile (ms / requests)" "$learnt_ms / $learnt_requests" "-" "-" "info" "-"
 row "  restart over a profile run's disk cache, with the profile (ms / requests)" "$warm_ms / $warm_requests" "-" "-" "info" "-"
+row "  new node sharing a Redis with one that ran the image: pieces and profile there (ms / requests)" "$fleet_ms / $fleet_requests" "-" "-" "info" "-"
+row "  same, only the profile left in Redis (ms / requests)" "$fleet_profile_ms / $fleet_profile_requests" "-" "-" "info" "-"
 row "  clip: bytes inflated" "$(median "${inflated[@]}")" "-" "-" "info" "-"
 row "  registry: KiB read from its disk per blob request (cold clip runs)" "$(median "${disk[@]}")" "-" "-" "info" "-"
 row "index build from the registry, once (ms)" "$build_ms" "-" "-" "info" "-"
