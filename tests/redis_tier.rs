@@ -993,7 +993,11 @@ fn daemons_sharing_redis_share_the_access_profile_they_learn() {
     let (_layout, index_path) = edge_index(tmp.path());
     let index = IndexFile::open(&index_path).unwrap();
     let manifest = String::from_utf8(index.index().image.manifest_digest.to_vec()).unwrap();
-    let key = format!("profile:{}", manifest.replace(':', "-"));
+    let key = format!(
+        "profile:{}-{:016x}",
+        manifest.replace(':', "-"),
+        index.checkpoint_layout_id()
+    );
     let redis = RedisServer::start(&tmp.path().join("redis"));
     let args = ["--redis", &redis.url()];
 

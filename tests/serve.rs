@@ -5,6 +5,7 @@
 mod common;
 
 use clip::demo::{noise, TarBuilder};
+use clip::format::IndexFile;
 use common::{
     bin, busybox_index, edge_index, is_mounted, require_fuse, require_tool, run, sha256_hex,
     umoci_unpack, Served, EDGE_TAG,
@@ -942,7 +943,7 @@ fn each_image_learns_its_access_profile_in_the_cache_directory() {
     let wanted = PROFILED;
 
     // A first run with a disk cache and no profile flags writes what it read under
-    // profiles/, named after the image's manifest digest.
+    // profiles/, named after the image's manifest digest and checkpoint layout.
     let mut first = Served::start(tmp.path(), "learn", &index, &cache, &[]);
     let expected: Vec<Vec<u8>> = wanted
         .iter()
@@ -957,11 +958,18 @@ fn each_image_learns_its_access_profile_in_the_cache_directory() {
     let name = learnt[0].file_name().unwrap().to_str().unwrap().to_string();
     let text = fs::read_to_string(&learnt[0]).unwrap();
     let intervals = text.lines().skip(2).count();
+    let layout = format!(
+        "{:016x}",
+        IndexFile::open(&index).unwrap().checkpoint_layout_id()
+    );
+    let digest = name
+        .strip_suffix(&format!("-{layout}"))
+        .unwrap_or_else(|| panic!("{name} ends with the checkpoint layout {layout}"));
     assert!(
-        name.starts_with("sha256-")
+        digest.starts_with("sha256-")
             && text.starts_with(&format!(
                 "clip-profile 2\nmanifest {}\n",
-                name.replacen('-', ":", 1)
+                digest.replacen('-', ":", 1)
             ))
             && intervals >= 2,
         "{name}:\n{text}"

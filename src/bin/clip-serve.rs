@@ -115,15 +115,16 @@ const LEARNT_WINDOW: Duration = Duration::from_secs(30);
 const LEARNT_MAX_BYTES: usize = 4 << 20;
 
 /// The name of the access profile that the runs of the image with manifest digest
-/// `manifest` learn: `<algorithm>-<hex>` (none for a digest that is not `algorithm:hex`).
-/// It lives in `CACHE/profiles/NAME` and, with Redis, under the key `profile:NAME`, where
-/// every daemon sharing that Redis finds it.
-fn learnt_profile_name(manifest: &str) -> Option<String> {
+/// `manifest`, indexed with the checkpoint layout `layout`
+/// ([`IndexFile::checkpoint_layout_id`]), learn: `<algorithm>-<hex>-<layout in hex>` (none
+/// for a digest that is not `algorithm:hex`). It lives in `CACHE/profiles/NAME` and, with
+/// Redis, under the key `profile:NAME`, where every daemon sharing that Redis finds it.
+fn learnt_profile_name(manifest: &str, layout: u64) -> Option<String> {
     let (algorithm, hex) = manifest.split_once(':')?;
     let plain = |s: &str, ok: fn(char) -> bool| !s.is_empty() && s.chars().all(ok);
     (plain(algorithm, |c| c.is_ascii_lowercase() || c.is_ascii_digit())
         && plain(hex, |c| c.is_ascii_hexdigit()))
-    .then(|| format!("{algorithm}-{hex}"))
+    .then(|| format!("{algorithm}-{hex}-{layout:016x}"))
 }
 
 fn default_cache_dir() -> PathBuf {
@@ -242,7 +243,9 @@ fn run(cli: Cli) -> Result<()> {
     // The profile this image's runs learn in the cache directory, unless profiles are named
     // on the command line.
     let learnt_name = match (&disk, &cli.record_profile, &cli.prefetch_profile) {
-        (Some(_), None, None) if !cli.no_learn_profile => learnt_profile_name(&manifest),
+        (Some(_), None, None) if !cli.no_learn_profile => {
+            learnt_profile_name(&manifest, index.checkpoint_layout_id())
+        }
         _ => None,
     };
     let learnt = learnt_name.as_ref().and_then(|name| {

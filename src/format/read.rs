@@ -157,6 +157,22 @@ impl IndexFile {
             .ok_or_else(|| FormatError::Invalid(format!("layer {i} is out of range")))
     }
 
+    /// An identity of the checkpoint layout: XXH3 of every layer's digest and its
+    /// checkpoints' offsets. Access profiles name intervals by checkpoint number, so a
+    /// profile means the same only to indexes of the same layout (an image indexed with
+    /// another `--checkpoint-interval` has other intervals).
+    pub fn checkpoint_layout_id(&self) -> u64 {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        for l in self.index().layers.iter() {
+            h.update(l.digest.as_slice());
+            for c in l.checkpoints.iter() {
+                h.update(&c.in_offset.to_native().to_le_bytes());
+                h.update(&c.out_offset.to_native().to_le_bytes());
+            }
+        }
+        h.digest()
+    }
+
     /// The blob digest of layer `i` (`sha256:…`), as text.
     pub fn layer_digest(&self, i: u32) -> Result<&str, FormatError> {
         std::str::from_utf8(self.layer(i)?.digest.as_slice())
