@@ -5,13 +5,16 @@
 //! chain of dependent ones (the idea of eStargz's prioritized files and Nydus's prefetch
 //! lists, at interval granularity and without changing the image).
 //!
-//! The file is text: a first line `clip-profile 2`, a line `manifest <digest>` naming the
-//! image it was recorded on, then one `<layer> <checkpoint> <until> [<piece>...]` line per
-//! interval, where `until` is the uncompressed offset in the layer up to which the workload
-//! needed bytes of that interval (a replay inflates no further) and each `piece` is the
-//! offset in the layer where a piece the workload read from that interval starts (a replay
-//! over a warm cache looks for exactly those). Version 1 files, without pieces, are read
-//! too.
+//! The file is text: a first line `clip-profile 3`, a line `manifest <digest>` naming the
+//! image it was recorded on, a line `layout <16 hex digits>` naming the checkpoint layout of
+//! the index it was recorded with (`IndexFile::checkpoint_layout_id`: intervals are
+//! numbered by checkpoint, so an index built with other checkpoints refuses it), then one
+//! `<layer> <checkpoint> <until> [<piece>...]` line per interval, where `until` is the
+//! uncompressed offset in the layer up to which the workload needed bytes of that interval
+//! (a replay inflates no further) and each `piece` is the offset in the layer where a piece
+//! the workload read from that interval starts (a replay over a warm cache looks for
+//! exactly those). Version 2 files (no `layout` line) and version 1 files (no pieces either)
+//! are read too.
 
 use crate::read::ahead::Interval;
 use std::collections::HashMap;
@@ -19,8 +22,10 @@ use std::path::Path;
 use std::sync::Mutex;
 
 /// First line of a profile file.
-const MAGIC: &str = "clip-profile 2";
-/// First line of a profile file of version 1 (no pieces).
+const MAGIC: &str = "clip-profile 3";
+/// First line of a profile file of version 2 (no `layout` line).
+const MAGIC_2: &str = "clip-profile 2";
+/// First line of a profile file of version 1 (no `layout` line, no pieces).
 const MAGIC_1: &str = "clip-profile 1";
 
 /// Errors reading or writing a profile.
@@ -56,6 +61,17 @@ pub enum ProfileError {
         /// Manifest digest in the profile.
         found: String,
     },
+    /// The profile was recorded on an index of the image with other checkpoints, whose
+    /// intervals are not this index's.
+    #[error("profile {path} was recorded on an index with other checkpoints (layout {found:016x}, this index has {expected:016x}); record it again with this index")]
+    OtherLayout {
+        /// Path of the profile.
+        path: String,
+        /// Checkpoint layout of the index.
+        expected: u64,
+        /// Checkpoint layout in the profile.
+        found: u64,
+    },
 }
 
 /// One interval of a profile and how far into it the workload read.
@@ -86,24 +102,33 @@ impl Needed {
 pub struct Profile {
     /// Manifest digest of the image the profile was recorded on.
     pub manifest: String,
+    /// Checkpoint layout of the index it was recorded with (none in version 1 and 2 files).
+    pub layout: Option<u64>,
     /// Intervals in the order they were first needed.
     pub intervals: Vec<Needed>,
 }
 
 impl Profile {
-    /// Read a profile and check that it belongs to the image `manifest`.
-    pub fn load(path: &Path, manifest: &str) -> Result<Profile, ProfileError> {
+    /// Read a profile and check that it belongs to the image `manifest` and, when it says
+    /// (version 3), to an index with the checkpoint layout `layout`.
+    pub fn load(path: &Path, manifest: &str, layout: u64) -> Result<Profile, ProfileError> {
         let p = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Io {
             path: p.clone(),
             source,
         })?;
-        Profile::parse(&text, &p, manifest)
+        Profile::parse(&text, &p, manifest, layout)
     }
 
     /// Parse the text of a profile (named `origin` in errors: a path, a Redis key) and check
-    /// that it belongs to the image `manifest`.
-    pub fn parse(text: &str, origin: &str, manifest: &str) -> Result<Profile, ProfileError> {
+    /// that it belongs to the image `manifest` and, when it says (version 3), to an index
+    /// with the checkpoint layout `layout`.
+    pub fn parse(
+        text: &str,
+        origin: &str,
+        manifest: &str,
+        layout: u64,
+    ) -> Result<Profile, ProfileError> {
         let p = origin.to_string();
         let bad = |line: usize, what: &str| ProfileError::Malformed {
             path: p.clone(),
@@ -111,11 +136,13 @@ impl Profile {
             what: what.into(),
         };
         let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l.trim()));
-        let with_pieces = match lines.next() {
-            Some((_, MAGIC)) => true,
-            Some((_, MAGIC_1)) => false,
+        let version = match lines.next() {
+            Some((_, MAGIC)) => 3,
+            Some((_, MAGIC_2)) => 2,
+            Some((_, MAGIC_1)) => 1,
             _ => return Err(bad(1, &format!("expected `{MAGIC}`"))),
         };
+        let with_pieces = version >= 2;
         let found = match lines.next() {
             Some((_, l)) if l.starts_with("manifest ") => l["manifest ".len()..].trim().to_string(),
             _ => return Err(bad(2, "expected `manifest <digest>`")),
@@ -127,6 +154,24 @@ impl Profile {
                 found,
             });
         }
+        let recorded_layout = if version >= 3 {
+            let hex = match lines.next() {
+                Some((_, l)) if l.starts_with("layout ") => l["layout ".len()..].trim(),
+                _ => return Err(bad(3, "expected `layout <16 hex digits>`")),
+            };
+            let found = u64::from_str_radix(hex, 16)
+                .map_err(|_| bad(3, "expected `layout <16 hex digits>`"))?;
+            if found != layout {
+                return Err(ProfileError::OtherLayout {
+                    path: p,
+                    expected: layout,
+                    found,
+                });
+            }
+            Some(found)
+        } else {
+            None
+        };
         let mut intervals = Vec::new();
         for (n, l) in lines.filter(|(_, l)| !l.is_empty()) {
             let numbers: Option<Vec<u64>> =
@@ -156,6 +201,7 @@ impl Profile {
         }
         Ok(Profile {
             manifest: found,
+            layout: recorded_layout,
             intervals,
         })
     }
@@ -164,6 +210,7 @@ impl Profile {
     /// widened to the further `until` and the pieces of both; intervals new to `self` come
     /// after its own, in `other`'s order, as long as the profile holds at most `max`.
     pub fn merge(&mut self, other: &Profile, max: usize) {
+        self.layout = self.layout.or(other.layout);
         let mut at: HashMap<Interval, usize> = self
             .intervals
             .iter()
@@ -184,7 +231,13 @@ impl Profile {
 
     /// The profile as text (what [`Profile::save`] writes and [`Profile::parse`] reads).
     pub fn to_text(&self) -> String {
-        let mut text = format!("{MAGIC}\nmanifest {}\n", self.manifest);
+        let mut text = match self.layout {
+            Some(layout) => format!(
+                "{MAGIC}\nmanifest {}\nlayout {layout:016x}\n",
+                self.manifest
+            ),
+            None => format!("{MAGIC_2}\nmanifest {}\n", self.manifest),
+        };
         for n in &self.intervals {
             text.push_str(&format!(
                 "{} {} {}",
@@ -295,11 +348,13 @@ impl Recorder {
         }
     }
 
-    /// The profile recorded so far for the image `manifest`.
-    pub fn profile(&self, manifest: &str) -> Profile {
+    /// The profile recorded so far for the image `manifest`, indexed with the checkpoint
+    /// layout `layout` ([`crate::format::IndexFile::checkpoint_layout_id`]).
+    pub fn profile(&self, manifest: &str, layout: u64) -> Profile {
         let s = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         Profile {
             manifest: manifest.into(),
+            layout: Some(layout),
             intervals: s.1.clone(),
         }
     }
@@ -363,7 +418,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(80));
         r.record(iv(2), (20, 30));
         r.record(iv(1), (10, 15));
-        let p = r.profile("sha256:aa");
+        let p = r.profile("sha256:aa", 7);
         assert_eq!(p.intervals.len(), 1, "{p:?}");
         assert_eq!(
             (p.intervals[0].until, &p.intervals[0].pieces[..]),
@@ -383,6 +438,7 @@ mod tests {
         };
         let profile = |intervals| Profile {
             manifest: "sha256:aa".into(),
+            layout: Some(7),
             intervals,
         };
         let mut p = profile(vec![n(3, 30, &[20]), n(1, 10, &[5])]);
@@ -418,7 +474,7 @@ mod tests {
                 (start, until),
             );
         }
-        let p = r.profile("sha256:aa");
+        let p = r.profile("sha256:aa", 7);
         let got: Vec<_> = p
             .intervals
             .iter()
@@ -441,32 +497,69 @@ mod tests {
             "first use order, furthest offset, each piece once"
         );
         p.save(&path).unwrap();
-        assert_eq!(Profile::load(&path, "sha256:aa").unwrap(), p);
+        assert_eq!(Profile::load(&path, "sha256:aa", 7).unwrap(), p);
         assert!(matches!(
-            Profile::load(&path, "sha256:bb"),
+            Profile::load(&path, "sha256:bb", 7),
             Err(ProfileError::OtherImage { .. })
         ));
+        // Recorded with other checkpoints: its intervals are not this index's.
+        let e = Profile::load(&path, "sha256:aa", 8).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ProfileError::OtherLayout {
+                    expected: 8,
+                    found: 7,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("record it again"), "{e}");
+        std::fs::write(
+            &path,
+            "clip-profile 3\nmanifest sha256:aa\nlayout zz\n1 5 300\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            Profile::load(&path, "sha256:aa", 7),
+            Err(ProfileError::Malformed { line: 3, .. })
+        ));
+        // Version 2: no layout line, read by any index of the image; merged with a run
+        // recorded on this index, it is written as version 3.
+        std::fs::write(&path, "clip-profile 2\nmanifest sha256:aa\n1 5 300 90\n").unwrap();
+        let mut v2 = Profile::load(&path, "sha256:aa", 8).unwrap();
+        assert_eq!(
+            (v2.layout, v2.intervals[0].pieces.clone()),
+            (None, vec![90])
+        );
+        v2.merge(&r.profile("sha256:aa", 8), 10);
+        assert!(v2
+            .to_text()
+            .starts_with("clip-profile 3\nmanifest sha256:aa\nlayout 0000000000000008\n"));
         // Version 1: no pieces, and a line with more than three numbers is malformed.
         std::fs::write(&path, "clip-profile 1\nmanifest sha256:aa\n1 5 300\n").unwrap();
-        let v1 = Profile::load(&path, "sha256:aa").unwrap();
+        let v1 = Profile::load(&path, "sha256:aa", 7).unwrap();
         assert_eq!(
             (v1.intervals[0].until, v1.intervals[0].pieces.len()),
             (300, 0)
         );
         std::fs::write(&path, "clip-profile 1\nmanifest sha256:aa\n1 5 300 90\n").unwrap();
         assert!(matches!(
-            Profile::load(&path, "sha256:aa"),
+            Profile::load(&path, "sha256:aa", 7),
             Err(ProfileError::Malformed { line: 3, .. })
         ));
         std::fs::write(&path, "clip-profile 2\nmanifest sha256:aa\n1 2\n").unwrap();
-        let e = Profile::load(&path, "sha256:aa").unwrap_err().to_string();
+        let e = Profile::load(&path, "sha256:aa", 7)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("line 3") && e.contains("--record-profile"),
             "{e}"
         );
         std::fs::write(&path, "something else\n").unwrap();
         assert!(matches!(
-            Profile::load(&path, "sha256:aa"),
+            Profile::load(&path, "sha256:aa", 7),
             Err(ProfileError::Malformed { line: 1, .. })
         ));
     }

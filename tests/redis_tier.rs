@@ -1006,8 +1006,10 @@ fn daemons_sharing_redis_share_the_access_profile_they_learn() {
     assert!(log1.contains("access profile shared in Redis"), "{log1}");
     let text = String::from_utf8(redis.get(&key).expect("the learnt profile is in Redis")).unwrap();
     assert!(
-        text.starts_with(&format!("clip-profile 2\nmanifest {manifest}\n"))
-            && text.lines().count() > 2,
+        text.starts_with(&format!(
+            "clip-profile 3\nmanifest {manifest}\nlayout {:016x}\n",
+            index.checkpoint_layout_id()
+        )) && text.lines().count() > 3,
         "{text}"
     );
 

@@ -868,9 +868,9 @@ fn a_recorded_access_profile_is_prefetched_by_the_next_mount() {
         .collect();
     assert!(first.terminate().success());
     let text = fs::read_to_string(&profile).unwrap();
-    let intervals = text.lines().skip(2).count();
+    let intervals = text.lines().skip(3).count();
     assert!(
-        text.starts_with("clip-profile 2\nmanifest sha256:") && intervals >= 2,
+        text.starts_with("clip-profile 3\nmanifest sha256:") && intervals >= 2,
         "profile:\n{text}"
     );
 
@@ -957,7 +957,7 @@ fn each_image_learns_its_access_profile_in_the_cache_directory() {
     assert_eq!(learnt.len(), 1, "{learnt:?}");
     let name = learnt[0].file_name().unwrap().to_str().unwrap().to_string();
     let text = fs::read_to_string(&learnt[0]).unwrap();
-    let intervals = text.lines().skip(2).count();
+    let intervals = text.lines().skip(3).count();
     let layout = format!(
         "{:016x}",
         IndexFile::open(&index).unwrap().checkpoint_layout_id()
@@ -968,7 +968,7 @@ fn each_image_learns_its_access_profile_in_the_cache_directory() {
     assert!(
         digest.starts_with("sha256-")
             && text.starts_with(&format!(
-                "clip-profile 2\nmanifest {}\n",
+                "clip-profile 3\nmanifest {}\nlayout {layout}\n",
                 digest.replacen('-', ":", 1)
             ))
             && intervals >= 2,

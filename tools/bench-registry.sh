@@ -160,7 +160,7 @@ fleet_profile_ms=$R_TOTAL fleet_profile_requests=$R_REQUESTS
 
 echo "== clip with an access profile: one cold run records it (--record-profile), then cold runs prefetch it (--prefetch-profile)"
 clip_run "recording run" --record-profile "$W/profile"
-echo "profile: $(($(wc -l <"$W/profile") - 2)) intervals"
+echo "profile: $(($(wc -l <"$W/profile") - 3)) intervals"
 ptot=() pfetched=() prequests=()
 for i in $(seq "$RUNS"); do
     clip_run "profile run $i" --prefetch-profile "$W/profile" ${PREFETCH_THREADS:+--prefetch-threads "$PREFETCH_THREADS"}

@@ -240,12 +240,11 @@ fn run(cli: Cli) -> Result<()> {
 
     let manifest =
         String::from_utf8_lossy(index.index().image.manifest_digest.as_slice()).into_owned();
+    let layout = index.checkpoint_layout_id();
     // The profile this image's runs learn in the cache directory, unless profiles are named
     // on the command line.
     let learnt_name = match (&disk, &cli.record_profile, &cli.prefetch_profile) {
-        (Some(_), None, None) if !cli.no_learn_profile => {
-            learnt_profile_name(&manifest, index.checkpoint_layout_id())
-        }
+        (Some(_), None, None) if !cli.no_learn_profile => learnt_profile_name(&manifest, layout),
         _ => None,
     };
     let learnt = learnt_name.as_ref().and_then(|name| {
@@ -265,12 +264,13 @@ fn run(cli: Cli) -> Result<()> {
             &String::from_utf8_lossy(&text),
             &format!("redis key {key}"),
             &manifest,
+            layout,
         )
         .map_err(|e| tracing::warn!(error = %e, "ignoring the access profile in Redis"))
         .ok()
     };
     let learnt_before = match learnt.as_ref().filter(|p| p.exists()) {
-        Some(p) => Profile::load(p, &manifest)
+        Some(p) => Profile::load(p, &manifest, layout)
             .map_err(|e| tracing::warn!(error = %e, "ignoring the learnt access profile"))
             .ok(),
         None => shared_profile().inspect(|p| {
@@ -286,7 +286,7 @@ fn run(cli: Cli) -> Result<()> {
             tracing::info!(path = %p.display(), "no access profile yet: this run records it");
             None
         }
-        Some(p) => Some(Profile::load(p, &manifest)?),
+        Some(p) => Some(Profile::load(p, &manifest, layout)?),
         None => learnt_before.clone(),
     };
     let mut fs = ClipFs::new(index, source, tiers, cli.threads)?.with_read_ahead(cli.read_ahead);
@@ -378,15 +378,16 @@ fn run(cli: Cli) -> Result<()> {
     }
     counters.log();
     if let (Some(path), Some(rec)) = (&cli.record_profile, &recorder) {
-        let profile = rec.profile(&manifest);
+        let profile = rec.profile(&manifest, layout);
         profile.save(path)?;
         tracing::info!(path = %path.display(), intervals = profile.intervals.len(), "access profile written");
     }
     if let (Some(path), Some(rec)) = (&learnt, &recorder) {
-        let read = rec.profile(&manifest);
+        let read = rec.profile(&manifest, layout);
         if !read.intervals.is_empty() {
             let mut profile = learnt_before.unwrap_or_else(|| Profile {
                 manifest: manifest.clone(),
+                layout: Some(layout),
                 intervals: Vec::new(),
             });
             profile.merge(&read, LEARNT_MAX);
@@ -405,6 +406,7 @@ fn run(cli: Cli) -> Result<()> {
                 // What other daemons added since this one started, and what it learnt.
                 let mut shared = shared_profile().unwrap_or_else(|| Profile {
                     manifest: manifest.clone(),
+                    layout: Some(layout),
                     intervals: Vec::new(),
                 });
                 shared.merge(&profile, LEARNT_MAX);
