@@ -11,7 +11,7 @@ use clip::format::IndexFile;
 use clip::read::Tier;
 use clip::source::{Source, SourceError};
 use common::{
-    counting_layout, edge_index, files, free_port, mount_and_read_all, piece_keys, read_all,
+    counting_layout, edge_index, files, free_port, mount_and_read_all, piece_keys, plain, read_all,
     read_file, require_tool, run, test_pki, TestPki,
 };
 use std::collections::{BTreeMap, BTreeSet};
@@ -970,21 +970,6 @@ fn contains_tells_which_pieces_redis_holds_without_reading_them() {
     );
     t.remove(&host.sha256);
     assert!(!t.contains(&host.sha256), "deleted");
-}
-
-/// `log` without terminal colours.
-fn plain(log: &str) -> String {
-    let mut out = String::new();
-    let mut in_escape = false;
-    for c in log.chars() {
-        match c {
-            '\x1b' => in_escape = true,
-            'm' if in_escape => in_escape = false,
-            _ if !in_escape => out.push(c),
-            _ => {}
-        }
-    }
-    out
 }
 
 #[test]

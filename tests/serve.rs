@@ -780,17 +780,7 @@ fn prefetched_log(served: &Served) -> String {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let mut log = String::new();
-    let mut in_escape = false;
-    for c in served.log().chars() {
-        match c {
-            '\x1b' => in_escape = true,
-            'm' if in_escape => in_escape = false,
-            _ if !in_escape => log.push(c),
-            _ => {}
-        }
-    }
-    log
+    common::plain(&served.log())
 }
 
 /// Mount `index` over the disk cache `cache` (under `tmp`) replaying `profile`: every one

@@ -355,6 +355,21 @@ pub fn require_fuse() {
     );
 }
 
+/// `log` without terminal colour sequences.
+pub fn plain(log: &str) -> String {
+    let mut out = String::new();
+    let mut in_escape = false;
+    for c in log.chars() {
+        match c {
+            '\x1b' => in_escape = true,
+            'm' if in_escape => in_escape = false,
+            _ if !in_escape => out.push(c),
+            _ => {}
+        }
+    }
+    out
+}
+
 /// Whether `dir` is a mount point (listed in /proc/self/mountinfo).
 pub fn is_mounted(dir: &Path) -> bool {
     let dir = dir.to_string_lossy().into_owned();
