@@ -109,6 +109,15 @@ pub struct Profile {
 }
 
 impl Profile {
+    /// An empty profile of the image `manifest` indexed with the checkpoint layout `layout`.
+    pub fn new(manifest: &str, layout: u64) -> Profile {
+        Profile {
+            manifest: manifest.into(),
+            layout: Some(layout),
+            intervals: Vec::new(),
+        }
+    }
+
     /// Read a profile and check that it belongs to the image `manifest` and, when it says
     /// (version 3), to an index with the checkpoint layout `layout`.
     pub fn load(path: &Path, manifest: &str, layout: u64) -> Result<Profile, ProfileError> {
@@ -353,9 +362,8 @@ impl Recorder {
     pub fn profile(&self, manifest: &str, layout: u64) -> Profile {
         let s = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         Profile {
-            manifest: manifest.into(),
-            layout: Some(layout),
             intervals: s.1.clone(),
+            ..Profile::new(manifest, layout)
         }
     }
 }

@@ -385,11 +385,7 @@ fn run(cli: Cli) -> Result<()> {
     if let (Some(path), Some(rec)) = (&learnt, &recorder) {
         let read = rec.profile(&manifest, layout);
         if !read.intervals.is_empty() {
-            let mut profile = learnt_before.unwrap_or_else(|| Profile {
-                manifest: manifest.clone(),
-                layout: Some(layout),
-                intervals: Vec::new(),
-            });
+            let mut profile = learnt_before.unwrap_or_else(|| Profile::new(&manifest, layout));
             profile.merge(&read, LEARNT_MAX);
             let saved = path
                 .parent()
@@ -404,11 +400,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             if let (Some(r), Some(key)) = (&redis, &shared_key) {
                 // What other daemons added since this one started, and what it learnt.
-                let mut shared = shared_profile().unwrap_or_else(|| Profile {
-                    manifest: manifest.clone(),
-                    layout: Some(layout),
-                    intervals: Vec::new(),
-                });
+                let mut shared =
+                    shared_profile().unwrap_or_else(|| Profile::new(&manifest, layout));
                 shared.merge(&profile, LEARNT_MAX);
                 if r.set_named(key, shared.to_text().as_bytes()) {
                     tracing::info!(key = %key, intervals = shared.intervals.len(), "access profile shared in Redis");
