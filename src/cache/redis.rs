@@ -592,10 +592,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Inner {
     fn key(&self, key: &[u8; 32]) -> String {
-        let mut s = String::with_capacity(self.cfg.key_prefix.len() + 64);
+        self.named_key(&hex::encode(key))
+    }
+
+    /// `name` after the configured key prefix.
+    fn named_key(&self, name: &str) -> String {
+        let mut s = String::with_capacity(self.cfg.key_prefix.len() + name.len());
         s.push_str(&self.cfg.key_prefix);
-        s.push_str(&hex::encode(key));
+        s.push_str(name);
         s
+    }
+
+    /// `SET key value`, expiring after the configured TTL if there is one.
+    fn set_cmd(&self, key: &str, value: &[u8]) -> redis::Cmd {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key).arg(value);
+        if let Some(ttl) = self.cfg.ttl {
+            cmd.arg("PX").arg(ttl.as_millis().max(1) as u64);
+        }
+        cmd
     }
 
     fn backoff(&self, failures: u32) -> Duration {
@@ -756,11 +771,7 @@ impl Inner {
             .iter()
             .map(|(k, v)| {
                 let key = self.key(k);
-                let mut cmd = redis::cmd("SET");
-                cmd.arg(&key).arg(&v[..]);
-                if let Some(ttl) = self.cfg.ttl {
-                    cmd.arg("PX").arg(ttl.as_millis().max(1) as u64);
-                }
+                let cmd = self.set_cmd(&key, v);
                 (key, cmd)
             })
             .collect();
@@ -1098,7 +1109,7 @@ impl RedisTier {
     /// or Redis is unavailable. Piece keys are 64 hex digits, so a `name` with other
     /// characters never meets one.
     pub fn get_named(&self, name: &str, max: usize) -> Option<Vec<u8>> {
-        let k = format!("{}{name}", self.inner.cfg.key_prefix);
+        let k = self.inner.named_key(name);
         let got = self.inner.with_connection("read", |con| {
             con.query::<Vec<u8>>(redis::cmd("GETRANGE").arg(&k).arg(0).arg(max as u64))
         });
@@ -1111,12 +1122,7 @@ impl RedisTier {
     /// Store `value` under `name` now (one command, with the tier's timeouts and TTL);
     /// false when Redis is unavailable.
     pub fn set_named(&self, name: &str, value: &[u8]) -> bool {
-        let k = format!("{}{name}", self.inner.cfg.key_prefix);
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(&k).arg(value);
-        if let Some(ttl) = self.inner.cfg.ttl {
-            cmd.arg("PX").arg(ttl.as_millis().max(1) as u64);
-        }
+        let cmd = self.inner.set_cmd(&self.inner.named_key(name), value);
         matches!(
             self.inner
                 .with_connection("write", |con| con.query::<()>(&cmd)),

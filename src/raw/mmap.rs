@@ -8,7 +8,15 @@ use std::path::Path;
 /// `POSIX_FADV_WILLNEED`): it reads at most the larger of the device's read-ahead size and
 /// its largest request per call (128 KiB and 1280 KiB by default on many disks) and
 /// silently drops the rest.
-pub const WILLNEED_CHUNK: usize = 256 << 10;
+const WILLNEED_CHUNK: u64 = 256 << 10;
+
+/// Split `start..end` into the ranges (offset, length) to ask the kernel to read ahead,
+/// one call each, so that none is cut short (see `WILLNEED_CHUNK`).
+pub fn willneed_chunks(start: u64, end: u64) -> impl Iterator<Item = (u64, u64)> {
+    (start..end)
+        .step_by(WILLNEED_CHUNK as usize)
+        .map(move |at| (at, WILLNEED_CHUNK.min(end - at)))
+}
 
 /// A read-only memory map of a whole file.
 pub struct MappedFile {
@@ -48,9 +56,10 @@ impl MappedFile {
         let len = len.div_ceil(page).saturating_mul(page).min(self.map.len());
         if len > 0 {
             let _ = self.map.advise_range(memmap2::Advice::Normal, 0, len);
-            for at in (0..len).step_by(WILLNEED_CHUNK) {
-                let n = WILLNEED_CHUNK.min(len - at);
-                let _ = self.map.advise_range(memmap2::Advice::WillNeed, at, n);
+            for (at, n) in willneed_chunks(0, len as u64) {
+                let _ = self
+                    .map
+                    .advise_range(memmap2::Advice::WillNeed, at as usize, n as usize);
             }
         }
     }

@@ -2,7 +2,7 @@
 
 use super::{Source, SourceError};
 use crate::oci::{self, ImageIndex};
-use crate::raw::mmap::WILLNEED_CHUNK;
+use crate::raw::mmap::willneed_chunks;
 use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
 use std::collections::HashMap;
 use std::fs::File;
@@ -247,16 +247,18 @@ impl BlobReader {
     /// takes whole. Advice only.
     fn advise_to(&mut self, to: u64) {
         let to = self.end.map_or(to, |e| to.min(e));
-        while self.advised < to {
-            let n = (to - self.advised).min(WILLNEED_CHUNK as u64);
+        if to <= self.advised {
+            return;
+        }
+        for (at, n) in willneed_chunks(self.advised, to) {
             let _ = posix_fadvise(
                 self.file.as_ref(),
-                self.advised as i64,
+                at as i64,
                 n as i64,
                 PosixFadviseAdvice::POSIX_FADV_WILLNEED,
             );
-            self.advised += n;
         }
+        self.advised = to;
     }
 }
 
