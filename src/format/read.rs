@@ -376,6 +376,36 @@ impl IndexFile {
         Ok(Some((k, from.min(size), to.max(from.min(size)))))
     }
 
+    /// The compressed offset in gzip layer `layer` of uncompressed offset `out`, estimated
+    /// by linear interpolation between the checkpoints around it (exact at a checkpoint);
+    /// `None` when no checkpoint precedes `out`.
+    pub fn compressed_offset_estimate(
+        &self,
+        layer: u32,
+        out: u64,
+    ) -> Result<Option<u64>, FormatError> {
+        let l = self.layer(layer)?;
+        let Some(k) = self.checkpoint_index_before(layer, out)? else {
+            return Ok(None);
+        };
+        let a = &l.checkpoints[k];
+        let (a_in, a_out) = (a.in_offset.to_native(), a.out_offset.to_native());
+        let (b_in, b_out) = l.checkpoints.get(k + 1).map_or(
+            (
+                l.compressed_size.to_native(),
+                l.uncompressed_size.to_native(),
+            ),
+            |c| (c.in_offset.to_native(), c.out_offset.to_native()),
+        );
+        let b_in = b_in.max(a_in);
+        if b_out <= a_out {
+            return Ok(Some(b_in));
+        }
+        let part = (out - a_out).min(b_out - a_out) as u128 * (b_in - a_in) as u128
+            / (b_out - a_out) as u128;
+        Ok(Some(a_in + part as u64))
+    }
+
     /// The stored window of checkpoint `k` of `layer` (still encoded as its
     /// `window_encoding` says), after checking that it lies inside the window area and
     /// matches its XXH3 checksum.

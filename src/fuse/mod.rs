@@ -10,7 +10,9 @@ pub mod pool;
 use crate::format::{FormatError, IndexFile, Kind};
 use crate::profile::{Needed, Recorder};
 use crate::read::ahead::{CachedJob, Interval, Job};
-use crate::read::{AfterReply, FileReader, Neighbours, ReadAhead, ReadError, SpanReader, Tier};
+use crate::read::{
+    AfterReply, CursorPark, FileReader, Neighbours, ReadAhead, ReadError, SpanReader, Tier,
+};
 use crate::source::{Source, SourceError};
 use attr::{attr_of, entry_of, file_type, ino_of};
 use bytes::Bytes;
@@ -203,6 +205,7 @@ struct Shared {
     stats: Arc<ServeStats>,
     neighbours: Arc<Neighbours>,
     ahead: Arc<ReadAhead>,
+    cursors: Arc<CursorPark>,
     recorder: Option<Arc<Recorder>>,
 }
 
@@ -259,6 +262,7 @@ impl ClipFs {
             shared: Arc::new(Shared {
                 neighbours: Neighbours::new(index.index().layers.len()),
                 ahead: ReadAhead::new(READ_AHEAD, READ_AHEAD_HELD),
+                cursors: CursorPark::new(),
                 recorder: None,
                 index,
                 source: Arc::new(counting),
@@ -533,7 +537,7 @@ fn serve_read(
             .into_iter()
             .for_each(|(iv, piece)| rec.record(iv, piece));
     }
-    let ahead = r.plan_ahead(&shared.index, offset + n as u64);
+    let ahead = r.plan_ahead(&shared.index, &shared.tiers, offset + n as u64);
     let cached = r.plan_cached_ahead(offset + n as u64);
     Ok(Served {
         bytes: buf,
@@ -697,7 +701,7 @@ fn finish_interval(shared: &Shared, mut span: SpanReader) {
         .position()
         .and_then(|at| Interval::containing(&shared.index, layer, at));
     let (mut kept, mut kept_bytes) = (0, 0);
-    let r = span.finish_interval(&shared.index, &mut |offset, bytes| {
+    let r = span.finish_interval(&shared.index, &shared.neighbours, &mut |offset, bytes| {
         let (n, b) = shared
             .neighbours
             .keep(&shared.index, layer, offset, bytes, &shared.tiers);
@@ -787,6 +791,7 @@ impl Filesystem for ClipFs {
                 let (shared, pool) = (self.shared.clone(), self.ahead_pool.clone());
                 let r = r
                     .with_neighbours(self.shared.neighbours.clone())
+                    .with_cursor_park(self.shared.cursors.clone())
                     .with_read_ahead(self.shared.ahead.clone())
                     .with_job_sink(Arc::new(move |job| spawn_ahead(&pool, &shared, job)))
                     .defer_interval_finish();

@@ -443,7 +443,7 @@ impl ReadAhead {
         };
         let mut buf = vec![0u8; (end - start) as usize];
         let mut span = SpanReader::new(iv.layer);
-        let read = span.read_at(index, source, start, &mut buf, &mut |_, _| {});
+        let read = span.read_at(index, source, start, &mut buf, None, &mut |_, _| {});
         let mut stats = JobStats {
             inflated: span.inflated,
             fetched: span.fetched(),

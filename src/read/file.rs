@@ -2,7 +2,7 @@
 
 use super::ahead::{CachedJob, Interval, Job, ReadAhead, ReaderClaim};
 use super::neighbours::Neighbours;
-use super::span::SpanReader;
+use super::span::{CursorPark, SpanReader};
 use crate::format::{FormatError, IndexFile, Kind, Piece};
 use crate::source::{Source, SourceError};
 use bytes::Bytes;
@@ -121,6 +121,7 @@ pub struct FileReader {
     frontier: u64,
     streak: u64,
     touched: Option<Vec<(Interval, (u64, u64))>>,
+    park: Option<Arc<CursorPark>>,
 }
 
 /// Reads that land this close to the furthest offset read so far count as sequential
@@ -164,6 +165,7 @@ impl FileReader {
             frontier: 0,
             streak: 0,
             touched: None,
+            park: None,
         })
     }
 
@@ -171,6 +173,13 @@ impl FileReader {
     /// [`Neighbours`]).
     pub fn with_neighbours(mut self, neighbours: Arc<Neighbours>) -> FileReader {
         self.neighbours = Some(neighbours);
+        self
+    }
+
+    /// Leave inflate cursors this reader stops using in `park`, and continue cursors other
+    /// readers left there (see [`CursorPark`]).
+    pub fn with_cursor_park(mut self, park: Arc<CursorPark>) -> FileReader {
+        self.park = Some(park);
         self
     }
 
@@ -192,8 +201,9 @@ impl FileReader {
     /// Read-ahead jobs for the intervals after file offset `next` (where a sequential
     /// reader goes on), once this reader has needed the origin and read sequentially for a
     /// while: the caller runs them on other threads with [`ReadAhead::run`]. Intervals
-    /// already done or running are left out.
-    pub fn plan_ahead(&self, index: &IndexFile, next: u64) -> Vec<Job> {
+    /// already done or running are left out, and so are those whose pieces of this file the
+    /// first of `tiers` holds (another read kept them on its way).
+    pub fn plan_ahead(&self, index: &IndexFile, tiers: &[Arc<dyn Tier>], next: u64) -> Vec<Job> {
         let Some(ahead) = &self.ahead else {
             return Vec::new();
         };
@@ -224,7 +234,8 @@ impl FileReader {
             self.pieces[first..]
                 .iter()
                 .take_while(|p| base + p.offset < b)
-                .any(|p| base + p.offset + p.len > a)
+                .filter(|p| base + p.offset + p.len > a)
+                .any(|p| !tiers.first().is_some_and(|t| t.contains(&p.sha256)))
         };
         ahead.plan(
             index,
@@ -357,13 +368,17 @@ impl FileReader {
         }
         if !std::mem::replace(&mut self.cold, true) {
             if let Some(sink) = &self.job_sink {
-                self.plan_ahead(index, p.offset)
+                self.plan_ahead(index, tiers, p.offset)
                     .into_iter()
                     .for_each(sink.as_ref());
             }
         }
         let mut buf = vec![0u8; p.len as usize];
-        let span = self.span.get_or_insert_with(|| SpanReader::new(self.layer));
+        let park = &self.park;
+        let span = self.span.get_or_insert_with(|| match park {
+            Some(park) => SpanReader::with_park(self.layer, park.clone()),
+            None => SpanReader::new(self.layer),
+        });
         let mut mark = (span.inflated, span.fetched());
         let layer = self.layer;
         let neighbours = self.neighbours.as_deref();
@@ -388,6 +403,7 @@ impl FileReader {
             source,
             self.data_offset + p.offset,
             &mut buf,
+            neighbours,
             &mut |offset, bytes| match (neighbours, defer) {
                 (None, _) => {}
                 (Some(_), true) => passed.push((layer, offset, bytes)),
@@ -397,6 +413,7 @@ impl FileReader {
         count(span);
         read?;
         if !verify(&buf, &p.sha256) {
+            span.discard();
             self.span = None;
             return Err(ReadError::Mismatch {
                 path: String::from_utf8_lossy(&index.path_of(self.entry)?).into_owned(),
@@ -408,14 +425,14 @@ impl FileReader {
         for t in tiers {
             t.put(&p.sha256, &buf);
         }
-        if neighbours.is_some() && k + 1 == self.pieces.len() {
+        if let Some(n) = neighbours.filter(|_| k + 1 == self.pieces.len()) {
             // The file is done; the rest of the interval was fetched anyway and most likely
             // holds the files read next (a package's modules sit together in the tar). A
             // failure here only costs those files a fetch of their own.
             if self.defer_finish {
                 self.after.unfinished = self.span.take();
             } else {
-                let finished = span.finish_interval(index, &mut keep);
+                let finished = span.finish_interval(index, n, &mut keep);
                 count(span);
                 if let Err(e) = finished {
                     tracing::debug!(error = %e, "could not keep the rest of the interval");

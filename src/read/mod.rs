@@ -1,5 +1,6 @@
 //! The read path: from an index entry to verified bytes. `span` turns a range of a layer's
-//! uncompressed stream into bytes by resuming inflation at the nearest checkpoint;
+//! uncompressed stream into bytes by resuming inflation at the nearest checkpoint (or
+//! continuing a cursor another reader left in a `CursorPark`);
 //! `file` serves content-addressed pieces of files through cache tiers, falling back to
 //! the origin and verifying every byte against its sha256; `neighbours` keeps the other
 //! files' pieces that a resumed inflation passes on the way; `ahead` inflates the intervals
@@ -13,4 +14,4 @@ pub mod span;
 pub use ahead::ReadAhead;
 pub use file::{AfterReply, FileReader, ReadError, Tier};
 pub use neighbours::Neighbours;
-pub use span::SpanReader;
+pub use span::{CursorPark, SpanReader};

@@ -37,6 +37,17 @@ impl Neighbours {
         self.layer_map(index, layer).unwrap_or(&[])
     }
 
+    /// The end of the piece of `layer` that crosses uncompressed offset `boundary` (starts
+    /// before it and ends after it), if one does.
+    pub fn crossing_end(&self, index: &IndexFile, layer: u32, boundary: u64) -> Option<u64> {
+        let map = self.layer_map(index, layer)?;
+        let i = map
+            .partition_point(|l| l.offset < boundary)
+            .checked_sub(1)?;
+        let end = map[i].offset + map[i].len;
+        (end > boundary).then_some(end)
+    }
+
     fn layer_map(&self, index: &IndexFile, layer: u32) -> Option<&[Located]> {
         let slot = self.layers.get(layer as usize)?;
         Some(slot.get_or_init(|| {

@@ -622,6 +622,7 @@ impl Client {
             None if pos > 0 => headers.push(("Range", format!("bytes={pos}-"))),
             None => {}
         }
+        tracing::trace!(digest, pos, end, "blob range request");
         let resp = match self.at_location(digest, &headers) {
             Some(resp) => resp,
             None => {
