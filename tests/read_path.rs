@@ -995,3 +995,74 @@ fn read_ahead_leaves_out_intervals_whose_pieces_the_first_tier_holds() {
     expected.remove(&(last as u32));
     assert_eq!(planned, expected);
 }
+
+/// A tier whose `get` of one key waits until the test lets it go.
+struct SlowTier {
+    inner: MemTier,
+    slow: [u8; 32],
+    gate: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Tier for SlowTier {
+    fn name(&self) -> &str {
+        "slow"
+    }
+    fn get(&self, key: &[u8; 32]) -> Option<Bytes> {
+        if *key == self.slow {
+            let _ = self.gate.lock().unwrap().recv();
+        }
+        self.inner.get(key)
+    }
+    fn put(&self, key: &[u8; 32], bytes: &Bytes) {
+        self.inner.put(key, bytes)
+    }
+    fn remove(&self, key: &[u8; 32]) {
+        self.inner.remove(key)
+    }
+}
+
+/// A reader waiting for a piece that a cached-piece job reads stops waiting as soon as the
+/// job holds that piece, not when the job has read all of its pieces.
+#[test]
+fn a_cached_piece_job_hands_over_each_piece_as_soon_as_it_is_read() {
+    let f = big_fixture();
+    let pieces = FileReader::new(&f.idx, entry(&f.idx, "/big.bin"))
+        .unwrap()
+        .pieces()
+        .to_vec();
+    let data = clip::demo::noise(7, BIG);
+    let (go, gate) = std::sync::mpsc::channel();
+    let tier = Arc::new(SlowTier {
+        inner: MemTier::default(),
+        slow: pieces[1].sha256,
+        gate: Mutex::new(gate),
+    });
+    for p in &pieces[..2] {
+        let bytes = &data[p.offset as usize..(p.offset + p.len) as usize];
+        tier.put(&p.sha256, &Bytes::copy_from_slice(bytes));
+    }
+    let tiers: Vec<Arc<dyn Tier>> = vec![tier.clone()];
+    let ahead = ReadAhead::new(8 << 20, 64 << 20);
+    let job = ahead
+        .claim_cached(pieces[..2].iter().map(|p| (p.sha256, p.len)))
+        .expect("two pieces to read");
+    std::thread::scope(|s| {
+        let runner = s.spawn(|| ahead.run_cached(&tiers, job));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = ahead.clone();
+        let first = pieces[0].sha256;
+        s.spawn(move || {
+            waiter.wait_key(&first);
+            tx.send(waiter.take(&first)).unwrap();
+        });
+        let got = rx.recv_timeout(std::time::Duration::from_secs(10));
+        // Let the job finish before judging, so that a failure does not hang the scope.
+        go.send(()).unwrap();
+        let held = got
+            .expect("piece 0 handed over while the job still waits for piece 1")
+            .expect("piece 0 is held");
+        assert!(held.verified);
+        assert_eq!(held.bytes.len() as u64, pieces[0].len);
+        assert_eq!(runner.join().unwrap(), 2);
+    });
+}

@@ -854,7 +854,7 @@ impl Filesystem for ClipFs {
                     for job in served.ahead {
                         spawn_ahead(&ahead_pool, &shared, job);
                     }
-                    if let Some(job) = served.cached {
+                    for job in served.cached.into_iter().flat_map(CachedJob::split) {
                         let shared = shared.clone();
                         ahead_pool.submit(move || {
                             shared.ahead.run_cached(&shared.tiers, job);

@@ -115,6 +115,15 @@ pub struct CachedJob {
     pub pieces: Vec<([u8; 32], u64)>,
 }
 
+impl CachedJob {
+    /// One job per piece, in file order, so that several threads verify them at once.
+    pub fn split(self) -> impl Iterator<Item = CachedJob> {
+        self.pieces
+            .into_iter()
+            .map(|p| CachedJob { pieces: vec![p] })
+    }
+}
+
 /// Un-marks a cached-piece job's keys when dropped (also on panic), waking readers.
 struct KeysClaim<'a> {
     ahead: &'a ReadAhead,
@@ -386,35 +395,41 @@ impl ReadAhead {
     }
 
     /// Run `job`: read each piece from the first tier that has it right (verified), copy
-    /// it into the tiers before that one, and hold it, verified, for its reader. Returns the
-    /// number of pieces held.
+    /// it into the tiers before that one, and hold it, verified, for its reader, who stops
+    /// waiting for it then (not at the end of the job). Returns the number of pieces held.
     pub fn run_cached(&self, tiers: &[Arc<dyn Tier>], job: CachedJob) -> u64 {
-        let _claim = KeysClaim {
+        let mut claim = KeysClaim {
             ahead: self,
             keys: job.pieces.iter().map(|(k, _)| *k).collect(),
         };
         let mut held = 0;
         for (key, len) in job.pieces {
-            for (i, t) in tiers.iter().enumerate() {
-                let Some(b) = t.get(&key) else { continue };
-                if b.len() as u64 != len || !verify(&b, &key) {
-                    continue; // the reader drops and counts it when it gets there
+            let found = tiers.iter().enumerate().find_map(|(i, t)| {
+                let b = t.get(&key)?;
+                // A wrong piece is left for the reader, who drops and counts it.
+                (b.len() as u64 == len && verify(&b, &key)).then_some((i, b))
+            });
+            if let Some((i, b)) = &found {
+                for lower in &tiers[..*i] {
+                    lower.put(&key, b);
                 }
-                for lower in &tiers[..i] {
-                    lower.put(&key, &b);
-                }
-                let mut s = self.lock();
+            }
+            let mut s = self.lock();
+            if let Some((_, bytes)) = found {
                 self.hold(
                     &mut s,
                     key,
                     Held {
-                        bytes: b,
+                        bytes,
                         verified: true,
                     },
                 );
                 held += 1;
-                break;
             }
+            s.running_keys.remove(&key);
+            drop(s);
+            claim.keys.retain(|k| *k != key);
+            self.changed.notify_all();
         }
         held
     }
