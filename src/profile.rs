@@ -273,11 +273,13 @@ impl Profile {
     }
 }
 
-/// `needed` grouped into runs of neighbouring intervals (same layer, consecutive
-/// checkpoints, at most `max` each), so that each run's compressed bytes can be fetched with
-/// one request. Runs are ordered by the first use of any of their intervals; an interval
-/// listed twice appears once.
-pub fn runs(needed: &[Needed], max: usize) -> Vec<Vec<Needed>> {
+/// `needed` grouped into runs of neighbouring intervals (same layer, at most `gap`
+/// intervals missing between two of a run, at most `max` checkpoints from a run's first to
+/// its last), so that each run's compressed bytes can be fetched with one request (the
+/// missing intervals' bytes too: a request costs a registry more than a few hundred KB).
+/// Runs are ordered by the first use of any of their intervals; an interval listed twice
+/// appears once.
+pub fn runs(needed: &[Needed], max: usize, gap: u32) -> Vec<Vec<Needed>> {
     // Each interval once: its first use, and everything its listings say it needed.
     let mut merged: HashMap<Interval, (usize, Needed)> = HashMap::new();
     for (i, n) in needed.iter().enumerate() {
@@ -299,11 +301,11 @@ pub fn runs(needed: &[Needed], max: usize) -> Vec<Vec<Needed>> {
         let interval = n.interval;
         match runs.last_mut() {
             Some((rank, run))
-                if run.len() < max.max(1)
-                    && run.last().is_some_and(|p| {
-                        p.interval.layer == interval.layer
-                            && p.interval.checkpoint + 1 == interval.checkpoint
-                    }) =>
+                if matches!((run.first(), run.last()), (Some(f), Some(p))
+                    if p.interval.layer == interval.layer
+                        && interval.checkpoint <= p.interval.checkpoint.saturating_add(1 + gap)
+                        && (interval.checkpoint.saturating_sub(f.interval.checkpoint) as usize)
+                            < max.max(1)) =>
             {
                 *rank = (*rank).min(first);
                 run.push(n);
@@ -389,7 +391,7 @@ mod tests {
             n(1, 5, 55),
             n(2, 0, 1),
         ];
-        let got: Vec<Vec<(u32, u32, u64)>> = runs(&needed, 3)
+        let got: Vec<Vec<(u32, u32, u64)>> = runs(&needed, 3, 0)
             .iter()
             .map(|r| {
                 r.iter()
@@ -409,9 +411,42 @@ mod tests {
             "consecutive checkpoints of one layer, at most 3, ranked by their earliest use"
         );
         assert_eq!(
-            runs(&needed, 3)[0][0].pieces,
+            runs(&needed, 3, 0)[0][0].pieces,
             [49, 54],
             "an interval listed twice keeps the pieces of both (sorted, once each)"
+        );
+    }
+
+    #[test]
+    fn runs_may_span_a_gap_of_unneeded_intervals_but_not_more_checkpoints_than_allowed() {
+        let n = |layer, checkpoint| Needed {
+            interval: Interval { layer, checkpoint },
+            until: u64::MAX,
+            pieces: Vec::new(),
+        };
+        let shape = |runs: Vec<Vec<Needed>>| -> Vec<Vec<u32>> {
+            runs.iter()
+                .map(|r| r.iter().map(|n| n.interval.checkpoint).collect())
+                .collect()
+        };
+        let needed = [n(0, 1), n(0, 3), n(0, 6), n(0, 7), n(1, 8), n(0, 10)];
+        assert_eq!(
+            shape(runs(&needed, 8, 1)),
+            [vec![1, 3], vec![6, 7], vec![8], vec![10]],
+            "one missing interval bridged, two not; never across layers"
+        );
+        assert_eq!(
+            shape(runs(&needed, 8, 2)),
+            [vec![1, 3, 6, 7], vec![8], vec![10]]
+        );
+        assert_eq!(
+            shape(runs(&needed, 6, 2)),
+            [vec![1, 3, 6], vec![7, 10], vec![8]],
+            "a run spans at most 6 checkpoints, first to last"
+        );
+        assert_eq!(
+            shape(runs(&needed, 8, 0)),
+            [vec![1], vec![3], vec![6, 7], vec![8], vec![10]]
         );
     }
 

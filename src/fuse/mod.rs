@@ -316,7 +316,7 @@ impl ClipFs {
                     .into_iter()
                     .filter(|n| !cached(&shared, n))
                     .collect();
-                let runs = crate::profile::runs(&todo, PREFETCH_RUN);
+                let runs = crate::profile::runs(&todo, PREFETCH_RUN, PREFETCH_GAP);
                 let next = AtomicU64::new(0);
                 std::thread::scope(|scope| {
                     for t in 0..threads.max(1) {
@@ -588,6 +588,12 @@ fn cached(shared: &Shared, n: &Needed) -> bool {
 /// Most neighbouring profile intervals fetched with one request (2 MiB intervals: up to
 /// 16 MiB of layer, a few MB compressed).
 pub const PREFETCH_RUN: usize = 8;
+
+/// Intervals a profile does not need that one request may still fetch between two it
+/// needs, rather than making two requests. Replaying a cold `import numpy` from the
+/// registry: 23 requests without gaps, 17 with one (+12 % bytes, ~3 % sooner), 15 with two
+/// (+23 % bytes, no sooner).
+pub const PREFETCH_GAP: u32 = 1;
 
 /// Claim the intervals of one profile run, fetch their compressed bytes with one request
 /// and inflate each from its checkpoint. If that request fails, each job fetches its own.
