@@ -910,6 +910,9 @@ fn finishing_an_interval_keeps_the_piece_crossing_its_end_from_the_same_request(
         })
         .expect("a piece of /big.bin crosses a checkpoint");
     let start = base + crossing.offset - 4096;
+    // A cold read does not build the layer's piece map itself (keeping what it passed
+    // does, after its reply); here nothing was kept before.
+    f.neighbours.build(&f.idx, layer);
     let mut span = SpanReader::new(layer);
     let mut out = vec![0u8; 4096];
     span.read_at(

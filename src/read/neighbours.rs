@@ -37,10 +37,18 @@ impl Neighbours {
         self.layer_map(index, layer).unwrap_or(&[])
     }
 
+    /// Build `layer`'s map now (the first [`Neighbours::keep`] in it does otherwise).
+    pub fn build(&self, index: &IndexFile, layer: u32) {
+        self.layer_map(index, layer);
+    }
+
     /// The end of the piece of `layer` that crosses uncompressed offset `boundary` (starts
-    /// before it and ends after it), if one does.
-    pub fn crossing_end(&self, index: &IndexFile, layer: u32, boundary: u64) -> Option<u64> {
-        let map = self.layer_map(index, layer)?;
+    /// before it and ends after it), if one does. `None` as well while the layer's map is
+    /// not built: building it walks every entry of the index, which a cold read waiting
+    /// for its bytes should not do (keeping the pieces it passed builds it, after the
+    /// reply).
+    pub fn crossing_end(&self, layer: u32, boundary: u64) -> Option<u64> {
+        let map = self.layers.get(layer as usize)?.get()?;
         let i = map
             .partition_point(|l| l.offset < boundary)
             .checked_sub(1)?;

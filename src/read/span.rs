@@ -356,7 +356,7 @@ impl SpanReader {
             .and_then(|j| index.interval_range(self.layer, j).ok().flatten())
             .map_or(end, |(_, e)| e);
         let through = neighbours
-            .and_then(|n| n.crossing_end(index, self.layer, interval_end))
+            .and_then(|n| n.crossing_end(self.layer, interval_end))
             .unwrap_or(interval_end);
         self.covers = interval_end.max(through);
         if through > interval_end {
@@ -424,9 +424,7 @@ impl SpanReader {
                     .map_or(pos, |(_, end)| end),
                 None => pos,
             };
-            let limit = neighbours
-                .crossing_end(index, self.layer, limit)
-                .unwrap_or(limit);
+            let limit = neighbours.crossing_end(self.layer, limit).unwrap_or(limit);
             let gap = limit.saturating_sub(pos);
             if gap > 0 && gap <= MAX_KEPT_GAP {
                 let bytes = inflate_exact(inner, gap as usize, self.layer)?;
