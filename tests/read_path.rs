@@ -29,6 +29,9 @@ impl Tier for MemTier {
     fn remove(&self, key: &[u8; 32]) {
         self.0.lock().unwrap().remove(key);
     }
+    fn is_local(&self) -> bool {
+        true
+    }
 }
 
 /// An origin that refuses every read.
@@ -952,7 +955,7 @@ fn finishing_an_interval_keeps_the_piece_crossing_its_end_from_the_same_request(
 
 /// Pieces that another read kept on its way are not inflated again by a read-ahead job.
 #[test]
-fn read_ahead_leaves_out_intervals_whose_pieces_the_first_tier_holds() {
+fn read_ahead_leaves_out_intervals_whose_pieces_a_local_tier_holds() {
     let f = big_fixture();
     let ahead = ReadAhead::new(64 << 20, 64 << 20);
     let i = entry(&f.idx, "/big.bin");
@@ -989,6 +992,18 @@ fn read_ahead_leaves_out_intervals_whose_pieces_the_first_tier_holds() {
         }
     }
     assert!(stored > 0);
+    // A tier across the network is not asked on the read path: its pieces do not count.
+    let far: Vec<Arc<dyn Tier>> = vec![Arc::new(Far(f.mem.clone()))];
+    let mut p = FileReader::new(&f.idx, i)
+        .unwrap()
+        .with_read_ahead(ReadAhead::new(64 << 20, 64 << 20));
+    p.read_at(&f.idx, &f.src, &[], 0, &mut out).unwrap();
+    let planned_far: BTreeSet<u32> = p
+        .plan_ahead(&f.idx, &far, next as u64)
+        .iter()
+        .map(|j| j.interval.checkpoint)
+        .collect();
+    assert_eq!(planned_far, all);
     let planned: BTreeSet<u32> = r
         .plan_ahead(&f.idx, &f.tiers, next as u64)
         .iter()
@@ -997,6 +1012,24 @@ fn read_ahead_leaves_out_intervals_whose_pieces_the_first_tier_holds() {
     let mut expected = all.clone();
     expected.remove(&(last as u32));
     assert_eq!(planned, expected);
+}
+
+/// A remote tier in front of a memory one (`is_local` is false).
+struct Far(Arc<MemTier>);
+
+impl Tier for Far {
+    fn name(&self) -> &str {
+        "far"
+    }
+    fn get(&self, key: &[u8; 32]) -> Option<Bytes> {
+        self.0.get(key)
+    }
+    fn put(&self, key: &[u8; 32], bytes: &Bytes) {
+        self.0.put(key, bytes)
+    }
+    fn remove(&self, key: &[u8; 32]) {
+        self.0.remove(key)
+    }
 }
 
 /// A tier whose `get` of one key waits until the test lets it go.

@@ -136,6 +136,10 @@ impl Tier for WriteBehind {
             || self.inner.contains(key)
     }
 
+    fn is_local(&self) -> bool {
+        self.inner.is_local()
+    }
+
     fn put(&self, key: &[u8; 32], bytes: &Bytes) {
         let len = bytes.len() as u64;
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();

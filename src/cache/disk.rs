@@ -322,6 +322,10 @@ impl Tier for DiskCache {
         self.path_of(key).is_file()
     }
 
+    fn is_local(&self) -> bool {
+        true
+    }
+
     fn put(&self, key: &[u8; 32], bytes: &Bytes) {
         if self.limit == 0 || bytes.len() as u64 > self.limit {
             return;

@@ -53,6 +53,11 @@ pub trait Tier: Send + Sync {
     fn contains(&self, key: &[u8; 32]) -> bool {
         self.get(key).is_some()
     }
+    /// Whether the tier is on this machine, so that [`Tier::contains`] costs no network
+    /// round trip (read-ahead planning asks only such tiers, on the read path).
+    fn is_local(&self) -> bool {
+        false
+    }
 }
 
 /// Where a reader sends the read-ahead jobs it plans while reading (see
@@ -201,8 +206,8 @@ impl FileReader {
     /// Read-ahead jobs for the intervals after file offset `next` (where a sequential
     /// reader goes on), once this reader has needed the origin and read sequentially for a
     /// while: the caller runs them on other threads with [`ReadAhead::run`]. Intervals
-    /// already done or running are left out, and so are those whose pieces of this file the
-    /// first of `tiers` holds (another read kept them on its way).
+    /// already done or running are left out, and so are those whose pieces of this file a
+    /// local tier of `tiers` holds (another read kept them on its way).
     pub fn plan_ahead(&self, index: &IndexFile, tiers: &[Arc<dyn Tier>], next: u64) -> Vec<Job> {
         let Some(ahead) = &self.ahead else {
             return Vec::new();
@@ -235,7 +240,7 @@ impl FileReader {
                 .iter()
                 .take_while(|p| base + p.offset < b)
                 .filter(|p| base + p.offset + p.len > a)
-                .any(|p| !tiers.first().is_some_and(|t| t.contains(&p.sha256)))
+                .any(|p| !tiers.iter().any(|t| t.is_local() && t.contains(&p.sha256)))
         };
         ahead.plan(
             index,
