@@ -7,8 +7,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Size reported for directories (as ext4 and overlayfs do for small ones).
 pub const DIR_SIZE: u64 = 4096;
-/// Preferred I/O size reported in `st_blksize`.
+/// Preferred I/O size reported in `st_blksize` (and the block size of `statfs`).
 pub const BLKSIZE: u32 = 4096;
+
+/// `st_blksize` of regular files: the cache piece. Programs that read in `st_blksize`
+/// units (`cat`, `cp`) then make the kernel's readahead start at piece boundaries, so
+/// each FUSE read is one whole piece, answered without joining two (a copy into fresh
+/// memory). Before, `cat`'s first 128 KiB read made windows of 256 KiB, 512 KiB, then
+/// 1 MiB at 768 KiB + n MiB, each straddling two pieces.
+pub const FILE_BLKSIZE: u32 = crate::format::types::CHUNK_SIZE as u32;
 
 /// FUSE inode number of entry `i` (the root, entry 0, is `FUSE_ROOT_ID` 1).
 pub fn ino_of(i: u32) -> INodeNo {
@@ -82,7 +89,11 @@ fn attr_of_entry(i: u32, e: &ArchivedEntry) -> Result<FileAttr, FormatError> {
         uid: e.uid.to_native(),
         gid: e.gid.to_native(),
         rdev,
-        blksize: BLKSIZE,
+        blksize: if kind == FileType::RegularFile {
+            FILE_BLKSIZE
+        } else {
+            BLKSIZE
+        },
         flags: 0,
     })
 }
