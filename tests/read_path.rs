@@ -957,33 +957,33 @@ fn finishing_an_interval_keeps_the_piece_crossing_its_end_from_the_same_request(
 #[test]
 fn read_ahead_leaves_out_intervals_whose_pieces_a_local_tier_holds() {
     let f = big_fixture();
-    let ahead = ReadAhead::new(64 << 20, 64 << 20);
-    let i = entry(&f.idx, "/big.bin");
-    let mut r = FileReader::new(&f.idx, i)
-        .unwrap()
-        .with_read_ahead(ahead.clone());
     let next = 3 << 20;
-    let mut out = vec![0u8; next];
-    r.read_at(&f.idx, &f.src, &[], 0, &mut out).unwrap();
-    let all: BTreeSet<u32> = {
-        // The same read against a second ReadAhead (nothing running there).
-        let probe = ReadAhead::new(64 << 20, 64 << 20);
-        let mut p = FileReader::new(&f.idx, i)
+    // Each reader has read the first `next` bytes of /big.bin cold, with read-ahead of its
+    // own (nothing claimed there yet); what it would plan next, as checkpoint numbers.
+    let planned_after_cold_read = |tiers: &[Arc<dyn Tier>]| -> (FileReader, BTreeSet<u32>) {
+        let mut r = FileReader::new(&f.idx, entry(&f.idx, "/big.bin"))
             .unwrap()
-            .with_read_ahead(probe.clone());
-        p.read_at(&f.idx, &f.src, &[], 0, &mut out).unwrap();
-        p.plan_ahead(&f.idx, &f.tiers, next as u64)
+            .with_read_ahead(ReadAhead::new(64 << 20, 64 << 20));
+        let mut out = vec![0u8; next];
+        r.read_at(&f.idx, &f.src, &[], 0, &mut out).unwrap();
+        let planned = r
+            .plan_ahead(&f.idx, tiers, next as u64)
             .iter()
             .map(|j| j.interval.checkpoint)
-            .collect()
+            .collect();
+        (r, planned)
     };
+    let (r, all) = planned_after_cold_read(&f.tiers);
     assert!(all.len() >= 2, "several intervals ahead: {all:?}");
     // Every piece wholly inside the last planned interval is now in the tier.
     let (_, base, cps) = big_layout(&f);
-    let last = *all.iter().max().unwrap() as usize;
-    let (a, b) = (cps[last], cps.get(last + 1).copied().unwrap_or(u64::MAX));
+    let last = *all.iter().max().unwrap();
+    let (a, b) = (
+        cps[last as usize],
+        cps.get(last as usize + 1).copied().unwrap_or(u64::MAX),
+    );
     let mut stored = 0;
-    for p in r.pieces().to_vec() {
+    for p in r.pieces() {
         let (s, e) = (base + p.offset, base + p.offset + p.len);
         if s < b && e > a {
             let bytes = &clip::demo::noise(7, BIG)[p.offset as usize..(p.offset + p.len) as usize];
@@ -992,26 +992,13 @@ fn read_ahead_leaves_out_intervals_whose_pieces_a_local_tier_holds() {
         }
     }
     assert!(stored > 0);
+    let (_, planned) = planned_after_cold_read(&f.tiers);
+    let mut expected = all.clone();
+    expected.remove(&last);
+    assert_eq!(planned, expected);
     // A tier across the network is not asked on the read path: its pieces do not count.
     let far: Vec<Arc<dyn Tier>> = vec![Arc::new(Far(f.mem.clone()))];
-    let mut p = FileReader::new(&f.idx, i)
-        .unwrap()
-        .with_read_ahead(ReadAhead::new(64 << 20, 64 << 20));
-    p.read_at(&f.idx, &f.src, &[], 0, &mut out).unwrap();
-    let planned_far: BTreeSet<u32> = p
-        .plan_ahead(&f.idx, &far, next as u64)
-        .iter()
-        .map(|j| j.interval.checkpoint)
-        .collect();
-    assert_eq!(planned_far, all);
-    let planned: BTreeSet<u32> = r
-        .plan_ahead(&f.idx, &f.tiers, next as u64)
-        .iter()
-        .map(|j| j.interval.checkpoint)
-        .collect();
-    let mut expected = all.clone();
-    expected.remove(&(last as u32));
-    assert_eq!(planned, expected);
+    assert_eq!(planned_after_cold_read(&far).1, all);
 }
 
 /// A remote tier in front of a memory one (`is_local` is false).

@@ -246,11 +246,11 @@ impl SpanReader {
         neighbours: Option<&Neighbours>,
         skipped: &mut dyn FnMut(u64, Vec<u8>),
     ) -> Result<(), ReadError> {
-        let r = self.read_inner(index, source, start, out, neighbours, skipped);
-        if r.is_err() {
-            self.discard();
-        }
-        r
+        let end = start + out.len() as u64;
+        let r = self
+            .place_cursor(index, source, (start, end), neighbours)
+            .and_then(|()| self.fill(start, out, skipped));
+        self.discard_on_error(r)
     }
 
     /// Drop the cursor without parking it (it failed, or produced wrong bytes).
@@ -258,16 +258,22 @@ impl SpanReader {
         self.cursor = None;
     }
 
-    fn read_inner(
+    fn discard_on_error<T>(&mut self, r: Result<T, ReadError>) -> Result<T, ReadError> {
+        if r.is_err() {
+            self.discard();
+        }
+        r
+    }
+
+    /// Have a cursor at or shortly before `start`: this reader's own, one parked by
+    /// another, or a new one.
+    fn place_cursor(
         &mut self,
         index: &IndexFile,
         source: &dyn Source,
-        start: u64,
-        out: &mut [u8],
+        (start, end): (u64, u64),
         neighbours: Option<&Neighbours>,
-        skipped: &mut dyn FnMut(u64, Vec<u8>),
     ) -> Result<(), ReadError> {
-        let end = start + out.len() as u64;
         let reuse = self
             .cursor
             .as_ref()
@@ -278,7 +284,23 @@ impl SpanReader {
                 self.cursor = Some(self.open(index, source, start, end, neighbours)?);
             }
         }
-        let cursor = self.cursor.as_mut().expect("set above");
+        Ok(())
+    }
+
+    /// Fill `out` with the bytes at `start`, from a cursor at or before it.
+    fn fill(
+        &mut self,
+        start: u64,
+        out: &mut [u8],
+        skipped: &mut dyn FnMut(u64, Vec<u8>),
+    ) -> Result<(), ReadError> {
+        let end = start + out.len() as u64;
+        let Some(cursor) = self.cursor.as_mut() else {
+            return Err(ReadError::Origin(format!(
+                "layer {}: no cursor to read from",
+                self.layer
+            )));
+        };
         let layer_no = self.layer;
         let bad = |e: std::io::Error| ReadError::Origin(format!("layer {layer_no}: {e}"));
         match cursor {
@@ -402,36 +424,25 @@ impl SpanReader {
         neighbours: &Neighbours,
         passed: &mut dyn FnMut(u64, &[u8]),
     ) -> Result<(), ReadError> {
-        let r = self.finish_inner(index, neighbours, passed);
-        if r.is_err() {
-            self.discard();
+        let Some(Cursor::Gzip(inner)) = &mut self.cursor else {
+            return Ok(());
+        };
+        let pos = inner.position();
+        let limit = match index.checkpoint_index_before(self.layer, pos)? {
+            Some(k) => index
+                .interval_range(self.layer, k)?
+                .map_or(pos, |(_, end)| end),
+            None => pos,
+        };
+        let limit = neighbours.crossing_end(self.layer, limit).unwrap_or(limit);
+        let gap = limit.saturating_sub(pos);
+        if gap == 0 || gap > MAX_KEPT_GAP {
+            return Ok(());
         }
-        r
-    }
-
-    fn finish_inner(
-        &mut self,
-        index: &IndexFile,
-        neighbours: &Neighbours,
-        passed: &mut dyn FnMut(u64, &[u8]),
-    ) -> Result<(), ReadError> {
-        if let Some(Cursor::Gzip(inner)) = &mut self.cursor {
-            let pos = inner.position();
-            let here = index.checkpoint_index_before(self.layer, pos)?;
-            let limit = match here {
-                Some(k) => index
-                    .interval_range(self.layer, k)?
-                    .map_or(pos, |(_, end)| end),
-                None => pos,
-            };
-            let limit = neighbours.crossing_end(self.layer, limit).unwrap_or(limit);
-            let gap = limit.saturating_sub(pos);
-            if gap > 0 && gap <= MAX_KEPT_GAP {
-                let bytes = inflate_exact(inner, gap as usize, self.layer)?;
-                self.inflated += gap;
-                passed(pos, &bytes);
-            }
-        }
+        let bytes = inflate_exact(inner, gap as usize, self.layer);
+        let bytes = self.discard_on_error(bytes)?;
+        self.inflated += gap;
+        passed(pos, &bytes);
         Ok(())
     }
 }
