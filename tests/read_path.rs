@@ -1089,3 +1089,39 @@ fn a_cached_piece_job_hands_over_each_piece_as_soon_as_it_is_read() {
         assert_eq!(runner.join().unwrap(), 2);
     });
 }
+
+/// A layer's piece map can be built on a thread of its own; until it exists, a cold read
+/// does not know the piece crossing its interval's end (and never waits to learn it).
+#[test]
+fn a_layer_map_built_in_the_background_shows_the_piece_crossing_a_boundary() {
+    let f = big_fixture();
+    let (layer, base, cps) = big_layout(&f);
+    let r = FileReader::new(&f.idx, entry(&f.idx, "/big.bin")).unwrap();
+    let (end, boundary) = r
+        .pieces()
+        .iter()
+        .find_map(|p| {
+            let (s, e) = (base + p.offset, base + p.offset + p.len);
+            cps.iter().find(|&&c| s < c && c < e).map(|&c| (e, c))
+        })
+        .expect("a piece of /big.bin crosses a checkpoint");
+    let index = Arc::new(IndexFile::open(&f.layout.parent().unwrap().join("big.clip")).unwrap());
+    let neighbours = Neighbours::new(index.index().layers.len());
+    assert_eq!(
+        neighbours.crossing_end(layer, boundary),
+        None,
+        "not built yet"
+    );
+    neighbours.build_in_background(&index, layer);
+    let t = std::time::Instant::now();
+    while neighbours.crossing_end(layer, boundary).is_none() {
+        assert!(t.elapsed().as_secs() < 10, "the map was not built");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(neighbours.crossing_end(layer, boundary), Some(end));
+    assert_eq!(
+        neighbours.crossing_end(layer, end),
+        None,
+        "nothing crosses a piece's end here"
+    );
+}

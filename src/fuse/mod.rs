@@ -633,8 +633,11 @@ fn prefetch_run(shared: &Shared, run: &[Needed]) {
     }
 }
 
-/// Run a read-ahead job on the read-ahead pool.
+/// Run a read-ahead job on the read-ahead pool (its layer's piece map is built meanwhile).
 fn spawn_ahead(pool: &Pool, shared: &Arc<Shared>, job: Job) {
+    shared
+        .neighbours
+        .build_in_background(&shared.index, job.interval.layer);
     let shared = shared.clone();
     pool.submit(move || run_ahead(&shared, job));
 }

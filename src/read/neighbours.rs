@@ -5,6 +5,7 @@
 use super::file::{verify, Tier};
 use crate::format::{IndexFile, Kind};
 use bytes::Bytes;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// A piece's place in its layer's uncompressed stream.
@@ -22,6 +23,8 @@ pub(crate) struct Located {
 /// shared by every reader of one index.
 pub struct Neighbours {
     layers: Vec<OnceLock<Vec<Located>>>,
+    /// Layers whose map a background thread was started for.
+    started: Vec<AtomicBool>,
 }
 
 impl Neighbours {
@@ -29,7 +32,31 @@ impl Neighbours {
     pub fn new(layer_count: usize) -> Arc<Neighbours> {
         Arc::new(Neighbours {
             layers: (0..layer_count).map(|_| OnceLock::new()).collect(),
+            started: (0..layer_count).map(|_| AtomicBool::new(false)).collect(),
         })
+    }
+
+    /// Start building `layer`'s map on a thread of its own, once, unless it exists: it
+    /// walks every entry of the index (2.3 ms for 25 873 entries), which read-ahead jobs
+    /// would otherwise do when their first interval is inflated.
+    pub fn build_in_background(self: &Arc<Self>, index: &Arc<IndexFile>, layer: u32) {
+        let (Some(slot), Some(started)) = (
+            self.layers.get(layer as usize),
+            self.started.get(layer as usize),
+        ) else {
+            return;
+        };
+        if slot.get().is_some() || started.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let (me, index) = (self.clone(), index.clone());
+        let spawned = std::thread::Builder::new()
+            .name("clip-neighbours".into())
+            .spawn(move || me.build(&index, layer));
+        if spawned.is_err() {
+            // The first job builds it, as without this.
+            started.store(false, Ordering::Relaxed);
+        }
     }
 
     /// Every piece of `layer`, sorted by offset (empty for a layer the index lacks).
