@@ -1125,3 +1125,27 @@ fn a_layer_map_built_in_the_background_shows_the_piece_crossing_a_boundary() {
         "nothing crosses a piece's end here"
     );
 }
+
+/// A parked cursor nobody continues is dropped after its time even on an idle mount (it
+/// may hold a registry connection), not only when the next cursor is parked or taken.
+#[test]
+fn an_idle_park_drops_its_cursors_after_their_time() {
+    let f = big_fixture();
+    let park = CursorPark::with_max_age(std::time::Duration::from_millis(50));
+    park.expire_in_background().unwrap();
+    let mut r = FileReader::new(&f.idx, entry(&f.idx, "/big.bin"))
+        .unwrap()
+        .with_cursor_park(park.clone());
+    let mut out = vec![0u8; 4096];
+    r.read_at(&f.idx, &f.src, &[], 0, &mut out).unwrap();
+    drop(r);
+    assert_eq!(park.len(), 1, "parked when its handle closed");
+    let t = std::time::Instant::now();
+    while !park.is_empty() {
+        assert!(
+            t.elapsed().as_secs() < 10,
+            "the idle cursor was never dropped"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}

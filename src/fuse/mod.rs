@@ -262,7 +262,13 @@ impl ClipFs {
             shared: Arc::new(Shared {
                 neighbours: Neighbours::new(index.index().layers.len()),
                 ahead: ReadAhead::new(READ_AHEAD, READ_AHEAD_HELD),
-                cursors: CursorPark::new(),
+                cursors: {
+                    let park = CursorPark::new();
+                    if let Err(e) = park.expire_in_background() {
+                        tracing::warn!(error = %e, "no thread to drop idle parked cursors; they go at the next cold read");
+                    }
+                    park
+                },
                 recorder: None,
                 index,
                 source: Arc::new(counting),

@@ -78,6 +78,7 @@ const PARKED_FOR: Duration = Duration::from_secs(10);
 /// request of its own. Shared by the readers of one mounted index.
 pub struct CursorPark {
     parked: Mutex<VecDeque<Parked>>,
+    max_age: Duration,
 }
 
 struct Parked {
@@ -89,11 +90,34 @@ struct Parked {
 }
 
 impl CursorPark {
-    /// An empty park.
+    /// An empty park whose cursors wait 10 s for a reader.
     pub fn new() -> Arc<CursorPark> {
+        CursorPark::with_max_age(PARKED_FOR)
+    }
+
+    /// An empty park whose cursors wait `max_age` for a reader.
+    pub fn with_max_age(max_age: Duration) -> Arc<CursorPark> {
         Arc::new(CursorPark {
             parked: Mutex::new(VecDeque::new()),
+            max_age,
         })
+    }
+
+    /// Drop the cursors that waited too long, on a thread of its own that looks every
+    /// `max_age` until the park is gone: an idle mount would otherwise keep them (and
+    /// their registry connections) until its next cold read.
+    pub fn expire_in_background(self: &Arc<Self>) -> std::io::Result<()> {
+        let park = Arc::downgrade(self);
+        let every = self.max_age;
+        std::thread::Builder::new()
+            .name("clip-park".into())
+            .spawn(move || loop {
+                std::thread::sleep(every);
+                let Some(park) = park.upgrade() else { return };
+                let gone = Self::expired(&mut park.lock(), park.max_age);
+                drop(gone);
+            })
+            .map(drop)
     }
 
     /// Cursors parked now.
@@ -117,7 +141,7 @@ impl CursorPark {
         while q.len() > PARKED {
             gone.extend(q.pop_front());
         }
-        gone.extend(Self::expired(&mut q));
+        gone.extend(Self::expired(&mut q, self.max_age));
         drop(q);
         // Dropping a registry cursor may drain its connection: not under the lock.
         drop(gone);
@@ -127,7 +151,7 @@ impl CursorPark {
     /// at most [`CONTINUE_WITHIN`] before it.
     fn take(&self, layer: u32, start: u64) -> Option<Parked> {
         let mut q = self.lock();
-        let gone = Self::expired(&mut q);
+        let gone = Self::expired(&mut q, self.max_age);
         let best = q
             .iter()
             .enumerate()
@@ -146,9 +170,9 @@ impl CursorPark {
         taken
     }
 
-    fn expired(q: &mut VecDeque<Parked>) -> Vec<Parked> {
+    fn expired(q: &mut VecDeque<Parked>, max_age: Duration) -> Vec<Parked> {
         let mut gone = Vec::new();
-        while q.front().is_some_and(|p| p.since.elapsed() > PARKED_FOR) {
+        while q.front().is_some_and(|p| p.since.elapsed() > max_age) {
             gone.extend(q.pop_front());
         }
         gone
