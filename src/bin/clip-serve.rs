@@ -68,8 +68,8 @@ struct Cli {
     /// Threads fetching --prefetch-profile intervals.
     #[arg(long, default_value_t = 4)]
     prefetch_threads: usize,
-    /// Skip the structural validation of the index at startup (checkpoint windows are
-    /// always checked when they are used).
+    /// Skip checking the index's tree invariants at startup (its structure is always
+    /// checked when it is opened, and checkpoint windows when they are used).
     #[arg(long)]
     no_verify: bool,
     /// Rewrite counters (JSON) to this file every --stats-interval seconds and at exit.

@@ -65,11 +65,11 @@ impl MappedFile {
     }
 }
 
-/// View `payload` as an archived index without validating it.
+/// View `payload` as an archived index without validating it again.
 ///
-/// The caller must have checked the payload checksum (so the bytes are exactly what the
-/// writer produced) or have run [`crate::format::IndexFile::verify`]. `payload` must be
-/// 8-byte aligned and at least as large as the root object; both are checked here.
+/// The caller must have validated `payload` with `rkyv::access::<ArchivedIndex, _>` (as
+/// `IndexFile` does when it opens a file). `payload` must be 8-byte aligned and at least
+/// as large as the root object; both are checked here.
 pub(crate) fn archived_index_unchecked(payload: &[u8]) -> Option<&ArchivedIndex> {
     let root = std::mem::size_of::<ArchivedIndex>();
     if payload.len() < root
@@ -78,8 +78,8 @@ pub(crate) fn archived_index_unchecked(payload: &[u8]) -> Option<&ArchivedIndex>
     {
         return None;
     }
-    // SAFETY: the root lies inside `payload` and is aligned (checked above). The bytes were
-    // produced by `rkyv::to_bytes` for `Index` (the checksum over them matched, see the
-    // caller contract), so every relative pointer in them points inside `payload`.
+    // SAFETY: the root lies inside `payload` and is aligned (checked above), and the caller
+    // validated these bytes as an `ArchivedIndex` (see the contract above): every relative
+    // pointer and length in them was checked to stay inside `payload`.
     Some(unsafe { rkyv::access_unchecked::<ArchivedIndex>(payload) })
 }
