@@ -137,21 +137,19 @@ pub fn ls_line(idx: &IndexFile, i: u32) -> Result<String, FormatError> {
 /// `recursive`), depth-first in name order.
 pub fn ls(idx: &IndexFile, start: u32, recursive: bool) -> Result<Vec<String>, FormatError> {
     let mut out = vec![ls_line(idx, start)?];
-    fn walk(
-        idx: &IndexFile,
-        dir: u32,
-        recursive: bool,
-        out: &mut Vec<String>,
-    ) -> Result<(), FormatError> {
-        for c in idx.children(dir)? {
-            out.push(ls_line(idx, c)?);
-            if recursive && idx.entry(c)?.kind == Kind::Dir as u8 {
-                walk(idx, c, recursive, out)?;
-            }
+    // An explicit stack of child ranges still to list: a deep tree (or a crafted one)
+    // cannot overflow the call stack.
+    let mut stack = vec![idx.children(start)?];
+    while let Some(range) = stack.last_mut() {
+        let Some(c) = range.next() else {
+            stack.pop();
+            continue;
+        };
+        out.push(ls_line(idx, c)?);
+        if recursive && idx.entry(c)?.kind == Kind::Dir as u8 {
+            stack.push(idx.children(c)?);
         }
-        Ok(())
     }
-    walk(idx, start, recursive, &mut out)?;
     Ok(out)
 }
 

@@ -350,3 +350,55 @@ fn no_corrupted_byte_causes_a_panic() {
         "opened {opened}, verified {verified}"
     );
 }
+
+/// Payload offset of field `at` of entry `i` (entries are 136 bytes; the root object,
+/// 88 bytes at the end of the payload, holds the entry vector at offset 56).
+fn entry_field(b: &[u8], i: usize, at: usize) -> usize {
+    let plen = u64::from_le_bytes(b[24..32].try_into().unwrap()) as usize;
+    let vec = plen - 88 + 56;
+    let rel = i32::from_le_bytes(b[64 + vec..64 + vec + 4].try_into().unwrap());
+    64 + (vec as i64 + rel as i64) as usize + 136 * i + at
+}
+
+/// A resealed index whose root lists itself among its children (`first_child` 0): a
+/// recursive listing used to follow it forever. Both readers refuse the directory instead.
+#[test]
+fn a_directory_listing_itself_as_child_is_an_error_not_a_loop() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = demo_bytes(tmp.path());
+    let bad = patched(&good, |b| {
+        let at = entry_field(b, 0, 76);
+        assert_ne!(
+            b[at..at + 4],
+            [0, 0, 0, 0],
+            "the root's first child is not 0"
+        );
+        b[at..at + 4].copy_from_slice(&0u32.to_le_bytes());
+        reseal(b);
+    });
+    let idx = IndexFile::from_bytes(&bad).expect("the structure is intact");
+    let e = clip::report::ls(&idx, 0, true).unwrap_err();
+    assert!(e.to_string().contains("children of entry 0"), "{e}");
+    assert!(idx.verify().is_err());
+
+    let path = tmp.path().join("loop.clip");
+    std::fs::write(&path, &bad).unwrap();
+    let out = Command::new(bin("clip-build"))
+        .args(["ls", "-R"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("children of entry 0"), "{err}");
+    common::require_tool("python3");
+    let out = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/clipread.py"))
+        .args(["ls", "-R"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !err.contains("Traceback"), "{err}");
+    assert!(err.contains("children of entry 0"), "{err}");
+}

@@ -381,7 +381,7 @@ class Index:
         if e.kind != K_DIR or e.child_count == 0:
             return range(0)
         end = e.first_child + e.child_count
-        if end > self.n_entries:
+        if e.first_child <= i or end > self.n_entries:  # children follow their directory
             raise ClipError(f"index is corrupt: children of entry {i} are out of range")
         return range(e.first_child, end)
 
@@ -539,14 +539,15 @@ def ls_line(ix, i):
 
 def ls(ix, start, recursive):
     out = [ls_line(ix, start)]
-
-    def walk(d):
-        for c in ix.children(d):
-            out.append(ls_line(ix, c))
-            if recursive and ix.entry(c).kind == K_DIR:
-                walk(c)
-
-    walk(start)
+    stack = [iter(ix.children(start))]  # explicit: a deep tree must not hit the recursion limit
+    while stack:
+        c = next(stack[-1], None)
+        if c is None:
+            stack.pop()
+            continue
+        out.append(ls_line(ix, c))
+        if recursive and ix.entry(c).kind == K_DIR:
+            stack.append(iter(ix.children(c)))
     return out
 
 

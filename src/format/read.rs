@@ -183,7 +183,9 @@ impl IndexFile {
             .map_err(|_| FormatError::Invalid(format!("the digest of layer {i} is not UTF-8")))
     }
 
-    /// The child index range of directory `dir` (empty for non-directories).
+    /// The child index range of directory `dir` (empty for non-directories). Children
+    /// follow their directory (entries are breadth-first), so walking down always moves
+    /// forward: a crafted index cannot make a walk loop.
     pub fn children(&self, dir: u32) -> Result<std::ops::Range<u32>, FormatError> {
         let e = self.entry(dir)?;
         if e.kind != Kind::Dir as u8 || e.child_count == 0 {
@@ -192,7 +194,7 @@ impl IndexFile {
         let first = e.first_child.to_native();
         let end = first
             .checked_add(e.child_count.to_native())
-            .filter(|&end| end <= self.entry_count())
+            .filter(|&end| first > dir && end <= self.entry_count())
             .ok_or_else(|| {
                 FormatError::Invalid(format!("children of entry {dir} are out of range"))
             })?;

@@ -77,7 +77,7 @@ pub(crate) fn check_tree(idx: &ArchivedIndex) -> Result<(), FormatError> {
                 e.first_child.to_native() as u64,
                 e.child_count.to_native() as u64,
             );
-            if c > 0 && (f == 0 || f + c > n) {
+            if c > 0 && (f <= i as u64 || f + c > n) {
                 return Err(bad(format!("children of entry {i} are out of range")));
             }
             let kids = if c == 0 {
