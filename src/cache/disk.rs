@@ -42,6 +42,9 @@ struct Lru {
 /// in mtime order, so they are all older than anything used since the start.
 const LIVE_TICKS: u64 = 1 << 48;
 
+/// The largest object the cache holds: a piece (a whole small file or a chunk).
+const MAX_OBJECT: u64 = crate::format::CHUNK_SIZE;
+
 impl Default for Lru {
     fn default() -> Self {
         Lru {
@@ -261,10 +264,35 @@ impl DiskCache {
         }
     }
 
+    /// The bytes of the object stored under `key`. The directory is not trusted: anything
+    /// but a regular file (a FIFO would block the open, a device never end) or a file
+    /// larger than any piece is an error, without reading it.
     fn read_object(&self, key: &[u8; 32]) -> std::io::Result<Vec<u8>> {
-        let mut f = File::open(self.path_of(key))?;
-        let mut buf = Vec::with_capacity(f.metadata().map(|m| m.len() as usize).unwrap_or(0));
-        f.read_to_end(&mut buf)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(self.path_of(key))
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "a symlink, not a cache object",
+                ),
+                _ => e,
+            })?;
+        let meta = f.metadata()?;
+        if !meta.is_file() || meta.len() > MAX_OBJECT {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "not a cache object ({} bytes, {:?})",
+                    meta.len(),
+                    meta.file_type()
+                ),
+            ));
+        }
+        let mut buf = Vec::with_capacity(meta.len() as usize);
+        (&f).take(MAX_OBJECT + 1).read_to_end(&mut buf)?;
         // Persist recency for the next start's LRU; failure only costs eviction accuracy.
         let _ = f.set_modified(SystemTime::now());
         Ok(buf)
@@ -308,7 +336,10 @@ impl Tier for DiskCache {
                 Some(bytes.into())
             }
             Err(e) => {
-                if e.kind() != std::io::ErrorKind::NotFound {
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    tracing::warn!(key = %hex::encode(key), error = %e, "removing junk from the cache");
+                    let _ = fs::remove_file(self.path_of(key));
+                } else if e.kind() != std::io::ErrorKind::NotFound {
                     tracing::warn!(key = %hex::encode(key), error = %e, "cannot read cache object");
                 }
                 self.misses.fetch_add(1, Ordering::Relaxed);
@@ -456,6 +487,33 @@ mod tests {
         assert!(c.get(&key(&blobs[3])).is_some(), "stored since the start");
         assert!(c.get(&key(&blobs[1])).is_none());
         assert!(c.get(&key(&blobs[2])).is_none());
+    }
+
+    /// Junk where an object should be (a FIFO, a symlink, a huge file) is a miss at once:
+    /// no hang on the open, no unbounded read.
+    #[test]
+    fn junk_in_place_of_an_object_is_a_miss() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 1 << 30).unwrap();
+        let (fifo, link, huge) = (key(b"fifo"), key(b"link"), key(b"huge"));
+        for k in [&fifo, &link, &huge] {
+            fs::create_dir_all(c.path_of(k).parent().unwrap()).unwrap();
+        }
+        nix::unistd::mkfifo(&c.path_of(&fifo), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", c.path_of(&link)).unwrap();
+        let f = File::create(c.path_of(&huge)).unwrap();
+        f.set_len(MAX_OBJECT + 1).unwrap();
+        let t = std::time::Instant::now();
+        for k in [&fifo, &link, &huge] {
+            assert_eq!(c.get(k), None);
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
+        assert_eq!(c.stats().misses, 3);
+        assert!(!c.path_of(&fifo).exists() && !c.path_of(&huge).exists());
+        assert!(c.path_of(&link).symlink_metadata().is_err() && Path::new("/dev/zero").exists());
+        // The next fetch stores the piece in its place.
+        c.put(&huge, &Bytes::copy_from_slice(b"huge"));
+        assert_eq!(c.get(&huge).as_deref(), Some(&b"huge"[..]));
     }
 
     #[test]
