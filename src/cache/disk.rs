@@ -269,7 +269,7 @@ impl DiskCache {
     /// larger than any piece is an error, without reading it.
     fn read_object(&self, key: &[u8; 32]) -> std::io::Result<Vec<u8>> {
         use std::os::unix::fs::OpenOptionsExt;
-        let mut f = fs::OpenOptions::new()
+        let f = fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(self.path_of(key))
