@@ -23,6 +23,8 @@ use std::sync::Mutex;
 
 /// First line of a profile file.
 const MAGIC: &str = "clip-profile 3";
+/// The largest profile file read: one line per checkpoint interval of a very large image.
+const MAX_FILE_BYTES: u64 = 64 << 20;
 /// First line of a profile file of version 2 (no `layout` line).
 const MAGIC_2: &str = "clip-profile 2";
 /// First line of a profile file of version 1 (no `layout` line, no pieces).
@@ -121,11 +123,28 @@ impl Profile {
     /// Read a profile and check that it belongs to the image `manifest` and, when it says
     /// (version 3), to an index with the checkpoint layout `layout`.
     pub fn load(path: &Path, manifest: &str, layout: u64) -> Result<Profile, ProfileError> {
+        use std::io::Read;
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Io {
+        let io = |source| ProfileError::Io {
             path: p.clone(),
             source,
-        })?;
+        };
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .map_err(io)?
+            .take(MAX_FILE_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(io)?;
+        if text.len() as u64 > MAX_FILE_BYTES {
+            return Err(ProfileError::Malformed {
+                path: p,
+                line: 0,
+                what: format!(
+                    "larger than {} MiB, which no profile is",
+                    MAX_FILE_BYTES >> 20
+                ),
+            });
+        }
         Profile::parse(&text, &p, manifest, layout)
     }
 
@@ -373,6 +392,21 @@ impl Recorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A profile file is read up to a bound: a huge file (a profile directory is not
+    /// trusted) is refused without being read whole.
+    #[test]
+    fn an_oversized_profile_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p");
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(MAX_FILE_BYTES + 1).unwrap();
+        let e = Profile::load(&path, "sha256:x", 0).unwrap_err();
+        assert!(e.to_string().contains("larger than 64 MiB"), "{e}");
+        let good = Profile::new("sha256:x", 7);
+        good.save(&path).unwrap();
+        assert!(Profile::load(&path, "sha256:x", 7).is_ok());
+    }
 
     #[test]
     fn runs_group_neighbouring_intervals_in_first_use_order() {
