@@ -558,6 +558,20 @@ fn malicious_and_corrupt_input_is_rejected_clearly() {
         None,
     );
     assert!(err.contains("layer sha256:"), "{err}");
+    // The tar crate reads PAX extension data whole: a header claiming a gigabyte (a few
+    // megabytes of gzipped zeros would do) is refused before any of it is read.
+    let mut pax = tar::Header::new_ustar();
+    pax.set_path("PaxHeaders/big").unwrap();
+    pax.set_entry_type(tar::EntryType::XHeader);
+    pax.set_size(1 << 30);
+    pax.set_cksum();
+    let mut bomb = pax.as_bytes().to_vec();
+    bomb.resize(64 << 10, 0);
+    let err = build_fails(tmp.path(), "pax-bomb", bomb, None);
+    assert!(
+        err.contains("PAX extended header of 1073741824 bytes"),
+        "{err}"
+    );
 
     let mut t = clip::demo::TarBuilder::new();
     t.file("data", 0o644, &clip::demo::noise(3, 1 << 20));

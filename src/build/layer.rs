@@ -256,7 +256,8 @@ fn io_msg(what: &str, e: std::io::Error) -> String {
 
 fn walk_tar(stream: &Rc<RefCell<LayerStream>>, out: &mut Vec<RawEntry>) -> Result<(), String> {
     use tar::EntryType as T;
-    let mut archive = tar::Archive::new(SharedStream(stream.clone()));
+    let mut archive =
+        tar::Archive::new(super::guard::HeaderGuard::new(SharedStream(stream.clone())));
     let entries = archive.entries().map_err(|e| io_msg("reading tar", e))?;
     let mut buf = vec![0u8; 256 * 1024];
     for entry in entries {

@@ -1,6 +1,7 @@
 //! `clip-build`'s engine: resolve an image through a [`Source`], index its layers in
 //! parallel (one streaming pass each), merge them and produce an [`Index`].
 
+pub mod guard;
 pub mod layer;
 pub mod merge;
 pub mod stream;
