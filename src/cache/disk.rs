@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -28,6 +28,9 @@ pub struct DiskCache {
     stores: AtomicU64,
     evictions: AtomicU64,
     verify_failures: AtomicU64,
+    write_failures: AtomicU64,
+    /// The last write failed (one warning per run of failures).
+    failing: AtomicBool,
 }
 
 /// Objects by key with their size and last-use tick; `order` maps ticks back to keys.
@@ -171,6 +174,8 @@ impl DiskCache {
             stores: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
             verify_failures: AtomicU64::new(0),
+            write_failures: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
         })
     }
 
@@ -233,6 +238,7 @@ impl DiskCache {
             stores: self.stores.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
             verify_failures: self.verify_failures.load(Ordering::Relaxed),
+            write_failures: self.write_failures.load(Ordering::Relaxed),
             objects: lru.map.len() as u64,
             bytes: lru.bytes,
             limit: self.limit,
@@ -371,6 +377,7 @@ impl Tier for DiskCache {
         }
         match self.write_object(key, bytes) {
             Ok(()) => {
+                self.failing.store(false, Ordering::Relaxed);
                 self.stores.fetch_add(1, Ordering::Relaxed);
                 self.lru
                     .lock()
@@ -379,7 +386,12 @@ impl Tier for DiskCache {
                 self.evict();
             }
             Err(e) => {
-                tracing::warn!(dir = %self.root.display(), error = %e, "cannot write cache object")
+                // One warning per run of failures (a full disk fails every write): the
+                // count is in the statistics, and a success ends the run.
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(dir = %self.root.display(), error = %e, "cannot write cache objects; reads go on without caching them (counted as write_failures)")
+                }
+                self.write_failures.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -514,6 +526,30 @@ mod tests {
         // The next fetch stores the piece in its place.
         c.put(&huge, &Bytes::copy_from_slice(b"huge"));
         assert_eq!(c.get(&huge).as_deref(), Some(&b"huge"[..]));
+    }
+
+    /// A disk that refuses writes (here: `tmp/` replaced by a file) costs misses, counted,
+    /// not errors; writes work again once it recovers.
+    #[test]
+    fn failed_writes_are_counted_and_reads_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        fs::remove_dir(dir.path().join("tmp")).unwrap();
+        fs::write(dir.path().join("tmp"), b"not a directory").unwrap();
+        for k in [b"one".as_slice(), b"two", b"three"] {
+            c.put(&key(k), &Bytes::copy_from_slice(k));
+            assert_eq!(c.get(&key(k)), None);
+        }
+        assert_eq!((c.stats().write_failures, c.stats().stores), (3, 0));
+        assert!(c.failing.load(Ordering::Relaxed));
+        fs::remove_file(dir.path().join("tmp")).unwrap();
+        fs::create_dir(dir.path().join("tmp")).unwrap();
+        c.put(&key(b"one"), &Bytes::copy_from_slice(b"one"));
+        assert_eq!(c.get(&key(b"one")).as_deref(), Some(&b"one"[..]));
+        assert!(
+            !c.failing.load(Ordering::Relaxed),
+            "a success ends the run of failures"
+        );
     }
 
     #[test]

@@ -70,6 +70,9 @@ pub struct CacheStats {
     pub evictions: u64,
     /// Objects dropped because their bytes did not match their hash.
     pub verify_failures: u64,
+    /// Objects that could not be written (a full or failing disk): each one is only a
+    /// later miss.
+    pub write_failures: u64,
     /// Objects currently held.
     pub objects: u64,
     /// Bytes currently held.
@@ -82,8 +85,8 @@ impl std::fmt::Display for CacheStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "hits={} misses={} stores={} evictions={} verify_failures={} objects={} bytes={} limit={}",
-            self.hits, self.misses, self.stores, self.evictions, self.verify_failures, self.objects, self.bytes, self.limit
+            "hits={} misses={} stores={} evictions={} verify_failures={} write_failures={} objects={} bytes={} limit={}",
+            self.hits, self.misses, self.stores, self.evictions, self.verify_failures, self.write_failures, self.objects, self.bytes, self.limit
         )
     }
 }
