@@ -132,24 +132,16 @@ impl<R: Read> HeaderGuard<R> {
     }
 }
 
-/// The `size` record of PAX extension data (`<len> <key>=<value>\n` records), if any.
+/// The data size a PAX extension gives the next entry, read as the `tar` crate reads it:
+/// the first `size` record, nothing once a record is malformed.
 fn pax_size(data: &[u8]) -> Option<u64> {
-    let mut rest = data;
-    let mut size = None;
-    while !rest.is_empty() {
-        let space = rest.iter().position(|&b| b == b' ')?;
-        let len: usize = std::str::from_utf8(&rest[..space]).ok()?.parse().ok()?;
-        if len <= space || len > rest.len() {
-            return None;
+    for ext in tar::PaxExtensions::new(data) {
+        let ext = ext.ok()?;
+        if ext.key() == Ok("size") {
+            return ext.value().ok()?.parse().ok();
         }
-        let record = &rest[space + 1..len];
-        let record = record.strip_suffix(b"\n").unwrap_or(record);
-        if let Some(v) = record.strip_prefix(b"size=") {
-            size = Some(std::str::from_utf8(v).ok()?.parse().ok()?);
-        }
-        rest = &rest[len..];
     }
-    size
+    None
 }
 
 impl<R: Read> Read for HeaderGuard<R> {
@@ -190,6 +182,22 @@ mod tests {
             }
             out.extend_from_slice(&buf[..n]);
         }
+    }
+
+    #[test]
+    fn pax_size_is_read_as_the_tar_crate_reads_it() {
+        assert_eq!(
+            pax_size(b"12 size=512\n13 size=1024\n"),
+            Some(512),
+            "the first record"
+        );
+        assert_eq!(pax_size(b"16 path=a/b/cde\n12 size=512\n"), Some(512));
+        assert_eq!(
+            pax_size(b"99 size=512\n"),
+            None,
+            "a malformed record stops the search"
+        );
+        assert_eq!(pax_size(b"16 path=a/b/cde\n"), None);
     }
 
     #[test]
