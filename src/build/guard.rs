@@ -192,7 +192,10 @@ mod tests {
 
     /// Every entry of `archive` as the tar crate yields it (path, size, data), read
     /// straight or through the guard.
-    fn entries(archive: &[u8], guarded: bool) -> io::Result<Vec<(Vec<u8>, u64, Vec<u8>)>> {
+    /// An entry as the tar crate yields it: path, size, data.
+    type Read3 = (Vec<u8>, u64, Vec<u8>);
+
+    fn entries(archive: &[u8], guarded: bool) -> io::Result<Vec<Read3>> {
         let src: Box<dyn Read> = if guarded {
             Box::new(HeaderGuard::new(archive))
         } else {
