@@ -193,9 +193,9 @@ mod tests {
     /// Every entry of `archive` as the tar crate yields it (path, size, data), read
     /// straight or through the guard.
     /// An entry as the tar crate yields it: path, size, data.
-    type Read3 = (Vec<u8>, u64, Vec<u8>);
+    type Yielded = (Vec<u8>, u64, Vec<u8>);
 
-    fn entries(archive: &[u8], guarded: bool) -> io::Result<Vec<Read3>> {
+    fn entries(archive: &[u8], guarded: bool) -> io::Result<Vec<Yielded>> {
         let src: Box<dyn Read> = if guarded {
             Box::new(HeaderGuard::new(archive))
         } else {
