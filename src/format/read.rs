@@ -35,7 +35,7 @@ impl IndexFile {
     /// structure (rkyv's check of every relative pointer and length, so that no crafted
     /// file can make a later access read outside it). Both passes run at memory speed over
     /// the payload only (checkpoint windows, most of a large index, are checked one by one
-    /// when used): ~0.6 ms for 25 873 entries. [`IndexFile::verify`] adds the tree's
+    /// when used): about 1 ms for both on 25 873 entries. [`IndexFile::verify`] adds the tree's
     /// invariants and every window.
     pub fn open(path: &Path) -> Result<IndexFile, FormatError> {
         let io = |source| FormatError::Io {
