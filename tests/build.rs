@@ -675,3 +675,60 @@ fn corrupt_index_files_give_clear_errors() {
     check(&c, "checksum");
     assert!(IndexFile::open(&index).unwrap().entry(NONE).is_err());
 }
+
+/// A source whose layer blobs never end (the real bytes, then zeros forever).
+struct Endless {
+    inner: LayoutSource,
+    layers: Vec<String>,
+}
+
+impl clip::source::Source for Endless {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn manifest(
+        &self,
+        reference: &str,
+    ) -> Result<(String, Vec<u8>, String), clip::source::SourceError> {
+        self.inner.manifest(reference)
+    }
+    fn blob(
+        &self,
+        digest: &str,
+        start: u64,
+        end: Option<u64>,
+    ) -> Result<Box<dyn std::io::Read + Send>, clip::source::SourceError> {
+        use std::io::Read;
+        let b = self.inner.blob(digest, start, end)?;
+        Ok(match self.layers.iter().any(|l| l == digest) {
+            true => Box::new(b.chain(std::io::repeat(0))),
+            false => b,
+        })
+    }
+}
+
+/// A source that keeps sending past a layer's size cannot keep the build going: the blob
+/// is read one byte past the size its manifest gives, then refused.
+#[test]
+fn a_layer_blob_longer_than_its_manifest_says_is_refused() {
+    use clip::source::Source;
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = edge_layout(&tmp.path().join("layout"));
+    let inner = LayoutSource::open(&layout).unwrap();
+    let (_, bytes, _) = inner.manifest(EDGE_TAG).unwrap();
+    let m: clip::oci::Manifest = serde_json::from_slice(&bytes).unwrap();
+    let src = Endless {
+        inner,
+        layers: m.layers.iter().map(|l| l.digest.clone()).collect(),
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = clip::build::build(&src, EDGE_TAG, &Default::default()).map(|_| ());
+        let _ = tx.send(r.map_err(|e| e.to_string()));
+    });
+    let err = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the build of an endless blob must stop")
+        .expect_err("an endless blob must not index");
+    assert!(err.contains("does not match its digest"), "{err}");
+}

@@ -175,7 +175,13 @@ fn index_layer_here(
     progress: indicatif::ProgressBar,
 ) -> Result<LayerResult, BuildError> {
     let layer_err = |msg: String| BuildError::Layer(format!("layer {}: {msg}", desc.digest));
-    let blob = source.blob(&desc.digest, 0, None)?;
+    // One byte past the size the manifest gives is enough to refuse a longer blob: a
+    // source that never stops sending cannot keep the build going.
+    let blob = Box::new(
+        source
+            .blob(&desc.digest, 0, None)?
+            .take(desc.size.saturating_add(1)),
+    );
     let stream = Rc::new(RefCell::new(LayerStream::start(
         blob,
         desc.compression,
