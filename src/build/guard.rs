@@ -190,11 +190,21 @@ mod tests {
         }
     }
 
-    /// Every entry of `archive` as the tar crate yields it (path, size, data), read
-    /// straight or through the guard.
+    /// One PAX record, `<len> <key>=<value>\n`, its length counting its own digits.
+    fn pax_record(key: &str, value: &str) -> String {
+        let body = format!(" {key}={value}\n");
+        let len = (1..6)
+            .map(|d| body.len() + d)
+            .find(|n| n.to_string().len() + body.len() == *n)
+            .unwrap();
+        format!("{len}{body}")
+    }
+
     /// An entry as the tar crate yields it: path, size, data.
     type Yielded = (Vec<u8>, u64, Vec<u8>);
 
+    /// Every entry of `archive` as the tar crate yields it, read straight or through the
+    /// guard.
     fn entries(archive: &[u8], guarded: bool) -> io::Result<Vec<Yielded>> {
         let src: Box<dyn Read> = if guarded {
             Box::new(HeaderGuard::new(archive))
@@ -222,14 +232,6 @@ mod tests {
             seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
             (seed >> 33) % n
         };
-        let record = |key: &str, value: &str| {
-            let body = format!(" {key}={value}\n");
-            (1..6)
-                .map(|d| (body.len() + d).to_string())
-                .find(|n| n.len() + body.len() == n.parse::<usize>().unwrap())
-                .unwrap()
-                + &body
-        };
         let mut read = 0;
         for _ in 0..1500 {
             let mut a = Vec::new();
@@ -239,9 +241,9 @@ mod tests {
                     let mut pax = String::new();
                     for _ in 0..next(3) {
                         pax += &match next(3) {
-                            0 => record("size", &data_len.to_string()),
-                            1 => record("size", &next(2000).to_string()),
-                            _ => record("path", "p/q"),
+                            0 => pax_record("size", &data_len.to_string()),
+                            1 => pax_record("size", &next(2000).to_string()),
+                            _ => pax_record("path", "p/q"),
                         };
                     }
                     a.extend(header(tar::EntryType::XHeader, "pax", pax.len() as u64));
@@ -309,12 +311,7 @@ mod tests {
         // look like a huge PAX header passes, as the tar crate reads it too.
         let fake = header(tar::EntryType::XHeader, "fake", 1 << 40);
         let mut a = Vec::new();
-        let body = format!(" size={}\n", fake.len());
-        let record = (1..4)
-            .map(|d| ((body.len() + d).to_string(), d))
-            .find(|(n, d)| n.len() == *d)
-            .map(|(n, _)| n + &body)
-            .unwrap();
+        let record = pax_record("size", &fake.len().to_string());
         let mut pax = header(tar::EntryType::XHeader, "pax", record.len() as u64);
         pax.extend_from_slice(record.as_bytes());
         pad(&mut pax);
