@@ -437,6 +437,28 @@ impl IndexFile {
         Ok(stored)
     }
 
+    /// Advise that the stored window of checkpoint `k` of `layer` will be read soon: a
+    /// mapped index starts reading its pages in one batch, so that [`IndexFile::stored_window`]
+    /// waits for one read instead of faulting in page after page. Advice only: anything
+    /// out of range is ignored, and an index held in memory needs none.
+    pub fn will_need_window(&self, layer: u32, k: usize) {
+        let Backing::Mapped(m) = &self.backing else {
+            return;
+        };
+        let Some(cp) = self.layer(layer).ok().and_then(|l| l.checkpoints.get(k)) else {
+            return;
+        };
+        let start = (HEADER_SIZE as u64 + self.header.payload_len)
+            .saturating_add(cp.window_offset.to_native());
+        let (Ok(start), Ok(len)) = (
+            usize::try_from(start),
+            usize::try_from(cp.window_stored_len.to_native()),
+        ) else {
+            return;
+        };
+        m.will_need(start, len);
+    }
+
     /// The window area: the bytes after the payload that hold the checkpoint windows.
     fn window_area(&self) -> &[u8] {
         let start = HEADER_SIZE + self.header.payload_len as usize;

@@ -63,6 +63,17 @@ impl MappedFile {
             }
         }
     }
+
+    /// Start reading the bytes `start..start + len` (widened to whole pages) now, in one
+    /// batch, without waiting: a later access waits for that read instead of faulting the
+    /// pages in one at a time (the map is advised random, so each fault is a read of its
+    /// own). Errors are ignored (advice only).
+    pub fn will_need(&self, start: usize, len: usize) {
+        if start < self.map.len() && len > 0 {
+            let len = len.min(self.map.len() - start);
+            let _ = self.map.advise_range(memmap2::Advice::WillNeed, start, len);
+        }
+    }
 }
 
 /// View `payload` as an archived index without validating it again.

@@ -251,22 +251,29 @@ impl ReadAhead {
                     .is_some_and(|(a, b)| useful(a, b))
             })
             .collect();
-        let mut s = self.lock();
-        useful
-            .into_iter()
-            .filter_map(|j| {
-                Self::try_claim(
-                    &mut s,
-                    index,
-                    Interval {
-                        layer,
-                        checkpoint: j as u32,
-                    },
-                    want,
-                    want.1,
-                )
-            })
-            .collect()
+        let jobs: Vec<Job> = {
+            let mut s = self.lock();
+            useful
+                .into_iter()
+                .filter_map(|j| {
+                    Self::try_claim(
+                        &mut s,
+                        index,
+                        Interval {
+                            layer,
+                            checkpoint: j as u32,
+                        },
+                        want,
+                        want.1,
+                    )
+                })
+                .collect()
+        };
+        // Their windows are read in one batch each while the jobs wait for a thread.
+        for job in &jobs {
+            index.will_need_window(layer, job.interval.checkpoint as usize);
+        }
+        jobs
     }
 
     /// Claim `interval` alone (see [`ReadAhead::plan`]), unless it is running or done; the

@@ -418,22 +418,26 @@ impl SpanReader {
         }
         let cp = &layer.checkpoints[k];
         tracing::trace!(layer = self.layer, start, through, checkpoint = k, "resume");
-        let window = decode_window(
-            index.stored_window(self.layer, k)?,
-            cp.window_encoding,
-            cp.window_len.to_native() as usize,
-        )
-        .map_err(|e| ReadError::Origin(e.to_string()))?;
-        let point = ResumePoint {
+        // A cold index and a cold blob: start reading the window's pages and (a local
+        // layout advises when its reader is made) the compressed bytes before waiting for
+        // either.
+        index.will_need_window(self.layer, k);
+        let mut point = ResumePoint {
             in_offset: cp.in_offset.to_native(),
             bits: cp.bits,
             out_offset: cp.out_offset.to_native(),
-            window,
+            window: Vec::new(),
         };
         let src = Counted {
             inner: source.blob_from(digest, point.read_from(), c_end, size)?,
             count,
         };
+        point.window = decode_window(
+            index.stored_window(self.layer, k)?,
+            cp.window_encoding,
+            cp.window_len.to_native() as usize,
+        )
+        .map_err(|e| ReadError::Origin(e.to_string()))?;
         let inner = ResumeCursor::new(src, &point).map_err(|e| ReadError::Origin(e.to_string()))?;
         Ok(Cursor::Gzip(inner))
     }
