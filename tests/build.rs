@@ -601,6 +601,55 @@ fn malicious_and_corrupt_input_is_rejected_clearly() {
     assert!(err.contains("diff_id"), "{err}");
 }
 
+/// A sparse file as GNU tar writes it (`tar --sparse`) is refused with what to do, in
+/// every sparse format: in the PAX ones the entry looks like a regular file under a made-up
+/// name whose data is a segment map, so indexing it would serve wrong bytes at a wrong path.
+#[test]
+fn sparse_files_are_refused_not_served_wrong() {
+    use std::io::{Seek, SeekFrom, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    let mut f = std::fs::File::create(src.join("d/holes")).unwrap();
+    f.seek(SeekFrom::Start(5 << 20)).unwrap();
+    f.write_all(b"data between holes").unwrap();
+    f.seek(SeekFrom::Start(9 << 20)).unwrap();
+    f.write_all(b"tail").unwrap();
+    drop(f);
+    for (format, version) in [
+        ("gnu", None),
+        ("pax", Some("0.0")),
+        ("pax", Some("0.1")),
+        ("pax", Some("1.0")),
+    ] {
+        let mut tar = Command::new("tar");
+        tar.args(["--sparse", &format!("--format={format}"), "-C"])
+            .arg(&src)
+            .args(["-cf", "-", "d"]);
+        if let Some(v) = version {
+            tar.arg(format!("--sparse-version={v}"));
+        }
+        let out = tar.output().expect("GNU tar runs");
+        assert!(
+            out.status.success(),
+            "tar --format={format}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let name = format!("sparse-{format}-{}", version.unwrap_or("old"));
+        let err = build_fails(tmp.path(), &name, out.stdout, None);
+        assert!(
+            err.contains("a sparse file")
+                && err.contains("without --sparse")
+                && err.contains("holes"),
+            "{name}: {err}"
+        );
+        assert!(
+            !tmp.path().join(format!("{name}.clip")).exists(),
+            "{name}: an index was written"
+        );
+    }
+}
+
 #[test]
 fn tampered_blob_fails_its_digest() {
     let tmp = tempfile::tempdir().unwrap();

@@ -168,6 +168,13 @@ pub fn index_layer(
 /// Nice value of the tar and digest threads of a layer (see [`index_layer`]).
 pub const TAR_NICE: i32 = 5;
 
+/// Why a sparse entry (GNU type `S`, or PAX `GNU.sparse.*` records, whose data is a map
+/// of segments, not the file's bytes) fails the build: the index records each file's
+/// bytes as one contiguous range of its layer.
+const SPARSE: &str = "a sparse file (`tar --sparse`, GNU or PAX sparse format): clip indexes \
+     each file as one contiguous range of its layer and cannot serve it; write the layer \
+     without --sparse";
+
 fn index_layer_here(
     source: &dyn Source,
     desc: &LayerDesc,
@@ -316,6 +323,7 @@ fn walk_tar(stream: &Rc<RefCell<LayerStream>>, out: &mut Vec<RawEntry>) -> Resul
                         (mtime, mtime_nsec) =
                             parse_pax_time(v).ok_or_else(|| bad("bad PAX mtime".into()))?
                     }
+                    _ if k.starts_with(b"GNU.sparse.") => return Err(bad(SPARSE.into())),
                     _ => {
                         if let Some(name) = k.strip_prefix(b"SCHILY.xattr.") {
                             xattrs.push((name.to_vec(), v.to_vec()));
@@ -378,7 +386,7 @@ fn walk_tar(stream: &Rc<RefCell<LayerStream>>, out: &mut Vec<RawEntry>) -> Resul
             T::Char => RawKind::CharDevice,
             T::Block => RawKind::BlockDevice,
             T::Fifo => RawKind::Fifo,
-            T::GNUSparse => return Err(bad("GNU sparse files are not supported".into())),
+            T::GNUSparse => return Err(bad(SPARSE.into())),
             other => {
                 return Err(bad(format!(
                     "unsupported tar entry type {:?}",
