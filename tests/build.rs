@@ -650,6 +650,50 @@ fn sparse_files_are_refused_not_served_wrong() {
     }
 }
 
+/// A hardlink to a symlink (or a device or FIFO) is indexed as a copy of it: same kind,
+/// target and attributes, but an inode of its own (format-spec 7.3: only regular files
+/// share inodes). Linux would show one inode with two links.
+#[test]
+fn a_hardlink_to_a_symlink_is_a_copy_of_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = clip::demo::TarBuilder::new();
+    t.file("target", 0o644, b"t\n")
+        .link(tar::EntryType::Symlink, "sym", "target")
+        .link(tar::EntryType::Link, "second-name", "sym")
+        .link(tar::EntryType::Link, "file-link", "target");
+    let index = tmp.path().join("i.clip");
+    one_layer_image(
+        t.finish(),
+        "2025-05-20T00:00:00Z",
+        &tmp.path().join("l"),
+        "t",
+        &index,
+    );
+    let idx = IndexFile::open(&index).unwrap();
+    idx.verify().unwrap();
+    for path in ["/sym", "/second-name"] {
+        let i = entry_of(&idx, path);
+        let e = idx.entry(i).unwrap();
+        assert_eq!(kind(&idx, path), Kind::Symlink, "{path}");
+        assert_eq!(e.link_target.as_slice(), b"target", "{path}");
+        assert_eq!(
+            (e.nlink.to_native(), idx.inode_of(i).unwrap()),
+            (1, i),
+            "{path}"
+        );
+    }
+    // Regular files still share one inode.
+    let (a, b) = (entry_of(&idx, "/target"), entry_of(&idx, "/file-link"));
+    assert_eq!(idx.inode_of(b).unwrap(), idx.inode_of(a).unwrap());
+    assert_eq!(
+        idx.entry(idx.inode_of(a).unwrap())
+            .unwrap()
+            .nlink
+            .to_native(),
+        2
+    );
+}
+
 #[test]
 fn tampered_blob_fails_its_digest() {
     let tmp = tempfile::tempdir().unwrap();

@@ -84,7 +84,13 @@ fn attr_of_entry(i: u32, e: &ArchivedEntry) -> Result<FileAttr, FormatError> {
         ctime: t,
         crtime: t,
         kind,
-        perm: (e.mode.to_native() & 0o7777) as u16,
+        // A symlink's permissions are never used, and Linux shows 0777 for every one (as an
+        // extraction of the image does), whatever bits its tar header carried.
+        perm: if kind == FileType::Symlink {
+            0o777
+        } else {
+            (e.mode.to_native() & 0o7777) as u16
+        },
         nlink: e.nlink.to_native().max(1),
         uid: e.uid.to_native(),
         gid: e.gid.to_native(),

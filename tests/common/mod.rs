@@ -186,6 +186,28 @@ pub fn edge_layers() -> Vec<Vec<u8>> {
     dev(&mut l1, "dev/sda", tar::EntryType::Block, 8, 0);
     dev(&mut l1, "dev/fifo", tar::EntryType::Fifo, 0, 0);
     owned_file(&mut l1, "home/user/file", 1000, 1000, b"owned by 1000\n");
+    // Odd but valid: a symlink whose header says 0644 (Linux shows 0777 for every symlink),
+    // a file from before 1970, one entry given twice (the second wins), and a directory
+    // whose entry comes after its child's.
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_mode(0o644);
+    h.set_size(0);
+    h.set_mtime(l1.mtime);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_link_name("../etc/hostname").unwrap();
+    l1.raw(&mut h, "odd/sym-0644", b"");
+    l1.pax_file(
+        "odd/before-1970",
+        0o644,
+        b"old\n",
+        &[("mtime", b"-86400.5")],
+    );
+    l1.file("odd/twice", 0o644, b"first\n")
+        .file("odd/twice", 0o600, b"second wins\n")
+        .file("odd/late-dir/child", 0o644, b"child first\n")
+        .dir("odd/late-dir/", 0o710);
 
     let mut l2 = TarBuilder::new();
     l2.mtime = 1_747_785_600;
@@ -204,7 +226,8 @@ pub fn edge_layers() -> Vec<Vec<u8>> {
         .file("usr/share-file", 0o644, b"layer two rewrote this\n")
         .file("usr/bin/.wh.orig", 0o644, b"")
         .file("usr/bin/tool", 0o755, b"tool v2 copied up\n")
-        .link(tar::EntryType::Link, "usr/bin/tool-link", "usr/bin/tool");
+        .link(tar::EntryType::Link, "usr/bin/tool-link", "usr/bin/tool")
+        .link(tar::EntryType::Link, "odd/hardlink-to-lower", "etc/empty");
     let mut l3 = TarBuilder::new();
     l3.mtime = 1_747_872_000;
     l3.dir("etc/", 0o755)
