@@ -573,6 +573,18 @@ fn malicious_and_corrupt_input_is_rejected_clearly() {
         "{err}"
     );
 
+    // A file used as a directory (directly, or through a symlink) fails the build, as it
+    // fails an extraction by containerd or umoci.
+    let mut t = clip::demo::TarBuilder::new();
+    t.file("f", 0o644, b"a file\n")
+        .link(tar::EntryType::Symlink, "to-f", "f")
+        .file("to-f/child", 0o644, b"x\n");
+    let err = build_fails(tmp.path(), "file-as-dir", t.finish(), None);
+    assert!(
+        err.contains("entry /to-f/child: /to-f is not a directory"),
+        "{err}"
+    );
+
     let mut t = clip::demo::TarBuilder::new();
     t.file("data", 0o644, &clip::demo::noise(3, 1 << 20));
     let tar = t.finish();

@@ -52,6 +52,17 @@ fn components(path: &[u8]) -> impl Iterator<Item = &[u8]> {
     path.split(|&b| b == b'/').filter(|c| !c.is_empty())
 }
 
+/// `path` split into its directory and last component.
+fn split_parent(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&path[..0], path),
+    }
+}
+
+/// Most symlinks followed while resolving one path (Linux's `MAXSYMLINKS`).
+const MAX_SYMLINKS: usize = 40;
+
 fn show(path: &[u8]) -> String {
     format!("/{}", String::from_utf8_lossy(path))
 }
@@ -87,38 +98,84 @@ impl Tree {
         }
     }
 
-    fn find(&self, path: &[u8]) -> Option<usize> {
+    /// The directory at `path`, walked from the root as containerd and umoci extract a
+    /// layer: a symlink met on the way is followed (relative to its directory, an absolute
+    /// target from the root, `..` never above the root), so that `lib/x` lands in
+    /// `usr/lib` when `lib` is a symlink to it. With `create`, missing directories are
+    /// created (also where a dangling symlink points); without, `Ok(None)` when a
+    /// component is missing or not a directory. A component that is a file (or device,
+    /// FIFO) is an error with `create`, as it is for those extractors.
+    fn resolve_dir(&mut self, path: &[u8], create: bool) -> Result<Option<usize>, String> {
+        let mut todo: VecDeque<Vec<u8>> = components(path).map(<[u8]>::to_vec).collect();
+        // The directories from the root down to `cur`, for `..`.
+        let mut above: Vec<usize> = Vec::new();
         let mut cur = 0;
-        for c in components(path) {
-            cur = *self.nodes[cur].children.get(c)?;
-        }
-        Some(cur)
-    }
-
-    /// The directory at `path`, creating missing (or replacing non-directory) components.
-    fn ensure_dir(&mut self, path: &[u8]) -> usize {
-        let mut cur = 0;
-        for c in components(path) {
-            cur = match self.nodes[cur].children.get(c) {
-                Some(&id) if self.nodes[id].kind == Kind::Dir => id,
-                _ => {
+        let mut followed = 0;
+        while let Some(c) = todo.pop_front() {
+            match c.as_slice() {
+                b"." => continue,
+                b".." => {
+                    cur = above.pop().unwrap_or(0);
+                    continue;
+                }
+                _ => {}
+            }
+            let next = match self.nodes[cur].children.get(&c) {
+                Some(&id) => id,
+                None if create => {
                     let d = self.synthetic_dir();
                     self.nodes.push(d);
                     let id = self.nodes.len() - 1;
-                    self.nodes[cur].children.insert(c.to_vec(), id);
+                    self.nodes[cur].children.insert(c, id);
                     id
                 }
+                None => return Ok(None),
             };
+            match self.nodes[next].kind {
+                Kind::Dir => {
+                    above.push(cur);
+                    cur = next;
+                }
+                Kind::Symlink => {
+                    followed += 1;
+                    if followed > MAX_SYMLINKS {
+                        return Err(format!(
+                            "more than {MAX_SYMLINKS} symlinks on the way to {}",
+                            show(path)
+                        ));
+                    }
+                    let target = &self.nodes[next].link_target;
+                    if target.starts_with(b"/") {
+                        above.clear();
+                        cur = 0;
+                    }
+                    for t in components(target).collect::<Vec<_>>().into_iter().rev() {
+                        todo.push_front(t.to_vec());
+                    }
+                }
+                _ if create => {
+                    return Err(format!(
+                        "{} is not a directory (a file of a lower layer or of this one)",
+                        show(path)
+                    ))
+                }
+                _ => return Ok(None),
+            }
         }
-        cur
+        Ok(Some(cur))
+    }
+
+    /// The entry at `path`: its directory as [`Tree::resolve_dir`] finds it, then the last
+    /// component itself (not followed: a whiteout removes a symlink, a hardlink names it).
+    fn find(&mut self, path: &[u8]) -> Option<usize> {
+        let (dir, name) = split_parent(path);
+        let d = self.resolve_dir(dir, false).ok()??;
+        self.nodes[d].children.get(name).copied()
     }
 
     fn remove(&mut self, path: &[u8]) {
-        let (dir, name) = match path.iter().rposition(|&b| b == b'/') {
-            Some(i) => (&path[..i], &path[i + 1..]),
-            None => (&path[..0], path),
-        };
-        if let Some(d) = self.find(dir) {
+        let (dir, name) = split_parent(path);
+        if let Ok(Some(d)) = self.resolve_dir(dir, false) {
             self.nodes[d].children.remove(name);
         }
     }
@@ -130,10 +187,8 @@ impl Tree {
             match e.kind {
                 RawKind::Whiteout => self.remove(&e.path),
                 RawKind::Opaque => {
-                    if let Some(d) = self.find(&e.path) {
-                        if self.nodes[d].kind == Kind::Dir {
-                            self.nodes[d].children.clear();
-                        }
+                    if let Ok(Some(d)) = self.resolve_dir(&e.path, false) {
+                        self.nodes[d].children.clear();
                     }
                 }
                 _ => {}
@@ -213,11 +268,11 @@ impl Tree {
             root.xattrs = node.xattrs;
             return Ok(());
         }
-        let (dir, name) = match e.path.iter().rposition(|&b| b == b'/') {
-            Some(i) => (&e.path[..i], &e.path[i + 1..]),
-            None => (&e.path[..0], &e.path[..]),
-        };
-        let parent = self.ensure_dir(dir);
+        let (dir, name) = split_parent(&e.path);
+        let parent = self
+            .resolve_dir(dir, true)
+            .map_err(|m| BuildError::Merge(format!("entry {}: {m}", show(&e.path))))?
+            .unwrap_or(0);
         match self.nodes[parent].children.get(name) {
             Some(&old) if self.nodes[old].kind == Kind::Dir && node.kind == Kind::Dir => {
                 // Directory over directory: new attributes, same children.

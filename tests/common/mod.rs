@@ -204,6 +204,26 @@ pub fn edge_layers() -> Vec<Vec<u8>> {
         b"old\n",
         &[("mtime", b"-86400.5")],
     );
+    // Symlinks that later layers write through (as containerd and umoci extract them). The
+    // dangling one points under the root: umoci stamps a directory in which it had to create
+    // one through a symlink with the extraction time, clip keeps the image's.
+    l1.dir("sym/", 0o755)
+        .dir("sym/real/", 0o755)
+        .file("sym/real/orig", 0o644, b"whited out through a symlink\n")
+        .file("sym/real/keep", 0o644, b"kept\n")
+        .dir("sym/real2/", 0o755)
+        .file("sym/real2/cleared", 0o644, b"cleared by an opaque marker\n")
+        .link(tar::EntryType::Symlink, "sym/rel", "real")
+        .link(tar::EntryType::Symlink, "sym/abs", "/sym/real")
+        .link(tar::EntryType::Symlink, "sym/chain", "rel")
+        .link(
+            tar::EntryType::Symlink,
+            "sym/escape",
+            "../../../../sym/real",
+        )
+        .link(tar::EntryType::Symlink, "sym/dangling", "/made/by/dangling")
+        .link(tar::EntryType::Symlink, "sym/replaced", "real")
+        .link(tar::EntryType::Symlink, "sym/opq", "real2");
     l1.file("odd/twice", 0o644, b"first\n")
         .file("odd/twice", 0o600, b"second wins\n")
         .file("odd/late-dir/child", 0o644, b"child first\n")
@@ -227,7 +247,26 @@ pub fn edge_layers() -> Vec<Vec<u8>> {
         .file("usr/bin/.wh.orig", 0o644, b"")
         .file("usr/bin/tool", 0o755, b"tool v2 copied up\n")
         .link(tar::EntryType::Link, "usr/bin/tool-link", "usr/bin/tool")
-        .link(tar::EntryType::Link, "odd/hardlink-to-lower", "etc/empty");
+        .link(tar::EntryType::Link, "odd/hardlink-to-lower", "etc/empty")
+        .file("sym/rel/.wh.orig", 0o644, b"")
+        .file("sym/opq/.wh..wh..opq", 0o644, b"")
+        .file("sym/opq/after-opaque", 0o644, b"after\n")
+        .file("sym/rel/via-rel", 0o644, b"rel\n")
+        .file("sym/abs/via-abs", 0o644, b"abs\n")
+        .file("sym/chain/via-chain", 0o644, b"chain\n")
+        .file("sym/escape/via-escape", 0o644, b"escape\n")
+        .file("sym/dangling/via-dangling", 0o644, b"dangling\n")
+        .link(
+            tar::EntryType::Link,
+            "sym/hardlink-via-symlink",
+            "sym/rel/keep",
+        )
+        .dir("sym/replaced/", 0o700)
+        .file(
+            "sym/replaced/inside",
+            0o644,
+            b"a directory entry replaces a symlink\n",
+        );
     let mut l3 = TarBuilder::new();
     l3.mtime = 1_747_872_000;
     l3.dir("etc/", 0o755)
