@@ -14,7 +14,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -508,6 +508,8 @@ struct Proxy {
     /// Blob bodies cut so far.
     cut: Arc<AtomicUsize>,
     requests: Arc<AtomicUsize>,
+    /// While set, every blob body is forwarded with every 4096th byte flipped.
+    lying: Arc<AtomicBool>,
 }
 
 impl Proxy {
@@ -517,13 +519,14 @@ impl Proxy {
         let ranges = Arc::new(Mutex::new(Vec::new()));
         let cut = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
-        let (r, c, n) = (ranges.clone(), cut.clone(), requests.clone());
+        let lying = Arc::new(AtomicBool::new(false));
+        let (r, c, n, l) = (ranges.clone(), cut.clone(), requests.clone(), lying.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                let (r, c, n) = (r.clone(), c.clone(), n.clone());
+                let (r, c, n, l) = (r.clone(), c.clone(), n.clone(), l.clone());
                 std::thread::spawn(move || {
-                    let _ = Proxy::serve(conn, upstream, mode, &r, &c, &n);
+                    let _ = Proxy::serve(conn, upstream, mode, &r, &c, &n, &l);
                 });
             }
         });
@@ -532,6 +535,7 @@ impl Proxy {
             ranges,
             cut,
             requests,
+            lying,
         }
     }
 
@@ -542,6 +546,7 @@ impl Proxy {
         ranges: &Mutex<Vec<String>>,
         cut: &AtomicUsize,
         requests: &AtomicUsize,
+        lying: &AtomicBool,
     ) -> std::io::Result<()> {
         let mut reader = BufReader::new(client.try_clone()?);
         let mut request_line = String::new();
@@ -598,6 +603,14 @@ impl Proxy {
             std::io::copy(&mut up_reader.take(mode.cut_after as u64), &mut client)?;
             client.shutdown(std::net::Shutdown::Both)?;
             return Ok(());
+        }
+        if blob && ok && lying.load(Ordering::SeqCst) {
+            let mut body = Vec::new();
+            up_reader.read_to_end(&mut body)?;
+            for b in body.iter_mut().step_by(4096) {
+                *b ^= 0x55;
+            }
+            return client.write_all(&body);
         }
         std::io::copy(&mut up_reader, &mut client)?;
         Ok(())
@@ -788,6 +801,47 @@ fn clip_serve_mounts_a_registry_built_index_and_reads_through_the_registry() {
         s["serve"]["fetched"].as_u64().unwrap() > 0,
         "read from the registry: {s}"
     );
+}
+
+/// `clip-serve --source` reads the blobs from another registry (a mirror, here a proxy in
+/// front of the same registry). While that mirror lies (flipped bytes in every blob body),
+/// reads fail with EIO and nothing it sent is served or cached; once it tells the truth,
+/// the same files read right.
+#[test]
+fn a_lying_mirror_gives_errors_never_wrong_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::anonymous(&tmp.path().join("reg"));
+    let (layout, _local) = edge_reference(tmp.path());
+    reg.push(&layout, EDGE_TAG, "edge:v1", None);
+    let index = tmp.path().join("reg.clip");
+    build_ok(&format!("{}/edge:v1", reg.host()), &index, &[], &[]);
+    let upstream: u16 = reg.host().rsplit(':').next().unwrap().parse().unwrap();
+    let mirror = Proxy::start(upstream, ProxyMode::default());
+    mirror.lying.store(true, Ordering::SeqCst);
+    let cache = tmp.path().join("cache");
+    let source = format!("127.0.0.1:{}/edge", mirror.port);
+    let mut served = Served::start(tmp.path(), "mnt", &index, &cache, &["--source", &source]);
+    let files = [
+        ("data/random.bin", clip::demo::noise(1, 5 << 20)),
+        ("etc/hostname", b"edge\n".to_vec()),
+        ("usr/bin/ping", b"ping with a capability\n".to_vec()),
+    ];
+    for (f, _) in &files {
+        let err = std::fs::read(served.mnt.join(f)).expect_err(f);
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{f}: {err}");
+    }
+    assert!(
+        mirror.requests.load(Ordering::SeqCst) > 0,
+        "the reads went to the mirror"
+    );
+    mirror.lying.store(false, Ordering::SeqCst);
+    for (f, want) in &files {
+        assert!(std::fs::read(served.mnt.join(f)).unwrap() == *want, "{f}");
+    }
+    let status = served.terminate();
+    assert!(status.success(), "clip-serve exited with {status}");
+    let log = plain(&served.log());
+    assert!(log.contains("127.0.0.1:") && log.contains("/edge"), "{log}");
 }
 
 /// Requested (start, end exclusive) byte ranges of blob `digest` seen by `proxy`.

@@ -75,21 +75,23 @@ enum Cmd {
         index: PathBuf,
         /// Path inside the image.
         path: String,
-        /// OCI layout holding the blobs (default: the one recorded in the index).
-        #[arg(long)]
-        layout: Option<PathBuf>,
+        /// Where to read the layer blobs instead of the source recorded in the index: an
+        /// OCI layout directory or a registry repository (a mirror: HOST[:PORT]/REPO).
+        #[arg(long, alias = "layout", value_name = "LAYOUT_OR_REPO")]
+        source: Option<String>,
     },
     /// Fully validate an index (structure and tree); with --content also read every file
-    /// from the layout and check its sha256.
+    /// from the image source and check its sha256.
     Verify {
         /// Index file.
         index: PathBuf,
         /// Also read and hash every file's content.
         #[arg(long)]
         content: bool,
-        /// OCI layout holding the blobs (default: the one recorded in the index).
-        #[arg(long)]
-        layout: Option<PathBuf>,
+        /// Where to read the layer blobs instead of the source recorded in the index: an
+        /// OCI layout directory or a registry repository (a mirror: HOST[:PORT]/REPO).
+        #[arg(long, alias = "layout", value_name = "LAYOUT_OR_REPO")]
+        source: Option<String>,
     },
     /// Write the embedded demo image as an OCI layout (tag "demo").
     Demo {
@@ -137,12 +139,9 @@ fn resolve(idx: &IndexFile, path: &str) -> Result<u32> {
         .ok_or_else(|| format!("{path}: no such file or directory in the image").into())
 }
 
-fn layout_source(
-    idx: &IndexFile,
-    layout: Option<PathBuf>,
-) -> Result<Box<dyn clip::source::Source>> {
-    Ok(match layout {
-        Some(dir) => Box::new(clip::source::layout::LayoutSource::open(&dir)?),
+fn blob_source(idx: &IndexFile, spec: Option<String>) -> Result<Box<dyn clip::source::Source>> {
+    Ok(match spec {
+        Some(spec) => clip::source::open(&spec)?.0,
         None => clip::source::open_recorded(&String::from_utf8_lossy(
             idx.index().image.source.as_slice(),
         ))?,
@@ -219,11 +218,11 @@ fn run(cli: Cli) -> Result<()> {
         Some(Cmd::Cat {
             index,
             path,
-            layout,
+            source,
         }) => {
             let idx = open(&index)?;
             let i = resolve(&idx, &path)?;
-            let src = layout_source(&idx, layout)?;
+            let src = blob_source(&idx, source)?;
             let mut r = FileReader::new(&idx, i)?;
             for k in 0..r.pieces().len() {
                 let (bytes, _) = r.piece(&idx, src.as_ref(), &[], k)?;
@@ -233,7 +232,7 @@ fn run(cli: Cli) -> Result<()> {
         Some(Cmd::Verify {
             index,
             content,
-            layout,
+            source,
         }) => {
             let idx = open(&index)?;
             let t = std::time::Instant::now();
@@ -244,7 +243,7 @@ fn run(cli: Cli) -> Result<()> {
                 t.elapsed().as_secs_f64() * 1e3
             );
             if content {
-                let src = layout_source(&idx, layout)?;
+                let src = blob_source(&idx, source)?;
                 let mut files = 0u64;
                 let mut bytes = 0u64;
                 for i in 0..idx.entry_count() {

@@ -26,9 +26,12 @@ struct Cli {
     index: PathBuf,
     /// Empty directory to mount on.
     mountpoint: PathBuf,
-    /// OCI layout holding the blobs (default: the source recorded in the index).
-    #[arg(long)]
-    layout: Option<PathBuf>,
+    /// Where to read the layer blobs instead of the source recorded in the index: an OCI
+    /// layout directory or a registry repository (a mirror: HOST[:PORT]/REPO). Blobs are
+    /// fetched by the digests the index records, and every byte is checked against its
+    /// sha256 as always.
+    #[arg(long, alias = "layout", value_name = "LAYOUT_OR_REPO")]
+    source: Option<String>,
     /// Local cache directory (default: $XDG_CACHE_HOME/clip, else /var/cache/clip as root,
     /// else ~/.cache/clip).
     #[arg(long)]
@@ -209,8 +212,7 @@ fn run(cli: Cli) -> Result<()> {
             "index verified"
         );
     }
-    let layout = cli.layout.as_ref().map(|p| p.display().to_string());
-    let source = fuse::open_source(&index, layout.as_deref())?;
+    let source = fuse::open_source(&index, cli.source.as_deref())?;
     tracing::info!(source = %source.describe(), "image source");
 
     let mut tiers: Vec<Arc<dyn Tier>> = Vec::new();
