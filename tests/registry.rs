@@ -277,6 +277,15 @@ fn verify_content(index: &Path, env: &[(&str, &str)]) -> String {
     e
 }
 
+/// An anonymous registry holding the edge image as `repo` (with tag): the registry, the
+/// edge layout, its locally built index and the pushed manifest's digest.
+fn edge_in_registry(tmp: &Path, repo: &str) -> (Registry, PathBuf, PathBuf, String) {
+    let reg = Registry::anonymous(&tmp.join("reg"));
+    let (layout, local) = edge_reference(tmp);
+    let digest = reg.push(&layout, EDGE_TAG, repo, None);
+    (reg, layout, local, digest)
+}
+
 /// The edge-case layout, indexed from disk; returns (layout, layout-built index).
 fn edge_reference(tmp: &Path) -> (PathBuf, PathBuf) {
     edge_index(tmp)
@@ -307,9 +316,7 @@ fn read_hostname(idx: &IndexFile, src: &dyn Source, neighbours: &Arc<clip::read:
 #[test]
 fn build_by_tag_and_digest_matches_the_layout() {
     let tmp = tempfile::tempdir().unwrap();
-    let reg = Registry::anonymous(&tmp.path().join("reg"));
-    let (layout, local) = edge_reference(tmp.path());
-    let digest = reg.push(&layout, EDGE_TAG, "team/edge:v1", None);
+    let (reg, layout, local, digest) = edge_in_registry(tmp.path(), "team/edge:v1");
 
     let by_tag = tmp.path().join("tag.clip");
     build_ok(&format!("{}/team/edge:v1", reg.host()), &by_tag, &[], &[]);
@@ -441,9 +448,7 @@ fn multi_platform_index_picks_the_platform() {
 #[test]
 fn errors_name_the_reference_and_what_to_do() {
     let tmp = tempfile::tempdir().unwrap();
-    let reg = Registry::anonymous(&tmp.path().join("reg"));
-    let (layout, _) = edge_reference(tmp.path());
-    reg.push(&layout, EDGE_TAG, "present:v1", None);
+    let (reg, _, _, _) = edge_in_registry(tmp.path(), "present:v1");
     let out = tmp.path().join("x.clip");
 
     let e = build_err(&format!("{}/absent:v1", reg.host()), &out, &[]);
@@ -620,9 +625,7 @@ impl Proxy {
 #[test]
 fn range_ignoring_server_and_cut_connections_still_read_exactly() {
     let tmp = tempfile::tempdir().unwrap();
-    let reg = Registry::anonymous(&tmp.path().join("reg"));
-    let (layout, local) = edge_reference(tmp.path());
-    reg.push(&layout, EDGE_TAG, "edge:v1", None);
+    let (reg, layout, local, _) = edge_in_registry(tmp.path(), "edge:v1");
 
     // Ranges stripped: every read gets the whole blob and must skip and truncate.
     let strip = Proxy::start(
@@ -744,9 +747,7 @@ fn range_ignoring_server_and_cut_connections_still_read_exactly() {
 fn clip_serve_mounts_a_registry_built_index_and_reads_through_the_registry() {
     require_tool("fusermount3");
     let tmp = tempfile::tempdir().unwrap();
-    let reg = Registry::anonymous(&tmp.path().join("reg"));
-    let (layout, _local) = edge_reference(tmp.path());
-    reg.push(&layout, EDGE_TAG, "edge:v1", None);
+    let (reg, _, _, _) = edge_in_registry(tmp.path(), "edge:v1");
     let index = tmp.path().join("reg.clip");
     build_ok(&format!("{}/edge:v1", reg.host()), &index, &[], &[]);
     let mnt = tmp.path().join("mnt");
@@ -810,13 +811,10 @@ fn clip_serve_mounts_a_registry_built_index_and_reads_through_the_registry() {
 #[test]
 fn a_lying_mirror_gives_errors_never_wrong_bytes() {
     let tmp = tempfile::tempdir().unwrap();
-    let reg = Registry::anonymous(&tmp.path().join("reg"));
-    let (layout, _local) = edge_reference(tmp.path());
-    reg.push(&layout, EDGE_TAG, "edge:v1", None);
+    let (reg, _, _, _) = edge_in_registry(tmp.path(), "edge:v1");
     let index = tmp.path().join("reg.clip");
     build_ok(&format!("{}/edge:v1", reg.host()), &index, &[], &[]);
-    let upstream: u16 = reg.host().rsplit(':').next().unwrap().parse().unwrap();
-    let mirror = Proxy::start(upstream, ProxyMode::default());
+    let mirror = Proxy::start(reg.port, ProxyMode::default());
     mirror.lying.store(true, Ordering::SeqCst);
     let cache = tmp.path().join("cache");
     let source = format!("127.0.0.1:{}/edge", mirror.port);
@@ -858,9 +856,7 @@ fn blob_ranges(proxy: &Proxy, from: usize) -> Vec<(u64, u64)> {
 #[test]
 fn cold_reads_fetch_growing_ranges_not_the_rest_of_the_blob() {
     let tmp = tempfile::tempdir().unwrap();
-    let reg = Registry::anonymous(&tmp.path().join("reg"));
-    let (layout, local) = edge_reference(tmp.path());
-    reg.push(&layout, EDGE_TAG, "edge:v1", None);
+    let (reg, _, local, _) = edge_in_registry(tmp.path(), "edge:v1");
     let proxy = Proxy::start(reg.port, ProxyMode::default());
     let src = edge_source(proxy.port);
     let idx = IndexFile::open(&local).unwrap();
@@ -1434,9 +1430,7 @@ impl Relay {
 #[test]
 fn blob_reads_reuse_their_connections() {
     let tmp = tempfile::tempdir().unwrap();
-    let reg = Registry::anonymous(&tmp.path().join("reg"));
-    let (layout, local) = edge_reference(tmp.path());
-    reg.push(&layout, EDGE_TAG, "edge:v1", None);
+    let (reg, _, local, _) = edge_in_registry(tmp.path(), "edge:v1");
     let relay = Relay::start(reg.port);
     let registry = edge_source(relay.port);
     let src = clip::source::counting::Counting::new(Arc::new(registry));
@@ -1508,9 +1502,7 @@ impl Redirector {
 #[test]
 fn redirected_blob_reads_go_straight_to_the_target_until_it_expires() {
     let tmp = tempfile::tempdir().unwrap();
-    let reg = Registry::anonymous(&tmp.path().join("reg"));
-    let (layout, local) = edge_reference(tmp.path());
-    reg.push(&layout, EDGE_TAG, "edge:v1", None);
+    let (reg, _, local, _) = edge_in_registry(tmp.path(), "edge:v1");
     // Storage A expires after two requests; storage B does not.
     let a = Proxy::start(
         reg.port,
