@@ -16,7 +16,7 @@ use super::span::SpanReader;
 use super::ReadError;
 use crate::format::IndexFile;
 use crate::source::Source;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -50,6 +50,11 @@ pub struct Job {
     pub interval: Interval,
     /// Uncompressed range of the file that asked for it.
     pub want: (u64, u64),
+    /// Whether the job verifies the pieces it holds for the reader (a sequential reader
+    /// takes them all, and hashing them right after inflating, on the job's thread,
+    /// takes that work off the reader's path) or leaves that to whoever takes them (a
+    /// profile's intervals hold many pieces nobody reads).
+    pub verify_held: bool,
 }
 
 /// What a job did, for statistics.
@@ -265,6 +270,7 @@ impl ReadAhead {
                         },
                         want,
                         want.1,
+                        true,
                     )
                 })
                 .collect()
@@ -285,7 +291,7 @@ impl ReadAhead {
         want: (u64, u64),
         until: u64,
     ) -> Option<Job> {
-        Self::try_claim(&mut self.lock(), index, interval, want, until)
+        Self::try_claim(&mut self.lock(), index, interval, want, until, false)
     }
 
     fn try_claim(
@@ -294,6 +300,7 @@ impl ReadAhead {
         interval: Interval,
         want: (u64, u64),
         until: u64,
+        verify_held: bool,
     ) -> Option<Job> {
         let (start, end) = index
             .interval_range(interval.layer, interval.checkpoint as usize)
@@ -307,7 +314,11 @@ impl ReadAhead {
             return None;
         }
         s.running.insert(interval, (start, end));
-        Some(Job { interval, want })
+        Some(Job {
+            interval,
+            want,
+            verify_held,
+        })
     }
 
     /// Claim `interval` for a reader about to inflate the bytes `piece` (an uncompressed
@@ -354,10 +365,11 @@ impl ReadAhead {
     }
 
     /// Wait until no running job or claiming reader covers any byte of `[start, end)` of
-    /// `layer`.
-    pub fn wait(&self, layer: u32, start: u64, end: u64) {
+    /// `layer`, or a job holds the piece `sha256` (jobs hand pieces over as they finish
+    /// them, before their interval is done).
+    pub fn wait(&self, layer: u32, start: u64, end: u64, sha256: &[u8; 32]) {
         let mut s = self.lock();
-        while Self::covered(&s, layer, start, end) {
+        while Self::covered(&s, layer, start, end) && !s.ready.contains_key(sha256) {
             s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
         }
     }
@@ -441,9 +453,11 @@ impl ReadAhead {
         held
     }
 
-    /// Run `job`: inflate its interval, hold the wanted pieces in memory for their reader
-    /// (unverified: [`ReadAhead::take`] callers verify), keep the others in `tiers`, put
-    /// together pieces crossing its boundaries. Failures only
+    /// Run `job`: inflate its interval piece by piece, handing each piece over as soon as
+    /// it is whole: the wanted ones held in memory for their reader (verified first when
+    /// `job.verify_held`; otherwise [`ReadAhead::take`] callers verify), the others
+    /// verified into `tiers`; pieces crossing its boundaries are put together with the
+    /// neighbouring job's half. Bytes after the last piece are not inflated. Failures only
     /// cost the reader a fetch of its own.
     pub fn run(
         &self,
@@ -463,70 +477,89 @@ impl ReadAhead {
             interval: iv,
             finished: false,
         };
-        let mut buf = vec![0u8; (end - start) as usize];
         let mut span = SpanReader::new(iv.layer);
-        let read = span.read_at(index, source, start, &mut buf, None, &mut |_, _| {});
-        let mut stats = JobStats {
-            inflated: span.inflated,
-            fetched: span.fetched(),
-            ..JobStats::default()
-        };
-        read?;
-        let buf = Bytes::from(buf);
-        let wanted = |offset: u64| job.want.0 <= offset && offset < job.want.1;
-        let mut keep =
-            |offset: u64, bytes: Bytes, ready: &mut Vec<([u8; 32], Held)>, sha256: &[u8; 32]| {
-                if wanted(offset) {
-                    ready.push((
-                        *sha256,
-                        Held {
-                            bytes,
-                            verified: false,
-                        },
-                    ));
-                    return;
-                }
-                if !verify(&bytes, sha256) {
-                    tracing::debug!(
-                        layer = iv.layer,
-                        offset,
-                        "read-ahead piece does not verify; leaving it to the reader"
-                    );
-                    return;
-                }
-                for t in tiers {
-                    t.put(sha256, &bytes);
-                }
-                stats.kept += 1;
-                stats.kept_bytes += bytes.len() as u64;
-            };
-        let mut ready = Vec::new();
+        let mut stats = JobStats::default();
         let pieces = neighbours.located(index, iv.layer);
         let first = pieces.partition_point(|p| p.offset + p.len <= start);
+        // Inflated bytes not handed out yet: `rest[..filled]`, starting at offset `base`.
+        let mut rest = BytesMut::zeroed((end - start) as usize);
+        let (mut base, mut filled) = (start, 0usize);
         for p in pieces[first..].iter().take_while(|p| p.offset < end) {
             let (a, b) = (p.offset, p.offset + p.len);
-            if start <= a && b <= end {
-                keep(
-                    a,
-                    buf.slice((a - start) as usize..(b - start) as usize),
-                    &mut ready,
-                    &p.sha256,
+            let upto = (b.min(end) - base) as usize;
+            if upto > filled {
+                let read = span.read_at(
+                    index,
+                    source,
+                    base + filled as u64,
+                    &mut rest[filled..upto],
+                    None,
+                    &mut |_, _| {},
                 );
-            } else if let Some(whole) = self.seam(iv.layer, p.offset, p.len, start, end, &buf) {
-                keep(a, whole.into(), &mut ready, &p.sha256);
+                stats.inflated = span.inflated;
+                stats.fetched = span.fetched();
+                read?;
+                filled = upto;
             }
+            let done = rest.split_to(upto).freeze();
+            let from = base;
+            base += upto as u64;
+            filled -= upto;
+            let bytes = if start <= a && b <= end {
+                done.slice((a - from) as usize..)
+            } else {
+                let half = &done[(a.max(start) - from) as usize..];
+                match self.seam(iv.layer, a, p.len, start, end, half) {
+                    Some(whole) => Bytes::from(whole),
+                    None => continue,
+                }
+            };
+            self.deliver(&job, a, bytes, &p.sha256, tiers, &mut stats);
         }
-        let mut s = self.lock();
-        for (key, piece) in ready {
-            self.hold(&mut s, key, piece);
-        }
-        drop(s);
         claim.finished = true;
         Ok(stats)
     }
 
-    /// Deposit this job's half of the piece at `offset` (length `len`) that crosses one of
-    /// the job's boundaries; the whole piece once the other half is there.
+    /// Hand over the whole piece at `offset`: held for the job's reader when it lies in
+    /// the reader's file, else verified into `tiers`.
+    fn deliver(
+        &self,
+        job: &Job,
+        offset: u64,
+        bytes: Bytes,
+        sha256: &[u8; 32],
+        tiers: &[Arc<dyn Tier>],
+        stats: &mut JobStats,
+    ) {
+        let wanted = job.want.0 <= offset && offset < job.want.1;
+        let verified = (!wanted || job.verify_held) && verify(&bytes, sha256);
+        if (!wanted || job.verify_held) && !verified {
+            tracing::debug!(
+                layer = job.interval.layer,
+                offset,
+                "read-ahead piece does not verify; leaving it to the reader"
+            );
+            return;
+        }
+        if verified {
+            for t in tiers {
+                t.put(sha256, &bytes);
+            }
+        }
+        if wanted {
+            let mut s = self.lock();
+            self.hold(&mut s, *sha256, Held { bytes, verified });
+            drop(s);
+            self.changed.notify_all();
+        } else {
+            stats.kept += 1;
+            stats.kept_bytes += bytes.len() as u64;
+        }
+    }
+
+    /// Deposit `half`, this job's part of the piece at `offset` (length `len`) that
+    /// crosses one of the job's boundaries (`start` or `end`); the whole piece once the
+    /// other half is there.
     fn seam(
         &self,
         layer: u32,
@@ -534,16 +567,12 @@ impl ReadAhead {
         len: u64,
         start: u64,
         end: u64,
-        buf: &[u8],
+        half: &[u8],
     ) -> Option<Vec<u8>> {
-        let (boundary, half, is_before) = if offset < start {
-            (
-                start,
-                &buf[..(offset + len - start).min(end - start) as usize],
-                false,
-            )
+        let (boundary, is_before) = if offset < start {
+            (start, false)
         } else {
-            (end, &buf[(offset - start) as usize..], true)
+            (end, true)
         };
         if offset < start && offset + len > end {
             return None; // spans the whole interval: a piece larger than an interval

@@ -364,7 +364,7 @@ impl FileReader {
                         claim = Some(c);
                         break;
                     }
-                    ahead.wait(self.layer, start, start + p.len);
+                    ahead.wait(self.layer, start, start + p.len, &p.sha256);
                     if let Some(hit) = self.stored(tiers, k) {
                         return Ok(hit);
                     }
