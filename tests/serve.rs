@@ -7,7 +7,7 @@ mod common;
 use clip::demo::{noise, TarBuilder};
 use clip::format::IndexFile;
 use common::{
-    bin, busybox_index, edge_index, is_mounted, require_fuse, require_tool, run, sha256_hex,
+    bin, busybox_index, edge_index, is_mounted, plain, require_fuse, require_tool, run, sha256_hex,
     umoci_unpack, Served, EDGE_TAG,
 };
 use rand::{Rng, SeedableRng};
@@ -316,6 +316,49 @@ fn static_busybox_runs_in_a_chroot_of_the_mount() {
         .arg("echo via-symlink")))
     .unwrap();
     assert_eq!(out.trim(), "via-symlink");
+}
+
+/// What programs ask of a file besides its bytes gets a filesystem's answer, not a warning
+/// in the daemon's log: `isatty` (an ioctl at every Python `open()`), `SEEK_DATA` and
+/// `SEEK_HOLE` (`cp`, `tar`), `fsync`.
+#[test]
+fn ioctl_seek_data_and_fsync_are_answered_without_warnings() {
+    require_tool("python3");
+    let tmp = tempfile::tempdir().unwrap();
+    let (index, _) = busybox_index(tmp.path());
+    let mut served = Served::start(tmp.path(), "mnt", &index, &tmp.path().join("cache"), &[]);
+    let path = served.mnt.join("bin/busybox");
+    let size = fs::metadata(&path).unwrap().len();
+    let script = r#"
+import os, sys
+p, size = sys.argv[1], int(sys.argv[2])
+for _ in range(50):
+    with open(p, "rb") as f:
+        assert not f.isatty()
+        f.read(16)
+fd = os.open(p, os.O_RDONLY)
+assert os.lseek(fd, 0, os.SEEK_DATA) == 0
+assert os.lseek(fd, 100, os.SEEK_DATA) == 100
+assert os.lseek(fd, 0, os.SEEK_HOLE) == size
+for whence in (os.SEEK_DATA, os.SEEK_HOLE):
+    try:
+        os.lseek(fd, size, whence)
+        raise SystemExit("no ENXIO past the end")
+    except OSError as e:
+        assert e.errno == 6, e
+os.fsync(fd)
+print("ok")
+"#;
+    let out = run(Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&path)
+        .arg(size.to_string()));
+    assert_eq!(String::from_utf8_lossy(&out).trim(), "ok");
+    let status = served.terminate();
+    assert!(status.success(), "clip-serve exited with {status}");
+    let log = plain(&served.log());
+    assert!(!log.contains("Not Implemented"), "{log}");
 }
 
 #[test]

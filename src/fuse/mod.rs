@@ -17,11 +17,11 @@ use crate::source::{Source, SourceError};
 use attr::{attr_of, entry_of, file_type, ino_of};
 use bytes::Bytes;
 use fuser::{
-    AccessFlags, BsdFileFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem,
-    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode,
-    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL,
-    TimeOrNow, WriteFlags,
+    AccessFlags, BsdFileFlags, Config, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
+    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner,
+    MountOption, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 use pool::Pool;
 use std::collections::{HashMap, HashSet};
@@ -1197,6 +1197,73 @@ impl Filesystem for ClipFs {
         _l: u64,
         _m: i32,
         reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    /// No ioctl applies to an image's files: ENOTTY, as for any regular file. Python asks
+    /// (`isatty`) at every `open()`; fuser's default would log a warning each time.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        _fh: FileHandle,
+        _f: IoctlFlags,
+        _cmd: u32,
+        _in: &[u8],
+        _out: u32,
+        reply: ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
+    }
+
+    /// `SEEK_DATA` and `SEEK_HOLE` (the kernel answers the other whences itself, and asks
+    /// these of `cp` and `tar`): an image's files have no holes.
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let size = match self.entry_index(ino).and_then(|i| self.attr(i)) {
+            Ok(attr) => attr.size,
+            Err(e) => return reply.error(e),
+        };
+        let inside = u64::try_from(offset).is_ok_and(|o| o < size);
+        match whence {
+            libc::SEEK_DATA if inside => reply.offset(offset),
+            libc::SEEK_HOLE if inside => reply.offset(size as i64),
+            libc::SEEK_DATA | libc::SEEK_HOLE => reply.error(Errno::ENXIO),
+            _ => reply.error(Errno::EINVAL),
+        }
+    }
+
+    /// Nothing to write back.
+    fn fsync(&self, _req: &Request, _i: INodeNo, _fh: FileHandle, _d: bool, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    /// Nothing to write back.
+    fn fsyncdir(&self, _req: &Request, _i: INodeNo, _fh: FileHandle, _d: bool, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    /// A copy inside the mount writes to it.
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        _fh: FileHandle,
+        _o: u64,
+        _io: INodeNo,
+        _fho: FileHandle,
+        _oo: u64,
+        _l: u64,
+        _f: CopyFileRangeFlags,
+        reply: ReplyWrite,
     ) {
         reply.error(Errno::EROFS);
     }
