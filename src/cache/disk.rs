@@ -3,13 +3,15 @@
 //! into place, so a reader never sees a partial object. An in-memory LRU (seeded from the
 //! files' mtimes by a scan, mtimes refreshed on every hit) keeps the total under the limit.
 //! The scan may run in the background: a daemon serves at once whatever the cache's size.
-//! Several daemons may share a directory: each one's LRU covers the objects it has seen,
-//! and a lookup that misses the LRU still tries the file.
+//! Several daemons may share a directory: a lookup that misses the LRU still tries the
+//! file, and the background scan is repeated every minute, so that each one's LRU learns
+//! the objects the others stored (as less recently used than its own) and forgets those
+//! they removed, and the directory stays within the limit.
 
 use super::{CacheError, CacheStats};
 use crate::read::Tier;
 use bytes::Bytes;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -39,11 +41,16 @@ struct Lru {
     order: BTreeMap<u64, [u8; 32]>,
     bytes: u64,
     tick: u64,
+    /// The tick for the next object a scan finds (below `LIVE_TICKS`).
+    seed_tick: u64,
 }
 
 /// Ticks of uses in this process start here; objects found by the scan get the ticks below,
 /// in mtime order, so they are all older than anything used since the start.
 const LIVE_TICKS: u64 = 1 << 48;
+
+/// How often the background scan looks at the directory again (see the module docs).
+const RESCAN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The largest object the cache holds: a piece (a whole small file or a chunk).
 const MAX_OBJECT: u64 = crate::format::CHUNK_SIZE;
@@ -55,16 +62,20 @@ impl Default for Lru {
             order: BTreeMap::new(),
             bytes: 0,
             tick: LIVE_TICKS,
+            seed_tick: 0,
         }
     }
 }
 
 impl Lru {
-    /// Add an object found on disk with an old `tick`, unless it was used already.
-    fn seed(&mut self, key: [u8; 32], size: u64, tick: u64) {
+    /// Add an object found on disk as older than every object used by this process,
+    /// unless it is known already.
+    fn seed(&mut self, key: [u8; 32], size: u64) {
         if self.map.contains_key(&key) {
             return;
         }
+        let tick = self.seed_tick.min(LIVE_TICKS - 1);
+        self.seed_tick += 1;
         self.map.insert(key, (size, tick));
         self.order.insert(tick, key);
         self.bytes += size;
@@ -145,6 +156,15 @@ impl DiskCache {
                     "disk cache scanned: {}",
                     scanning.stats()
                 );
+                // Again now and then, for what other daemons sharing the directory did;
+                // until the cache is dropped.
+                let weak = Arc::downgrade(&scanning);
+                drop(scanning);
+                loop {
+                    std::thread::sleep(RESCAN_EVERY);
+                    let Some(cache) = weak.upgrade() else { break };
+                    cache.scan();
+                }
             });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "no thread to scan the disk cache; scanning now");
@@ -179,9 +199,13 @@ impl DiskCache {
         })
     }
 
-    /// Seed the LRU with the objects on disk (oldest mtime least recently used) and evict
-    /// down to the limit. Objects used since the cache was opened keep their place.
+    /// Bring the LRU in line with the objects on disk and evict down to the limit: objects
+    /// it does not know (found at start, or stored since by another daemon sharing the
+    /// directory) join as less recently used than any this process used, oldest mtime
+    /// first; known objects that are gone (removed by another daemon) and were not used
+    /// since the walk began are forgotten.
     fn scan(&self) {
+        let walk_began = self.lru.lock().expect("cache lock poisoned").tick;
         let mut found = Vec::new();
         let Ok(fans) = fs::read_dir(&self.root) else {
             return;
@@ -211,8 +235,18 @@ impl DiskCache {
         found.sort();
         {
             let mut lru = self.lru.lock().expect("cache lock poisoned");
-            for (tick, (_, key, size)) in found.into_iter().enumerate() {
-                lru.seed(key, size, (tick as u64).min(LIVE_TICKS - 1));
+            let on_disk: HashSet<[u8; 32]> = found.iter().map(|&(_, key, _)| key).collect();
+            let gone: Vec<[u8; 32]> = lru
+                .map
+                .iter()
+                .filter(|(key, &(_, tick))| tick <= walk_began && !on_disk.contains(*key))
+                .map(|(key, _)| *key)
+                .collect();
+            for key in &gone {
+                lru.forget(key);
+            }
+            for (_, key, size) in found {
+                lru.seed(key, size);
             }
         }
         self.evict();
@@ -499,6 +533,51 @@ mod tests {
         assert!(c.get(&key(&blobs[3])).is_some(), "stored since the start");
         assert!(c.get(&key(&blobs[1])).is_none());
         assert!(c.get(&key(&blobs[2])).is_none());
+    }
+
+    /// Two daemons sharing a directory: each stays within the limit on its own, and a
+    /// scan makes one see the other's objects (as older than its own, so they go first)
+    /// and forget the ones the other removed, so the directory is within the limit again.
+    #[test]
+    fn a_rescan_keeps_a_shared_directory_within_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs: Vec<Vec<u8>> = (0..6u8).map(|i| vec![i; 1000]).collect();
+        let on_disk = || {
+            blobs
+                .iter()
+                .filter(|b| {
+                    dir.path()
+                        .join(&hex::encode(key(b))[..2])
+                        .join(hex::encode(key(b)))
+                        .exists()
+                })
+                .count()
+        };
+        let a = DiskCache::open(dir.path(), 3000).unwrap();
+        let b = DiskCache::open(dir.path(), 3000).unwrap();
+        for x in &blobs[..3] {
+            a.put(&key(x), &Bytes::copy_from_slice(x));
+        }
+        for x in &blobs[3..] {
+            b.put(&key(x), &Bytes::copy_from_slice(x));
+        }
+        assert_eq!(
+            on_disk(),
+            6,
+            "each within its own limit, 6000 bytes together"
+        );
+        a.scan();
+        let s = a.stats();
+        assert_eq!((s.objects, s.bytes, s.evictions), (3, 3000, 3));
+        assert_eq!(on_disk(), 3);
+        for x in &blobs[..3] {
+            assert!(a.get(&key(x)).is_some(), "a's own objects stay");
+        }
+        // b still counts the objects a removed, until its own scan forgets them.
+        assert_eq!(b.stats().bytes, 3000);
+        b.scan();
+        let s = b.stats();
+        assert_eq!((s.objects, s.bytes, s.evictions), (3, 3000, 0));
     }
 
     /// Junk where an object should be (a FIFO, a symlink, a huge file) is a miss at once:
