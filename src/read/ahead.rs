@@ -532,16 +532,16 @@ impl ReadAhead {
         stats: &mut JobStats,
     ) {
         let wanted = job.want.0 <= offset && offset < job.want.1;
-        let verified = (!wanted || job.verify_held) && verify(&bytes, sha256);
-        if (!wanted || job.verify_held) && !verified {
-            tracing::debug!(
-                layer = job.interval.layer,
-                offset,
-                "read-ahead piece does not verify; leaving it to the reader"
-            );
-            return;
-        }
+        let verified = !wanted || job.verify_held;
         if verified {
+            if !verify(&bytes, sha256) {
+                tracing::debug!(
+                    layer = job.interval.layer,
+                    offset,
+                    "read-ahead piece does not verify; leaving it to the reader"
+                );
+                return;
+            }
             for t in tiers {
                 t.put(sha256, &bytes);
             }
