@@ -573,6 +573,24 @@ fn malicious_and_corrupt_input_is_rejected_clearly() {
         "{err}"
     );
 
+    // Paths and names longer than Linux takes (an extraction fails on them; a million `a/`
+    // components would be a million directories in memory from 2 MB of tar).
+    let mut t = clip::demo::TarBuilder::new();
+    t.file(&"a/".repeat(3000), 0o644, b"deep\n");
+    let err = build_fails(tmp.path(), "deep-path", t.finish(), None);
+    assert!(err.contains("longer than 4095 bytes"), "{err}");
+    let mut t = clip::demo::TarBuilder::new();
+    t.file(&format!("d/{}", "n".repeat(256)), 0o644, b"long name\n");
+    let err = build_fails(tmp.path(), "long-name", t.finish(), None);
+    assert!(err.contains("longer than 255 bytes"), "{err}");
+    let mut t = clip::demo::TarBuilder::new();
+    t.link(tar::EntryType::Symlink, "far", &"x/".repeat(2100));
+    let err = build_fails(tmp.path(), "long-target", t.finish(), None);
+    assert!(
+        err.contains("symlink target longer than 4095 bytes"),
+        "{err}"
+    );
+
     // A file used as a directory (directly, or through a symlink) fails the build, as it
     // fails an extraction by containerd or umoci.
     let mut t = clip::demo::TarBuilder::new();

@@ -76,8 +76,8 @@ pub struct LayerResult {
     pub entries: Vec<RawEntry>,
 }
 
-/// Normalize a tar path: strip `/` and `./`, drop `.` components, reject `..`, NUL and
-/// empty names where a name is required.
+/// Normalize a tar path: strip `/` and `./`, drop `.` components, reject `..`, NUL,
+/// names over `NAME_MAX` and paths over `PATH_MAX` (see there).
 pub fn normalize(path: &[u8]) -> Result<Vec<u8>, String> {
     let mut out: Vec<u8> = Vec::with_capacity(path.len());
     for comp in path.split(|&b| b == b'/') {
@@ -85,6 +85,11 @@ pub fn normalize(path: &[u8]) -> Result<Vec<u8>, String> {
             b"" | b"." => continue,
             b".." => return Err("a `..` component would escape the image root".into()),
             c if c.contains(&0) => return Err("the path contains a NUL byte".into()),
+            c if c.len() > NAME_MAX => {
+                return Err(format!(
+                    "a name is longer than {NAME_MAX} bytes, which no Linux filesystem stores"
+                ))
+            }
             c => {
                 if !out.is_empty() {
                     out.push(b'/');
@@ -93,8 +98,20 @@ pub fn normalize(path: &[u8]) -> Result<Vec<u8>, String> {
             }
         }
     }
+    if out.len() > PATH_MAX {
+        return Err(format!(
+            "the path is longer than {PATH_MAX} bytes, which Linux cannot open"
+        ));
+    }
     Ok(out)
 }
+
+/// Longest name of a directory entry on Linux (`NAME_MAX`).
+const NAME_MAX: usize = 255;
+/// Longest path (and symlink target) Linux takes, without its NUL (`PATH_MAX` - 1): an
+/// extraction fails on longer ones, and a tar of millions of `a/` components would
+/// otherwise make as many directories in memory from a few kilobytes of gzip.
+const PATH_MAX: usize = 4095;
 
 fn split_last(path: &[u8]) -> (&[u8], &[u8]) {
     match path.iter().rposition(|&b| b == b'/') {
@@ -372,7 +389,13 @@ fn walk_tar(stream: &Rc<RefCell<LayerStream>>, out: &mut Vec<RawEntry>) -> Resul
             T::Regular | T::Continuous => RawKind::File,
             T::Directory => RawKind::Dir,
             T::Symlink => {
-                RawKind::Symlink(link.ok_or_else(|| bad("symlink without target".into()))?)
+                let target = link.ok_or_else(|| bad("symlink without target".into()))?;
+                if target.len() > PATH_MAX {
+                    return Err(bad(format!(
+                        "symlink target longer than {PATH_MAX} bytes, which Linux cannot store"
+                    )));
+                }
+                RawKind::Symlink(target)
             }
             T::Link => {
                 let target = link.ok_or_else(|| bad("hardlink without target".into()))?;
