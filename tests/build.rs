@@ -579,6 +579,10 @@ fn malicious_and_corrupt_input_is_rejected_clearly() {
     t.file(&"a/".repeat(3000), 0o644, b"deep\n");
     let err = build_fails(tmp.path(), "deep-path", t.finish(), None);
     assert!(err.contains("longer than 4095 bytes"), "{err}");
+    assert!(
+        err.contains("… (6000 bytes)") && err.len() < 1000,
+        "the path is cut in the message: {err}"
+    );
     let mut t = clip::demo::TarBuilder::new();
     t.file(&format!("d/{}", "n".repeat(256)), 0o644, b"long name\n");
     let err = build_fails(tmp.path(), "long-name", t.finish(), None);

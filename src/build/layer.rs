@@ -106,6 +106,20 @@ pub fn normalize(path: &[u8]) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// A tar path for messages: lossy UTF-8, cut after 200 bytes (a crafted one may be
+/// megabytes long).
+fn shown_path(raw: &[u8]) -> String {
+    const SHOWN: usize = 200;
+    if raw.len() <= SHOWN {
+        return String::from_utf8_lossy(raw).into_owned();
+    }
+    format!(
+        "{}… ({} bytes)",
+        String::from_utf8_lossy(&raw[..SHOWN]),
+        raw.len()
+    )
+}
+
 /// Longest name of a directory entry on Linux (`NAME_MAX`).
 const NAME_MAX: usize = 255;
 /// Longest path (and symlink target) Linux takes, without its NUL (`PATH_MAX` - 1): an
@@ -293,7 +307,7 @@ fn walk_tar(stream: &Rc<RefCell<LayerStream>>, out: &mut Vec<RawEntry>) -> Resul
     for entry in entries {
         let mut entry = entry.map_err(|e| io_msg("reading tar header", e))?;
         let raw_path = entry.path_bytes().into_owned();
-        let shown = String::from_utf8_lossy(&raw_path).into_owned();
+        let shown = shown_path(&raw_path);
         let bad = |msg: String| format!("entry {shown:?}: {msg}");
         let etype = entry.header().entry_type();
         if matches!(etype, T::XGlobalHeader) {
