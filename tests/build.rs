@@ -595,6 +595,19 @@ fn malicious_and_corrupt_input_is_rejected_clearly() {
         "{err}"
     );
 
+    let mut t = clip::demo::TarBuilder::new();
+    t.pax_file(
+        "big-xattr",
+        0o644,
+        b"x\n",
+        &[("SCHILY.xattr.user.big", &vec![b'v'; (64 << 10) + 1])],
+    );
+    let err = build_fails(tmp.path(), "big-xattr", t.finish(), None);
+    assert!(
+        err.contains("user.big") && err.contains("65537 bytes"),
+        "{err}"
+    );
+
     // A file used as a directory (directly, or through a symlink) fails the build, as it
     // fails an extraction by containerd or umoci.
     let mut t = clip::demo::TarBuilder::new();

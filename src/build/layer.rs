@@ -120,6 +120,11 @@ fn shown_path(raw: &[u8]) -> String {
     )
 }
 
+/// Longest extended attribute name and value Linux stores (`XATTR_NAME_MAX`,
+/// `XATTR_SIZE_MAX`); the kernel could not pass a larger value to a reader either.
+const XATTR_NAME_MAX: usize = 255;
+const XATTR_SIZE_MAX: usize = 64 << 10;
+
 /// Longest name of a directory entry on Linux (`NAME_MAX`).
 const NAME_MAX: usize = 255;
 /// Longest path (and symlink target) Linux takes, without its NUL (`PATH_MAX` - 1): an
@@ -357,6 +362,15 @@ fn walk_tar(stream: &Rc<RefCell<LayerStream>>, out: &mut Vec<RawEntry>) -> Resul
                     _ if k.starts_with(b"GNU.sparse.") => return Err(bad(SPARSE.into())),
                     _ => {
                         if let Some(name) = k.strip_prefix(b"SCHILY.xattr.") {
+                            if name.len() > XATTR_NAME_MAX || v.len() > XATTR_SIZE_MAX {
+                                return Err(bad(format!(
+                                    "extended attribute {:?} ({} bytes) is larger than Linux \
+                                     stores ({XATTR_NAME_MAX}-byte names, {XATTR_SIZE_MAX}-byte \
+                                     values)",
+                                    shown_path(name),
+                                    v.len()
+                                )));
+                            }
                             xattrs.push((name.to_vec(), v.to_vec()));
                         }
                     }
