@@ -74,14 +74,14 @@ pub enum FuseError {
     #[error(transparent)]
     Format(#[from] FormatError),
     /// The image source cannot be opened.
-    #[error("{0}; if the layout moved, pass its new location with --layout DIR")]
+    #[error("{0}; if the image moved, point at its blobs with --source DIR (a layout) or --source HOST/REPO (a registry mirror)")]
     Source(#[from] SourceError),
     /// Starting threads failed.
     #[error("starting worker threads: {0}")]
     Threads(std::io::Error),
 }
 
-/// Open the source of image bytes for `index`: `override_spec` (from `--layout`/`--source`)
+/// Open the source of image bytes for `index`: `override_spec` (from `--source`)
 /// when given, else the source recorded in the index at build time. This is the one place
 /// that chooses a source, so other kinds (a registry) plug in through `source::open`.
 pub fn open_source(
