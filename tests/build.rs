@@ -608,6 +608,20 @@ fn malicious_and_corrupt_input_is_rejected_clearly() {
         "{err}"
     );
 
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Char);
+    h.set_mode(0o600);
+    h.set_size(0);
+    h.set_mtime(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_device_major(5000).unwrap();
+    h.set_device_minor(1).unwrap();
+    let mut t = clip::demo::TarBuilder::new();
+    t.raw(&mut h, "dev/odd", b"");
+    let err = build_fails(tmp.path(), "big-major", t.finish(), None);
+    assert!(err.contains("device 5000:1"), "{err}");
+
     // A file used as a directory (directly, or through a symlink) fails the build, as it
     // fails an extraction by containerd or umoci.
     let mut t = clip::demo::TarBuilder::new();

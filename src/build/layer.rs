@@ -341,6 +341,11 @@ fn walk_tar(stream: &Rc<RefCell<LayerStream>>, out: &mut Vec<RawEntry>) -> Resul
         } else {
             (0, 0)
         };
+        if major > 0xfff || minor > 0xf_ffff {
+            return Err(bad(format!(
+                "device {major}:{minor} is beyond Linux's 12-bit major and 20-bit minor numbers"
+            )));
+        }
         let link = entry.link_name_bytes().map(|l| l.into_owned());
         let mut xattrs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         if let Some(exts) = entry.pax_extensions().map_err(|e| bad(e.to_string()))? {
