@@ -132,7 +132,8 @@ const NAME_MAX: usize = 255;
 /// otherwise make as many directories in memory from a few kilobytes of gzip.
 const PATH_MAX: usize = 4095;
 
-fn split_last(path: &[u8]) -> (&[u8], &[u8]) {
+/// `path` split into its directory and last component.
+pub(super) fn split_last(path: &[u8]) -> (&[u8], &[u8]) {
     match path.iter().rposition(|&b| b == b'/') {
         Some(i) => (&path[..i], &path[i + 1..]),
         None => (&[], path),

@@ -1,7 +1,7 @@
 //! Merging layers into one tree with OCI semantics (whiteouts, opaque directories,
 //! replacement, hardlinks), then flattening it into the index's entry table.
 
-use super::layer::{LayerResult, RawEntry, RawKind};
+use super::layer::{split_last, LayerResult, RawEntry, RawKind};
 use super::BuildError;
 use crate::format::{Entry, Kind, Xattr, CHUNK_SIZE, NONE};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -50,14 +50,6 @@ pub struct Tree {
 
 fn components(path: &[u8]) -> impl Iterator<Item = &[u8]> {
     path.split(|&b| b == b'/').filter(|c| !c.is_empty())
-}
-
-/// `path` split into its directory and last component.
-fn split_parent(path: &[u8]) -> (&[u8], &[u8]) {
-    match path.iter().rposition(|&b| b == b'/') {
-        Some(i) => (&path[..i], &path[i + 1..]),
-        None => (&path[..0], path),
-    }
 }
 
 /// Most symlinks followed while resolving one path (Linux's `MAXSYMLINKS`).
@@ -168,13 +160,13 @@ impl Tree {
     /// The entry at `path`: its directory as [`Tree::resolve_dir`] finds it, then the last
     /// component itself (not followed: a whiteout removes a symlink, a hardlink names it).
     fn find(&mut self, path: &[u8]) -> Option<usize> {
-        let (dir, name) = split_parent(path);
+        let (dir, name) = split_last(path);
         let d = self.resolve_dir(dir, false).ok()??;
         self.nodes[d].children.get(name).copied()
     }
 
     fn remove(&mut self, path: &[u8]) {
-        let (dir, name) = split_parent(path);
+        let (dir, name) = split_last(path);
         if let Ok(Some(d)) = self.resolve_dir(dir, false) {
             self.nodes[d].children.remove(name);
         }
@@ -268,7 +260,7 @@ impl Tree {
             root.xattrs = node.xattrs;
             return Ok(());
         }
-        let (dir, name) = split_parent(&e.path);
+        let (dir, name) = split_last(&e.path);
         let parent = self
             .resolve_dir(dir, true)
             .map_err(|m| BuildError::Merge(format!("entry {}: {m}", show(&e.path))))?

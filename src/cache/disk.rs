@@ -542,19 +542,9 @@ mod tests {
     fn a_rescan_keeps_a_shared_directory_within_the_limit() {
         let dir = tempfile::tempdir().unwrap();
         let blobs: Vec<Vec<u8>> = (0..6u8).map(|i| vec![i; 1000]).collect();
-        let on_disk = || {
-            blobs
-                .iter()
-                .filter(|b| {
-                    dir.path()
-                        .join(&hex::encode(key(b))[..2])
-                        .join(hex::encode(key(b)))
-                        .exists()
-                })
-                .count()
-        };
         let a = DiskCache::open(dir.path(), 3000).unwrap();
         let b = DiskCache::open(dir.path(), 3000).unwrap();
+        let on_disk = || blobs.iter().filter(|x| a.path_of(&key(x)).exists()).count();
         for x in &blobs[..3] {
             a.put(&key(x), &Bytes::copy_from_slice(x));
         }
