@@ -3,11 +3,11 @@
 
 use clap::Parser;
 use clip::cache::redis::RedisTier;
-use clip::cache::{parse_size, DiskCache, WriteBehind};
+use clip::cache::{parse_size, DiskCache, RebuildLater, WriteBehind};
 use clip::format::IndexFile;
 use clip::fuse::{self, ClipFs, MountSettings, ServeStats};
 use clip::profile::{Profile, Recorder};
-use clip::read::Tier;
+use clip::read::{OriginRebuild, Tier};
 use nix::sys::signal::{SigSet, Signal};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -93,6 +93,15 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 /// How long the disk cache's writer waits for cold reads to pause before it writes.
 const WRITE_QUIET: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Pieces at least this large are rebuilt from a local layout by the disk cache's writer
+/// instead of held for it (the large-file pieces: 1 MiB chunks, and whole files of
+/// 512 KiB or more, which start at a checkpoint of their own).
+const REBUILD_MIN: u64 = 512 << 10;
+
+/// At most this many bytes wait to be rebuilt (`flush` at exit rebuilds them all: about
+/// 1.5 s of inflation on one core); past that, pieces are held.
+const REBUILD_MAX: u64 = 512 << 20;
 
 fn main() -> ExitCode {
     clip::logging::init();
@@ -223,7 +232,14 @@ fn run(cli: Cli) -> Result<()> {
         // Writes happen behind the reads, once they pause; up to 256 MiB may wait in memory,
         // and no more than half the cache holds: a small cache evicts as reads go on.
         let budget = (256u64 << 20).min(cli.cache_size / 2).max(1 << 20);
-        let behind = Arc::new(WriteBehind::new(d.clone(), budget, WRITE_QUIET)?);
+        // From a local layout, large pieces are inflated again by the writer instead of
+        // waiting in memory (see `cache::behind`).
+        let later = source.is_local().then(|| RebuildLater {
+            rebuild: Arc::new(OriginRebuild::new(index.clone(), source.clone())),
+            min_len: REBUILD_MIN,
+            max_bytes: REBUILD_MAX,
+        });
+        let behind = Arc::new(WriteBehind::new(d.clone(), budget, WRITE_QUIET, later)?);
         tiers.push(behind.clone());
         Some((d, behind))
     } else {

@@ -7,7 +7,7 @@ pub mod behind;
 pub mod disk;
 pub mod redis;
 
-pub use behind::WriteBehind;
+pub use behind::{RebuildLater, WriteBehind};
 pub use disk::DiskCache;
 
 /// Errors of the cache layer.

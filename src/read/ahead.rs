@@ -10,7 +10,7 @@
 //! that covers their piece instead of inflating the same bytes again. Which thread runs a
 //! job is the caller's choice (`fuse` uses a small pool of its own).
 
-use super::file::{verify, Tier};
+use super::file::{store_served, verify, PieceAt, Tier};
 use super::neighbours::Neighbours;
 use super::span::SpanReader;
 use super::ReadError;
@@ -542,8 +542,17 @@ impl ReadAhead {
                 );
                 return;
             }
-            for t in tiers {
-                t.put(sha256, &bytes);
+            if wanted {
+                let at = PieceAt {
+                    layer: job.interval.layer,
+                    offset,
+                    len: bytes.len() as u64,
+                };
+                store_served(tiers, sha256, at, || bytes.clone());
+            } else {
+                for t in tiers {
+                    t.put(sha256, &bytes);
+                }
             }
         }
         if wanted {

@@ -58,6 +58,52 @@ pub trait Tier: Send + Sync {
     fn is_local(&self) -> bool {
         false
     }
+    /// Take note that the piece `key`, which its reader is being served, lies at `at` in
+    /// the image, to store it later from bytes rebuilt from the origin instead of holding
+    /// these now (see [`crate::read::Rebuild`]). `false` if this tier does not do that for
+    /// this piece: the caller then [`Tier::put`]s the bytes.
+    fn put_later(&self, key: &[u8; 32], at: PieceAt) -> bool {
+        let _ = (key, at);
+        false
+    }
+}
+
+/// Where a piece lies in the image: `len` bytes at `offset` of layer `layer`'s
+/// uncompressed stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PieceAt {
+    /// Layer index.
+    pub layer: u32,
+    /// Offset in the layer's uncompressed stream.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// Store the verified piece `key`, found at `at`, that its reader is being served, in
+/// every tier: as a note to rebuild it later where a tier takes one
+/// ([`Tier::put_later`]; the reader has the bytes, and the kernel's page cache serves its
+/// re-reads), else as `bytes()` (made at most once). Pieces kept for other readers are
+/// [`Tier::put`]: those readers may come before the note is written.
+pub fn store_served(
+    tiers: &[Arc<dyn Tier>],
+    key: &[u8; 32],
+    at: PieceAt,
+    bytes: impl FnOnce() -> Bytes,
+) {
+    let mut bytes = Some(bytes);
+    let mut made: Option<Bytes> = None;
+    for t in tiers {
+        if t.put_later(key, at) {
+            continue;
+        }
+        if let Some(f) = bytes.take() {
+            made = Some(f());
+        }
+        if let Some(b) = &made {
+            t.put(key, b);
+        }
+    }
 }
 
 /// Where a reader sends the read-ahead jobs it plans while reading (see
@@ -427,9 +473,12 @@ impl FileReader {
             });
         }
         let buf = Bytes::from(buf);
-        for t in tiers {
-            t.put(&p.sha256, &buf);
-        }
+        let at = PieceAt {
+            layer,
+            offset: start,
+            len: p.len,
+        };
+        store_served(tiers, &p.sha256, at, || buf.clone());
         if let Some(n) = neighbours.filter(|_| k + 1 == self.pieces.len()) {
             // The file is done; the rest of the interval was fetched anyway and most likely
             // holds the files read next (a package's modules sit together in the tar). A
@@ -462,6 +511,7 @@ impl FileReader {
             let ok = b.len() as u64 == p.len && (held.verified || verify(&b, &p.sha256));
             if ok {
                 if !held.verified {
+                    // A profile's job held it, in memory already: nothing to save.
                     for t in tiers {
                         t.put(&p.sha256, &b);
                     }

@@ -133,6 +133,10 @@ impl Source for Buffered {
         self.inner.describe()
     }
 
+    fn is_local(&self) -> bool {
+        self.inner.is_local()
+    }
+
     fn manifest(&self, reference: &str) -> Result<(String, Vec<u8>, String), SourceError> {
         self.inner.manifest(reference)
     }

@@ -111,6 +111,10 @@ impl Source for LayoutSource {
         self.dir.display().to_string()
     }
 
+    fn is_local(&self) -> bool {
+        true
+    }
+
     /// `reference` is a tag (`org.opencontainers.image.ref.name`), a digest, or empty: the
     /// only manifest, or `index.json` itself as an image index when it lists several.
     fn manifest(&self, reference: &str) -> Result<(String, Vec<u8>, String), SourceError> {

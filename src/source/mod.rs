@@ -109,6 +109,12 @@ pub trait Source: Send + Sync {
         self.blob(digest, start, None)
     }
 
+    /// Whether blobs are read from this machine (a layout directory): reading a range again
+    /// costs no network round trip and no transfer.
+    fn is_local(&self) -> bool {
+        false
+    }
+
     /// Get ready to read the blobs `digests` (the layers a mount serves). A local layout
     /// opens each one now and keeps it open, so that a missing blob is an error at start
     /// rather than at the first read, and reads skip the path lookup. The default does
