@@ -832,6 +832,17 @@ fn a_lying_mirror_gives_errors_never_wrong_bytes() {
         mirror.requests.load(Ordering::SeqCst) > 0,
         "the reads went to the mirror"
     );
+    // Every other file fails too; the log names the first ten failures a minute only.
+    let mut failed = files.len();
+    for (_, rel) in common::files(&IndexFile::open(&index).unwrap()) {
+        let path = served.mnt.join(&rel);
+        if std::fs::metadata(&path).unwrap().len() > 0 && !files.iter().any(|(f, _)| *f == rel) {
+            let err = std::fs::read(&path).expect_err(&rel);
+            assert_eq!(err.raw_os_error(), Some(libc::EIO), "{rel}: {err}");
+            failed += 1;
+        }
+    }
+    assert!(failed > 20, "{failed} files read");
     mirror.lying.store(false, Ordering::SeqCst);
     for (f, want) in &files {
         assert!(std::fs::read(served.mnt.join(f)).unwrap() == *want, "{f}");
@@ -840,6 +851,17 @@ fn a_lying_mirror_gives_errors_never_wrong_bytes() {
     assert!(status.success(), "clip-serve exited with {status}");
     let log = plain(&served.log());
     assert!(log.contains("127.0.0.1:") && log.contains("/edge"), "{log}");
+    let logged = log.matches("read failed").count();
+    assert!(
+        (1..=10).contains(&logged),
+        "{logged} failures logged:\n{log}"
+    );
+    let stats: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&served.stats).unwrap()).unwrap();
+    assert!(
+        stats["serve"]["read_errors"].as_u64().unwrap() >= failed as u64,
+        "every failure is counted: {stats}"
+    );
 }
 
 /// Requested (start, end exclusive) byte ranges of blob `digest` seen by `proxy`.

@@ -99,9 +99,9 @@ const WRITE_QUIET: std::time::Duration = std::time::Duration::from_millis(250);
 /// 512 KiB or more, which start at a checkpoint of their own).
 const REBUILD_MIN: u64 = 512 << 10;
 
-/// At most this many bytes wait to be rebuilt (`flush` at exit rebuilds them all: about
-/// 1.5 s of inflation on one core); past that, pieces are held.
-const REBUILD_MAX: u64 = 512 << 20;
+/// At most this many bytes wait to be rebuilt (`flush` at exit rebuilds them all: under a
+/// second of inflation on one core); past that, pieces are held.
+const REBUILD_MAX: u64 = 256 << 20;
 
 fn main() -> ExitCode {
     clip::logging::init();

@@ -225,6 +225,10 @@ pub struct ClipFs {
 const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
 const ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
 
+/// Failed reads logged at most 10 a minute (each is also counted in `read_errors`).
+static READ_FAILED_LOG: crate::logging::RateLimit =
+    crate::logging::RateLimit::new(10, std::time::Duration::from_secs(60));
+
 /// How far ahead of a cold sequential reader intervals are inflated by default.
 pub const READ_AHEAD: u64 = 8 << 20;
 
@@ -884,7 +888,9 @@ impl Filesystem for ClipFs {
                         .and_then(|i| shared.index.path_of(i).ok())
                         .map(|p| String::from_utf8_lossy(&p).into_owned())
                         .unwrap_or_default();
-                    tracing::error!(path, offset, size, error = %e, "read failed");
+                    if let Some(held_back) = READ_FAILED_LOG.check() {
+                        tracing::error!(path, offset, size, error = %e, earlier_not_logged = held_back, "read failed");
+                    }
                     reply.error(Errno::EIO);
                 }
             });

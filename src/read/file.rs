@@ -144,6 +144,10 @@ pub enum Origin {
     Source,
 }
 
+/// Pieces failing verification logged at most 10 a minute (each is counted by its tier).
+static BAD_PIECE_LOG: crate::logging::RateLimit =
+    crate::logging::RateLimit::new(10, std::time::Duration::from_secs(60));
+
 /// Whether `bytes` hash to `sha256`.
 pub fn verify(bytes: &[u8], sha256: &[u8; 32]) -> bool {
     Sha256::digest(bytes).as_slice() == sha256
@@ -520,7 +524,9 @@ impl FileReader {
                 self.last = Some((k, b.clone()));
                 return Some((b, Origin::ReadAhead));
             }
-            tracing::warn!(key = %p.key(), "read-ahead piece failed verification; reading it again");
+            if let Some(held_back) = BAD_PIECE_LOG.check() {
+                tracing::warn!(key = %p.key(), earlier_not_logged = held_back, "read-ahead piece failed verification; reading it again");
+            }
         }
         for (i, t) in tiers.iter().enumerate() {
             if let Some(b) = t.get(&p.sha256) {
@@ -531,7 +537,9 @@ impl FileReader {
                     self.last = Some((k, b.clone()));
                     return Some((b, Origin::Tier(i)));
                 }
-                tracing::warn!(tier = t.name(), key = %p.key(), "cached piece failed verification; dropping it");
+                if let Some(held_back) = BAD_PIECE_LOG.check() {
+                    tracing::warn!(tier = t.name(), key = %p.key(), earlier_not_logged = held_back, "cached piece failed verification; dropping it");
+                }
                 t.remove(&p.sha256);
             }
         }
