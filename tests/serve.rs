@@ -738,6 +738,93 @@ fn warm_reads_come_from_the_disk_cache_and_bad_objects_are_refetched() {
     );
 }
 
+/// Pieces of large files read from a local layout reach the disk cache later, inflated
+/// again from the layout by the cache's writer; a layout changed meanwhile leaves them
+/// uncached, never cached wrong.
+#[test]
+fn large_pieces_are_cached_from_the_layout_later_and_never_wrong() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (index, files) = many_files_index(tmp.path(), 2);
+    let idx = clip::format::IndexFile::open(&index).unwrap();
+    let objects = |cache: &Path| -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        for d in fs::read_dir(cache).unwrap() {
+            let d = d.unwrap().path();
+            let name = d.file_name().unwrap().to_str().unwrap().to_string();
+            if name.len() == 2 {
+                for f in fs::read_dir(&d).unwrap() {
+                    let f = f.unwrap().path();
+                    let key = f.file_name().unwrap().to_str().unwrap().to_string();
+                    out.push((key, fs::read(&f).unwrap()));
+                }
+            }
+        }
+        out
+    };
+    let (big, want) = &files[1];
+    assert!(want.len() > 2 << 20);
+    let entry = idx.resolve(format!("/{big}").as_bytes()).unwrap().unwrap();
+    let pieces = idx.pieces(entry).unwrap();
+    let keys: Vec<String> = pieces.iter().map(|p| p.key()).collect();
+    // Pieces of 512 KiB and more are rebuilt; the file's short tail is held in memory.
+    let rebuilt: Vec<String> = pieces
+        .iter()
+        .filter(|p| p.len >= 512 << 10)
+        .map(|p| p.key())
+        .collect();
+    assert!(keys.len() == 3 && rebuilt.len() == 2, "{keys:?}");
+
+    // An intact layout: the pieces are there once the daemon has stopped.
+    let cache = tmp.path().join("cache");
+    let mut served = Served::start(tmp.path(), "mnt", &index, &cache, &[]);
+    assert!(fs::read(served.mnt.join(big)).unwrap() == *want);
+    assert!(served.terminate().success());
+    let stored = objects(&cache);
+    for k in &keys {
+        assert!(stored.iter().any(|(key, _)| key == k), "piece {k} cached");
+    }
+
+    // The layout's blob changes after the read and before the writer runs: nothing of it
+    // is cached, and nothing cached is wrong.
+    let layout = tmp.path().join("many-layout");
+    let digest = idx.layer_digest(0).unwrap().to_string();
+    let blob = clip::source::layout::LayoutSource::open(&layout)
+        .unwrap()
+        .blob_path(&digest)
+        .unwrap();
+    let original = fs::read(&blob).unwrap();
+    let cache2 = tmp.path().join("cache2");
+    let mut served = Served::start(tmp.path(), "mnt2", &index, &cache2, &[]);
+    assert!(fs::read(served.mnt.join(big)).unwrap() == *want);
+    let mut flipped = original.clone();
+    for b in &mut flipped[64..] {
+        *b ^= 0x5a;
+    }
+    // Written in place: the daemon keeps the blob open.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&blob)
+        .unwrap()
+        .write_all_at(&flipped, 0)
+        .unwrap();
+    assert!(served.terminate().success());
+    let stored = objects(&cache2);
+    for (key, bytes) in &stored {
+        assert_eq!(
+            &sha256_hex(bytes),
+            key,
+            "cached object {key} holds other bytes"
+        );
+    }
+    for k in &rebuilt {
+        assert!(
+            !stored.iter().any(|(key, _)| key == k),
+            "piece {k} was cached from a changed layout"
+        );
+    }
+    fs::write(&blob, &original).unwrap();
+}
+
 #[test]
 fn a_layout_missing_a_layer_blob_is_refused_at_start() {
     let tmp = tempfile::tempdir().unwrap();
