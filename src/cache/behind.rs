@@ -145,7 +145,15 @@ impl WriteBehind {
                             t.put(&key, &piece);
                             p.done(&key);
                         }
-                        (None, Some(rebuild)) => write_rebuilt(&p, t.as_ref(), rebuild.as_ref()),
+                        (None, Some(rebuild)) => {
+                            // Batches go in image order: until one holds this piece, pausing
+                            // for reads between them.
+                            write_rebuilt(&p, t.as_ref(), rebuild.as_ref());
+                            while matches!(p.lock().get(&key), Some(Waiting::Later(_))) {
+                                p.wait_for_quiet(quiet, budget / 2);
+                                write_rebuilt(&p, t.as_ref(), rebuild.as_ref());
+                            }
+                        }
                         (None, None) => p.done(&key),
                     }
                 }
@@ -203,8 +211,11 @@ impl WriteBehind {
     }
 }
 
-/// Rebuild every piece noted for later, in image order (one inflate cursor runs through
-/// a file's pieces), and write them to `inner`.
+/// Rebuilt in one go at most (the writer looks for a pause in reads again between batches).
+const REBUILD_BATCH: u64 = 32 << 20;
+
+/// Rebuild the first [`REBUILD_BATCH`] bytes of the pieces noted for later, in image order
+/// (one inflate cursor runs through a file's pieces), and write them to `inner`.
 fn write_rebuilt(pending: &Pending, inner: &dyn Tier, rebuild: &dyn Rebuild) {
     let mut batch: Vec<([u8; 32], PieceAt)> = pending
         .lock()
@@ -215,6 +226,15 @@ fn write_rebuilt(pending: &Pending, inner: &dyn Tier, rebuild: &dyn Rebuild) {
         })
         .collect();
     batch.sort_by_key(|(_, at)| *at);
+    let mut bytes = 0;
+    let take = batch
+        .iter()
+        .take_while(|(_, at)| {
+            bytes += at.len;
+            bytes - at.len < REBUILD_BATCH
+        })
+        .count();
+    batch.truncate(take);
     rebuild.rebuild(&batch, &mut |key, bytes| inner.put(key, &bytes));
     for (key, _) in &batch {
         pending.done(key);
@@ -458,5 +478,44 @@ mod tests {
             !wb.put_later(&over.0, at(8 << 20, over.1.len())),
             "the writer is gone"
         );
+    }
+
+    #[test]
+    fn every_noted_piece_is_written_whatever_order_they_came_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Arc::new(DiskCache::open(dir.path(), 1 << 30).unwrap());
+        // 80 pieces of 1 MiB, more than two rebuild batches, noted in a scrambled order.
+        let pieces: Vec<([u8; 32], u64, Bytes)> = (0..80u64)
+            .map(|i| {
+                let data = Bytes::from(vec![i as u8; 1 << 20]);
+                (Sha256::digest(&data).into(), i << 20, data)
+            })
+            .collect();
+        let map = Arc::new(FromMap {
+            bytes: pieces.iter().map(|(_, at, b)| (*at, b.clone())).collect(),
+            asked: Mutex::new(Vec::new()),
+        });
+        let later = RebuildLater {
+            rebuild: map.clone(),
+            min_len: 1,
+            max_bytes: 1 << 30,
+        };
+        let wb =
+            WriteBehind::new(disk.clone(), 1 << 20, Duration::from_millis(1), Some(later)).unwrap();
+        for i in (0..80).map(|i| (i * 37 + 11) % 80) {
+            let (key, at, data) = &pieces[i];
+            let at = PieceAt {
+                layer: 0,
+                offset: *at,
+                len: data.len() as u64,
+            };
+            assert!(wb.put_later(key, at));
+        }
+        assert!(eventually(|| pieces
+            .iter()
+            .all(|(k, _, _)| disk.contains(k))));
+        wb.flush();
+        assert_eq!(map.asked.lock().unwrap().len(), 80, "each rebuilt once");
+        assert_eq!(wb.pending.later_bytes.load(Ordering::Relaxed), 0);
     }
 }
