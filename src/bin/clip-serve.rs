@@ -386,6 +386,14 @@ fn run(cli: Cli) -> Result<()> {
         }
     };
     if let Some((_, behind)) = &disk {
+        let (held, later) = behind.waiting();
+        if held + later > 0 {
+            tracing::info!(
+                held_mib = held >> 20,
+                rebuilt_mib = later >> 20,
+                "writing the pieces still waiting to the disk cache"
+            );
+        }
         behind.flush();
     }
     if let Some(r) = &redis {

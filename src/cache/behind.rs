@@ -168,6 +168,14 @@ impl WriteBehind {
         })
     }
 
+    /// Bytes waiting for the writer: held in memory, and noted to be rebuilt.
+    pub fn waiting(&self) -> (u64, u64) {
+        (
+            self.pending.bytes.load(Ordering::Relaxed),
+            self.pending.later_bytes.load(Ordering::Relaxed),
+        )
+    }
+
     /// Write everything still waiting and stop the writer (at once, without waiting for a
     /// quiet period).
     pub fn flush(&self) {
@@ -464,7 +472,7 @@ mod tests {
             wb.get(&big_a.0).is_none() && !wb.contains(&big_a.0),
             "a noted piece is not in memory"
         );
-        assert_eq!(wb.pending.bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(wb.waiting(), (0, 1300 << 10));
         wb.flush();
         assert_eq!(disk.get(&big_a.0).as_deref(), Some(&big_a.1[..]));
         assert_eq!(disk.get(&big_b.0).as_deref(), Some(&big_b.1[..]));
