@@ -606,7 +606,12 @@ fn second_mount_on_an_empty_disk_cache_fetches_nothing_from_the_origin() {
         s1["serve"]["fetched"].as_u64().unwrap() > 0,
         "the first mount reads the origin: {s1}"
     );
-    assert_eq!(logged_redis_hits(&log1), 0, "{log1}");
+    // A cold read looks in the disk cache, then in Redis: a piece that another read kept
+    // in both in between is a (rare) Redis hit, never most of the reads.
+    assert!(
+        logged_redis_hits(&log1) * 10 <= piece_keys(&index).len() as u64,
+        "{log1}"
+    );
     assert_eq!(
         redis.keys(),
         piece_keys(&index),
