@@ -548,7 +548,7 @@ impl ReadAhead {
                     offset,
                     len: bytes.len() as u64,
                 };
-                store_served(tiers, sha256, at, || bytes.clone());
+                store_served(tiers, sha256, at, &bytes);
             } else {
                 for t in tiers {
                     t.put(sha256, &bytes);

@@ -83,25 +83,12 @@ pub struct PieceAt {
 /// Store the verified piece `key`, found at `at`, that its reader is being served, in
 /// every tier: as a note to rebuild it later where a tier takes one
 /// ([`Tier::put_later`]; the reader has the bytes, and the kernel's page cache serves its
-/// re-reads), else as `bytes()` (made at most once). Pieces kept for other readers are
-/// [`Tier::put`]: those readers may come before the note is written.
-pub fn store_served(
-    tiers: &[Arc<dyn Tier>],
-    key: &[u8; 32],
-    at: PieceAt,
-    bytes: impl FnOnce() -> Bytes,
-) {
-    let mut bytes = Some(bytes);
-    let mut made: Option<Bytes> = None;
+/// re-reads), else as `bytes`. Pieces kept for other readers are [`Tier::put`]: those
+/// readers may come before the note is written.
+pub fn store_served(tiers: &[Arc<dyn Tier>], key: &[u8; 32], at: PieceAt, bytes: &Bytes) {
     for t in tiers {
-        if t.put_later(key, at) {
-            continue;
-        }
-        if let Some(f) = bytes.take() {
-            made = Some(f());
-        }
-        if let Some(b) = &made {
-            t.put(key, b);
+        if !t.put_later(key, at) {
+            t.put(key, bytes);
         }
     }
 }
@@ -482,7 +469,7 @@ impl FileReader {
             offset: start,
             len: p.len,
         };
-        store_served(tiers, &p.sha256, at, || buf.clone());
+        store_served(tiers, &p.sha256, at, &buf);
         if let Some(n) = neighbours.filter(|_| k + 1 == self.pieces.len()) {
             // The file is done; the rest of the interval was fetched anyway and most likely
             // holds the files read next (a package's modules sit together in the tar). A
