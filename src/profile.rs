@@ -16,6 +16,7 @@
 //! exactly those). Version 2 files (no `layout` line) and version 1 files (no pieces either)
 //! are read too.
 
+use crate::format::{FormatError, IndexFile};
 use crate::read::ahead::Interval;
 use std::collections::HashMap;
 use std::path::Path;
@@ -74,6 +75,15 @@ pub enum ProfileError {
         /// Checkpoint layout in the profile.
         found: u64,
     },
+    /// The index's startup profile area is damaged.
+    #[error(transparent)]
+    Index(#[from] FormatError),
+    /// An index's startup profile must name the checkpoint layout it was recorded with.
+    #[error("profile {path} does not name the checkpoint layout it was recorded with (a version 1 or 2 file); record it again with `clip-serve --record-profile` before embedding it")]
+    NoLayout {
+        /// Path of the profile.
+        path: String,
+    },
 }
 
 /// One interval of a profile and how far into it the workload read.
@@ -118,6 +128,55 @@ impl Profile {
             layout: Some(layout),
             intervals: Vec::new(),
         }
+    }
+
+    /// The startup profile `idx` carries (format 2.1), checked against the index's image and
+    /// checkpoint layout; `None` when it carries none.
+    pub fn embedded(idx: &IndexFile) -> Result<Option<Profile>, ProfileError> {
+        let Some(text) = idx.startup_profile()? else {
+            return Ok(None);
+        };
+        let (manifest, layout) = image_of(idx);
+        let text = String::from_utf8_lossy(text);
+        Profile::parse(&text, "embedded in the index", &manifest, layout).map(Some)
+    }
+
+    /// The bytes of `idx` carrying `profile` as its startup profile, or none: the profile
+    /// must have been recorded on this image with an index of the same checkpoints (as
+    /// `path`, named in errors, says).
+    pub fn embed_into(
+        idx: &IndexFile,
+        profile: Option<(&Profile, &str)>,
+    ) -> Result<Vec<u8>, ProfileError> {
+        let text = match profile {
+            Some((p, path)) => {
+                let (manifest, layout) = image_of(idx);
+                if p.manifest != manifest {
+                    return Err(ProfileError::OtherImage {
+                        path: path.into(),
+                        expected: manifest,
+                        found: p.manifest.clone(),
+                    });
+                }
+                match p.layout {
+                    None => return Err(ProfileError::NoLayout { path: path.into() }),
+                    Some(found) if found != layout => {
+                        return Err(ProfileError::OtherLayout {
+                            path: path.into(),
+                            expected: layout,
+                            found,
+                        })
+                    }
+                    Some(_) => {}
+                }
+                Some(p.to_text())
+            }
+            None => None,
+        };
+        Ok(crate::format::write::with_startup_profile(
+            idx.core_bytes().to_vec(),
+            text.as_deref().map(str::as_bytes),
+        ))
     }
 
     /// Read a profile and check that it belongs to the image `manifest` and, when it says
@@ -290,6 +349,12 @@ impl Profile {
         std::fs::write(&tmp, self.to_text()).map_err(io)?;
         std::fs::rename(&tmp, path).map_err(io)
     }
+}
+
+/// The manifest digest and checkpoint layout that name the profiles of `idx`.
+pub fn image_of(idx: &IndexFile) -> (String, u64) {
+    let manifest = String::from_utf8_lossy(idx.index().image.manifest_digest.as_slice());
+    (manifest.into_owned(), idx.checkpoint_layout_id())
 }
 
 /// `needed` grouped into runs of neighbouring intervals (same layer, at most `gap`

@@ -43,7 +43,7 @@ pub fn inspect_json(idx: &IndexFile) -> Result<serde_json::Value, FormatError> {
         })
         .collect();
     let h = idx.header();
-    Ok(json!({
+    let mut j = json!({
         "format_version": format!("{}.{}", h.version_major, h.version_minor),
         "index_size": idx.file_size(),
         "reference": s(ix.image.reference.as_slice()),
@@ -58,7 +58,22 @@ pub fn inspect_json(idx: &IndexFile) -> Result<serde_json::Value, FormatError> {
         "file_bytes": file_bytes,
         "chunk_hashes": ix.chunk_hashes.len(),
         "xattrs": ix.xattrs.len(),
-    }))
+    });
+    if let Some(text) = idx.startup_profile()? {
+        j["startup_profile"] = json!({
+            "bytes": text.len(),
+            "intervals": profile_intervals(text),
+        });
+    }
+    Ok(j)
+}
+
+/// The intervals a startup profile's text lists: its lines that start with a digit (the
+/// others are its version, `manifest` and `layout` lines).
+fn profile_intervals(text: &[u8]) -> usize {
+    text.split(|&b| b == b'\n')
+        .filter(|l| l.first().is_some_and(u8::is_ascii_digit))
+        .count()
 }
 
 fn mb(n: u64) -> String {
@@ -98,6 +113,12 @@ pub fn inspect_text(idx: &IndexFile) -> Result<String, FormatError> {
         mb(j["file_bytes"].as_u64().unwrap_or(0))
     );
     out += &format!("chunk hashes: {}\n", j["chunk_hashes"]);
+    if let Some(p) = j.get("startup_profile") {
+        out += &format!(
+            "startup profile: {} intervals ({} bytes)\n",
+            p["intervals"], p["bytes"]
+        );
+    }
     Ok(out)
 }
 

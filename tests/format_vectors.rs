@@ -200,3 +200,39 @@ fn worked_example_numbers() {
     let text = String::from_utf8(read_vector("demo.inspect.json")).unwrap();
     assert!(text.contains(&format!("\"index_size\": {}", b.len())));
 }
+
+/// The startup profile example of the spec (section 3.1): `demo-startup.profile`, a
+/// profile recorded on the demo image, embedded in `demo.clip` by `clip-build
+/// embed-profile`, appends exactly the area the spec shows, marks the file 2.1, and reads
+/// back the same in both readers.
+#[test]
+fn startup_profile_vector() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = read_vector("demo.clip");
+    let text = read_vector("demo-startup.profile");
+    let index = tmp.path().join("demo.clip");
+    std::fs::write(&index, &plain).unwrap();
+    let ix = index.to_str().unwrap();
+    let profile = vectors().join("demo-startup.profile");
+    clip_build(&["embed-profile", ix, profile.to_str().unwrap()]);
+    let b = std::fs::read(&index).unwrap();
+    // The header's version_minor (bytes 10..12) is 1; nothing else before the area changes.
+    assert_eq!(&b[10..12], &[1, 0]);
+    assert_eq!(&b[..10], &plain[..10]);
+    assert_eq!(&b[12..plain.len()], &plain[12..]);
+    // The area: magic, length 158, XXH3-64 c273ad5ca31b2aa5, then the text (spec 3.1).
+    let area = &b[plain.len()..];
+    let mut head = b"CLIPPRF\0".to_vec();
+    head.extend_from_slice(&158u64.to_le_bytes());
+    head.extend_from_slice(&0xc273ad5ca31b2aa5u64.to_le_bytes());
+    assert_eq!(&area[..24], &head[..]);
+    assert_eq!(&area[24..], &text[..]);
+    for reader in [&clip_build as &dyn Fn(&[&str]) -> Vec<u8>, &clipread] {
+        assert_eq!(reader(&["profile", ix]), text);
+        let inspect = String::from_utf8(reader(&["inspect", ix])).unwrap();
+        assert!(
+            inspect.ends_with("startup profile: 2 intervals (158 bytes)\n"),
+            "{inspect}"
+        );
+    }
+}

@@ -155,6 +155,42 @@ fn python_reader_matches_on_the_demo_image() {
     assert_eq!(files, 7, "6 files and 1 hardlink");
 }
 
+/// Embed a startup profile of two intervals in `index` (format 2.1); returns its text.
+fn embed_profile(tmp: &Path, index: &Path) -> String {
+    let (manifest, layout) = clip::profile::image_of(&IndexFile::open(index).unwrap());
+    let text =
+        format!("clip-profile 3\nmanifest {manifest}\nlayout {layout:016x}\n0 0 100 0\n1 0 50\n");
+    let profile = tmp.join("startup.profile");
+    std::fs::write(&profile, &text).unwrap();
+    run(&mut clip(&[
+        "embed-profile",
+        index.to_str().unwrap(),
+        profile.to_str().unwrap(),
+    ]));
+    text
+}
+
+/// The startup profile area (format 2.1) reads the same in both readers.
+#[test]
+fn python_reader_reads_the_startup_profile() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (layout, index) = demo_index(tmp.path());
+    let want = embed_profile(tmp.path(), &index);
+    compare_readers(&index, &layout);
+    let ix = index.to_str().unwrap();
+    let inspect = text(&mut py(&["inspect", ix]));
+    assert!(inspect.starts_with("format:      2.1\n"), "{inspect}");
+    assert!(
+        inspect.ends_with(&format!(
+            "startup profile: 2 intervals ({} bytes)\n",
+            want.len()
+        )),
+        "{inspect}"
+    );
+    assert_eq!(text(&mut py(&["profile", ix])), want);
+    assert_eq!(text(&mut clip(&["profile", ix])), want);
+}
+
 /// Many checkpoints (every 16 KiB) cover every bit offset 0..7 and the boundaries between
 /// gzip members; the Python reader has no `inflatePrime` and must still resume at each.
 #[test]
@@ -341,4 +377,24 @@ fn python_reader_rejects_what_the_spec_says_to_reject() {
     assert!(py_fails(&["inspect", &cut]).contains("truncated"));
     let short = write("short.clip", &|b| b.truncate(10));
     assert!(py_fails(&["inspect", &short]).contains("truncated"));
+    // No startup profile: saying so is an error of the `profile` command only.
+    assert!(py_fails(&["profile", index.to_str().unwrap()]).contains("carries no startup profile"));
+    // A startup profile area cut short or damaged is refused, never read as another text.
+    embed_profile(tmp.path(), &index);
+    let good = std::fs::read(&index).unwrap();
+    for (name, damage) in [("cut-area.clip", 0usize), ("flip-area.clip", 1)] {
+        let mut b = good.clone();
+        if damage == 0 {
+            b.truncate(b.len() - 3);
+        } else {
+            *b.last_mut().unwrap() ^= 1;
+        }
+        let p = tmp.path().join(name);
+        std::fs::write(&p, b).unwrap();
+        let err = py_fails(&["inspect", p.to_str().unwrap()]);
+        assert!(
+            err.contains("startup profile area is damaged"),
+            "{name}: {err}"
+        );
+    }
 }

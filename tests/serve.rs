@@ -965,6 +965,47 @@ fn prefetched_field(log: &str, name: &str) -> usize {
         .unwrap()
 }
 
+/// Move `layout` aside and empty its blobs: a daemon keeps the layer blobs open, so
+/// emptying them is what takes its origin away. Returns where the layout now is.
+fn take_layer_blobs_away(layout: &Path) -> PathBuf {
+    let gone = layout.with_file_name("layout-gone");
+    fs::rename(layout, &gone).unwrap();
+    for blob in fs::read_dir(gone.join("blobs/sha256")).unwrap() {
+        fs::File::options()
+            .write(true)
+            .open(blob.unwrap().path())
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+    }
+    gone
+}
+
+/// Record an access profile of a cold mount of `index` reading [`PROFILED`] (under `tmp`,
+/// mount `name`): the profile's path, its interval count and the files' bytes.
+fn record_profile(tmp: &Path, name: &str, index: &Path) -> (PathBuf, usize, Vec<Vec<u8>>) {
+    let profile = tmp.join(format!("{name}.profile"));
+    let mut served = Served::start(
+        tmp,
+        name,
+        index,
+        &tmp.join(format!("{name}-cache")),
+        &["--record-profile", profile.to_str().unwrap()],
+    );
+    let bytes = PROFILED
+        .iter()
+        .map(|p| fs::read(served.mnt.join(p)).unwrap())
+        .collect();
+    assert!(served.terminate().success());
+    let intervals = fs::read_to_string(&profile)
+        .unwrap()
+        .lines()
+        .skip(3)
+        .count();
+    assert!(intervals >= 2, "{intervals} intervals");
+    (profile, intervals, bytes)
+}
+
 /// Files of the edge image that the profile tests read.
 const PROFILED: [&str; 3] = ["many/file059", "data/random.bin", "home/user/file"];
 
@@ -1021,17 +1062,7 @@ fn a_recorded_access_profile_is_prefetched_by_the_next_mount() {
     // Neighbouring intervals share one request (this image's profile has neighbours).
     assert!((1..intervals).contains(&field("requests")), "{log}");
     // ... so the files read after the origin is gone come from what it fetched, intact.
-    // The daemon keeps the layer blobs open, so emptying them is what takes them away.
-    let gone = tmp.path().join("layout-gone");
-    fs::rename(&layout, &gone).unwrap();
-    for blob in fs::read_dir(gone.join("blobs/sha256")).unwrap() {
-        fs::File::options()
-            .write(true)
-            .open(blob.unwrap().path())
-            .unwrap()
-            .set_len(0)
-            .unwrap();
-    }
+    let gone = take_layer_blobs_away(&layout);
     for (p, want) in wanted.iter().zip(&expected) {
         assert_eq!(&fs::read(second.mnt.join(p)).unwrap(), want, "{p}");
     }
@@ -1133,4 +1164,124 @@ fn each_image_learns_its_access_profile_in_the_cache_directory() {
     assert!(third.terminate().success());
     assert!(!other.join("profiles").exists());
     assert!(!third.log().contains("prefetching the access profile"));
+}
+
+/// An index carrying a startup profile (`clip-build embed-profile`) makes every fresh node
+/// prefetch it at its first start, with an empty cache and no flags; the embedding is
+/// checked against the image, removable, and a damaged area is an error for `verify` and
+/// only a warning for `clip-serve`, whose bytes stay right.
+#[test]
+fn an_index_carrying_a_startup_profile_is_prefetched_on_a_fresh_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (layout, index) = edge_index(tmp.path());
+    let plain_index = fs::read(&index).unwrap();
+    let (profile, intervals, expected) = record_profile(tmp.path(), "rec", &index);
+    let build = |args: &[&str]| Command::new(bin("clip-build")).args(args).output().unwrap();
+    let ix = index.to_str().unwrap();
+
+    // A profile of another image is refused and leaves the index as it was.
+    let other = tmp.path().join("other.profile");
+    let text = fs::read_to_string(&profile).unwrap();
+    fs::write(
+        &other,
+        text.replacen("manifest sha256:", "manifest sha256:0", 1),
+    )
+    .unwrap();
+    let out = build(&["embed-profile", ix, other.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("was recorded on image"),
+        "{err}"
+    );
+    assert_eq!(fs::read(&index).unwrap(), plain_index);
+
+    let out = build(&["embed-profile", ix, profile.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inspect =
+        String::from_utf8(run(Command::new(bin("clip-build")).args(["inspect", ix]))).unwrap();
+    assert!(inspect.starts_with("format:      2.1\n"), "{inspect}");
+    assert!(
+        inspect.contains(&format!("startup profile: {intervals} intervals")),
+        "{inspect}"
+    );
+    assert_eq!(
+        run(Command::new(bin("clip-build")).args(["profile", ix])),
+        text.as_bytes()
+    );
+
+    // --no-startup-profile opts out.
+    let mut optout = Served::start(
+        tmp.path(),
+        "optout",
+        &index,
+        &tmp.path().join("cache-optout"),
+        &["--no-startup-profile"],
+    );
+    assert_eq!(fs::read(optout.mnt.join(PROFILED[0])).unwrap(), expected[0]);
+    assert!(optout.terminate().success());
+    assert!(
+        !optout.log().contains("profile prefetched"),
+        "{}",
+        optout.log()
+    );
+
+    // A damaged area: verify fails naming it; a mount warns, skips it and serves right bytes.
+    let mut damaged = fs::read(&index).unwrap();
+    *damaged.last_mut().unwrap() ^= 0x20;
+    let bad = tmp.path().join("damaged.clip");
+    fs::write(&bad, &damaged).unwrap();
+    let out = build(&["verify", bad.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("startup profile area is damaged"),
+        "{err}"
+    );
+    let mut warned = Served::start(
+        tmp.path(),
+        "damaged",
+        &bad,
+        &tmp.path().join("cache-damaged"),
+        &[],
+    );
+    for (p, want) in PROFILED.iter().zip(&expected) {
+        assert_eq!(&fs::read(warned.mnt.join(p)).unwrap(), want, "{p}");
+    }
+    assert!(warned.terminate().success());
+    let log = plain(&warned.log());
+    assert!(
+        log.contains("ignoring the index's startup profile") && !log.contains("profile prefetched"),
+        "{log}"
+    );
+
+    // A fresh node: empty cache, no flags. The profile is fetched at start, so the files
+    // read after the origin is gone (it stays gone) come from what it fetched.
+    let mut fresh = Served::start(
+        tmp.path(),
+        "fresh",
+        &index,
+        &tmp.path().join("cache-fresh"),
+        &[],
+    );
+    let log = prefetched_log(&fresh);
+    assert!(log.contains("the index carries a startup profile"), "{log}");
+    assert_eq!(prefetched_field(&log, "intervals"), intervals, "{log}");
+    assert_eq!(prefetched_field(&log, "cached"), 0, "{log}");
+    take_layer_blobs_away(&layout);
+    for (p, want) in PROFILED.iter().zip(&expected) {
+        assert_eq!(&fs::read(fresh.mnt.join(p)).unwrap(), want, "{p}");
+    }
+    assert!(fresh.terminate().success());
+
+    // Removing it gives back the index as clip-build wrote it, byte for byte.
+    let out = build(&["embed-profile", ix, "--remove"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fs::read(&index).unwrap(), plain_index);
 }

@@ -173,6 +173,7 @@ class ClipError(Exception):
 
 
 MAGIC = b"CLIPIDX\0"
+STARTUP_MAGIC = b"CLIPPRF\0"
 HEADER = struct.Struct("<8sHHIQQQIIQ8s")
 NONE = 0xFFFFFFFF
 CHUNK_SIZE = 1 << 20
@@ -231,6 +232,7 @@ class Index:
         self.plen = plen
         self.p = memoryview(self.data)[64 : 64 + plen]
         self.windows = memoryview(self.data)[64 + plen : 64 + plen + wlen]
+        self.tail = memoryview(self.data)[64 + plen + wlen :]
         if verify_checksum:
             found = xxh3_64(self.p)
             if found != pxxh3:
@@ -256,6 +258,23 @@ class Index:
         if self.chunk_size != CHUNK_SIZE:
             raise ClipError(f"index is corrupt: chunk_size is {self.chunk_size}, version 2 uses {CHUNK_SIZE}")
         self._entries = {}
+
+    def startup_profile(self):
+        """The startup profile text (format 2.1, spec section 3.1), or None without one."""
+        t = self.tail
+        if len(t) < 8 or bytes(t[:8]) != STARTUP_MAGIC:
+            return None
+        if len(t) < 24:
+            raise ClipError("index is corrupt: its startup profile area is damaged: its header is cut short")
+        length, expected = struct.unpack_from("<QQ", t, 8)
+        if length > 64 << 20:
+            raise ClipError(f"index is corrupt: its startup profile area is damaged: its length {length} is over the 64 MiB limit")
+        if 24 + length > len(t):
+            raise ClipError("index is corrupt: its startup profile area is damaged: its text is cut short")
+        text = bytes(t[24 : 24 + length])
+        if xxh3_64(text) != expected:
+            raise ClipError("index is corrupt: its startup profile area is damaged: checksum mismatch")
+        return text
 
     # -- rkyv primitives ----------------------------------------------------------------
 
@@ -477,7 +496,7 @@ def inspect_json(ix):
             "checkpoints": l["n_checkpoints"],
             "window_bytes": window_bytes,
         })
-    return {
+    j = {
         "format_version": f"{ix.version[0]}.{ix.version[1]}",
         "index_size": ix.file_size,
         "reference": s(ix.reference),
@@ -493,6 +512,11 @@ def inspect_json(ix):
         "chunk_hashes": ix.n_chunks,
         "xattrs": ix.n_xattrs,
     }
+    text = ix.startup_profile()
+    if text is not None:
+        intervals = sum(1 for line in text.split(b"\n") if line[:1].isdigit())
+        j["startup_profile"] = {"bytes": len(text), "intervals": intervals}
+    return j
 
 
 def mb(n):
@@ -519,6 +543,9 @@ def inspect_text(ix):
     out.append(f"entries:     {j['entries']} ({kinds})")
     out.append(f"file bytes:  {mb(j['file_bytes'])}")
     out.append(f"chunk hashes: {j['chunk_hashes']}")
+    if "startup_profile" in j:
+        p = j["startup_profile"]
+        out.append(f"startup profile: {p['intervals']} intervals ({p['bytes']} bytes)")
     return "".join(line + "\n" for line in out)
 
 
@@ -860,6 +887,8 @@ def main(argv=None):
     p = sub.add_parser("checkpoints", help="resume at every checkpoint and compare")
     p.add_argument("index")
     p.add_argument("--layout")
+    p = sub.add_parser("profile", help="the startup profile the index carries, as text")
+    p.add_argument("index")
     p = sub.add_parser("xxh3", help="XXH3-64 of files")
     p.add_argument("files", nargs="+")
     a = ap.parse_args(argv)
@@ -884,6 +913,11 @@ def main(argv=None):
             else:
                 text = inspect_text(ix)
             out.write(text.encode())
+        elif a.cmd == "profile":
+            text = ix.startup_profile()
+            if text is None:
+                raise ClipError(f"{a.index} carries no startup profile")
+            out.write(text)
         elif a.cmd == "ls":
             out.write("".join(line + "\n" for line in ls(ix, resolve(a.path), a.recursive)).encode())
         elif a.cmd == "stat":

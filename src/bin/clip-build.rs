@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use clip::build::{build, BuildOptions, CheckpointPolicy};
 use clip::format::{IndexFile, Kind};
 use clip::oci::Platform;
+use clip::profile::Profile;
 use clip::read::FileReader;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -34,6 +35,11 @@ struct Cli {
     /// Files at least this large get a checkpoint right before their data.
     #[arg(long, default_value = "512K", value_parser = parse_size)]
     large_file_threshold: u64,
+    /// Embed this access profile (written by `clip-serve --record-profile` on an index of
+    /// this image built with the same checkpoint options) as the index's startup profile:
+    /// every clip-serve mounting the index prefetches its intervals at start.
+    #[arg(long, value_name = "FILE")]
+    profile: Option<PathBuf>,
     /// Never show progress bars.
     #[arg(short, long)]
     quiet: bool,
@@ -93,6 +99,25 @@ enum Cmd {
         #[arg(long, alias = "layout", value_name = "LAYOUT_OR_REPO")]
         source: Option<String>,
     },
+    /// Embed an access profile in an index as its startup profile (replacing any), or
+    /// remove it: every clip-serve mounting the index prefetches the profile's intervals at
+    /// start, from its first run on a node.
+    EmbedProfile {
+        /// Index file (rewritten in place, atomically).
+        index: PathBuf,
+        /// Profile written by `clip-serve --record-profile` on this index (or on one built
+        /// from the same image with the same checkpoint options).
+        #[arg(required_unless_present = "remove", conflicts_with = "remove")]
+        profile: Option<PathBuf>,
+        /// Remove the startup profile instead.
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Print the startup profile an index carries (the text of a profile file).
+    Profile {
+        /// Index file.
+        index: PathBuf,
+    },
     /// Write the embedded demo image as an OCI layout (tag "demo").
     Demo {
         /// Directory to create.
@@ -148,6 +173,19 @@ fn blob_source(idx: &IndexFile, spec: Option<String>) -> Result<Box<dyn clip::so
     })
 }
 
+/// The bytes of `idx` carrying the profile at `path` as its startup profile (checked to
+/// belong to the index), or none; and the profile's interval count.
+fn with_profile(idx: &IndexFile, path: Option<&Path>) -> Result<(Vec<u8>, Option<usize>)> {
+    let Some(path) = path else {
+        return Ok((Profile::embed_into(idx, None)?, None));
+    };
+    let (manifest, layout) = clip::profile::image_of(idx);
+    let profile = Profile::load(path, &manifest, layout)?;
+    let shown = path.display().to_string();
+    let bytes = Profile::embed_into(idx, Some((&profile, &shown)))?;
+    Ok((bytes, Some(profile.intervals.len())))
+}
+
 fn run(cli: Cli) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
@@ -162,6 +200,9 @@ fn run(cli: Cli) -> Result<()> {
                 ),
                 None => None,
             };
+            if let Some(p) = &cli.profile {
+                std::fs::metadata(p).map_err(|e| format!("--profile {}: {e}", p.display()))?;
+            }
             let (source, reference) = clip::source::open(&image)?;
             let opts = BuildOptions {
                 platform,
@@ -173,7 +214,12 @@ fn run(cli: Cli) -> Result<()> {
             };
             let t = std::time::Instant::now();
             let clip::build::Built { index, windows } = build(source.as_ref(), &reference, &opts)?;
-            let size = clip::format::write::write_file(&index, &windows, &output)?;
+            let mut bytes = clip::format::write::to_bytes(&index, &windows, None)?;
+            if let Some(path) = &cli.profile {
+                bytes = with_profile(&IndexFile::from_bytes(&bytes)?, Some(path))?.0;
+            }
+            clip::format::write::write_bytes(&bytes, &output)?;
+            let size = bytes.len();
             let bytes: u64 = index.layers.iter().map(|l| l.uncompressed_size).sum();
             let secs = t.elapsed().as_secs_f64();
             eprintln!(
@@ -258,6 +304,28 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 eprintln!("content OK ({files} files, {bytes} bytes)");
             }
+        }
+        Some(Cmd::EmbedProfile {
+            index,
+            profile,
+            remove: _,
+        }) => {
+            let (bytes, intervals) = with_profile(&open(&index)?, profile.as_deref())?;
+            clip::format::write::write_bytes(&bytes, &index)?;
+            match intervals {
+                Some(n) => eprintln!(
+                    "{}: startup profile of {n} intervals embedded",
+                    index.display()
+                ),
+                None => eprintln!("{}: no startup profile", index.display()),
+            }
+        }
+        Some(Cmd::Profile { index }) => {
+            let idx = open(&index)?;
+            let text = idx
+                .startup_profile()?
+                .ok_or_else(|| format!("{} carries no startup profile", index.display()))?;
+            out.write_all(text)?;
         }
         Some(Cmd::Demo { dir }) => {
             clip::demo::write_demo(&dir)?;

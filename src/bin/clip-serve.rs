@@ -68,6 +68,11 @@ struct Cli {
     /// the profile is also shared there with the other daemons of that Redis.
     #[arg(long)]
     no_learn_profile: bool,
+    /// Do not prefetch the startup profile the index carries (`clip-build
+    /// embed-profile`). It is replayed at start when no --prefetch-profile is given and no
+    /// learnt profile of the image is at hand (in the cache directory or in Redis).
+    #[arg(long)]
+    no_startup_profile: bool,
     /// Threads fetching --prefetch-profile intervals.
     #[arg(long, default_value_t = 4)]
     prefetch_threads: usize,
@@ -125,6 +130,24 @@ const LEARNT_WINDOW: Duration = Duration::from_secs(30);
 
 /// Largest learnt profile read from Redis (4096 intervals with their pieces fit easily).
 const LEARNT_MAX_BYTES: usize = 4 << 20;
+
+/// The startup profile the index carries, unless --no-startup-profile; a damaged one is
+/// only a warning (prefetching changes timing, never bytes).
+fn startup_profile(index: &IndexFile, cli: &Cli) -> Option<Profile> {
+    if cli.no_startup_profile {
+        return None;
+    }
+    Profile::embedded(index)
+        .map_err(|e| tracing::warn!(error = %e, "ignoring the index's startup profile"))
+        .ok()
+        .flatten()
+        .inspect(|p| {
+            tracing::info!(
+                intervals = p.intervals.len(),
+                "the index carries a startup profile"
+            )
+        })
+}
 
 /// The name of the access profile that the runs of the image with manifest digest
 /// `manifest`, indexed with the checkpoint layout `layout`
@@ -256,9 +279,7 @@ fn run(cli: Cli) -> Result<()> {
         None => None,
     };
 
-    let manifest =
-        String::from_utf8_lossy(index.index().image.manifest_digest.as_slice()).into_owned();
-    let layout = index.checkpoint_layout_id();
+    let (manifest, layout) = clip::profile::image_of(&index);
     // The profile this image's runs learn in the cache directory, unless profiles are named
     // on the command line.
     let learnt_name = match (&disk, &cli.record_profile, &cli.prefetch_profile) {
@@ -305,7 +326,9 @@ fn run(cli: Cli) -> Result<()> {
             None
         }
         Some(p) => Some(Profile::load(p, &manifest, layout)?),
-        None => learnt_before.clone(),
+        None => learnt_before
+            .clone()
+            .or_else(|| startup_profile(&index, &cli)),
     };
     let mut fs = ClipFs::new(index, source, tiers, cli.threads)?.with_read_ahead(cli.read_ahead);
     let recorder = if cli.record_profile.is_some() {

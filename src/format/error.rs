@@ -64,6 +64,9 @@ pub enum FormatError {
         /// What is wrong.
         problem: &'static str,
     },
+    /// The startup profile area after the window area is cut short, too large or damaged.
+    #[error("index is corrupt: its startup profile area is damaged: {0}; embed the profile again with `clip-build embed-profile` or remove it with `clip-build embed-profile --remove`")]
+    Startup(String),
     /// The index would exceed the 2 GiB limit of 32-bit relative pointers.
     #[error("index would be {0} bytes, over the 2 GiB payload limit of the index format")]
     TooLarge(u64),

@@ -7,8 +7,10 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 pub const MAGIC: [u8; 8] = *b"CLIPIDX\0";
 /// The format major version this code reads and writes. A reader refuses other majors.
 pub const VERSION_MAJOR: u16 = 2;
-/// The format minor version this code writes. Readers accept any minor of their major.
-pub const VERSION_MINOR: u16 = 0;
+/// The newest format minor version this code writes: 1 marks a file with a startup profile
+/// area (`super::startup`); a file without one is written as 2.0, byte for byte what a
+/// 2.0 writer made. Readers accept any minor of their major.
+pub const VERSION_MINOR: u16 = 1;
 /// Size of the header in bytes; the payload starts right after it.
 pub const HEADER_SIZE: usize = 64;
 /// Flag bits this version defines (none). A reader refuses files with other bits set.

@@ -14,6 +14,7 @@ pub mod header;
 #[cfg(test)]
 mod layout_test;
 pub mod read;
+pub mod startup;
 pub mod types;
 mod verify;
 pub mod write;

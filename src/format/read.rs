@@ -122,7 +122,7 @@ impl IndexFile {
     }
 
     /// Full validation: [`IndexFile::verify_payload`], then every checkpoint window's
-    /// bounds and checksum.
+    /// bounds and checksum, then the startup profile area's, if there is one.
     pub fn verify(&self) -> Result<(), FormatError> {
         self.verify_payload()?;
         for (l, layer) in self.index().layers.iter().enumerate() {
@@ -130,7 +130,22 @@ impl IndexFile {
                 self.stored_window(l as u32, k)?;
             }
         }
-        Ok(())
+        self.startup_profile().map(|_| ())
+    }
+
+    /// The text of the startup profile the index carries (format 2.1,
+    /// [`super::startup`]), checked against its checksum; `None` when it carries none.
+    pub fn startup_profile(&self) -> Result<Option<&[u8]>, FormatError> {
+        super::startup::decode(&self.backing.bytes()[self.core_len()..])
+    }
+
+    /// The file's header, payload and window area: the index without a startup profile.
+    pub fn core_bytes(&self) -> &[u8] {
+        &self.backing.bytes()[..self.core_len()]
+    }
+
+    fn core_len(&self) -> usize {
+        HEADER_SIZE + self.header.payload_len as usize + self.header.windows_len as usize
     }
 
     /// Validation of the payload beyond what opening checks: the tree's invariants

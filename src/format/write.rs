@@ -2,13 +2,19 @@
 
 use super::error::FormatError;
 use super::header::{Header, HEADER_SIZE, MAGIC, VERSION_MAJOR, VERSION_MINOR};
+use super::startup;
 use super::types::Index;
 use std::io::Write;
 use std::path::Path;
 
-/// The complete file bytes for `index`: header, rkyv payload, then `windows` (the window
-/// area that the checkpoints' `window_offset`s point into).
-pub fn to_bytes(index: &Index, windows: &[u8]) -> Result<Vec<u8>, FormatError> {
+/// The complete file bytes for `index`: header, rkyv payload, `windows` (the window area
+/// that the checkpoints' `window_offset`s point into), then the startup profile area when
+/// `startup_profile` holds a profile's text.
+pub fn to_bytes(
+    index: &Index,
+    windows: &[u8],
+    startup_profile: Option<&[u8]>,
+) -> Result<Vec<u8>, FormatError> {
     let payload = rkyv::to_bytes::<rkyv::rancor::Error>(index)
         .map_err(|e| FormatError::Invalid(format!("serialization failed: {e}")))?;
     if payload.len() as u64 > i32::MAX as u64 {
@@ -17,7 +23,7 @@ pub fn to_bytes(index: &Index, windows: &[u8]) -> Result<Vec<u8>, FormatError> {
     let header = Header {
         magic: MAGIC,
         version_major: VERSION_MAJOR,
-        version_minor: VERSION_MINOR,
+        version_minor: 0,
         flags: 0,
         payload_offset: HEADER_SIZE as u64,
         payload_len: payload.len() as u64,
@@ -31,13 +37,44 @@ pub fn to_bytes(index: &Index, windows: &[u8]) -> Result<Vec<u8>, FormatError> {
     out.extend_from_slice(&header.to_bytes());
     out.extend_from_slice(&payload);
     out.extend_from_slice(windows);
-    Ok(out)
+    Ok(with_startup_profile(out, startup_profile))
 }
 
-/// Write `index` and its window area to `path` atomically (temporary file in the same
-/// directory, then rename).
-pub fn write_file(index: &Index, windows: &[u8], path: &Path) -> Result<u64, FormatError> {
-    let bytes = to_bytes(index, windows)?;
+/// `core` (an index file's header, payload and window area, as
+/// `IndexFile::core_bytes` gives them) with the startup profile area holding
+/// `startup_profile` appended, or with none; the header's minor version says which
+/// (payload and windows, and so their checksums, are unchanged).
+pub fn with_startup_profile(mut core: Vec<u8>, startup_profile: Option<&[u8]>) -> Vec<u8> {
+    let minor = if startup_profile.is_some() {
+        VERSION_MINOR
+    } else {
+        0
+    };
+    // The header's version_minor is the u16 at bytes 10..12 (little-endian).
+    if let Some(field) = core.get_mut(10..12) {
+        field.copy_from_slice(&minor.to_le_bytes());
+    }
+    if let Some(text) = startup_profile {
+        core.extend_from_slice(&startup::encode(text));
+    }
+    core
+}
+
+/// Write `index`, its window area and an optional startup profile to `path` atomically.
+pub fn write_file(
+    index: &Index,
+    windows: &[u8],
+    startup_profile: Option<&[u8]>,
+    path: &Path,
+) -> Result<u64, FormatError> {
+    let bytes = to_bytes(index, windows, startup_profile)?;
+    write_bytes(&bytes, path)?;
+    Ok(bytes.len() as u64)
+}
+
+/// Write `bytes` to `path` atomically (temporary file in the same directory, synced, then
+/// renamed over `path`): a reader sees the old file or the new one, never a mix.
+pub fn write_bytes(bytes: &[u8], path: &Path) -> Result<(), FormatError> {
     let io = |source| FormatError::Io {
         path: path.display().to_string(),
         source,
@@ -53,13 +90,12 @@ pub fn write_file(index: &Index, windows: &[u8], path: &Path) -> Result<u64, For
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
+        f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result.map_err(io)?;
-    Ok(bytes.len() as u64)
+    result.map_err(io)
 }
