@@ -15,4 +15,5 @@ mod raw;
 pub mod read;
 pub mod report;
 pub mod source;
+pub mod train;
 pub mod zran;

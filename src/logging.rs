@@ -3,8 +3,13 @@
 
 /// Install the global subscriber (idempotent).
 pub fn init() {
+    init_with_default("info");
+}
+
+/// Install the global subscriber with `default` as the filter when `RUST_LOG` is unset.
+pub fn init_with_default(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -1285,3 +1285,133 @@ fn an_index_carrying_a_startup_profile_is_prefetched_on_a_fresh_node() {
     );
     assert_eq!(fs::read(&index).unwrap(), plain_index);
 }
+
+/// `clip-build IMAGE -o INDEX -- CMD` trains the index: CMD runs in a chroot of an overlay
+/// over a mount of it (writes land in the overlay), and what it read becomes the startup
+/// profile. A failing command leaves the index without one; a command still running at
+/// `--train-timeout` is stopped and its reads so far are the profile. No mount or scratch
+/// directory is left behind.
+#[test]
+fn clip_build_trains_an_index_by_running_a_command_in_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, data) = busybox_index(tmp.path());
+    let image = format!("{}:bb", tmp.path().join("bb-layout").display());
+    let index = tmp.path().join("trained.clip");
+    let ix = index.to_str().unwrap();
+    let build = |cmd: &[&str]| {
+        let out = Command::new(bin("clip-build"))
+            .args([image.as_str(), "-o", ix, "--quiet"])
+            .args(cmd)
+            .output()
+            .unwrap();
+        let leftovers: Vec<_> = fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("clip-train"))
+            .map(str::to_string)
+            .collect();
+        assert!(leftovers.is_empty(), "mounts left: {leftovers:?}");
+        out
+    };
+    let profile_lines = || {
+        let out = Command::new(bin("clip-build"))
+            .args(["profile", ix])
+            .output()
+            .unwrap();
+        out.status.success().then(|| {
+            String::from_utf8(out.stdout)
+                .unwrap()
+                .lines()
+                .skip(3)
+                .count()
+        })
+    };
+
+    let out = build(&[
+        "--",
+        "/bin/sh",
+        "-c",
+        "sha256sum /data/big; echo written > /tmp/t; cat /tmp/t",
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains(&sha256_hex(&data)) && stdout.contains("written"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("the command exited"), "{stderr}");
+    // The 3 MiB file spans at least two checkpoint intervals.
+    let intervals = profile_lines().expect("a startup profile");
+    assert!(intervals >= 2, "{intervals} intervals");
+    // The index's own files are untouched by what the command wrote.
+    let served = Served::start(tmp.path(), "check", &index, &tmp.path().join("cache"), &[]);
+    assert!(!served.mnt.join("tmp/t").exists());
+
+    let out = build(&["--", "/bin/sh", "-c", "cat /etc/motd; exit 3"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("exit status: 3"),
+        "{stderr}"
+    );
+    assert_eq!(profile_lines(), None, "a failed training embeds nothing");
+
+    let t = std::time::Instant::now();
+    let out = build(&[
+        "--train-timeout",
+        "0.5",
+        "--",
+        "/bin/sh",
+        "-c",
+        "cat /etc/motd; busybox sleep 30",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.contains("was stopped"),
+        "{stderr}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    assert!(profile_lines().is_some_and(|n| n >= 1));
+    // A signal during the run stops the command and unmounts before clip-build exits.
+    let child = Command::new(bin("clip-build"))
+        .args([image.as_str(), "-o", ix, "--quiet", "--"])
+        .args(["/bin/sh", "-c", "cat /etc/motd; busybox sleep 30"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .contains("clip-train")
+    {
+        assert!(t.elapsed() < Duration::from_secs(20), "no training mount");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("interrupted by SIGTERM"),
+        "{stderr}"
+    );
+    assert!(!fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .contains("clip-train"));
+    assert_eq!(
+        profile_lines(),
+        None,
+        "an interrupted training embeds nothing"
+    );
+    let scratch: Vec<_> = fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("clip-train-"))
+        .collect();
+    assert!(scratch.is_empty(), "scratch directories left: {scratch:?}");
+}

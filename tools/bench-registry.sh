@@ -10,8 +10,8 @@
 #   clip with a profile: one more such run records an access profile (--record-profile),
 #              then the same cold runs start with --prefetch-profile (the profile is the only
 #              thing kept between runs: cache emptied, page cache dropped); the same cold
-#              runs again without flags from a copy of the index carrying that profile
-#              (clip-build embed-profile), as a fresh node starts a trained index; then one restart
+#              runs again without flags from an index trained with the command at build
+#              time (clip-build REF -o INDEX -- CMD), as fresh nodes start it; then one restart
 #              keeps the last run's disk cache (page cache dropped): its profile replay
 #              should find the intervals there and fetch next to nothing; and one start
 #              without flags after a cold run whose cached pieces were then deleted replays
@@ -172,9 +172,8 @@ prof_ms=$(median "${ptot[@]}") prof_fetched=$(median "${pfetched[@]}") prof_requ
 KEEP_CACHE=1 clip_run "restart over the last run's disk cache" --prefetch-profile "$W/profile"
 warm_ms=$R_TOTAL warm_requests=$R_REQUESTS
 
-echo "== fresh nodes: the index carries that profile (clip-build embed-profile); empty cache, no flags"
-cp "$W/image.clip" "$W/startup.clip"
-"$build" embed-profile "$W/startup.clip" "$W/profile"
+echo "== fresh nodes: an index trained once (clip-build $REF_NAME -o trained.clip -- ${CMD[*]}); empty cache, no flags"
+t0=$(now); "$build" "$REF_NAME" -o "$W/startup.clip" --quiet ${BUILD_ARGS:-} -- "${CMD[@]}"; train_ms=$(ms "$t0" "$(now)")
 stot=()
 for i in $(seq "$RUNS"); do
     INDEX=$W/startup.clip clip_run "fresh node $i"
@@ -211,7 +210,7 @@ pspeedup=$(awk -v a="$pull_ms" -v b="$prof_ms" 'BEGIN { printf "%.1f", a / b }')
 pshare=$(awk -v f="$prof_fetched" -v s="$image_bytes" 'BEGIN { printf "%.3f", f / s }')
 row "  same, with a recorded access profile prefetched (ms)" "$prof_ms" "$pull_ms (full pull)" "${pspeedup}x faster" ">= 20x faster" "$(judge "$pspeedup" ">=" 20)"
 sspeedup=$(awk -v a="$pull_ms" -v b="$startup_ms" 'BEGIN { printf "%.1f", a / b }')
-row "  same, fresh nodes, the index carrying that profile (embed-profile) (ms)" "$startup_ms" "$pull_ms (full pull)" "${sspeedup}x faster" ">= 20x faster" "$(judge "$sspeedup" ">=" 20)"
+row "  same, fresh nodes, the index trained once with that command (ms)" "$startup_ms" "$pull_ms (full pull)" "${sspeedup}x faster" ">= 20x faster" "$(judge "$sspeedup" ">=" 20)"
 row "bytes fetched from the registry vs image compressed size" "$clip_fetched" "$image_bytes" "$(awk -v s="$share" 'BEGIN { printf "%.1f%%", s * 100 }')" "<= 15%" "$(judge "$share" "<=" 0.15)"
 row "  same, with the access profile prefetched" "$prof_fetched" "$image_bytes" "$(awk -v s="$pshare" 'BEGIN { printf "%.1f%%", s * 100 }')" "<= 15%" "$(judge "$pshare" "<=" 0.15)"
 row "  clip: registry blob requests, without / with profile" "$clip_requests / $prof_requests" "-" "-" "info" "-"
@@ -222,6 +221,7 @@ row "  same, only the profile left in Redis (ms / requests)" "$fleet_profile_ms 
 row "  clip: bytes inflated" "$(median "${inflated[@]}")" "-" "-" "info" "-"
 row "  registry: KiB read from its disk per blob request (cold clip runs)" "$(median "${disk[@]}")" "-" "-" "info" "-"
 row "index build from the registry, once (ms)" "$build_ms" "-" "-" "info" "-"
+row "  same, trained with the command (clip-build ... -- CMD) (ms)" "$train_ms" "-" "-" "info" "-"
 
 echo
 echo "== results (clip: median of $RUNS runs; full pull: median of $PULL_RUNS)"

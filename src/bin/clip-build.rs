@@ -38,8 +38,18 @@ struct Cli {
     /// Embed this access profile (written by `clip-serve --record-profile` on an index of
     /// this image built with the same checkpoint options) as the index's startup profile:
     /// every clip-serve mounting the index prefetches its intervals at start.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "train")]
     profile: Option<PathBuf>,
+    /// Train the index (after `--`): once it is written, mount it, run CMD in a chroot of an
+    /// overlay over the mount, and embed what it read as the index's startup profile, so
+    /// that every node's first start of this workload fetches it in one parallel round.
+    /// Needs root, FUSE and overlayfs; CMD runs with this process's environment.
+    #[arg(last = true, value_name = "CMD")]
+    train: Vec<String>,
+    /// Stop a training command still running after this many seconds (a server); what it
+    /// read until then is the profile.
+    #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
+    train_timeout: f64,
     /// Never show progress bars.
     #[arg(short, long)]
     quiet: bool,
@@ -145,8 +155,21 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    clip::logging::init();
-    match run(cli) {
+    // A training run must unmount whatever stops it: signals are watched from before any
+    // thread starts (see `clip::train::Signals`).
+    let signals = match (!cli.train.is_empty() && cli.command.is_none())
+        .then(clip::train::Signals::watch)
+        .transpose()
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("clip-build: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // fuser's mount and unmount notes are noise around a training run.
+    clip::logging::init_with_default("info,fuser=warn");
+    match run(cli, signals.as_ref()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("clip-build: error: {e}");
@@ -186,7 +209,43 @@ fn with_profile(idx: &IndexFile, path: Option<&Path>) -> Result<(Vec<u8>, Option
     Ok((bytes, Some(profile.intervals.len())))
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// Train the index at `path` with `command` (see `clip::train`) and embed the profile;
+/// returns the index's new size.
+fn train(
+    path: &Path,
+    command: &[String],
+    timeout: f64,
+    signals: &clip::train::Signals,
+) -> Result<usize> {
+    let timeout = std::time::Duration::try_from_secs_f64(timeout)
+        .map_err(|_| format!("--train-timeout {timeout} is not a number of seconds"))?;
+    let index = std::sync::Arc::new(open(path)?);
+    let source = clip::fuse::open_source(&index, None)?;
+    eprintln!(
+        "training: running `{}` in a chroot of the index",
+        command.join(" ")
+    );
+    let workload = clip::train::Workload {
+        command: command.to_vec(),
+        timeout,
+    };
+    let trained = clip::train::train(index.clone(), source, &workload, signals)?;
+    eprintln!(
+        "training: the command {} after {:.2} s; it read {} checkpoint intervals",
+        if trained.stopped {
+            "was stopped"
+        } else {
+            "exited"
+        },
+        trained.elapsed.as_secs_f64(),
+        trained.profile.intervals.len()
+    );
+    let bytes = Profile::embed_into(&index, Some((&trained.profile, "recorded by --train")))?;
+    clip::format::write::write_bytes(&bytes, path)?;
+    Ok(bytes.len())
+}
+
+fn run(cli: Cli, signals: Option<&clip::train::Signals>) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     match cli.command {
@@ -219,7 +278,7 @@ fn run(cli: Cli) -> Result<()> {
                 bytes = with_profile(&IndexFile::from_bytes(&bytes)?, Some(path))?.0;
             }
             clip::format::write::write_bytes(&bytes, &output)?;
-            let size = bytes.len();
+            let mut size = bytes.len();
             let bytes: u64 = index.layers.iter().map(|l| l.uncompressed_size).sum();
             let secs = t.elapsed().as_secs_f64();
             eprintln!(
@@ -233,6 +292,13 @@ fn run(cli: Cli) -> Result<()> {
                 output.display(),
                 size
             );
+            if let Some(signals) = signals {
+                size = train(&output, &cli.train, cli.train_timeout, signals)?;
+                eprintln!(
+                    "{}: {size} bytes with its startup profile",
+                    output.display()
+                );
+            }
         }
         Some(Cmd::Inspect { index, json }) => {
             let idx = open(&index)?;

@@ -1,7 +1,8 @@
 //! The only module with `unsafe` code: the zlib FFI (for resumable inflation), the
-//! zero-copy view of a memory-mapped index and a thread priority call. Everything here wraps an unsafe primitive in a safe
+//! zero-copy view of a memory-mapped index, a thread priority call and a child's signal mask. Everything here wraps an unsafe primitive in a safe
 //! API whose preconditions are checked by the wrapper itself.
 
+pub mod child;
 pub mod mmap;
 pub mod sched;
 pub mod zlib;

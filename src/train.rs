@@ -1,0 +1,296 @@
+//! Training an index: mount it, run a workload in a chroot of the mount (over a writable
+//! overlay, as container runtimes use it), and return the access profile of what the
+//! workload read, which `clip-build --train` embeds as the index's startup profile. The
+//! idea of eStargz's `ctr-remote image optimize`, without rewriting the image.
+
+use crate::format::IndexFile;
+use crate::fuse::{self, ClipFs, FuseError, MountSettings};
+use crate::profile::{image_of, Profile, Recorder};
+use crate::source::Source;
+use nix::sys::signal::{SigSet, Signal};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Errors of a training run. The index already written is left as it is.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Mounting or serving the index failed.
+    #[error(transparent)]
+    Fuse(#[from] FuseError),
+    /// A step of the run failed (scratch directory, overlay, starting the command).
+    #[error("training: {what}: {source}")]
+    Io {
+        /// The step.
+        what: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// A signal stopped the training (the workload was stopped and everything unmounted).
+    #[error("training interrupted by {0}; the index keeps no startup profile")]
+    Interrupted(nix::sys::signal::Signal),
+    /// The workload failed, so what it read is no profile of a working start.
+    #[error("training: `{command}` {status}, so the index keeps no startup profile; fix the command (it runs in a chroot of the image, with this process's environment) or leave out --train")]
+    Failed {
+        /// The command line.
+        command: String,
+        /// How it ended.
+        status: ExitStatus,
+    },
+}
+
+/// What to run and for how long.
+pub struct Workload {
+    /// The program (looked up in the image's PATH by `chroot`) and its arguments.
+    pub command: Vec<String>,
+    /// How long the workload may run; a workload still running then (a server) is
+    /// stopped, and what it read so far is its profile.
+    pub timeout: Duration,
+}
+
+/// The result of a training run.
+pub struct Trained {
+    /// The intervals the workload read, first needed first.
+    pub profile: Profile,
+    /// How long the workload ran.
+    pub elapsed: Duration,
+    /// Whether it was stopped at the timeout instead of exiting.
+    pub stopped: bool,
+}
+
+/// Mount `index` (bytes from `source`, no caches) in a scratch directory, run `workload`
+/// in a chroot of an overlay over it, unmount, and return the profile of what it read.
+/// `signals` must have been set up before the process started any thread: an interrupted
+/// run still stops the workload and unmounts.
+pub fn train(
+    index: Arc<IndexFile>,
+    source: Arc<dyn Source>,
+    workload: &Workload,
+    signals: &Signals,
+) -> Result<Trained, TrainError> {
+    let scratch = Scratch::create()?;
+    let _training = Training::start(&signals.training);
+    let interrupt = &signals.seen;
+    let (manifest, layout) = image_of(&index);
+    let mut fs = ClipFs::new(index, source, Vec::new(), 8)?;
+    let recorder = fs.record_profile(Recorder::default());
+    let settings = MountSettings {
+        session_threads: 2,
+        fsname: "clip-train".into(),
+        readahead_kb: 1024,
+    };
+    let session = fuse::mount(fs, &scratch.lower, &settings)?;
+    let run = scratch.overlay().and_then(|()| {
+        let r = run(&scratch.merged, workload, interrupt);
+        if let Err(e) = fuse::unmount(&scratch.merged, true) {
+            tracing::warn!(error = %e, "cannot unmount the training overlay");
+        }
+        r
+    });
+    if let Err(e) = session.umount_and_join() {
+        tracing::warn!(error = %e, "clean unmount failed; detaching the training mount");
+        fuse::unmount(&scratch.lower, true)?;
+    }
+    let (status, elapsed) = run?;
+    let command = workload.command.join(" ");
+    match status {
+        Some(status) if !status.success() => Err(TrainError::Failed { command, status }),
+        _ => Ok(Trained {
+            profile: recorder.profile(&manifest, layout),
+            elapsed,
+            stopped: status.is_none(),
+        }),
+    }
+}
+
+/// Run the workload in a chroot of `root`: its exit status, or `None` when it was stopped
+/// at the timeout; and how long it ran.
+fn run(
+    root: &Path,
+    workload: &Workload,
+    interrupt: &Interrupt,
+) -> Result<(Option<ExitStatus>, Duration), TrainError> {
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| TrainError::Io { what, source }
+    };
+    // Descendants the workload leaves behind become this process's children, so that
+    // stopping it can wait for them too.
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        tracing::debug!(error = %e, "not a subreaper; a stopped workload's orphans may outlive it");
+    }
+    let t = Instant::now();
+    // A group of its own, so that stopping it stops whatever it started too (a shell's
+    // children would keep the mount busy).
+    let mut command = Command::new("chroot");
+    command.arg(root).args(&workload.command).process_group(0);
+    crate::raw::child::unblock_signals_on_exec(&mut command);
+    let mut child = command
+        .spawn()
+        .map_err(io("starting chroot (coreutils) for the command"))?;
+    let stop = |child: &mut std::process::Child| {
+        let group = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::killpg(group, Signal::SIGKILL);
+        let _ = child.wait();
+        // Its orphaned descendants are this process's children (a subreaper): reap the
+        // group, so that none still holds the mount when it is unmounted.
+        let t = Instant::now();
+        let members = nix::unistd::Pid::from_raw(-group.as_raw());
+        while t.elapsed() < Duration::from_secs(2) {
+            use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+            match waitpid(members, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(5)),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    };
+    loop {
+        if let Some(status) = child.try_wait().map_err(io("waiting for the command"))? {
+            return Ok((Some(status), t.elapsed()));
+        }
+        if let Some(signal) = *interrupt.lock().unwrap_or_else(|p| p.into_inner()) {
+            stop(&mut child);
+            return Err(TrainError::Interrupted(signal));
+        }
+        if t.elapsed() >= workload.timeout {
+            tracing::info!(
+                timeout_s = workload.timeout.as_secs_f64(),
+                "the command is still running; stopping it, its reads so far are the profile"
+            );
+            stop(&mut child);
+            return Ok((None, t.elapsed()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The signal that interrupted the run, once one came.
+type Interrupt = Mutex<Option<Signal>>;
+
+/// SIGINT, SIGTERM and SIGHUP for a process that trains an index: blocked in every thread
+/// and waited for by one. Before a training run they end the process at once, as they
+/// would have; during one they are noted, and the run stops its workload, unmounts and
+/// returns [`TrainError::Interrupted`].
+pub struct Signals {
+    seen: Arc<Interrupt>,
+    training: Arc<AtomicBool>,
+}
+
+impl Signals {
+    /// Start watching. Call it before the process starts any thread: threads inherit the
+    /// mask, and a thread without it would take the signal's default action.
+    pub fn watch() -> Result<Signals, TrainError> {
+        let io = |source: std::io::Error| TrainError::Io {
+            what: "watching for signals".into(),
+            source,
+        };
+        let mut set = SigSet::empty();
+        for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+            set.add(s);
+        }
+        set.thread_block().map_err(|e| io(e.into()))?;
+        let signals = Signals {
+            seen: Arc::default(),
+            training: Arc::default(),
+        };
+        let (seen, training) = (signals.seen.clone(), signals.training.clone());
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                while let Ok(signal) = set.wait() {
+                    if !training.load(Ordering::SeqCst) {
+                        std::process::exit(128 + signal as i32);
+                    }
+                    *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(signal);
+                }
+            })
+            .map_err(io)?;
+        Ok(signals)
+    }
+}
+
+/// Marks a training run for [`Signals`] while it lives.
+struct Training<'a>(&'a AtomicBool);
+
+impl<'a> Training<'a> {
+    fn start(flag: &'a AtomicBool) -> Training<'a> {
+        flag.store(true, Ordering::SeqCst);
+        Training(flag)
+    }
+}
+
+impl Drop for Training<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The scratch directory of a run: the FUSE mount (`lower`), the overlay's upper and work
+/// directories and its mount point (`merged`). Removed at the end once nothing is mounted.
+struct Scratch {
+    dir: PathBuf,
+    lower: PathBuf,
+    merged: PathBuf,
+}
+
+impl Scratch {
+    fn create() -> Result<Scratch, TrainError> {
+        let dir = std::env::temp_dir().join(format!("clip-train-{}", std::process::id()));
+        let s = Scratch {
+            lower: dir.join("lower"),
+            merged: dir.join("merged"),
+            dir,
+        };
+        for d in [
+            &s.lower,
+            &s.merged,
+            &s.dir.join("upper"),
+            &s.dir.join("work"),
+        ] {
+            std::fs::create_dir_all(d).map_err(|source| TrainError::Io {
+                what: format!("creating {}", d.display()),
+                source,
+            })?;
+        }
+        Ok(s)
+    }
+
+    /// Mount a writable overlay over the read-only mount at `merged`, so that a workload
+    /// writing files (caches, pid files) runs as it would in a container.
+    fn overlay(&self) -> Result<(), TrainError> {
+        let options = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            self.lower.display(),
+            self.dir.join("upper").display(),
+            self.dir.join("work").display()
+        );
+        nix::mount::mount(
+            Some("overlay"),
+            &self.merged,
+            Some("overlay"),
+            nix::mount::MsFlags::empty(),
+            Some(options.as_str()),
+        )
+        .map_err(|e| TrainError::Io {
+            what: "mounting an overlay over the index (modprobe overlay)".into(),
+            source: e.into(),
+        })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // Only an unmounted tree is removed: a mount still there keeps it all.
+        let mounted = |p: &Path| {
+            std::fs::read_to_string("/proc/self/mountinfo")
+                .is_ok_and(|m| m.lines().any(|l| l.split(' ').nth(4) == p.to_str()))
+        };
+        if !mounted(&self.lower) && !mounted(&self.merged) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
