@@ -252,9 +252,19 @@ fn truncated_files_are_refused() {
     IndexFile::from_bytes(&longer).unwrap().verify().unwrap();
 }
 
+/// `good` with a startup profile of two intervals of its image (format 2.1).
+fn with_startup_profile(good: Vec<u8>) -> Vec<u8> {
+    let idx = IndexFile::from_bytes(&good).unwrap();
+    let (manifest, layout) = clip::profile::image_of(&idx);
+    let text =
+        format!("clip-profile 3\nmanifest {manifest}\nlayout {layout:016x}\n0 0 100 0\n1 0 50 0\n");
+    clip::format::write::with_startup_profile(good, Some(text.as_bytes()))
+}
+
 /// Use every accessor and report on an index that passed `verify`: none may panic.
 fn exercise(idx: &IndexFile) {
     let _ = clip::report::inspect_text(idx);
+    let _ = clip::profile::Profile::embedded(idx);
     let _ = clip::report::ls(idx, 0, true);
     for i in 0..idx.entry_count() {
         let _ = clip::report::stat(idx, i);
@@ -318,7 +328,9 @@ fn a_damaged_window_is_refused_when_used() {
 #[test]
 fn no_corrupted_byte_causes_a_panic() {
     let tmp = tempfile::tempdir().unwrap();
-    let good = demo_bytes(tmp.path());
+    let good = with_startup_profile(demo_bytes(tmp.path()));
+    let profile = clip::profile::Profile::embedded(&IndexFile::from_bytes(&good).unwrap());
+    assert_eq!(profile.unwrap().unwrap().intervals.len(), 2);
     assert!(
         good.len() < 64 * 1024,
         "the demo index is small: {}",

@@ -43,7 +43,7 @@ struct Cli {
     /// Train the index (after `--`): once it is written, mount it, run CMD in a chroot of an
     /// overlay over the mount, and embed what it read as the index's startup profile, so
     /// that every node's first start of this workload fetches it in one parallel round.
-    /// Needs root, FUSE and overlayfs; CMD runs with this process's environment.
+    /// Needs root, FUSE and overlayfs; CMD runs in / with this process's environment.
     #[arg(last = true, value_name = "CMD")]
     train: Vec<String>,
     /// Stop a training command still running after this many seconds (a server); what it
