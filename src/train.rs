@@ -21,6 +21,13 @@ pub enum TrainError {
     /// Mounting or serving the index failed.
     #[error(transparent)]
     Fuse(#[from] FuseError),
+    /// Reading the index, or writing it back with its startup profile, failed.
+    #[error(transparent)]
+    Format(#[from] crate::format::FormatError),
+    /// The recorded profile does not fit the index (cannot happen for a profile recorded
+    /// on it; reported rather than assumed).
+    #[error(transparent)]
+    Profile(#[from] crate::profile::ProfileError),
     /// A step of the run failed (scratch directory, overlay, starting the command).
     #[error("training: {what}: {source}")]
     Io {
@@ -59,6 +66,22 @@ pub struct Trained {
     pub elapsed: Duration,
     /// Whether it was stopped at the timeout instead of exiting.
     pub stopped: bool,
+}
+
+/// Train the index file at `path`: [`train`] it over its recorded source, then write it
+/// back (atomically) carrying the recorded profile as its startup profile. Returns the
+/// run and the index's new size.
+pub fn train_index(
+    path: &Path,
+    workload: &Workload,
+    signals: &Signals,
+) -> Result<(Trained, u64), TrainError> {
+    let index = Arc::new(IndexFile::open(path)?);
+    let source = fuse::open_source(&index, None)?;
+    let trained = train(index.clone(), source, workload, signals)?;
+    let bytes = Profile::embed_into(&index, Some((&trained.profile, "recorded by training")))?;
+    crate::format::write::write_bytes(&bytes, path)?;
+    Ok((trained, bytes.len() as u64))
 }
 
 /// Mount `index` (bytes from `source`, no caches) in a scratch directory, run `workload`

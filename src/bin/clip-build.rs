@@ -209,18 +209,15 @@ fn with_profile(idx: &IndexFile, path: Option<&Path>) -> Result<(Vec<u8>, Option
     Ok((bytes, Some(profile.intervals.len())))
 }
 
-/// Train the index at `path` with `command` (see `clip::train`) and embed the profile;
-/// returns the index's new size.
+/// Train the index at `path` with `command` (see `clip::train`); returns its new size.
 fn train(
     path: &Path,
     command: &[String],
     timeout: f64,
     signals: &clip::train::Signals,
-) -> Result<usize> {
+) -> Result<u64> {
     let timeout = std::time::Duration::try_from_secs_f64(timeout)
         .map_err(|_| format!("--train-timeout {timeout} is not a number of seconds"))?;
-    let index = std::sync::Arc::new(open(path)?);
-    let source = clip::fuse::open_source(&index, None)?;
     eprintln!(
         "training: running `{}` in a chroot of the index",
         command.join(" ")
@@ -229,20 +226,18 @@ fn train(
         command: command.to_vec(),
         timeout,
     };
-    let trained = clip::train::train(index.clone(), source, &workload, signals)?;
+    let (trained, size) = clip::train::train_index(path, &workload, signals)?;
+    let ended = if trained.stopped {
+        "was stopped"
+    } else {
+        "exited"
+    };
     eprintln!(
-        "training: the command {} after {:.2} s; it read {} checkpoint intervals",
-        if trained.stopped {
-            "was stopped"
-        } else {
-            "exited"
-        },
+        "training: the command {ended} after {:.2} s; it read {} checkpoint intervals",
         trained.elapsed.as_secs_f64(),
         trained.profile.intervals.len()
     );
-    let bytes = Profile::embed_into(&index, Some((&trained.profile, "recorded by --train")))?;
-    clip::format::write::write_bytes(&bytes, path)?;
-    Ok(bytes.len())
+    Ok(size)
 }
 
 fn run(cli: Cli, signals: Option<&clip::train::Signals>) -> Result<()> {
@@ -278,7 +273,7 @@ fn run(cli: Cli, signals: Option<&clip::train::Signals>) -> Result<()> {
                 bytes = with_profile(&IndexFile::from_bytes(&bytes)?, Some(path))?.0;
             }
             clip::format::write::write_bytes(&bytes, &output)?;
-            let mut size = bytes.len();
+            let mut size = bytes.len() as u64;
             let bytes: u64 = index.layers.iter().map(|l| l.uncompressed_size).sum();
             let secs = t.elapsed().as_secs_f64();
             eprintln!(
