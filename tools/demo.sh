@@ -37,3 +37,7 @@ kill -TERM $pid
 wait $pid
 trap - EXIT
 step cat "$dir/stats.json"
+# The run learnt which checkpoint intervals it read; embedded in the index as its startup
+# profile, every node mounting the index fetches them at start (format 2.1).
+step $bin/clip-build embed-profile "$dir/demo.clip" "$dir"/cache/profiles/sha256-*
+step $bin/clip-build inspect "$dir/demo.clip"
