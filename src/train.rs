@@ -1,6 +1,6 @@
 //! Training an index: mount it, run a workload in a chroot of the mount (over a writable
-//! overlay, as container runtimes use it), and return the access profile of what the
-//! workload read, which `clip-build --train` embeds as the index's startup profile. The
+//! overlay, as container runtimes use it, with the image config's `Env` and `WorkingDir`),
+//! and return the access profile of what the workload read, which `clip-build --train` embeds as the index's startup profile. The
 //! idea of eStargz's `ctr-remote image optimize`, without rewriting the image.
 
 use crate::format::IndexFile;
@@ -40,19 +40,33 @@ pub enum TrainError {
     #[error("training interrupted by {0}; the index keeps no startup profile")]
     Interrupted(nix::sys::signal::Signal),
     /// The workload failed, so what it read is no profile of a working start.
-    #[error("training: `{command}` {status}, so the index keeps no startup profile; fix the command (it runs in a chroot of the image, with this process's environment) or leave out --train")]
+    #[error("training: `{command}` {status}, so the index keeps no startup profile; fix the command (it runs in a chroot of the image with the Env and WorkingDir of its config, plus --train-env) or leave out --train")]
     Failed {
         /// The command line.
         command: String,
         /// How it ended.
         status: ExitStatus,
     },
+    /// The program is not in the image.
+    #[error("training: {program} is not an executable of the image (looked for in {searched}); name it by its path in the image")]
+    NotFound {
+        /// The program as given.
+        program: String,
+        /// Where it was looked for.
+        searched: String,
+    },
+    /// The image config could not be read.
+    #[error("training: reading the image config: {0}")]
+    Config(String),
 }
 
 /// What to run and for how long.
 pub struct Workload {
-    /// The program (looked up in the image's PATH by `chroot`) and its arguments.
+    /// The program (a path in the image, or a name looked up in the image's PATH) and its
+    /// arguments.
     pub command: Vec<String>,
+    /// Variables set on top of the image config's `Env` (same name: replaced).
+    pub env: Vec<(String, String)>,
     /// How long the workload may run; a workload still running then (a server) is
     /// stopped, and what it read so far is its profile.
     pub timeout: Duration,
@@ -78,7 +92,8 @@ pub fn train_index(
 ) -> Result<(Trained, u64), TrainError> {
     let index = Arc::new(IndexFile::open(path)?);
     let source = fuse::open_source(&index, None)?;
-    let trained = train(index.clone(), source, workload, signals)?;
+    let runtime = ImageRuntime::of(&index, source.as_ref())?;
+    let trained = train(index.clone(), source, &runtime, workload, signals)?;
     let bytes = Profile::embed_into(&index, Some((&trained.profile, "recorded by training")))?;
     crate::format::write::write_bytes(&bytes, path)?;
     Ok((trained, bytes.len() as u64))
@@ -91,6 +106,7 @@ pub fn train_index(
 pub fn train(
     index: Arc<IndexFile>,
     source: Arc<dyn Source>,
+    runtime: &ImageRuntime,
     workload: &Workload,
     signals: &Signals,
 ) -> Result<Trained, TrainError> {
@@ -107,7 +123,7 @@ pub fn train(
     };
     let session = fuse::mount(fs, &scratch.lower, &settings)?;
     let run = scratch.overlay().and_then(|()| {
-        let r = run(&scratch.merged, workload, interrupt);
+        let r = run(&scratch.merged, runtime, workload, interrupt);
         if let Err(e) = fuse::unmount(&scratch.merged, true) {
             tracing::warn!(error = %e, "cannot unmount the training overlay");
         }
@@ -129,10 +145,104 @@ pub fn train(
     }
 }
 
-/// Run the workload in a chroot of `root`: its exit status, or `None` when it was stopped
-/// at the timeout; and how long it ran.
+/// How the image's containers start their processes: its config's `Env` and `WorkingDir`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageRuntime {
+    /// Environment variables, in the config's order.
+    pub env: Vec<(String, String)>,
+    /// Working directory, absolute in the image.
+    pub workdir: String,
+}
+
+/// `PATH` when the image config sets none (what Docker uses then).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+impl ImageRuntime {
+    /// Read the image config of `index` from `source` (its digest checked).
+    pub fn of(index: &IndexFile, source: &dyn Source) -> Result<ImageRuntime, TrainError> {
+        use std::io::Read;
+        let digest = String::from_utf8_lossy(index.index().image.config_digest.as_slice());
+        let bad = |what: String| TrainError::Config(format!("{digest}: {what}"));
+        let mut bytes = Vec::new();
+        source
+            .blob(&digest, 0, None)
+            .map_err(|e| bad(e.to_string()))?
+            .take(64 << 20)
+            .read_to_end(&mut bytes)
+            .map_err(|e| bad(e.to_string()))?;
+        if crate::oci::digest_of(&bytes) != digest {
+            return Err(bad("its bytes do not match the digest".into()));
+        }
+        let json: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+        Ok(ImageRuntime::from_config(&json))
+    }
+
+    /// The runtime settings of a parsed image config (missing ones: no variables, `/`).
+    pub fn from_config(config: &serde_json::Value) -> ImageRuntime {
+        let c = &config["config"];
+        let env = c["Env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str()?.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let workdir = match c["WorkingDir"].as_str() {
+            Some(w) if w.starts_with('/') => w.to_string(),
+            Some(w) if !w.is_empty() => format!("/{w}"),
+            _ => "/".to_string(),
+        };
+        ImageRuntime { env, workdir }
+    }
+
+    /// The environment of a process started with `extra` on top: the config's variables,
+    /// those of `extra` replacing same-named ones, and [`DEFAULT_PATH`] without a `PATH`.
+    pub fn environment(&self, extra: &[(String, String)]) -> Vec<(String, String)> {
+        let mut env = self.env.clone();
+        for (k, v) in extra {
+            match env.iter_mut().find(|(name, _)| name == k) {
+                Some(slot) => slot.1 = v.clone(),
+                None => env.push((k.clone(), v.clone())),
+            }
+        }
+        if !env.iter().any(|(k, _)| k == "PATH") {
+            env.push(("PATH".into(), DEFAULT_PATH.into()));
+        }
+        env
+    }
+}
+
+/// The path inside `root` of `program`: as given when it names a path, else the first
+/// directory of `path` (a `PATH` value) under `root` holding it (an executable file, or a
+/// symlink, which only the exec inside `root` can follow).
+fn find_program(root: &Path, program: &str, path: &str) -> Result<PathBuf, TrainError> {
+    use std::os::unix::fs::PermissionsExt;
+    if program.contains('/') {
+        return Ok(PathBuf::from(program));
+    }
+    let inside = |dir: &str| Path::new(dir).join(program);
+    let found = path
+        .split(':')
+        .filter(|d| d.starts_with('/'))
+        .map(inside)
+        .find(|p| {
+            let on_host = root.join(p.strip_prefix("/").unwrap_or(p));
+            std::fs::symlink_metadata(on_host).is_ok_and(|m| {
+                m.file_type().is_symlink() || (m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })
+        });
+    found.ok_or_else(|| TrainError::NotFound {
+        program: program.into(),
+        searched: format!("PATH={path}"),
+    })
+}
+
+/// Run the workload in a chroot of `root`, as `runtime` says: its exit status, or `None`
+/// when it was stopped at the timeout; and how long it ran.
 fn run(
     root: &Path,
+    runtime: &ImageRuntime,
     workload: &Workload,
     interrupt: &Interrupt,
 ) -> Result<(Option<ExitStatus>, Duration), TrainError> {
@@ -148,12 +258,26 @@ fn run(
     let t = Instant::now();
     // A group of its own, so that stopping it stops whatever it started too (a shell's
     // children would keep the mount busy).
-    let mut command = Command::new("chroot");
-    command.arg(root).args(&workload.command).process_group(0);
-    crate::raw::child::unblock_signals_on_exec(&mut command);
+    let env = runtime.environment(&workload.env);
+    let path = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map_or("", |(_, v)| v.as_str());
+    let (program, args) = workload
+        .command
+        .split_first()
+        .ok_or_else(|| TrainError::Config("no command to train with".into()))?;
+    let mut command = Command::new(find_program(root, program, path)?);
+    command
+        .args(args)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .process_group(0);
+    crate::raw::child::confine(&mut command, root, Path::new(&runtime.workdir))
+        .map_err(io("preparing the command"))?;
     let mut child = command
         .spawn()
-        .map_err(io("starting chroot (coreutils) for the command"))?;
+        .map_err(io(&format!("starting {program} in the image")))?;
     let stop = |child: &mut std::process::Child| {
         let group = nix::unistd::Pid::from_raw(child.id() as i32);
         let _ = nix::sys::signal::killpg(group, Signal::SIGKILL);
@@ -315,5 +439,65 @@ impl Drop for Scratch {
         if !mounted(&self.lower) && !mounted(&self.merged) {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_runtime_comes_from_the_image_config() {
+        let config = serde_json::json!({"config": {
+            "Env": ["PATH=/opt/bin:/usr/bin", "LANG=C.UTF-8", "EMPTY=", "junk"],
+            "WorkingDir": "srv/app"
+        }});
+        let rt = ImageRuntime::from_config(&config);
+        assert_eq!(rt.workdir, "/srv/app");
+        let env = rt.environment(&[("LANG".into(), "C".into()), ("X".into(), "1".into())]);
+        let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(
+            pairs,
+            [
+                ("PATH", "/opt/bin:/usr/bin"),
+                ("LANG", "C"),
+                ("EMPTY", ""),
+                ("X", "1")
+            ]
+        );
+        let bare = ImageRuntime::from_config(&serde_json::json!({}));
+        assert_eq!(bare.workdir, "/");
+        assert_eq!(
+            bare.environment(&[]),
+            [("PATH".to_string(), DEFAULT_PATH.to_string())]
+        );
+    }
+
+    #[test]
+    fn programs_are_found_in_the_image_path_never_on_the_host() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::create_dir_all(r.join("usr/bin")).unwrap();
+        std::fs::create_dir_all(r.join("bin")).unwrap();
+        std::fs::write(r.join("usr/bin/tool"), b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(
+            r.join("usr/bin/tool"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        std::fs::write(r.join("bin/data"), b"not executable").unwrap();
+        std::os::unix::fs::symlink("/usr/bin/tool", r.join("bin/link")).unwrap();
+        let find = |p: &str| find_program(r, p, "/bin:/usr/bin").map_err(|e| e.to_string());
+        assert_eq!(find("tool").unwrap(), Path::new("/usr/bin/tool"));
+        assert_eq!(find("link").unwrap(), Path::new("/bin/link"));
+        assert_eq!(find("/x/y").unwrap(), Path::new("/x/y"));
+        let e = find("data").unwrap_err();
+        assert!(
+            e.contains("not an executable of the image") && e.contains("PATH=/bin:/usr/bin"),
+            "{e}"
+        );
+        // A program only the host has is not found in the image.
+        assert!(find("sh").is_err());
     }
 }

@@ -1302,6 +1302,7 @@ fn clip_build_trains_an_index_by_running_a_command_in_it() {
         let out = Command::new(bin("clip-build"))
             .args([image.as_str(), "-o", ix, "--quiet"])
             .args(cmd)
+            .env("HOST_ONLY", "1")
             .output()
             .unwrap();
         let leftovers: Vec<_> = fs::read_to_string("/proc/self/mountinfo")
@@ -1327,11 +1328,16 @@ fn clip_build_trains_an_index_by_running_a_command_in_it() {
         })
     };
 
+    // The command runs as a container of the image would: the config's Env (this image
+    // sets none, so Docker's default PATH), its WorkingDir (`/`), --train-env on top, and
+    // nothing of clip-build's own environment.
     let out = build(&[
+        "--train-env",
+        "GREETING=hi there",
         "--",
-        "/bin/sh",
+        "sh",
         "-c",
-        "sha256sum /data/big; echo written > /tmp/t; cat /tmp/t",
+        "sha256sum /data/big; echo written > /tmp/t; cat /tmp/t; echo \"[$GREETING|$PWD|$PATH|${HOST_ONLY:-unset}]\"",
     ]);
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
@@ -1342,6 +1348,10 @@ fn clip_build_trains_an_index_by_running_a_command_in_it() {
         stdout.contains(&sha256_hex(&data)) && stdout.contains("written"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains(&format!("[hi there|/|{}|unset]", clip::train::DEFAULT_PATH)),
+        "{stdout}"
+    );
     assert!(stderr.contains("the command exited"), "{stderr}");
     // The 3 MiB file spans at least two checkpoint intervals.
     let intervals = profile_lines().expect("a startup profile");
@@ -1350,6 +1360,13 @@ fn clip_build_trains_an_index_by_running_a_command_in_it() {
     let served = Served::start(tmp.path(), "check", &index, &tmp.path().join("cache"), &[]);
     assert!(!served.mnt.join("tmp/t").exists());
 
+    // A program of the host that the image lacks is not run.
+    let out = build(&["--", "python3", "-c", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("python3 is not an executable of the image"),
+        "{stderr}"
+    );
     let out = build(&["--", "/bin/sh", "-c", "cat /etc/motd; exit 3"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

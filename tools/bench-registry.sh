@@ -27,6 +27,8 @@
 #   registry:  bytes the registry process read from its disk per blob request in the cold
 #              clip runs (/proc/PID/io): what one ranged GET costs this registry whatever
 #              the range's length.
+#   environment: every run of the command (clip, full pull, training) gets the image
+#              config's Env and nothing else, as a container of the image would.
 # Targets (issue 4): >= 20x faster to the first result; <= 15% of the image's bytes fetched.
 #
 # Needs root, /dev/fuse, fuse3, overlayfs, skopeo, umoci, jq, curl, python3, redis-server and the corpus
@@ -95,6 +97,11 @@ curl -fsS "http://$REG/v2/$IMG/manifests/latest" -H 'Accept: application/vnd.oci
 manifest=$(skopeo inspect --raw --tls-verify=false "docker://$REF_NAME")
 image_bytes=$(jq '[.layers[].size] + [.config.size] | add' <<<"$manifest")
 echo "image $REF_NAME: $(jq '.layers | length' <<<"$manifest") layers, $image_bytes compressed bytes (layers + config)"
+# Every run of the command, through clip or on the pulled rootfs, gets the environment a
+# container of the image gets (its config's Env), as clip-build's training does.
+mapfile -t image_env < <(skopeo inspect --config --tls-verify=false "docker://$REF_NAME" | jq -r '.config.Env // [] | .[]')
+RUN_ENV=(env -i "${image_env[@]}")
+echo "command environment (the image config's Env): ${image_env[*]:-none}"
 
 echo "== index from the registry (clip-build, once; reads every layer once)"
 t0=$(now); "$build" "$REF_NAME" -o "$W/image.clip" --quiet ${BUILD_ARGS:-}; build_ms=$(ms "$t0" "$(now)")
@@ -123,7 +130,7 @@ clip_run() {
     t1=$(now)
     mount -t overlay overlay -o "lowerdir=$M,upperdir=$O/upper,workdir=$O/work,redirect_dir=off,metacopy=off,index=off" "$O/merged"
     t2=$(now)
-    chroot "$O/merged" "${CMD[@]}"
+    "${RUN_ENV[@]}" chroot "$O/merged" "${CMD[@]}"
     t3=$(now)
     stop_serve
     R_TOTAL=$(ms "$t0" "$t3") R_MOUNT=$(ms "$t0" "$t1") R_IMPORT=$(ms "$t2" "$t3")
@@ -191,10 +198,10 @@ for i in $(seq "$PULL_RUNS"); do
     t1=$(now)
     umoci raw unpack --image "$W/pull:latest" "$W/rootfs" 2>/dev/null
     t2=$(now)
-    chroot "$W/rootfs" "${CMD[@]}"
+    "${RUN_ENV[@]}" chroot "$W/rootfs" "${CMD[@]}"
     t3=$(now)
     pull+=("$(ms "$t0" "$t3")"); cp_ms+=("$(ms "$t0" "$t1")"); up_ms+=("$(ms "$t1" "$t2")"); im_ms+=("$(ms "$t2" "$t3")")
-    drop; t4=$(now); chroot "$W/rootfs" "${CMD[@]}"; im_cold+=("$(ms "$t4" "$(now)")")
+    drop; t4=$(now); "${RUN_ENV[@]}" chroot "$W/rootfs" "${CMD[@]}"; im_cold+=("$(ms "$t4" "$(now)")")
     echo "run $i: total $(ms "$t0" "$t3") ms (skopeo copy $(ms "$t0" "$t1"), umoci raw unpack $(ms "$t1" "$t2"), import $(ms "$t2" "$t3")); import on the unpacked rootfs with caches dropped: ${im_cold[-1]} ms"
 done
 pull_ms=$(median "${pull[@]}")

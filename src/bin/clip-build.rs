@@ -43,13 +43,18 @@ struct Cli {
     /// Train the index (after `--`): once it is written, mount it, run CMD in a chroot of an
     /// overlay over the mount, and embed what it read as the index's startup profile, so
     /// that every node's first start of this workload fetches it in one parallel round.
-    /// Needs root, FUSE and overlayfs; CMD runs in / with this process's environment.
+    /// Needs root, FUSE and overlayfs; CMD runs with the Env and WorkingDir of the image
+    /// config, as a container of the image would.
     #[arg(last = true, value_name = "CMD")]
     train: Vec<String>,
     /// Stop a training command still running after this many seconds (a server); what it
     /// read until then is the profile.
     #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
     train_timeout: f64,
+    /// Set a variable for the training command on top of the image config's Env
+    /// (repeatable).
+    #[arg(long, value_name = "NAME=VALUE", value_parser = parse_env)]
+    train_env: Vec<(String, String)>,
     /// Never show progress bars.
     #[arg(short, long)]
     quiet: bool,
@@ -151,6 +156,13 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is out of range"))
 }
 
+fn parse_env(s: &str) -> std::result::Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.into(), v.into())),
+        _ => Err(format!("{s:?} is not NAME=VALUE")),
+    }
+}
+
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 fn main() -> ExitCode {
@@ -213,6 +225,7 @@ fn with_profile(idx: &IndexFile, path: Option<&Path>) -> Result<(Vec<u8>, Option
 fn train(
     path: &Path,
     command: &[String],
+    env: &[(String, String)],
     timeout: f64,
     signals: &clip::train::Signals,
 ) -> Result<u64> {
@@ -224,6 +237,7 @@ fn train(
     );
     let workload = clip::train::Workload {
         command: command.to_vec(),
+        env: env.to_vec(),
         timeout,
     };
     let (trained, size) = clip::train::train_index(path, &workload, signals)?;
@@ -288,7 +302,13 @@ fn run(cli: Cli, signals: Option<&clip::train::Signals>) -> Result<()> {
                 size
             );
             if let Some(signals) = signals {
-                size = train(&output, &cli.train, cli.train_timeout, signals)?;
+                size = train(
+                    &output,
+                    &cli.train,
+                    &cli.train_env,
+                    cli.train_timeout,
+                    signals,
+                )?;
                 eprintln!(
                     "{}: {size} bytes with its startup profile",
                     output.display()

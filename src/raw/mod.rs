@@ -1,5 +1,5 @@
 //! The only module with `unsafe` code: the zlib FFI (for resumable inflation), the
-//! zero-copy view of a memory-mapped index, a thread priority call and a child's signal mask. Everything here wraps an unsafe primitive in a safe
+//! zero-copy view of a memory-mapped index, a thread priority call and the confinement of a child process. Everything here wraps an unsafe primitive in a safe
 //! API whose preconditions are checked by the wrapper itself.
 
 pub mod child;
