@@ -342,7 +342,7 @@ fn run(cli: Cli) -> Result<()> {
         tracing::info!(
             intervals = profile.intervals.len(),
             threads = cli.prefetch_threads,
-            learnt = learnt.is_some(),
+            learning = learnt.is_some(),
             "prefetching the access profile"
         );
         fs.prefetch(profile.intervals, cli.prefetch_threads)?;
