@@ -258,6 +258,11 @@ fn run(
     let t = Instant::now();
     // A group of its own, so that stopping it stops whatever it started too (a shell's
     // children would keep the mount busy).
+    // Mount points for the workload's /proc and /dev, as a container runtime makes them
+    // (in the overlay: the image is untouched).
+    for d in ["proc", "dev"] {
+        let _ = std::fs::create_dir(root.join(d));
+    }
     let env = runtime.environment(&workload.env);
     let path = env
         .iter()
@@ -278,29 +283,15 @@ fn run(
     let mut child = command
         .spawn()
         .map_err(io(&format!("starting {program} in the image")))?;
-    let stop = |child: &mut std::process::Child| {
-        let group = nix::unistd::Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::killpg(group, Signal::SIGKILL);
-        let _ = child.wait();
-        // Its orphaned descendants are this process's children (a subreaper): reap the
-        // group, so that none still holds the mount when it is unmounted.
-        let t = Instant::now();
-        let members = nix::unistd::Pid::from_raw(-group.as_raw());
-        while t.elapsed() < Duration::from_secs(2) {
-            use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-            match waitpid(members, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(5)),
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
-    };
+    let group = nix::unistd::Pid::from_raw(child.id() as i32);
     loop {
         if let Some(status) = child.try_wait().map_err(io("waiting for the command"))? {
+            end_leftovers(group);
             return Ok((Some(status), t.elapsed()));
         }
         if let Some(signal) = *interrupt.lock().unwrap_or_else(|p| p.into_inner()) {
-            stop(&mut child);
+            end_leftovers(group);
+            let _ = child.wait();
             return Err(TrainError::Interrupted(signal));
         }
         if t.elapsed() >= workload.timeout {
@@ -308,11 +299,47 @@ fn run(
                 timeout_s = workload.timeout.as_secs_f64(),
                 "the command is still running; stopping it, its reads so far are the profile"
             );
-            stop(&mut child);
+            end_leftovers(group);
+            let _ = child.wait();
             return Ok((None, t.elapsed()));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Kill the workload's process group and every process it left behind, and reap them, so
+/// that none still holds the mount when it is unmounted. Orphans (daemons that left the
+/// group) are this process's children, as it is their subreaper.
+fn end_leftovers(group: nix::unistd::Pid) {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let _ = nix::sys::signal::killpg(group, Signal::SIGKILL);
+    let me = std::process::id().to_string();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(2) {
+        for pid in children_of(&me) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(5)),
+            Ok(_) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// The processes whose parent is `parent` (a pid as text), from `/proc`.
+fn children_of(parent: &str) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let pid: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // `pid (comm) state ppid …`: comm may hold spaces and parentheses.
+        let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?;
+        (ppid == parent).then_some(pid)
+    })
+    .collect()
 }
 
 /// The signal that interrupted the run, once one came.

@@ -1360,6 +1360,34 @@ fn clip_build_trains_an_index_by_running_a_command_in_it() {
     let served = Served::start(tmp.path(), "check", &index, &tmp.path().join("cache"), &[]);
     assert!(!served.mnt.join("tmp/t").exists());
 
+    // /proc and /dev are there, and what the command leaves running (a daemon in a
+    // session of its own) is stopped before the mount goes: the run neither hangs nor
+    // leaves a mount or a process behind.
+    let out = build(&[
+        "--",
+        "/bin/sh",
+        "-c",
+        "head -c 9 /proc/self/status; echo x > /dev/null && echo dev-ok; busybox setsid busybox sleep 77 & echo left",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("Name:") && stdout.contains("dev-ok") && stdout.contains("left"),
+        "{stdout}"
+    );
+    let sleepers = Command::new("pgrep")
+        .args(["-f", "sleep 77"])
+        .output()
+        .unwrap();
+    assert!(
+        sleepers.stdout.is_empty(),
+        "left running: {}",
+        String::from_utf8_lossy(&sleepers.stdout)
+    );
     // A program of the host that the image lacks is not run.
     let out = build(&["--", "python3", "-c", "1"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
