@@ -158,23 +158,26 @@ pub struct ImageRuntime {
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 impl ImageRuntime {
-    /// Read the image config of `index` from `source` (its digest checked).
+    /// Read the image config of `index` from `source`: through the manifest the index
+    /// pins, each document checked against its digest.
     pub fn of(index: &IndexFile, source: &dyn Source) -> Result<ImageRuntime, TrainError> {
-        use std::io::Read;
-        let digest = String::from_utf8_lossy(index.index().image.config_digest.as_slice());
-        let bad = |what: String| TrainError::Config(format!("{digest}: {what}"));
-        let mut bytes = Vec::new();
-        source
-            .blob(&digest, 0, None)
-            .map_err(|e| bad(e.to_string()))?
-            .take(64 << 20)
-            .read_to_end(&mut bytes)
-            .map_err(|e| bad(e.to_string()))?;
-        if crate::oci::digest_of(&bytes) != digest {
-            return Err(bad("its bytes do not match the digest".into()));
+        let image = &index.index().image;
+        let manifest = String::from_utf8_lossy(image.manifest_digest.as_slice());
+        let bad = |e: crate::source::SourceError| TrainError::Config(format!("{manifest}: {e}"));
+        let (_, bytes, _) = source.manifest(&manifest).map_err(bad)?;
+        let m: crate::oci::Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| TrainError::Config(format!("manifest {manifest}: {e}")))?;
+        if m.config.digest.as_bytes() != image.config_digest.as_slice() {
+            return Err(TrainError::Config(format!(
+                "manifest {manifest} names config {}, the index another",
+                m.config.digest
+            )));
         }
-        let json: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+        let config = source
+            .read_small_blob(&m.config.digest, m.config.size)
+            .map_err(bad)?;
+        let json: serde_json::Value = serde_json::from_slice(&config)
+            .map_err(|e| TrainError::Config(format!("config {}: {e}", m.config.digest)))?;
         Ok(ImageRuntime::from_config(&json))
     }
 
