@@ -191,11 +191,18 @@ impl ImageRuntime {
             .filter_map(|v| v.as_str()?.split_once('='))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let workdir = match c["WorkingDir"].as_str() {
-            Some(w) if w.starts_with('/') => w.to_string(),
-            Some(w) if !w.is_empty() => format!("/{w}"),
-            _ => "/".to_string(),
-        };
+        // Cleaned lexically, as Docker does (`..` stops at the root).
+        let mut parts: Vec<&str> = Vec::new();
+        for part in c["WorkingDir"].as_str().unwrap_or("").split('/') {
+            match part {
+                "" | "." => {}
+                ".." => {
+                    parts.pop();
+                }
+                p => parts.push(p),
+            }
+        }
+        let workdir = format!("/{}", parts.join("/"));
         ImageRuntime { env, workdir }
     }
 
@@ -266,6 +273,7 @@ fn run(
     for d in ["proc", "dev"] {
         let _ = std::fs::create_dir(root.join(d));
     }
+
     let env = runtime.environment(&workload.env);
     let path = env
         .iter()
@@ -480,7 +488,7 @@ mod tests {
     fn the_runtime_comes_from_the_image_config() {
         let config = serde_json::json!({"config": {
             "Env": ["PATH=/opt/bin:/usr/bin", "LANG=C.UTF-8", "EMPTY=", "junk"],
-            "WorkingDir": "srv/app"
+            "WorkingDir": "srv/./app/"
         }});
         let rt = ImageRuntime::from_config(&config);
         assert_eq!(rt.workdir, "/srv/app");
@@ -495,6 +503,8 @@ mod tests {
                 ("X", "1")
             ]
         );
+        let escaping = serde_json::json!({"config": {"WorkingDir": "/../../etc/x/.."}});
+        assert_eq!(ImageRuntime::from_config(&escaping).workdir, "/etc");
         let bare = ImageRuntime::from_config(&serde_json::json!({}));
         assert_eq!(bare.workdir, "/");
         assert_eq!(

@@ -1006,6 +1006,29 @@ fn record_profile(tmp: &Path, name: &str, index: &Path) -> (PathBuf, usize, Vec<
     (profile, intervals, bytes)
 }
 
+/// The standard output of a command that must have succeeded (its stderr otherwise).
+fn succeeded(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A mount of `index` at `tmp/name` with an empty cache of its own and no flags: a node
+/// that never ran the image.
+fn fresh_mount(tmp: &Path, name: &str, index: &Path) -> Served {
+    Served::start(tmp, name, index, &tmp.join(format!("cache-{name}")), &[])
+}
+
+/// The [`PROFILED`] files under `mnt` have the `expected` bytes.
+fn assert_profiled_files(mnt: &Path, expected: &[Vec<u8>]) {
+    for (p, want) in PROFILED.iter().zip(expected) {
+        assert_eq!(&fs::read(mnt.join(p)).unwrap(), want, "{p}");
+    }
+}
+
 /// Files of the edge image that the profile tests read.
 const PROFILED: [&str; 3] = ["many/file059", "data/random.bin", "home/user/file"];
 
@@ -1063,9 +1086,7 @@ fn a_recorded_access_profile_is_prefetched_by_the_next_mount() {
     assert!((1..intervals).contains(&field("requests")), "{log}");
     // ... so the files read after the origin is gone come from what it fetched, intact.
     let gone = take_layer_blobs_away(&layout);
-    for (p, want) in wanted.iter().zip(&expected) {
-        assert_eq!(&fs::read(second.mnt.join(p)).unwrap(), want, "{p}");
-    }
+    assert_profiled_files(&second.mnt, &expected);
     assert!(second.terminate().success());
     fs::rename(&gone, &layout).unwrap();
 
@@ -1146,9 +1167,7 @@ fn each_image_learns_its_access_profile_in_the_cache_directory() {
     assert_eq!(prefetched_field(&log, "intervals"), intervals, "{log}");
     assert_eq!(prefetched_field(&log, "cached"), 0, "{log}");
     assert!(prefetched_field(&log, "requests") >= 1, "{log}");
-    for (p, want) in wanted.iter().zip(&expected) {
-        assert_eq!(&fs::read(second.mnt.join(p)).unwrap(), want, "{p}");
-    }
+    assert_profiled_files(&second.mnt, &expected);
     assert!(second.terminate().success());
 
     // Opting out: no replay, nothing learnt.
@@ -1240,16 +1259,8 @@ fn an_index_carrying_a_startup_profile_is_prefetched_on_a_fresh_node() {
         !out.status.success() && err.contains("startup profile area is damaged"),
         "{err}"
     );
-    let mut warned = Served::start(
-        tmp.path(),
-        "damaged",
-        &bad,
-        &tmp.path().join("cache-damaged"),
-        &[],
-    );
-    for (p, want) in PROFILED.iter().zip(&expected) {
-        assert_eq!(&fs::read(warned.mnt.join(p)).unwrap(), want, "{p}");
-    }
+    let mut warned = fresh_mount(tmp.path(), "damaged", &bad);
+    assert_profiled_files(&warned.mnt, &expected);
     assert!(warned.terminate().success());
     let log = plain(&warned.log());
     assert!(
@@ -1259,21 +1270,13 @@ fn an_index_carrying_a_startup_profile_is_prefetched_on_a_fresh_node() {
 
     // A fresh node: empty cache, no flags. The profile is fetched at start, so the files
     // read after the origin is gone (it stays gone) come from what it fetched.
-    let mut fresh = Served::start(
-        tmp.path(),
-        "fresh",
-        &index,
-        &tmp.path().join("cache-fresh"),
-        &[],
-    );
+    let mut fresh = fresh_mount(tmp.path(), "fresh", &index);
     let log = prefetched_log(&fresh);
     assert!(log.contains("the index carries a startup profile"), "{log}");
     assert_eq!(prefetched_field(&log, "intervals"), intervals, "{log}");
     assert_eq!(prefetched_field(&log, "cached"), 0, "{log}");
     take_layer_blobs_away(&layout);
-    for (p, want) in PROFILED.iter().zip(&expected) {
-        assert_eq!(&fs::read(fresh.mnt.join(p)).unwrap(), want, "{p}");
-    }
+    assert_profiled_files(&fresh.mnt, &expected);
     assert!(fresh.terminate().success());
 
     // Removing it gives back the index as clip-build wrote it, byte for byte.
@@ -1353,6 +1356,36 @@ fn clip_build_trains_an_index_by_running_a_command_in_it() {
         "{stdout}"
     );
     assert!(stderr.contains("the command exited"), "{stderr}");
+    // An image whose config sets Env and a WorkingDir it lacks: both are used (the
+    // directory made in the overlay), --train-env replacing a variable of the image.
+    let (tar, _) = common::busybox_tar(|_| {});
+    let configured = tmp.path().join("configured.clip");
+    common::one_layer_image_with_config(
+        tar,
+        "2025-05-20T00:00:00Z",
+        &tmp.path().join("cfg-layout"),
+        "cfg",
+        &configured,
+        serde_json::json!({"Env": ["PATH=/bin", "GREETING=from-image", "KEPT=yes"], "WorkingDir": "/srv/app"}),
+    );
+    let out = Command::new(bin("clip-build"))
+        .arg(format!("{}:cfg", tmp.path().join("cfg-layout").display()))
+        .args([
+            "-o",
+            configured.to_str().unwrap(),
+            "--quiet",
+            "--train-env",
+            "KEPT=replaced",
+            "--",
+        ])
+        .args(["sh", "-c", "echo \"[$GREETING|$KEPT|$PWD|$PATH]\""])
+        .output()
+        .unwrap();
+    let stdout = succeeded(&out);
+    assert!(
+        stdout.contains("[from-image|replaced|/srv/app|/bin]"),
+        "{stdout}"
+    );
     // The 3 MiB file spans at least two checkpoint intervals.
     let intervals = profile_lines().expect("a startup profile");
     assert!(intervals >= 2, "{intervals} intervals");
@@ -1369,12 +1402,7 @@ fn clip_build_trains_an_index_by_running_a_command_in_it() {
         "-c",
         "head -c 9 /proc/self/status; echo x > /dev/null && echo dev-ok; busybox setsid busybox sleep 77 & echo left",
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&out);
     assert!(
         stdout.contains("Name:") && stdout.contains("dev-ok") && stdout.contains("left"),
         "{stdout}"

@@ -10,8 +10,8 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 
-/// Make `cmd` start its program chrooted to `root`, in `workdir` (a path inside `root`),
-/// with no signal blocked. It gets a private mount namespace in which a fresh `proc` is
+/// Make `cmd` start its program chrooted to `root`, in `workdir` (an absolute path inside
+/// `root`, made there if missing), with no signal blocked. It gets a private mount namespace in which a fresh `proc` is
 /// mounted on `root/proc` and the host's `/dev` bound on `root/dev` where the tree has
 /// those directories (programs write to `/dev/null` and read `/proc/self`); the mounts go
 /// away with the namespace, when the last of its processes exits. The program's path is
@@ -22,6 +22,17 @@ pub fn confine(cmd: &mut Command, root: &Path, workdir: &Path) -> std::io::Resul
             .map_err(|_| std::io::Error::other(format!("{} contains a NUL byte", p.display())))
     };
     let (proc_at, dev_at) = (c(&root.join("proc"))?, c(&root.join("dev"))?);
+    // The working directory and its parents, made inside the tree if missing (as Docker
+    // makes a WorkingDir the image lacks): after the chroot, so that no symlink of the
+    // tree leads outside it.
+    let made: Vec<CString> = workdir
+        .ancestors()
+        .filter(|p| p.parent().is_some())
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .map(c)
+        .collect::<Result<_, _>>()?;
     let (root, workdir) = (c(root)?, c(workdir)?);
     let (proc_fs, dev, slash) = (
         c(Path::new("proc"))?,
@@ -29,7 +40,7 @@ pub fn confine(cmd: &mut Command, root: &Path, workdir: &Path) -> std::io::Resul
         c(Path::new("/"))?,
     );
     // SAFETY: the closure runs in the child between fork and exec, where only
-    // async-signal-safe functions may be called: unshare, mount, chroot, chdir,
+    // async-signal-safe functions may be called: unshare, mount, chroot, mkdir, chdir,
     // sigemptyset and sigprocmask are system calls or plain memory writes; the C strings
     // were made before the fork, the sigset_t lives on the closure's stack, and nothing
     // allocates or takes a lock. Null pointers are passed only where mount(2) allows them.
@@ -62,7 +73,13 @@ pub fn confine(cmd: &mut Command, root: &Path, workdir: &Path) -> std::io::Resul
                     std::ptr::null(),
                 );
             }
-            if libc::chroot(root.as_ptr()) != 0 || libc::chdir(workdir.as_ptr()) != 0 {
+            if libc::chroot(root.as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            for dir in &made {
+                libc::mkdir(dir.as_ptr(), 0o755);
+            }
+            if libc::chdir(workdir.as_ptr()) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             let mut no_signals: libc::sigset_t = std::mem::zeroed();

@@ -356,6 +356,18 @@ impl LayoutWriter {
         platform: &oci::Platform,
         created: &str,
     ) -> std::io::Result<oci::Descriptor> {
+        self.image_with_config(layers, platform, created, serde_json::json!({}))
+    }
+
+    /// [`LayoutWriter::image`] with `runtime` as the config's `config` object (`Env`,
+    /// `WorkingDir`, `Cmd`…: how the image's containers start).
+    pub fn image_with_config(
+        &self,
+        layers: &[LayerInput],
+        platform: &oci::Platform,
+        created: &str,
+        runtime: serde_json::Value,
+    ) -> std::io::Result<oci::Descriptor> {
         use sha2::Digest;
         let mut descs = Vec::new();
         let mut diff_ids = Vec::new();
@@ -380,7 +392,7 @@ impl LayoutWriter {
             "created": created,
             "architecture": platform.architecture,
             "os": platform.os,
-            "config": {},
+            "config": runtime,
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
         });
         let config = self.blob(

@@ -629,6 +629,20 @@ pub fn busybox_index(tmp: &Path) -> (PathBuf, Vec<u8>) {
 
 /// [`busybox_index`] with more entries, added by `extra` to the same layer.
 pub fn busybox_index_with(tmp: &Path, extra: impl FnOnce(&mut TarBuilder)) -> (PathBuf, Vec<u8>) {
+    let (tar, data) = busybox_tar(extra);
+    let index = tmp.join("bb.clip");
+    one_layer_image(
+        tar,
+        "2025-05-20T00:00:00Z",
+        &tmp.join("bb-layout"),
+        "bb",
+        &index,
+    );
+    (index, data)
+}
+
+/// The layer of [`busybox_index_with`] and the 3 MiB content of its `data/big`.
+pub fn busybox_tar(extra: impl FnOnce(&mut TarBuilder)) -> (Vec<u8>, Vec<u8>) {
     require_tool("busybox");
     let busybox = fs::read("/bin/busybox").expect("read /bin/busybox (package busybox-static)");
     let mut t = TarBuilder::new();
@@ -655,23 +669,33 @@ pub fn busybox_index_with(tmp: &Path, extra: impl FnOnce(&mut TarBuilder)) -> (P
         .file("data/big", 0o644, &data)
         .dir("tmp/", 0o1777);
     extra(&mut t);
-    let index = tmp.join("bb.clip");
-    one_layer_image(
-        t.finish(),
-        "2025-05-20T00:00:00Z",
-        &tmp.join("bb-layout"),
-        "bb",
-        &index,
-    );
-    (index, data)
+    (t.finish(), data)
 }
 
 /// Write `tar` as the only (gzip) layer of an image created at `created` to an OCI layout at
 /// `layout`, tagged `tag`, and index it with `clip-build` into `index`.
 pub fn one_layer_image(tar: Vec<u8>, created: &str, layout: &Path, tag: &str, index: &Path) {
+    one_layer_image_with_config(tar, created, layout, tag, index, serde_json::json!({}));
+}
+
+/// [`one_layer_image`] whose config says how its containers start (`runtime`: the
+/// config's `config` object, e.g. `Env` and `WorkingDir`).
+pub fn one_layer_image_with_config(
+    tar: Vec<u8>,
+    created: &str,
+    layout: &Path,
+    tag: &str,
+    index: &Path,
+    runtime: serde_json::Value,
+) {
     let mut w = LayoutWriter::create(layout).unwrap();
     let m = w
-        .image(&[LayerInput::gzip(tar)], &Platform::host(), created)
+        .image_with_config(
+            &[LayerInput::gzip(tar)],
+            &Platform::host(),
+            created,
+            runtime,
+        )
         .unwrap();
     w.tag(m, tag);
     w.finish().unwrap();
