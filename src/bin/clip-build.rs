@@ -44,8 +44,8 @@ struct Cli {
     /// overlay over the mount, and embed what it read as the index's startup profile, so
     /// that every node's first start of this workload fetches it in one parallel round.
     /// Needs root, FUSE and overlayfs; CMD runs with the Env and WorkingDir of the image
-    /// config, as a container of the image would, but as root in a plain chroot (no
-    /// namespaces): train only images you trust, or on a throwaway machine.
+    /// config, as a container of the image would, but as root in a chroot with only a
+    /// mount namespace of its own: train only images you trust, or on a throwaway machine.
     #[arg(last = true, value_name = "CMD")]
     train: Vec<String>,
     /// Stop a training command still running after this many seconds (a server); what it
