@@ -25,7 +25,8 @@ use std::sync::Mutex;
 /// First line of a profile file.
 const MAGIC: &str = "clip-profile 3";
 /// The largest profile file read: one line per checkpoint interval of a very large image.
-const MAX_FILE_BYTES: u64 = 64 << 20;
+/// The same bound as an index's startup profile area, so every profile read fits there.
+const MAX_FILE_BYTES: u64 = crate::format::startup::STARTUP_MAX_LEN;
 /// First line of a profile file of version 2 (no `layout` line).
 const MAGIC_2: &str = "clip-profile 2";
 /// First line of a profile file of version 1 (no `layout` line, no pieces).
@@ -169,7 +170,19 @@ impl Profile {
                     }
                     Some(_) => {}
                 }
-                Some(p.to_text())
+                let text = p.to_text();
+                if text.len() as u64 > MAX_FILE_BYTES {
+                    return Err(ProfileError::Malformed {
+                        path: path.into(),
+                        line: 0,
+                        what: format!(
+                            "{} bytes of text, over the {} MiB an index's startup profile holds",
+                            text.len(),
+                            MAX_FILE_BYTES >> 20
+                        ),
+                    });
+                }
+                Some(text)
             }
             None => None,
         };

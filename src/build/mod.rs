@@ -44,7 +44,7 @@ pub struct BuildOptions {
 }
 
 /// A built index: the archived part and the window area its checkpoints point into
-/// (`format::write::write_file` takes both).
+/// (`format::write::to_bytes` takes both).
 pub struct Built {
     /// Everything but the checkpoint windows.
     pub index: Index,

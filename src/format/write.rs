@@ -60,18 +60,6 @@ pub fn with_startup_profile(mut core: Vec<u8>, startup_profile: Option<&[u8]>) -
     core
 }
 
-/// Write `index`, its window area and an optional startup profile to `path` atomically.
-pub fn write_file(
-    index: &Index,
-    windows: &[u8],
-    startup_profile: Option<&[u8]>,
-    path: &Path,
-) -> Result<u64, FormatError> {
-    let bytes = to_bytes(index, windows, startup_profile)?;
-    write_bytes(&bytes, path)?;
-    Ok(bytes.len() as u64)
-}
-
 /// Write `bytes` to `path` atomically (temporary file in the same directory, synced, then
 /// renamed over `path`): a reader sees the old file or the new one, never a mix.
 pub fn write_bytes(bytes: &[u8], path: &Path) -> Result<(), FormatError> {
